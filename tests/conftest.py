@@ -1,0 +1,57 @@
+"""Shared fixtures: tiny random GPT-2 models built with transformers, real text from ../shared/data."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+from pathlib import Path
+
+import pytest
+
+SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+TOKENIZER_DIR = SHARED_DATA / "gpt2-tokenizer"
+CORPUS_DIR = SHARED_DATA / "corpus"
+WIKITEXT_TEST = SHARED_DATA / "wikitext-2-raw" / "wiki.test.raw"
+
+
+def require_shared(path: Path) -> Path:
+    """Skips the test with a clear reason when ../shared/data is not beside the checkout."""
+    if not path.exists():
+        pytest.skip(f"{path} is missing: put the shared data folder beside the checkout (../shared/data)")
+    return path
+
+
+def hf_tiny_config(**overrides):
+    """A transformers GPT2Config for tests: eager attention so attention probabilities are returned."""
+    from transformers import GPT2Config
+
+    values = dict(vocab_size=99, n_embd=32, n_layer=2, n_head=4, n_positions=64, bos_token_id=98,
+                  eos_token_id=98, attn_implementation="eager")
+    values.update(overrides)
+    return GPT2Config(**values)
+
+
+def make_hf_model(seed: int = 0, **overrides):
+    """A randomly initialised `GPT2LMHeadModel` in eval mode (torch is a test-only dependency)."""
+    import torch
+    from transformers import GPT2LMHeadModel
+
+    torch.manual_seed(seed)
+    return GPT2LMHeadModel(hf_tiny_config(**overrides)).eval()
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    from condensa.data import load_tokenizer
+
+    return load_tokenizer(require_shared(TOKENIZER_DIR))
+
+
+@pytest.fixture(scope="session")
+def tiny_hf_dir(tmp_path_factory):
+    """A saved tiny random HF GPT-2 directory (vocab 99, 2 layers, 4 heads, n_positions 64)."""
+    path = tmp_path_factory.mktemp("tiny_hf")
+    make_hf_model().save_pretrained(path)
+    return path
