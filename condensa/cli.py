@@ -1,0 +1,197 @@
+"""What every `python -m condensa.<cmd>` shares: YAML + dotted overrides into dataclasses, a
+progress bar that is quiet off a terminal, JSON/JSONL output, and one-line errors with exit 2."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import sys
+import types
+import typing
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+from tqdm.auto import tqdm
+
+from condensa.errors import CondensaError, ConfigError, did_you_mean
+
+T = TypeVar("T")
+
+
+def run_main(main: Callable[[Sequence[str] | None], Any]) -> Callable[[Sequence[str] | None], int]:
+    """Wraps a CLI entry point: a `CondensaError` becomes one line on stderr and exit status 2."""
+
+    @functools.wraps(main)
+    def wrapper(argv: Sequence[str] | None = None) -> int:
+        try:
+            main(argv)
+        except CondensaError as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 2
+        except KeyboardInterrupt:
+            print("interrupted", file=sys.stderr)
+            return 130
+        return 0
+
+    return wrapper
+
+
+def progress(iterable: Iterable[T] | None = None, **kwargs) -> tqdm:
+    """A tqdm bar that stays silent when stderr is not a terminal (logs, CI), unless forced."""
+    kwargs.setdefault("disable", not sys.stderr.isatty())
+    kwargs.setdefault("dynamic_ncols", True)
+    return tqdm(iterable, **kwargs)
+
+
+def write_json(path: str | Path, value: Any) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(value, indent=2, default=_json_default) + "\n")
+    tmp.replace(path)
+
+
+def append_jsonl(path: str | Path, record: dict[str, Any]) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a") as f:
+        f.write(json.dumps(record, default=_json_default) + "\n")
+
+
+def _json_default(value: Any) -> Any:
+    if hasattr(value, "tolist"):
+        return value.tolist()
+    if isinstance(value, Path):
+        return str(value)
+    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
+
+
+# ---- dataclass configs ---------------------------------------------------------------------------
+
+
+def config_to_dict(config: Any) -> dict[str, Any]:
+    return dataclasses.asdict(config)
+
+
+def load_config(cls: type[T], path: str | Path | None = None, overrides: Sequence[str] = ()) -> T:
+    """Builds `cls` (a dataclass, possibly nested) from a YAML file and `--a.b value` overrides.
+
+    Unknown keys are refused with a "did you mean"; values are checked against the field types.
+    """
+    values: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist; pass an existing YAML file.")
+        try:
+            values = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{path} is not valid YAML: {err}") from None
+        if not isinstance(values, dict):
+            raise ConfigError(f"{path} must hold a mapping of config keys at the top level.")
+    for key, raw in parse_overrides(overrides):
+        _set_dotted(values, key, yaml.safe_load(raw) if raw != "" else "")
+    return _build(cls, values, prefix="")
+
+
+def parse_overrides(args: Sequence[str]) -> list[tuple[str, str]]:
+    """`['--a.b', '3', '--c=x']` -> `[('a.b', '3'), ('c', 'x')]`; dashes in keys become underscores."""
+    pairs, i = [], 0
+    args = list(args)
+    while i < len(args):
+        arg = args[i]
+        if not arg.startswith("--"):
+            raise ConfigError(f"unexpected argument {arg!r}; overrides look like --section.key value.")
+        key = arg[2:]
+        if "=" in key:
+            key, value = key.split("=", 1)
+        elif i + 1 < len(args) and not args[i + 1].startswith("--"):
+            value = args[i + 1]
+            i += 1
+        else:
+            value = "true"  # a bare flag
+        pairs.append((key.replace("-", "_"), value))
+        i += 1
+    return pairs
+
+
+def _set_dotted(values: dict, key: str, value: Any) -> None:
+    node = values
+    parts = key.split(".")
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"cannot set {key!r}: {part!r} is not a section.")
+    node[parts[-1]] = value
+
+
+def _build(cls, values: dict[str, Any], prefix: str):
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for key, value in values.items():
+        if key not in fields:
+            raise ConfigError(
+                f"unknown config key {prefix + key!r}.{did_you_mean(key, fields)} "
+                f"Known keys here: {', '.join(prefix + f for f in fields)}."
+            )
+        kwargs[key] = _coerce(hints[key], value, prefix + key)
+    try:
+        return cls(**kwargs)
+    except TypeError as err:
+        raise ConfigError(f"bad config for {prefix or cls.__name__}: {err}") from None
+
+
+def _coerce(hint, value, name: str):
+    if dataclasses.is_dataclass(hint):
+        if not isinstance(value, dict):
+            raise ConfigError(f"config key {name!r} is a section; give it as a mapping, or set {name}.<key>.")
+        return _build(hint, value, prefix=name + ".")
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(arg, value, name)
+            except ConfigError as err:
+                errors.append(str(err))
+        raise ConfigError(errors[0] if errors else f"config key {name!r} cannot be {value!r}.")
+    if origin in (list, tuple, Sequence):
+        items = value if isinstance(value, (list, tuple)) else [v for v in str(value).split(",") if v != ""]
+        inner = args[0] if args else Any
+        coerced = [_coerce(inner, v, name) for v in items]
+        return tuple(coerced) if origin is tuple else coerced
+    if origin is dict or hint is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"config key {name!r} must be a mapping.")
+        return value
+    if origin is typing.Literal:
+        if value not in args:
+            raise ConfigError(f"config key {name!r} must be one of {', '.join(map(repr, args))}; got {value!r}.")
+        return value
+    if hint is Any:
+        return value
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"config key {name!r} must be true or false; got {value!r}.")
+    if hint in (int, float):
+        if isinstance(value, str):  # YAML 1.1 reads "3e-4" as a string
+            try:
+                value = float(value) if hint is float else int(value)
+            except ValueError:
+                pass
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or (hint is int and isinstance(value, float)):
+            raise ConfigError(f"config key {name!r} must be a {hint.__name__}; got {value!r}.")
+        return hint(value)
+    if hint is str:
+        return str(value)
+    return value
