@@ -64,10 +64,11 @@ def load_into(model: nnx.Module, tensors: dict[str, np.ndarray], *, source: str)
             continue
         param = _get(state, path)
         value = np.asarray(tensors[name])
-        if value.shape != param.value.shape:
-            problems.append(f"{name!r} has shape {value.shape}, the config expects {param.value.shape}")
+        expected = param.get_value()
+        if value.shape != expected.shape:
+            problems.append(f"{name!r} has shape {value.shape}, the config expects {expected.shape}")
             continue
-        param.value = value.astype(param.value.dtype)
+        param.set_value(value.astype(expected.dtype))
     if problems:
         listed = "\n  - ".join(problems)
         raise CheckpointError(
@@ -81,6 +82,6 @@ def export_tensors(model: nnx.Module) -> dict[str, np.ndarray]:
     """The model's parameters under HF names (with the `transformer.` prefix), as float32 numpy."""
     state = nnx.state(model, nnx.Param)
     return {
-        _PREFIX + name: np.ascontiguousarray(np.asarray(_get(state, path).value, dtype=np.float32))
+        _PREFIX + name: np.ascontiguousarray(np.asarray(_get(state, path).get_value(), dtype=np.float32))
         for name, path in parameter_map(model.config).items()
     }
