@@ -208,11 +208,15 @@ def check_input_ids(input_ids, config: GPT2Config, *, offset=0) -> None:
                 f"sequence of {end} tokens is longer than n_positions={config.n_positions}; "
                 f"split the text into windows of at most {config.n_positions} tokens."
             )
-    if isinstance(input_ids, jax.core.Tracer):
-        return
-    ids = np.asarray(input_ids)
-    if ids.size and (ids.min() < 0 or ids.max() >= config.vocab_size):
+    if not isinstance(input_ids, jax.core.Tracer):
+        check_token_range(input_ids, config.vocab_size)
+
+
+def check_token_range(ids, vocab_size: int) -> None:
+    """Raises `ModelInputError` for ids outside [0, vocab_size): an embedding lookup would clamp them silently."""
+    ids = np.asarray(ids)
+    if ids.size and (ids.min() < 0 or ids.max() >= vocab_size):
+        bad = int(ids.max()) if ids.max() >= vocab_size else int(ids.min())
         raise ModelInputError(
-            f"token id {int(ids.max()) if ids.max() >= config.vocab_size else int(ids.min())} is outside "
-            f"the vocabulary [0, {config.vocab_size}); use the tokenizer that matches this model."
+            f"token id {bad} is outside the vocabulary [0, {vocab_size}); use the tokenizer that matches this model."
         )

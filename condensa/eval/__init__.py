@@ -1,0 +1,1 @@
+"""Evaluation: perplexity, sparsity sweeps, generation studies and benchmarks."""

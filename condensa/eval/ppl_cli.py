@@ -1,0 +1,107 @@
+"""`python -m condensa.eval ppl`: perplexity of a model on a text under any attention rule."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import time
+from pathlib import Path
+
+import jax.numpy as jnp
+
+from condensa.attention import AttentionConfig
+from condensa.cli import config_to_dict, load_config, progress, write_json
+from condensa.errors import ConfigError, DataError
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+@dataclasses.dataclass
+class PerplexityConfig:
+    model: str = ""  # HF directory or hub id
+    data: list[str] = dataclasses.field(default_factory=list)  # text files/folders, or HF dataset name[:config]
+    split: str = "test"  # split of an HF dataset
+    tokenizer: str | None = None  # default: the model directory's own tokenizer
+    stride: int | None = None  # default: the window length (no overlap)
+    max_length: int | None = None  # default: n_positions
+    max_tokens: int | None = None  # evaluate only the first N tokens (quick runs)
+    batch_size: int = 8
+    dtype: str = "float32"
+    thresholds: str | None = None  # a thresholds file from `python -m condensa.calibrate`
+    attention: AttentionConfig = dataclasses.field(default_factory=AttentionConfig)
+    out: str = "runs/eval-ppl"
+
+
+def read_eval_text(sources: list[str], split: str) -> str:
+    """The evaluation text as one string; documents joined by blank lines, as HF's recipe does."""
+    from condensa.data import is_local_source, read_documents, read_hf_dataset
+
+    if not sources:
+        raise ConfigError("no evaluation text given; pass --data FILE (or a folder, or an HF dataset name[:config]).")
+    parts = []
+    for source in sources:
+        parts.extend(read_documents(source) if is_local_source(source) else read_hf_dataset(source, split=split))
+    text = "\n\n".join(parts)
+    if not text.strip():
+        raise DataError(f"{', '.join(sources)} holds no text to evaluate.")
+    return text
+
+
+def tokenizer_for(model_dir: str, explicit: str | None):
+    from condensa.data import load_tokenizer
+
+    if explicit:
+        return load_tokenizer(explicit)
+    path = Path(model_dir)
+    if path.is_dir() and not any((path / f).is_file() for f in ("tokenizer.json", "vocab.json")):
+        raise ConfigError(f"{model_dir} holds no tokenizer; pass --tokenizer DIR (e.g. ../shared/data/gpt2-tokenizer).")
+    return load_tokenizer(model_dir)
+
+
+def run(cfg: PerplexityConfig) -> dict:
+    from condensa.eval.perplexity import perplexity
+    from condensa.model import load_pretrained
+
+    if not cfg.model:
+        raise ConfigError("no model given; pass --model DIR (a Hugging Face GPT-2 directory) or a hub id.")
+    if cfg.dtype not in DTYPES:
+        raise ConfigError(f"--dtype {cfg.dtype!r} is not one of {', '.join(DTYPES)}.")
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(out / "config.json", config_to_dict(cfg))
+    model, _ = load_pretrained(cfg.model, dtype=DTYPES[cfg.dtype])
+    thresholds = None
+    if cfg.thresholds:
+        from condensa.sparsity import Thresholds
+
+        thresholds = Thresholds.load(cfg.thresholds)
+        thresholds.validate_for(model.config, cfg.attention)
+    tokenizer = tokenizer_for(cfg.model, cfg.tokenizer)
+    ids = tokenizer(read_eval_text(cfg.data, cfg.split), verbose=False)["input_ids"]
+    if cfg.max_tokens:
+        ids = ids[: cfg.max_tokens]
+    start = time.perf_counter()
+    result = perplexity(
+        model, ids, stride=cfg.stride, max_length=cfg.max_length, batch_size=cfg.batch_size,
+        attention=cfg.attention, thresholds=thresholds, progress=progress,
+    )
+    result.update(seconds=time.perf_counter() - start, mode=cfg.attention.mode, stride=cfg.stride)
+    write_json(out / "results.json", result)
+    print(f"perplexity {result['ppl']:.4f}  (nll {result['nll']:.4f}, {result['tokens']} tokens, "
+          f"{result['windows']} windows, {cfg.attention.mode} attention) -> {out / 'results.json'}")
+    return result
+
+
+def main(argv) -> None:
+    parser = argparse.ArgumentParser(
+        prog="python -m condensa.eval ppl",
+        description="Strided sliding-window perplexity (the Hugging Face protocol). Any key of the config "
+        "can be set as --key value or --section.key value, e.g. --attention.mode toptheta.",
+        epilog="example: python -m condensa.eval ppl --model runs/quickstart/hf --data ../shared/data/wikitext-2-raw/wiki.test.raw "
+        "--stride 512 --tokenizer ../shared/data/gpt2-tokenizer",
+    )
+    parser.add_argument("--config", help="YAML file with the keys of PerplexityConfig")
+    parser.add_argument("overrides", nargs=argparse.REMAINDER, help="--key value pairs: " + ", ".join(
+        f.name for f in dataclasses.fields(PerplexityConfig)))
+    args, rest = parser.parse_known_args(argv)
+    run(load_config(PerplexityConfig, args.config, [*rest, *args.overrides]))
