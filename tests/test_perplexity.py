@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -81,19 +79,44 @@ def test_bad_stride_and_empty_text(models):
         perplexity(model, np.zeros((1,), np.int32))
 
 
-def test_cli_writes_results_and_fails_cleanly(models, tmp_path):
+def test_cli_writes_results_and_fails_cleanly(models, tmp_path, capsys):
+    from condensa.cli import run_main
+    from condensa.eval.__main__ import main
+
     _, _, model_dir = models
     text = tmp_path / "text.txt"
     text.write_text("the cat sat on the mat. " * 40)
     tok = str(require_shared(WIKITEXT_TEST).parents[1] / "gpt2-tokenizer")
     out = tmp_path / "out"
+    cli = run_main(main)
     # the tiny model has a 99-token vocabulary: a real GPT-2 tokenizer gives ids it cannot take,
-    # which must be a clean error, not a crash
-    bad = subprocess.run([sys.executable, "-m", "condensa.eval", "ppl", "--model", str(model_dir), "--data", str(text),
-                          "--tokenizer", tok, "--out", str(out)], capture_output=True, text=True)
-    assert bad.returncode == 2 and "outside the vocabulary" in bad.stderr and "Traceback" not in bad.stderr
-    empty = tmp_path / "empty.txt"
-    empty.write_text("")
-    res = subprocess.run([sys.executable, "-m", "condensa.eval", "ppl", "--model", str(model_dir), "--data", str(empty),
-                          "--tokenizer", tok, "--out", str(out)], capture_output=True, text=True)
-    assert res.returncode == 2 and "empty" in res.stderr
+    # which must be a clean one-line error (exit 2), not a crash or a silent clamp
+    assert cli(["ppl", "--model", str(model_dir), "--data", str(text), "--tokenizer", tok, "--out", str(out)]) == 2
+    assert "outside the vocabulary" in capsys.readouterr().err
+    (tmp_path / "empty.txt").write_text("")
+    assert cli(["ppl", "--model", str(model_dir), "--data", str(tmp_path / "empty.txt"), "--tokenizer", tok]) == 2
+    assert "empty" in capsys.readouterr().err
+    assert cli(["ppl", "--model", str(model_dir), "--data", str(text), "--stride", "0", "--tokenizer", tok,
+                "--max_tokens", "40", "--out", str(out)]) == 2
+    assert "stride" in capsys.readouterr().err
+    assert cli(["ppl", "--model", str(model_dir), "--strid", "3"]) == 2
+    assert "Did you mean 'stride'" in capsys.readouterr().err
+
+
+def test_cli_reports_perplexity_of_a_real_vocabulary_model(tmp_path, tokenizer):
+    """End to end on WikiText-2 text with a model whose vocabulary fits the GPT-2 tokenizer."""
+    from condensa.cli import run_main
+    from condensa.eval.__main__ import main
+
+    hf = make_hf_model(seed=6, vocab_size=50257, n_embd=32, n_positions=64, bos_token_id=50256, eos_token_id=50256)
+    hf.save_pretrained(tmp_path / "model")
+    tokenizer.save_pretrained(tmp_path / "model")
+    data = str(require_shared(WIKITEXT_TEST))
+    out = tmp_path / "out"
+    assert run_main(main)(["ppl", "--model", str(tmp_path / "model"), "--data", data, "--max_tokens", "300",
+                           "--stride", "32", "--out", str(out)]) == 0
+    result = json.loads((out / "results.json").read_text())
+    ids = np.asarray(tokenizer(require_shared(WIKITEXT_TEST).read_text()[:20000])["input_ids"][:300])
+    expected = hf_reference_perplexity(hf, ids, 64, 32)
+    assert abs(result["ppl"] - expected) / expected <= 1e-4
+    assert (out / "config.json").is_file()

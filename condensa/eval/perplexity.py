@@ -80,8 +80,8 @@ def perplexity(
         raise ConfigError(f"max_length {max_length} exceeds the model's n_positions={model.config.n_positions}.")
     stride = max_length if stride is None else stride
     token_ids = np.asarray(token_ids, np.int32).reshape(-1)
-    check_token_range(token_ids, model.config.vocab_size)
     windows = sliding_windows(token_ids.size, max_length, stride)
+    check_token_range(token_ids, model.config.vocab_size)
     length = max(w.end - w.begin for w in windows)
 
     was_training = not getattr(model.drop, "deterministic", True)
