@@ -1,15 +1,77 @@
-"""Attention rules behind one call, `attend`, so the model never knows which one runs."""
+"""Attention rules behind one call, `attend`, so the model never knows which one runs.
+
+The reference backend here is plain jax.numpy: slow but readable, and the oracle that every
+kernel backend is tested against.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Callable
 
 import jax
+import jax.numpy as jnp
 
+from condensa.attention import config as _config
 from condensa.attention.config import AttentionConfig
+from condensa.attention import pallas_backend as _pallas_backend
 from condensa.attention.dense import attention_scores, masked_softmax, weighted_values
+from condensa.attention.rows import lookup_by_length, row_lengths
+from condensa.attention.tile_gate import gate_mask
+from condensa.attention.topk import topk_probs
+from condensa.attention.toptheta import toptheta_post_probs, toptheta_pre_probs, v_mean_compensation
+from condensa.errors import ThresholdsError
 
-__all__ = ["AttentionConfig", "attend"]
+__all__ = ["AttentionConfig", "attend", "register_backend", "sparse_probs"]
+
+# name -> a function with `attend`'s signature and contract (same outputs as the reference)
+_BACKEND_IMPLS: dict[str, Callable] = {}
+
+
+def register_backend(name: str, implementation: Callable) -> None:
+    """Adds a kernel backend: `AttentionConfig(backend=name)` then routes `attend` to
+    `implementation(q, k, v, *, visible, scale, layer_idx, config, thresholds, probs_dropout)`,
+    which must meet the reference's contract (DESIGN.md) and return `(out, probs)`."""
+    _BACKEND_IMPLS[name] = implementation
+    _config.add_backend_name(name)
+
+
+def _layer_thresholds(config: AttentionConfig, thresholds, layer_idx: int):
+    if thresholds is None:
+        raise ThresholdsError(
+            f"attention mode={config.mode!r} with tile_gate={config.tile_gate} needs calibrated thresholds; "
+            "create them with python -m condensa.calibrate and pass thresholds=Thresholds.load(path)."
+        )
+    if config.tile_gate and not thresholds.has_gate:
+        raise ThresholdsError("the tile gate is on but the thresholds hold no tile thresholds; "
+                              "calibrate with --tile BLOCK --tile-budget F.")
+    if not 0 <= layer_idx < thresholds.n_layer:
+        raise ThresholdsError(f"thresholds cover {thresholds.n_layer} layers, not layer {layer_idx}; "
+                              "use thresholds calibrated for this model.")
+    return thresholds.for_layer(layer_idx)
+
+
+def sparse_probs(q, k, *, visible, scale, layer_idx, config: AttentionConfig, thresholds=None) -> jax.Array:
+    """The attention probabilities [B, H, Tq, Tk] (float32) that `config` gives for this layer."""
+    scores = attention_scores(q, k, scale)
+    if (config.mode == "dense" and not config.tile_gate) or config.is_dense_layer(layer_idx):
+        return masked_softmax(scores, visible)
+    layer = _layer_thresholds(config, thresholds, layer_idx) if config.needs_thresholds else None
+    allowed = gate_mask(q, k, visible, scale=scale, layer=layer, config=config) if config.tile_gate else visible
+    if config.mode == "dense":
+        return masked_softmax(scores, allowed)
+    k_l = config.k_for(layer_idx)
+    if config.mode == "topk":
+        return topk_probs(scores, allowed, k_l)
+    n = row_lengths(visible)
+    dense_rows = (n <= k_l)[:, None, :]
+    theta = lookup_by_length(layer.theta, n)
+    if config.placement == "post":
+        return toptheta_post_probs(scores, allowed=allowed, theta=theta, dense_rows=dense_rows)
+    delta = lookup_by_length(layer.sdc_delta, n) if config.sdc == "calibrated" else None
+    return toptheta_pre_probs(
+        scores, allowed=allowed, visible=jnp.broadcast_to(visible, scores.shape), theta=theta,
+        dense_rows=dense_rows, sdc=config.sdc, gamma=config.gamma, sdc_delta=delta,
+    )
 
 
 def attend(
@@ -23,15 +85,49 @@ def attend(
     config: AttentionConfig,
     thresholds=None,
     probs_dropout: Callable[[jax.Array], jax.Array] | None = None,
-) -> tuple[jax.Array, jax.Array]:
+    need_probs: bool = True,
+    causal: bool = False,
+) -> tuple[jax.Array, jax.Array | None]:
     """One layer's attention.
 
     q, k, v: [B, T, H, D] in the compute dtype; `visible`: bool [B, 1 or H, Tq, Tk], True where key j
     is causally visible to query i (the KV cache's empty slots and padding are False).
-    Returns `(out [B, Tq, H, D], probs [B, H, Tq, Tk] float32)`. `probs` are the probabilities the
-    rule produced, before attention dropout, which is what the losses and metrics need.
+    `thresholds`: a `condensa.sparsity.Thresholds` (needed by Top-θ and the tile gate).
+    `need_probs`: whether the caller uses the probabilities (losses, metrics); without them, fused
+    paths (cuDNN / XLA flash attention for dense, the Pallas kernels) may run instead.
+    `causal`: a static promise that `visible` is the plain causal mask (Tq == Tk, no padding, no
+    cache), which fused kernels need.
+    Returns `(out [B, Tq, H, D], probs [B, H, Tq, Tk] float32, or None when not needed)`. `probs`
+    are the probabilities the rule produced, before attention dropout.
     """
-    del layer_idx, thresholds  # used by the sparse modes
-    probs = masked_softmax(attention_scores(q, k, scale), visible)
+    fused_ok = not need_probs and probs_dropout is None
+    if config.backend != "reference":
+        return _BACKEND_IMPLS[config.backend](
+            q, k, v, visible=visible, scale=scale, layer_idx=layer_idx, config=config,
+            thresholds=thresholds, probs_dropout=probs_dropout, need_probs=need_probs, causal=causal,
+        )
+    if fused_ok and is_plain_dense(config, layer_idx):
+        return fused_dense_attention(q, k, v, visible=visible, scale=scale, causal=causal), None
+    probs = sparse_probs(q, k, visible=visible, scale=scale, layer_idx=layer_idx, config=config, thresholds=thresholds)
     applied = probs_dropout(probs) if probs_dropout is not None else probs
-    return weighted_values(applied, v), probs
+    out = weighted_values(applied, v)
+    if config.vmc and config.mode != "dense" and not config.is_dense_layer(layer_idx):
+        out = v_mean_compensation(out, probs, v, visible)
+    return out, probs
+
+
+def is_plain_dense(config: AttentionConfig, layer_idx: int) -> bool:
+    """Whether this layer runs ordinary softmax attention (no threshold, no gate)."""
+    return (config.mode == "dense" and not config.tile_gate) or config.is_dense_layer(layer_idx)
+
+
+def fused_dense_attention(q, k, v, *, visible, scale, causal: bool) -> jax.Array:
+    """Dense attention through `jax.nn.dot_product_attention`: cuDNN flash attention on GPUs when
+    the shapes allow it, XLA elsewhere. It never materialises float32 [B, H, T, T] probabilities,
+    which is what makes training without the concentration loss fast."""
+    if causal:
+        return jax.nn.dot_product_attention(q, k, v, scale=scale, is_causal=True)
+    return jax.nn.dot_product_attention(q, k, v, scale=scale, mask=visible)
+
+
+register_backend("pallas", _pallas_backend.attend_with_pallas)

@@ -1,26 +1,135 @@
-"""`AttentionConfig`: which attention rule each layer runs. The sparse modes arrive with the sparsity work."""
+"""`AttentionConfig`: which attention rule each layer runs (DESIGN.md, "Attention semantics").
+
+The config is static and hashable: changing it recompiles, while the thresholds it uses are
+arrays passed next to it, so new thresholds do not recompile.
+"""
 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
+from typing import Any
 
-from condensa.errors import ConfigError
+from condensa.errors import ConfigError, did_you_mean
 
-MODES = ("dense",)
-BACKENDS = ("reference",)
+MODES = ("dense", "topk", "toptheta")
+PLACEMENTS = ("pre", "post")
+SDC_MODES = ("none", "exact", "exp-threshold", "calibrated")
+BACKENDS = ("reference",)  # kernel backends are added by `condensa.attention.register_backend`
+
+
+def add_backend_name(name: str) -> None:
+    """Makes `name` a valid `AttentionConfig.backend` (read at validation time, so late additions count)."""
+    global BACKENDS
+    if name not in BACKENDS:
+        BACKENDS = (*BACKENDS, name)
+
+
+def parse_layer_k(value: Any) -> tuple[tuple[int, int], ...]:
+    """`"0:512,1:512"`, `{0: 512}` or `[(0, 512)]` -> `((0, 512), (1, 512))`, sorted by layer."""
+    if value is None or value == "" or value == ():
+        return ()
+    if isinstance(value, str):
+        pairs = []
+        for item in value.split(","):
+            item = item.strip()
+            if not item:
+                continue
+            layer, sep, k = item.partition(":")
+            if not sep:
+                raise ConfigError(f"layer_k item {item!r} must look like LAYER:K, e.g. --layer-k 0:512,1:512.")
+            pairs.append((layer, k))
+    elif isinstance(value, Mapping):
+        pairs = list(value.items())
+    else:
+        try:
+            pairs = [tuple(p) for p in value]
+        except TypeError:
+            raise ConfigError(f"layer_k must be 'LAYER:K,...', a mapping or pairs; got {value!r}.") from None
+    out = {}
+    for pair in pairs:
+        if len(pair) != 2:
+            raise ConfigError(f"layer_k entry {pair!r} must be a (layer, k) pair.")
+        try:
+            layer, k = int(pair[0]), int(pair[1])
+        except (TypeError, ValueError):
+            raise ConfigError(f"layer_k entry {pair!r} must hold whole numbers, e.g. 0:512.") from None
+        if layer < 0 or k < 1:
+            raise ConfigError(f"layer_k entry {layer}:{k} needs a layer >= 0 and k >= 1.")
+        out[layer] = k
+    return tuple(sorted(out.items()))
+
+
+def _choice(name: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ConfigError(
+            f"attention {name} {value!r} is not supported.{did_you_mean(str(value), choices)} "
+            f"Choose one of: {', '.join(choices)}."
+        )
 
 
 @dataclasses.dataclass(frozen=True)
 class AttentionConfig:
-    """Static (hashable) choice of attention rule; a change recompiles, a threshold change does not."""
+    """Static choice of attention rule, shared by every layer (except `dense_layers`).
+
+    mode: dense | topk (exact oracle) | toptheta (calibrated thresholds).
+    placement: Top-θ compares scaled logits before the softmax ("pre") or probabilities after
+      it ("post"). sdc / gamma: softmax-denominator compensation for "pre". vmc: V-mean compensation.
+    k / layer_k: the target kept elements per row (rows with n <= k stay dense).
+    dense_layers: layers that always run dense attention.
+    tile_gate with block_q, block_k, tile_budget (f) and sink_tiles: the tile gate in front of the
+      element rule (needs calibrated tile thresholds).
+    """
 
     mode: str = "dense"
+    placement: str = "pre"
+    sdc: str = "none"
+    gamma: float = 1.0
+    vmc: bool = False
+    k: int = 64
+    layer_k: Any = ()
+    dense_layers: tuple[int, ...] = ()
+    tile_gate: bool = False
+    block_q: int = 128
+    block_k: int = 128
+    tile_budget: float = 0.125
+    sink_tiles: int = 1
     backend: str = "reference"
 
     def __post_init__(self) -> None:
-        if self.mode not in MODES:
-            raise ConfigError(f"attention mode {self.mode!r} is not supported; choose one of {', '.join(MODES)}.")
-        if self.backend not in BACKENDS:
+        _choice("mode", self.mode, MODES)
+        _choice("placement", self.placement, PLACEMENTS)
+        _choice("sdc", self.sdc, SDC_MODES)
+        _choice("backend", self.backend, globals()["BACKENDS"])
+        object.__setattr__(self, "layer_k", parse_layer_k(self.layer_k))
+        object.__setattr__(self, "dense_layers", tuple(sorted({int(x) for x in self.dense_layers})))
+        if int(self.k) < 1:
+            raise ConfigError(f"attention k must be >= 1; got {self.k}.")
+        if not self.gamma >= 0:
+            raise ConfigError(f"attention gamma must be >= 0; got {self.gamma}.")
+        if self.sdc != "none" and (self.mode != "toptheta" or self.placement != "pre"):
             raise ConfigError(
-                f"attention backend {self.backend!r} is not supported; choose one of {', '.join(BACKENDS)}."
+                f"sdc={self.sdc!r} only applies to mode='toptheta' with placement='pre' (got mode={self.mode!r}, "
+                f"placement={self.placement!r}); set sdc='none' or switch to pre-softmax Top-θ."
             )
+        if self.block_q < 1 or self.block_k < 1:
+            raise ConfigError(f"tile sizes must be >= 1; got block_q={self.block_q}, block_k={self.block_k}.")
+        if not 0 < self.tile_budget <= 1:
+            raise ConfigError(f"tile_budget f must be in (0, 1]; got {self.tile_budget}.")
+        if self.sink_tiles < 0:
+            raise ConfigError(f"sink_tiles must be >= 0; got {self.sink_tiles}.")
+
+    def k_for(self, layer: int) -> int:
+        """k_l: the per-layer override from `layer_k`, else `k`."""
+        return dict(self.layer_k).get(int(layer), int(self.k))
+
+    def is_dense_layer(self, layer: int) -> bool:
+        return int(layer) in self.dense_layers
+
+    @property
+    def needs_thresholds(self) -> bool:
+        """Whether `attend` needs a `Thresholds` object for this config."""
+        return self.mode == "toptheta" or self.tile_gate
+
+    def replace(self, **changes: Any) -> "AttentionConfig":
+        return dataclasses.replace(self, **changes)

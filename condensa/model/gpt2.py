@@ -56,7 +56,7 @@ class Attention(nnx.Module):
         self.attn_dropout = nnx.Dropout(config.attn_pdrop, rngs=rngs)
         self.resid_dropout = nnx.Dropout(config.resid_pdrop, rngs=rngs)
 
-    def __call__(self, x, *, visible, attention: AttentionConfig, thresholds, kv=None):
+    def __call__(self, x, *, visible, attention: AttentionConfig, thresholds, kv=None, need_probs=True, causal=False):
         b, t, d = x.shape
         q, k, v = jnp.split(self.c_attn(x), 3, axis=-1)
         q, k, v = (y.reshape(b, t, self.n_head, d // self.n_head) for y in (q, k, v))
@@ -65,7 +65,7 @@ class Attention(nnx.Module):
         out, probs = attend(
             q, k_all, v_all,
             visible=visible, scale=self.scale, layer_idx=self.layer_idx,
-            config=attention, thresholds=thresholds, probs_dropout=dropout,
+            config=attention, thresholds=thresholds, probs_dropout=dropout, need_probs=need_probs, causal=causal,
         )
         y = self.resid_dropout(self.c_proj(out.reshape(b, t, d)))
         return y, probs, (k_all, v_all)
@@ -91,8 +91,11 @@ class Block(nnx.Module):
         self.ln_2 = nnx.LayerNorm(config.n_embd, epsilon=eps, dtype=dtype, rngs=rngs)
         self.mlp = MLP(config, dtype=dtype, rngs=rngs)
 
-    def __call__(self, x, *, visible, attention, thresholds, kv=None):
-        a, probs, new_kv = self.attn(self.ln_1(x), visible=visible, attention=attention, thresholds=thresholds, kv=kv)
+    def __call__(self, x, *, visible, attention, thresholds, kv=None, need_probs=True, causal=False):
+        a, probs, new_kv = self.attn(
+            self.ln_1(x), visible=visible, attention=attention, thresholds=thresholds, kv=kv,
+            need_probs=need_probs, causal=causal,
+        )
         x = x + a
         x = x + self.mlp(self.ln_2(x))
         return x, probs, new_kv
@@ -155,6 +158,7 @@ class GPT2(nnx.Module):
         b, t = input_ids.shape
         mask = jnp.ones((b, t), bool) if attention_mask is None else attention_mask.astype(bool)
 
+        plain_causal = cache is None and attention_mask is None  # lets fused kernels skip the mask
         if cache is None:
             positions = jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0)
             causal = jnp.tril(jnp.ones((t, t), bool))
@@ -174,7 +178,8 @@ class GPT2(nnx.Module):
             kv = None if cache is None else (lambda k, v, i=i: cache.layer_update(i, k, v))
 
             def run_block(block, x, kv=kv):
-                return block(x, visible=visible, attention=attention, thresholds=thresholds, kv=kv)
+                return block(x, visible=visible, attention=attention, thresholds=thresholds, kv=kv,
+                             need_probs=return_attention, causal=plain_causal)
 
             # Rematerialise per block so training memory stays O(one block's activations).
             x, probs, (k_all, v_all) = (nnx.remat(run_block) if self.remat else run_block)(block, x)

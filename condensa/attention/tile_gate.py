@@ -1,0 +1,87 @@
+"""The tile gate ("Top-θ for tiles"): choose which key tiles each query tile computes at all.
+
+Prefill: query tile b keeps the mandatory tiles (diagonal + sinks) and every other visible key
+tile t with `scale * q̄_b · k̄_t > Θ[h, b]`. Decode: the single query is its own tile and uses
+`scale * q · k̄_t > Θ_dec[h, t_last]`, t_last being the index of the last visible key tile.
+When a query tile has no more optional tiles than its budget m_b, it keeps them all (the tile
+analogue of "rows with n <= k stay dense"); the calibration never sees those tiles either.
+
+Geometry is in key slots: prefill assumes the queries sit at slots 0..Tq-1 (no cache, or a
+prompt written into an empty cache); decoding reads the query's slot from `visible`.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from condensa.sparsity.tiles import (
+    expand_tiles, mandatory_tiles, optional_tiles, pooled_gate_scores, tile_budgets, tile_count, tile_means,
+)
+
+
+def key_validity(visible: jax.Array) -> jax.Array:
+    """bool [B, Tk]: slots that hold a key some query may see (drops padding and empty cache slots)."""
+    return visible.any(axis=(1, 2))
+
+
+def prefill_kept_tiles(
+    q: jax.Array, k: jax.Array, *, scale: float, key_valid: jax.Array, tile_theta: jax.Array,
+    block_q: int, block_k: int, tile_budget: float, sink_tiles: int,
+) -> jax.Array:
+    """bool [B, H, nq, nk]: the key tiles each query tile keeps. tile_theta: [H, NQ]."""
+    tq, tk = q.shape[1], k.shape[1]
+    nq, nk = tile_count(tq, block_q), tile_count(tk, block_k)
+    scores = pooled_gate_scores(q, k, scale, block_q, block_k, key_valid)
+    mandatory = mandatory_tiles(nq, nk, block_q, block_k, sink_tiles)
+    optional = optional_tiles(nq, nk, block_q, block_k, sink_tiles)
+    keep_all = optional.sum(axis=-1) <= tile_budgets(nq, tile_budget)  # [nq], static
+    rows = np.minimum(np.arange(nq), tile_theta.shape[-1] - 1)
+    theta = jnp.asarray(tile_theta, jnp.float32)[:, rows][None, :, :, None]  # [1, H, nq, 1]
+    chosen = (scores > theta) | keep_all[:, None]
+    return mandatory | (optional & chosen)
+
+
+def decode_kept_tiles(
+    q: jax.Array, k: jax.Array, *, scale: float, visible: jax.Array, tile_theta_decode: jax.Array,
+    block_k: int, tile_budget: float, sink_tiles: int,
+) -> jax.Array:
+    """bool [B, H, 1, nk] for one query per sequence (q [B, 1, H, D]) against the cached keys."""
+    tk = k.shape[1]
+    nk = tile_count(tk, block_k)
+    key_valid = key_validity(visible)
+    k_bar = tile_means(k, block_k, key_valid)  # [B, nk, H, D]: what the KV cache keeps per tile
+    scores = jnp.einsum("bhd,bthd->bht", q[:, 0].astype(jnp.float32), k_bar) * jnp.float32(scale)
+    row_visible = visible[:, 0, 0]  # [B, Tk]
+    last = tk - 1 - jnp.argmax(row_visible[:, ::-1], axis=-1)  # the query's own slot
+    last_tile = (last // block_k).astype(jnp.int32)  # [B]
+    t = jnp.arange(nk)[None, :]
+    sink = jnp.minimum(sink_tiles, last_tile)[:, None]
+    mandatory = (t == last_tile[:, None]) | (t < sink)
+    optional = (t < last_tile[:, None]) & (t >= sink)
+    budget = jnp.asarray(tile_budgets(nk, tile_budget))[last_tile]
+    keep_all = optional.sum(axis=-1) <= budget  # [B]
+    idx = jnp.minimum(last_tile, tile_theta_decode.shape[-1] - 1)
+    theta = jnp.take(jnp.asarray(tile_theta_decode, jnp.float32), idx, axis=1).T  # [B, H]
+    chosen = (scores > theta[..., None]) | keep_all[:, None, None]
+    kept = mandatory[:, None] | (optional[:, None] & chosen)
+    return kept[:, :, None, :]
+
+
+def gate_mask(
+    q: jax.Array, k: jax.Array, visible: jax.Array, *, scale: float, layer, config
+) -> jax.Array:
+    """Elements [B, H, Tq, Tk] that lie in kept tiles and are visible. `layer`: a LayerThresholds."""
+    tq, tk = q.shape[1], k.shape[1]
+    if tq == 1:
+        tiles = decode_kept_tiles(
+            q, k, scale=scale, visible=visible, tile_theta_decode=layer.tile_theta_decode,
+            block_k=config.block_k, tile_budget=config.tile_budget, sink_tiles=config.sink_tiles,
+        )
+        return visible & expand_tiles(tiles, 1, config.block_k, 1, tk)
+    tiles = prefill_kept_tiles(
+        q, k, scale=scale, key_valid=key_validity(visible), tile_theta=layer.tile_theta,
+        block_q=config.block_q, block_k=config.block_k, tile_budget=config.tile_budget, sink_tiles=config.sink_tiles,
+    )
+    return visible & expand_tiles(tiles, config.block_q, config.block_k, tq, tk)

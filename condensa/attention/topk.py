@@ -1,0 +1,28 @@
+"""Exact top-k attention (Gupta et al. 2021): the oracle that Top-θ approximates."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from condensa.attention.dense import masked_softmax
+
+
+def topk_keep(scores: jax.Array, allowed: jax.Array, k: int) -> jax.Array:
+    """bool mask of the k largest allowed scores per row; ties go to the lower key index.
+
+    `jax.lax.top_k` puts equal values in index order, so the selection is deterministic and
+    matches a stable NumPy argsort. Rows with at most k allowed keys keep all of them.
+    """
+    tk = scores.shape[-1]
+    if k >= tk:
+        return jnp.broadcast_to(allowed, scores.shape)
+    masked = jnp.where(allowed, scores, -jnp.inf)
+    _, idx = jax.lax.top_k(masked, k)
+    chosen = jnp.put_along_axis(jnp.zeros(scores.shape, bool), idx, True, axis=-1, inplace=False)
+    return chosen & allowed
+
+
+def topk_probs(scores: jax.Array, allowed: jax.Array, k: int) -> jax.Array:
+    """Softmax over the k largest allowed scores of each row, float32 [B, H, Tq, Tk]."""
+    return masked_softmax(scores, topk_keep(scores, allowed, k))

@@ -1,0 +1,75 @@
+"""The prefill kernel's contract in plain jax.numpy, on the full [B, H, T, T] score matrix.
+
+It is the kernel's backward pass (`jax.vjp` of this function) and the benchmark's correctness
+oracle. It lives beside the kernel, not in `condensa.attention`, because kernels depend on nothing
+else in condensa; the attention package's Top-θ op is the model-facing twin (see docs/kernels.md).
+
+Semantics (DESIGN.md, "Attention semantics"), for query row i with candidates C_i = the causal
+keys inside the tiles the gate keeps (all causal keys without a gate):
+  m_i = max_{j in C_i} a_ij,   S_i = {j in C_i : a_ij > θ_i}  (or the single argmax when empty),
+  p_ij = exp(a_ij - m_i) / (Σ_{S_i} exp(a - m_i) + γ Δ̄_i)  (Δ̄_i only if row i dropped something),
+  o_i = Σ p_ij v_j  (+ (1 - Σ_j p_ij) v̄_i with VMC, v̄_i the mean of v_0..v_i).
+m_i is the max over C_i, which is the same as the max over the visible row when no gate is used.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from condensa.kernels.tile_gate_prepass import gate_scores, offdiagonal_keep
+
+
+def candidate_mask(q, k, *, scale, tile_theta, block_q, block_k, sink_tiles, tile_budget=None) -> jax.Array:
+    """Bool [B, H, T, T]: causal keys, restricted to gate-kept tiles when `tile_theta` is given."""
+    b, t, h, _ = q.shape
+    rows = jnp.arange(t)[:, None]
+    cols = jnp.arange(t)[None, :]
+    causal = jnp.broadcast_to(cols <= rows, (b, h, t, t))
+    if tile_theta is None:
+        return causal
+    tp = -(-t // block_q) * block_q
+    pad = [(0, 0), (0, tp - t), (0, 0), (0, 0)]
+    scores = gate_scores(jnp.pad(q, pad), jnp.pad(k, pad), scale=scale, block_q=block_q,
+                         block_k=block_k, length=t)
+    kept = offdiagonal_keep(scores, tile_theta, block_q=block_q, block_k=block_k, sink_tiles=sink_tiles,
+                            tile_budget=tile_budget)
+    q_tile = jnp.arange(t) // block_q
+    k_tile = jnp.arange(t) // block_k
+    diagonal = k_tile[None, :] >= q_tile[:, None] * (block_q // block_k)
+    kept_elems = kept[:, :, q_tile][:, :, :, k_tile]  # [B, H, T, T]
+    return causal & (diagonal[None, None] | kept_elems)
+
+
+def toptheta_prefill_reference(
+    q, k, v, *, scale, theta=None, sdc_delta=None, sdc_gamma=1.0, vmc=False, tile_theta=None,
+    sink_tiles=1, tile_budget=None, block_q=128, block_k=64,
+) -> jax.Array:
+    """Output [B, T, H, D] in v's dtype; every statistic in float32. Arguments as the kernel's."""
+    a = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32) * jnp.float32(scale)
+    cand = candidate_mask(q, k, scale=scale, tile_theta=tile_theta, block_q=block_q, block_k=block_k,
+                          sink_tiles=sink_tiles, tile_budget=tile_budget)
+    masked = jnp.where(cand, a, -jnp.inf)
+    m = jnp.max(masked, axis=-1, keepdims=True)
+    if theta is None:
+        keep = cand
+    else:
+        surv = cand & (a > theta.astype(jnp.float32)[None, :, :, None])
+        single = jax.nn.one_hot(jnp.argmax(masked, axis=-1), a.shape[-1], dtype=bool)
+        keep = jnp.where(jnp.any(surv, axis=-1, keepdims=True), surv, single)
+    e = jnp.where(keep, jnp.exp(jnp.where(keep, a - m, 0.0)), 0.0)
+    denom = e.sum(-1)
+    if sdc_delta is not None:  # only rows that dropped something are compensated
+        dropped_any = jnp.any(~keep & (jnp.arange(a.shape[-1])[None, :] <= jnp.arange(a.shape[-2])[:, None]), -1)
+        denom = denom + jnp.where(dropped_any, jnp.float32(sdc_gamma) * sdc_delta.astype(jnp.float32)[None], 0.0)
+    p = e / denom[..., None]
+    out = jnp.einsum("bhqk,bkhd->bqhd", p, v.astype(jnp.float32))
+    if vmc:
+        out = out + jnp.transpose(1.0 - p.sum(-1), (0, 2, 1))[..., None] * visible_v_mean(v)
+    return out.astype(v.dtype)
+
+
+def visible_v_mean(v: jax.Array) -> jax.Array:
+    """v̄_i = mean of v_0..v_i, float32 [B, T, H, D], from one cumulative sum (not a sum per row)."""
+    total = jnp.cumsum(v.astype(jnp.float32), axis=1)
+    return total / jnp.arange(1, v.shape[1] + 1, dtype=jnp.float32)[None, :, None, None]

@@ -1,0 +1,465 @@
+"""Calibration: per (layer, head, row length) thresholds that keep k elements on average.
+
+For each calibration row of length n > k_l, the row threshold is the (k_l+1)-th largest scaled
+logit (or probability, for post-softmax), so that `a > θ_row` keeps exactly k_l elements; then
+`θ = mean + σ_add · std` over the samples. The calibrated SDC table Δ̄ is the mean exact Δ of the
+same pass. With a tile gate, the tile thresholds Θ (prefill, per query tile) and Θ_dec (decode,
+per count of visible key tiles) are the (m_b+1)-th largest optional gate score, calibrated the
+same way; element statistics are then taken inside the tiles that the exact gate (the top m_b
+tiles by gate score) keeps, so θ and Δ̄ match what the gated rule will see.
+
+The statistics of a batch are computed under one jit; the host only merges per-row values into
+float64 running means and variances (Chan's parallel update), which stay exact over many batches.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from condensa.attention import AttentionConfig
+from condensa.attention.dense import attention_scores
+from condensa.attention.rows import masked_max
+from condensa.errors import ConfigError, DataError
+from condensa.sparsity.thresholds import Thresholds, fill_uncalibrated, model_fingerprint
+from condensa.sparsity.tiles import (
+    expand_tiles, optional_tiles, pooled_gate_scores, tile_budgets, tile_count, tile_means, top_m_tiles,
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class GateSpec:
+    """The tile geometry and budget a gate is calibrated for (one setting per model)."""
+
+    block_q: int = 128
+    block_k: int = 128
+    tile_budget: float = 0.125
+    sink_tiles: int = 1
+
+
+# ---- walking the model layer by layer ------------------------------------------------------------
+
+
+def walk_layers(model, ids: jax.Array, attention: AttentionConfig, thresholds, per_layer: Callable) -> list:
+    """Runs `model` on ids [B, T] (no padding) and calls `per_layer(layer, q, k, v)` on each layer's
+    projections before the layer runs with `attention`. Returns the callbacks' results.
+
+    Calibration needs the scaled logits, which the model does not return (it returns
+    probabilities), so this repeats the model's embedding and fused q/k/v split.
+    """
+    b, t = ids.shape
+    visible = jnp.tril(jnp.ones((t, t), bool))[None, None]
+    x = model.wte(ids) + model.wpe(jnp.arange(t)[None, :])
+    results = []
+    for layer, block in enumerate(model.h):
+        h = block.ln_1(x)
+        q, k, v = jnp.split(block.attn.c_attn(h), 3, axis=-1)
+        q, k, v = (y.reshape(b, t, block.attn.n_head, -1) for y in (q, k, v))
+        results.append(per_layer(layer, q, k, v, block.attn.scale))
+        x, _, _ = block(x, visible=visible, attention=attention, thresholds=thresholds)
+    return results
+
+
+# ---- per-row statistics of one layer ---------------------------------------------------------------
+
+
+def _kth_largest(values: jax.Array, allowed: jax.Array, kth: jax.Array | int) -> jax.Array:
+    """The `kth` (0-based) largest allowed value per row, NaN where a row has too few allowed."""
+    ordered = -jnp.sort(-jnp.where(allowed, values, -jnp.inf), axis=-1)
+    kth = jnp.broadcast_to(jnp.asarray(kth), ordered.shape[:-1])
+    size = ordered.shape[-1]
+    picked = jnp.take_along_axis(ordered, jnp.minimum(kth, size - 1)[..., None], axis=-1)[..., 0]
+    return jnp.where(jnp.isfinite(picked) & (kth < size), picked, jnp.nan)
+
+
+def decode_gate_scores(q: jax.Array, k: jax.Array, scale: float, block_k: int) -> jax.Array:
+    """Single-query gate scores `scale * q_i · k̄_t` for every query row as a decoding query:
+    float32 [B, H, T, nk]. Only full tiles before the query's own are optional, so full-tile means
+    are what the KV cache holds for them."""
+    return jnp.einsum("bihd,bthd->bhit", q.astype(jnp.float32), tile_means(k, block_k)) * jnp.float32(scale)
+
+
+def layer_row_statistics(q, k, scale, *, k_l: int, placement: str, gate: GateSpec | None) -> dict[str, jax.Array]:
+    """Per-row calibration samples of one layer (NaN where a row gives no sample):
+    theta [B, H, T], delta [B, H, T] and, with a gate, tile [B, H, nq] and decode [B, H, T]."""
+    t = q.shape[1]
+    scores = attention_scores(q, k, scale)
+    allowed = jnp.tril(jnp.ones((t, t), bool))[None, None]
+    visible = allowed
+    out = {}
+    if gate is not None:
+        bq, bk, f, sink = gate.block_q, gate.block_k, gate.tile_budget, gate.sink_tiles
+        nq = tile_count(t, bq)
+        pooled = pooled_gate_scores(q, k, scale, bq, bk)
+        optional = optional_tiles(nq, tile_count(t, bk), bq, bk, sink)
+        budgets = tile_budgets(nq, f)
+        out["tile"] = _kth_largest(pooled, optional, budgets)
+        dec_optional, dec_budget = decode_gate_layout(t, bk, f, sink)
+        out["decode"] = _kth_largest(decode_gate_scores(q, k, scale, bk), dec_optional, dec_budget)
+        allowed = allowed & expand_tiles(top_m_tiles(pooled, bq, bk, f, sink), bq, bk, t, t)
+    allowed = jnp.broadcast_to(allowed, scores.shape)
+    m = masked_max(scores, allowed)
+    if placement == "post":
+        e = jnp.exp(jnp.where(allowed, scores - m, -jnp.inf))
+        values = e / e.sum(axis=-1, keepdims=True)
+    else:
+        values = scores
+    lengths = jnp.arange(1, t + 1)
+    theta_row = _kth_largest(values, allowed, k_l)  # NaN where fewer than k_l + 1 allowed
+    out["theta"] = jnp.where(lengths > k_l, theta_row, jnp.nan)
+    # exact top-k by comparison with the row threshold (k elements unless values tie exactly)
+    kept = allowed & ((values > theta_row[..., None]) | jnp.isnan(theta_row)[..., None])
+    dropped = jnp.broadcast_to(visible, scores.shape) & ~kept
+    out["delta"] = jnp.exp(jnp.where(dropped, scores - m, -jnp.inf)).sum(axis=-1)
+    return out
+
+
+def decode_gate_layout(t: int, block_k: int, tile_budget: float, sink_tiles: int) -> tuple[np.ndarray, np.ndarray]:
+    """For query positions i < t decoding: bool [t, nk] optional key tiles and the budget m_i [t]
+    (the query sees i // block_k + 1 key tiles, so it uses the budget of that tile count)."""
+    nk = tile_count(t, block_k)
+    last = np.arange(t) // block_k
+    tiles = np.arange(nk)[None, :]
+    optional = (tiles < last[:, None]) & (tiles >= np.minimum(sink_tiles, last)[:, None])
+    return optional, tile_budgets(nk, tile_budget)[last]
+
+
+# ---- running statistics on the host ----------------------------------------------------------------
+
+
+class RunningStats:
+    """Count, mean and M2 per cell in float64, merged batch by batch (Chan et al.); NaN = no sample."""
+
+    def __init__(self):
+        self.count = self.mean = self.m2 = None
+
+    def update(self, samples: np.ndarray, axis: int | tuple[int, ...] = 0) -> None:
+        x = np.asarray(samples, np.float64)
+        have = np.isfinite(x)
+        n = have.sum(axis=axis)
+        total = np.where(have, x, 0.0).sum(axis=axis)
+        mean = np.divide(total, n, out=np.zeros_like(total), where=n > 0)
+        mean_b = np.expand_dims(mean, axis)
+        m2 = np.where(have, (x - mean_b) ** 2, 0.0).sum(axis=axis)
+        if self.count is None:
+            self.count, self.mean, self.m2 = n.astype(np.float64), mean, m2
+            return
+        total_n = self.count + n
+        delta = mean - self.mean
+        safe = np.maximum(total_n, 1.0)
+        self.mean = self.mean + delta * n / safe
+        self.m2 = self.m2 + m2 + delta**2 * self.count * n / safe
+        self.count = total_n
+
+    @property
+    def std(self) -> np.ndarray:
+        return np.sqrt(np.divide(self.m2, self.count, out=np.zeros_like(self.m2), where=self.count > 0))
+
+    def threshold(self, sigma_add: float) -> np.ndarray:
+        """mean + σ_add · std, with uncalibrated cells filled from their neighbours along the last axis."""
+        return fill_uncalibrated(self.mean + sigma_add * self.std, self.count > 0)
+
+
+def _resize(values: np.ndarray, size: int) -> np.ndarray:
+    """Cuts or extends (with the last entry: nearest calibrated length) the last axis to `size`."""
+    if values.shape[-1] >= size:
+        return values[..., :size]
+    pad = np.repeat(values[..., -1:], size - values.shape[-1], axis=-1)
+    return np.concatenate([values, pad], axis=-1)
+
+
+# ---- the calibration loop ---------------------------------------------------------------------------
+
+
+def calibrate(
+    model,
+    blocks: np.ndarray,
+    *,
+    k: int,
+    layer_k: Any = (),
+    placement: str = "pre",
+    sigma_add: float = 0.1,
+    gate: GateSpec | None = None,
+    batch_size: int = 8,
+    topk_at_calibration: bool = False,
+    data: str = "",
+    progress: Callable[[Iterable], Iterable] | None = None,
+) -> Thresholds:
+    """Calibrates `model` (a condensa GPT2) on token blocks [N, T] and returns its `Thresholds`.
+
+    topk_at_calibration: layers run exact top-k while later layers are calibrated, so the
+    statistics of layer l see the sparse activations of layers < l (as at inference).
+    """
+    config = model.config
+    probe = AttentionConfig(mode="topk", k=k, layer_k=layer_k, placement=placement)  # validates k/layer_k
+    blocks = np.asarray(blocks)
+    if blocks.ndim != 2 or blocks.shape[0] == 0:
+        raise DataError("calibration needs at least one block of tokens; give more text or a shorter --seq-len.")
+    n, t = blocks.shape
+    if t > config.n_positions:
+        raise ConfigError(f"seq_len {t} exceeds the model's n_positions={config.n_positions}; use --seq-len <= it.")
+    ks = [probe.k_for(l) for l in range(config.n_layer)]
+    if t <= min(ks):
+        raise ConfigError(f"seq_len {t} must exceed k (smallest k_l = {min(ks)}): rows of length <= k are dense "
+                          "and give no calibration samples. Use a longer --seq-len or a smaller --k.")
+    if placement not in ("pre", "post"):
+        raise ConfigError(f"placement must be 'pre' or 'post'; got {placement!r}.")
+    if int(blocks.max()) >= config.vocab_size or int(blocks.min()) < 0:
+        raise DataError(f"the tokenized text holds ids outside the model's vocabulary ({config.vocab_size}); "
+                        "use the tokenizer that belongs to this model (--tokenizer).")
+    walk_attention = probe if topk_at_calibration else AttentionConfig()
+    graphdef, state = nnx.split(model)
+    ks_array = jnp.asarray(ks, jnp.int32)
+    step = functools.partial(_statistics_step, graphdef, state, ks=ks_array,
+                             walk_attention=walk_attention, placement=placement, gate=gate)
+    stats = {name: RunningStats() for name in ("theta", "delta", "tile", "decode")}
+    batches = range(0, n, batch_size)
+    for start in (progress(batches) if progress else batches):
+        batch = blocks[start:start + batch_size]
+        if batch.shape[0] < batch_size:  # pad with repeats so the step never recompiles; drop them after
+            batch = np.concatenate([batch, np.repeat(batch[:1], batch_size - batch.shape[0], axis=0)])
+        real = min(batch_size, n - start)
+        values = jax.device_get(step(jnp.asarray(batch, jnp.int32)))
+        for name, array in values.items():  # [L, B, H, X]
+            array = np.asarray(array)[:, :real]
+            if name == "decode":  # group rows by the number of key tiles they see
+                array = _by_key_tile(array, gate.block_k)
+                stats[name].update(array, axis=(1, 4))
+            else:
+                stats[name].update(array, axis=1)
+    n_pos = config.n_positions
+    theta = _resize(stats["theta"].threshold(sigma_add), n_pos)
+    delta = _resize(fill_uncalibrated(stats["delta"].mean, stats["delta"].count > 0), n_pos)
+    tile_theta = tile_theta_decode = None
+    if gate is not None:
+        tile_theta = _resize(stats["tile"].threshold(sigma_add), tile_count(n_pos, gate.block_q))
+        tile_theta_decode = _resize(stats["decode"].threshold(sigma_add), tile_count(n_pos, gate.block_k))
+    return Thresholds(
+        theta=theta.astype(np.float32), sdc_delta=delta.astype(np.float32),
+        tile_theta=None if tile_theta is None else tile_theta.astype(np.float32),
+        tile_theta_decode=None if tile_theta_decode is None else tile_theta_decode.astype(np.float32),
+        placement=placement, k=int(k), layer_k=probe.layer_k, sigma_add=float(sigma_add),
+        block_q=gate and gate.block_q, block_k=gate and gate.block_k, tile_budget=gate and gate.tile_budget,
+        sink_tiles=gate and gate.sink_tiles, samples=int(n), data=str(data),
+        model=model_fingerprint(config), topk_at_calibration=bool(topk_at_calibration),
+    )
+
+
+def _by_key_tile(rows: np.ndarray, block_k: int) -> np.ndarray:
+    """[L, B, H, T] per query row -> [L, B, H, nk, block_k], rows grouped by their last key tile."""
+    t = rows.shape[-1]
+    nk = tile_count(t, block_k)
+    pad = nk * block_k - t
+    if pad:
+        rows = np.concatenate([rows, np.full(rows.shape[:-1] + (pad,), np.nan)], axis=-1)
+    return rows.reshape(*rows.shape[:-1], nk, block_k)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "walk_attention", "placement", "gate"))
+def _statistics_step(graphdef, state, ids, ks, *, walk_attention, placement, gate):
+    """ids [B, T] -> {name: [L, B, H, X]} per-row samples. k_l is traced (ks [L]), so one compiled
+    step serves every k; the cache is jax.jit's own, keyed by the static arguments."""
+    model = nnx.merge(graphdef, state)
+
+    def per_layer(layer, q, k, v, scale):
+        return layer_row_statistics(q, k, scale, k_l=ks[layer], placement=placement, gate=gate)
+
+    layers = walk_layers(model, ids, walk_attention, None, per_layer)
+    return {name: jnp.stack([entry[name] for entry in layers]) for name in layers[0]}
+
+
+def gate_tiles_per_layer(model, ids, attention: AttentionConfig, thresholds) -> list:
+    """The key tiles the prefill gate keeps in each layer, bool [B, H, nq, nk] (None for dense
+    layers), with the model running `attention` so the inputs are those of the gated model."""
+    from condensa.attention.tile_gate import prefill_kept_tiles
+
+    ids = jnp.asarray(ids)
+
+    def per_layer(layer, q, k, v, scale):
+        if attention.is_dense_layer(layer):
+            return None
+        return prefill_kept_tiles(
+            q, k, scale=scale, key_valid=jnp.ones(ids.shape, bool), tile_theta=thresholds.for_layer(layer).tile_theta,
+            block_q=attention.block_q, block_k=attention.block_k, tile_budget=attention.tile_budget,
+            sink_tiles=attention.sink_tiles,
+        )
+
+    return walk_layers(model, ids, attention, thresholds, per_layer)
+
+
+# ---- the calibration run (what the CLI does) ----------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class CalibrationConfig:
+    """Everything `python -m condensa.calibrate` needs (YAML keys = these names)."""
+
+    model: str = ""
+    data: tuple[str, ...] = ()
+    tokenizer: str = ""  # default: the model directory, when it holds a tokenizer
+    k: int = 64
+    layer_k: str = ""  # "0:512,1:512"
+    placement: str = "pre"
+    sigma_add: float = 0.1
+    tile: int = 0  # tile size for the gate (block_q = block_k); 0 = no gate
+    tile_budget: float = 0.125
+    sink_tiles: int = 1
+    samples: int = 256  # calibration blocks
+    seq_len: int = 0  # 0 = the model's n_positions
+    batch_size: int = 8
+    topk_at_calibration: bool = False
+    check_blocks: int = 8  # held-out blocks for the summary's achieved kept-per-row
+    seed: int = 0
+    out: str = ""
+
+    def __post_init__(self) -> None:
+        if not self.model:
+            raise ConfigError("no model given; pass --model DIR_OR_HUB_ID.")
+        if not self.data:
+            raise ConfigError("no calibration text given; pass --data FILE_OR_FOLDER (or an HF dataset name[:config]).")
+        if not self.out:
+            raise ConfigError("no output folder given; pass --out DIR.")
+        for name in ("k", "samples", "batch_size"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be >= 1; got {getattr(self, name)}.")
+        if self.tile < 0 or self.seq_len < 0 or self.check_blocks < 0:
+            raise ConfigError("tile, seq_len and check_blocks must be >= 0 (0 means: off / the default).")
+        if not self.tile_budget > 0 or self.tile_budget > 1:
+            raise ConfigError(f"tile_budget must be in (0, 1]; got {self.tile_budget}.")
+        self.attention()  # the same checks as at inference (placement, layer_k, tile sizes)
+
+    @property
+    def gate(self) -> GateSpec | None:
+        return GateSpec(self.tile, self.tile, self.tile_budget, self.sink_tiles) if self.tile else None
+
+    def attention(self, **changes) -> AttentionConfig:
+        """The Top-θ attention config these thresholds are for (SDC off; choose it at inference)."""
+        values = dict(mode="toptheta", placement=self.placement, k=self.k, layer_k=self.layer_k,
+                      tile_gate=bool(self.tile), block_q=self.tile or 128, block_k=self.tile or 128,
+                      tile_budget=self.tile_budget, sink_tiles=self.sink_tiles)
+        values.update(changes)
+        return AttentionConfig(**values)
+
+
+def load_blocks(config: CalibrationConfig, tokenizer, seq_len: int) -> tuple[np.ndarray, np.ndarray]:
+    """(calibration blocks [samples, T], held-out check blocks) from the configured text sources,
+    chosen by a seeded shuffle of all packed blocks so that calibration covers the whole text."""
+    from condensa.data import load_token_stream, pack_blocks
+
+    stream = np.concatenate([load_token_stream(source, tokenizer) for source in config.data])
+    blocks = pack_blocks(stream, seq_len)
+    order = np.random.default_rng(config.seed).permutation(len(blocks))
+    calibration = blocks[np.sort(order[: config.samples])]
+    rest = order[config.samples:]
+    check = blocks[np.sort(rest[: config.check_blocks])] if len(rest) else calibration[: config.check_blocks]
+    return calibration, check
+
+
+def achieved_sparsity(model, blocks: np.ndarray, thresholds: Thresholds, attention: AttentionConfig) -> list[dict]:
+    """Per layer: the mean kept elements per row (rows with n > k_l) against k_l, and with a gate the
+    mean kept optional tiles per query tile (where it has more than m_b) against m_b."""
+    from condensa.sparsity.metrics import causal_visible, kept_per_row, nanmean
+
+    ids = jnp.asarray(blocks, jnp.int32)
+    t = ids.shape[1]
+    graphdef, state = nnx.split(model)
+    probs, gates = forward_probs_and_gates(graphdef, state, ids, thresholds, attention=attention)
+    visible = causal_visible(t)
+    if gates is not None:
+        optional, budgets = decode_gate_layout(t, attention.block_k, attention.tile_budget, attention.sink_tiles)
+        decode_rows = optional.sum(axis=-1) > budgets
+    report = []
+    for layer, p in enumerate(probs):
+        k_l = attention.k_for(layer)
+        kept = nanmean(kept_per_row(p, visible, k_l))
+        entry = {"layer": layer, "k": k_l, "kept_per_row": kept, "ratio": kept / k_l}
+        if gates is not None:
+            entry.update(gate_tile_counts(np.asarray(gates[0][layer]), attention))
+            if decode_rows.any():
+                kept_dec = np.asarray(gates[1][layer]).mean(axis=(0, 1))[decode_rows].sum()
+                entry["decode_tiles_ratio"] = float(kept_dec / budgets[decode_rows].sum())
+        report.append(entry)
+    return report
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "attention"))
+def forward_probs_and_gates(graphdef, state, ids, thresholds, *, attention):
+    """One compiled forward: each layer's probabilities and, with a gate, its kept tiles."""
+    model = nnx.merge(graphdef, state)
+    probs = model(ids, attention=attention, thresholds=thresholds, return_attention=True).attentions
+    gates = None
+    if attention.tile_gate:
+        gates = (gate_tiles_per_layer(model, ids, attention, thresholds),
+                 decode_gate_kept_counts(model, ids, attention, thresholds))
+    return probs, gates
+
+
+def decode_gate_kept_counts(model, ids, attention: AttentionConfig, thresholds) -> list:
+    """Per layer, int32 [B, H, T]: how many optional key tiles the decode gate would keep for each
+    position if it were decoded as a single query (rows with nothing to gate keep all)."""
+    t = ids.shape[1]
+    optional, _ = decode_gate_layout(t, attention.block_k, attention.tile_budget, attention.sink_tiles)
+    last = np.minimum(np.arange(t) // attention.block_k, thresholds.tile_theta_decode.shape[-1] - 1)
+
+    def per_layer(layer, q, k, v, scale):
+        scores = decode_gate_scores(q, k, scale, attention.block_k)  # [B, H, T, nk]
+        theta = jnp.asarray(thresholds.for_layer(layer).tile_theta_decode)[:, last]  # [H, T]
+        return (optional & (scores > theta[None, :, :, None])).sum(axis=-1)
+
+    return walk_layers(model, ids, attention, thresholds, per_layer)
+
+
+def gate_tile_counts(kept_tiles: np.ndarray, attention: AttentionConfig) -> dict[str, float]:
+    """Mean kept optional tiles per query tile vs the budget m_b, over the query tiles that have
+    more optional tiles than m_b (the others keep them all by rule). kept_tiles [B, H, nq, nk]."""
+    nq, nk = kept_tiles.shape[-2:]
+    optional = optional_tiles(nq, nk, attention.block_q, attention.block_k, attention.sink_tiles)
+    budgets = tile_budgets(nq, attention.tile_budget)
+    gated = optional.sum(axis=-1) > budgets
+    if not gated.any():
+        return {"tiles_kept": float("nan"), "tiles_budget": float("nan"), "tiles_ratio": float("nan")}
+    kept = (kept_tiles & optional).sum(axis=-1).mean(axis=(0, 1))[gated].sum()
+    return {"tiles_kept": float(kept), "tiles_budget": float(budgets[gated].sum()),
+            "tiles_ratio": float(kept / budgets[gated].sum())}
+
+
+def run_calibration(config: CalibrationConfig, *, progress=None) -> dict[str, Any]:
+    """Loads the model and text, calibrates, writes thresholds.safetensors + summary.json into
+    `config.out`, and returns the summary."""
+    from pathlib import Path
+
+    from condensa.cli import write_json
+    from condensa.data import load_tokenizer
+    from condensa.hub import resolve_model_dir
+    from condensa.model import load_pretrained
+
+    tokenizer_source = config.tokenizer or resolve_model_dir(config.model, allow_patterns=["*.json", "*.txt"])
+    if not config.tokenizer and not any((Path(tokenizer_source) / f).is_file() for f in ("tokenizer.json", "vocab.json")):
+        raise ConfigError(f"model directory {tokenizer_source} holds no tokenizer; pass --tokenizer DIR "
+                          "(for GPT-2 vocabularies: ../shared/data/gpt2-tokenizer).")
+    tokenizer = load_tokenizer(tokenizer_source)
+    model, model_config = load_pretrained(config.model)
+    seq_len = config.seq_len or model_config.n_positions
+    attention = config.attention()  # validates layer_k etc. before the long part
+    calibration, check = load_blocks(config, tokenizer, seq_len)
+    thresholds = calibrate(
+        model, calibration, k=config.k, layer_k=config.layer_k, placement=config.placement,
+        sigma_add=config.sigma_add, gate=config.gate, batch_size=config.batch_size,
+        topk_at_calibration=config.topk_at_calibration, data=",".join(config.data), progress=progress,
+    )
+    out = Path(config.out)
+    thresholds.save(out / "thresholds.safetensors")
+    summary = {
+        "thresholds": str(out / "thresholds.safetensors"),
+        "samples": int(len(calibration)), "seq_len": int(seq_len), "check_blocks": int(len(check)),
+        "layers": achieved_sparsity(model, check, thresholds, attention) if len(check) else [],
+    }
+    write_json(out / "summary.json", summary)
+    return summary

@@ -1,0 +1,66 @@
+"""AttentionConfig(backend="pallas"): the model runs the Pallas prefill kernel (interpret mode on CPU)
+and gives the reference op's numbers, for dense and for calibrated Top-θ with SDC, VMC and the gate."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import condensa
+from condensa.attention import AttentionConfig
+from condensa.eval.perplexity import perplexity
+from condensa.sparsity.calibrate import GateSpec, calibrate
+from tests.conftest import make_hf_model
+
+T = 48  # not a multiple of the 16-wide tiles: the kernel wrapper pads
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    path = tmp_path_factory.mktemp("pallas")
+    make_hf_model(seed=9, n_positions=T, n_embd=128, n_head=2).save_pretrained(path)  # head_dim 64: the kernel's
+    model, _ = condensa.load_pretrained(path)
+    rng = np.random.default_rng(0)
+    blocks = rng.integers(0, 98, size=(8, T))
+    thresholds = calibrate(model, blocks, k=6, gate=GateSpec(16, 16, 0.34, 1), batch_size=8, sigma_add=0.0)
+    text = rng.integers(0, 98, size=200)
+    return model, thresholds, text
+
+
+CONFIGS = {
+    "dense": AttentionConfig(),
+    "toptheta": AttentionConfig(mode="toptheta", k=6),
+    "toptheta+sdc+vmc+gate": AttentionConfig(mode="toptheta", k=6, sdc="calibrated", vmc=True, tile_gate=True,
+                                             block_q=16, block_k=16, tile_budget=0.34),
+}
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_perplexity_with_the_kernel_equals_the_reference(setup, name):
+    model, thresholds, text = setup
+    reference = CONFIGS[name]
+    kernel = reference.replace(backend="pallas")
+    ref = perplexity(model, text, stride=T // 2, batch_size=4, attention=reference, thresholds=thresholds)
+    ker = perplexity(model, text, stride=T // 2, batch_size=4, attention=kernel, thresholds=thresholds)
+    assert abs(ker["ppl"] - ref["ppl"]) / ref["ppl"] <= 1e-3
+    if name != "dense":  # the rule must really prune, or the comparison proves nothing
+        import jax.numpy as jnp
+
+        ids = jnp.asarray(text[:T].reshape(1, T))
+        pruned = model(ids, attention=reference, thresholds=thresholds).logits
+        assert float(jnp.abs(pruned - model(ids).logits).max()) > 1e-2
+
+
+def test_logits_match_and_probabilities_fall_back_to_the_reference(setup):
+    import jax.numpy as jnp
+
+    model, thresholds, text = setup
+    ids = jnp.asarray(text[:T].reshape(1, T))
+    config = CONFIGS["toptheta+sdc+vmc+gate"]
+    ref = model(ids, attention=config, thresholds=thresholds)
+    ker = model(ids, attention=config.replace(backend="pallas"), thresholds=thresholds)
+    np.testing.assert_allclose(np.asarray(ker.logits), np.asarray(ref.logits), rtol=1e-5, atol=1e-5)
+    # asking for the probabilities runs the reference op, which returns them
+    with_probs = model(ids, attention=config.replace(backend="pallas"), thresholds=thresholds, return_attention=True)
+    assert len(with_probs.attentions) == model.config.n_layer
+    np.testing.assert_allclose(np.asarray(with_probs.logits), np.asarray(ref.logits), rtol=1e-5, atol=1e-5)
