@@ -6,6 +6,8 @@ with EOS so the model sees document boundaries, then packed into fixed-length bl
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -19,12 +21,14 @@ from condensa.hub import is_probably_hub_id
 def load_tokenizer(name_or_path: str | os.PathLike):
     """A fast (Rust) GPT-2 tokenizer from a directory with vocab.json + merges.txt (or
     tokenizer.json), or from a hub id when the network allows it."""
-    from transformers import AutoTokenizer
+    from transformers import AutoTokenizer, GPT2TokenizerFast
 
     path = Path(name_or_path).expanduser()
     if path.is_dir():
+        # A bare vocab.json + merges.txt (no tokenizer_config.json) does not say which class to use.
+        loader = AutoTokenizer if (path / "tokenizer_config.json").is_file() else GPT2TokenizerFast
         try:
-            return AutoTokenizer.from_pretrained(str(path), use_fast=True)
+            return loader.from_pretrained(str(path))
         except (OSError, ValueError) as err:
             raise DataError(
                 f"could not load a tokenizer from {path} ({err}); the directory needs vocab.json and "
@@ -92,3 +96,184 @@ def pack_blocks(stream: np.ndarray, block_len: int) -> np.ndarray:
             "use more text or a shorter sequence length."
         )
     return stream[: n * block_len].reshape(n, block_len)
+
+
+# ---- sources: local text or Hugging Face datasets --------------------------------------------------
+
+
+def is_local_source(source: str) -> bool:
+    """A source that names a file or folder on disk (as opposed to an HF dataset `name[:config]`)."""
+    path = Path(source).expanduser()
+    return path.exists() or "/" in source or source.startswith((".", "~")) or source.endswith(".txt")
+
+
+def read_hf_dataset(source: str, *, split: str = "train", text_field: str = "text") -> list[str]:
+    """The non-empty `text_field` values of an HF dataset `name[:config]`, from the local cache only.
+
+    Offline first, because training runs usually start where there is no network; a dataset that
+    is not cached yet is one `datasets.load_dataset(...)` away, which the error says.
+    """
+    name, _, config = source.partition(":")
+    try:
+        import datasets
+    except ImportError:
+        raise DataError(f"{source!r} names a Hugging Face dataset, which needs `pip install datasets`.") from None
+    # datasets and huggingface_hub read their offline switches at import time, so flip the parsed
+    # flags (not the env vars); without both, a cache miss retries the network for ~30 s.
+    import huggingface_hub.constants as hub
+
+    previous = datasets.config.HF_DATASETS_OFFLINE, hub.HF_HUB_OFFLINE
+    datasets.config.HF_DATASETS_OFFLINE = hub.HF_HUB_OFFLINE = True
+    try:
+        ds = datasets.load_dataset(name, config or None, split=split)
+    except Exception as err:  # datasets raises ConnectionError, FileNotFoundError, ValueError, ... offline
+        raise DataError(
+            f"Hugging Face dataset {source!r} (split {split!r}) is not in the local cache ({type(err).__name__}). "
+            f"Download it once with network access: python -c \"import datasets; "
+            f"datasets.load_dataset({name!r}, {config or None!r})\", or pass a local text file or folder."
+        ) from None
+    finally:
+        datasets.config.HF_DATASETS_OFFLINE, hub.HF_HUB_OFFLINE = previous
+    if text_field not in ds.column_names:
+        raise DataError(
+            f"dataset {source!r} has no column {text_field!r}; its columns are {', '.join(ds.column_names)}. "
+            "Set data.text_field."
+        )
+    docs = [t for t in ds[text_field] if t and t.strip()]
+    if not docs:
+        raise DataError(f"dataset {source!r} (split {split!r}) holds no text.")
+    # wikitext keeps one line per row; joining rows keeps paragraphs of one article together.
+    return ["".join(docs)]
+
+
+def _source_fingerprint(source: str, split: str, text_field: str) -> dict:
+    if is_local_source(source):
+        files = text_files(source)
+        return {"files": [[str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns] for f in files]}
+    return {"dataset": source, "split": split, "field": text_field}
+
+
+def _tokenizer_fingerprint(tokenizer) -> str:
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    text = backend.to_str() if backend is not None else json.dumps(tokenizer.get_vocab(), sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def load_token_stream(
+    source: str,
+    tokenizer,
+    *,
+    cache_dir: str | os.PathLike | None = None,
+    split: str = "train",
+    text_field: str = "text",
+) -> np.ndarray:
+    """The EOS-separated token stream of a source, cached on disk.
+
+    The cache key covers the source (file paths, sizes and mtimes, or the dataset name) and the
+    tokenizer's full definition, so an edited file or another tokenizer never reuses stale ids.
+    """
+    key = {"source": _source_fingerprint(source, split, text_field), "tokenizer": _tokenizer_fingerprint(tokenizer)}
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:24]
+    cached = Path(cache_dir).expanduser() / f"tokens-{digest}.npy" if cache_dir is not None else None
+    if cached is not None and cached.is_file():
+        try:
+            return np.load(cached)
+        except (OSError, ValueError):
+            pass  # a broken cache file is rebuilt below
+    docs = read_documents(source) if is_local_source(source) else read_hf_dataset(source, split=split, text_field=text_field)
+    stream = tokenize_documents(docs, tokenizer)
+    if cached is not None:
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cached.with_name(f".{cached.name}.{os.getpid()}.tmp.npy")
+        np.save(tmp, stream)
+        tmp.replace(cached)  # atomic, so parallel runs never read a half-written cache
+    return stream
+
+
+def split_blocks(blocks: np.ndarray, validation_fraction: float, *, min_validation: int = 1) -> tuple[np.ndarray, np.ndarray]:
+    """(train, validation) blocks: validation is the last blocks of the stream.
+
+    A contiguous tail rather than a random sample: neighbouring blocks share documents, so a
+    random split would leak text from training into validation.
+    """
+    if not 0.0 < validation_fraction < 1.0:
+        raise DataError(f"data.validation_fraction must be between 0 and 1; got {validation_fraction}.")
+    n_val = max(min_validation, int(round(len(blocks) * validation_fraction)))
+    if n_val >= len(blocks):
+        raise DataError(
+            f"the data gives only {len(blocks)} blocks, too few for a train/validation split; "
+            "use more text or a shorter data.seq_len."
+        )
+    return blocks[:-n_val], blocks[-n_val:]
+
+
+class BatchIterator:
+    """Deterministic, resumable batches of blocks: a fresh permutation per epoch from (seed, epoch).
+
+    The whole position is two integers (epoch, index), so it goes into the checkpoint as JSON and a
+    resumed run sees exactly the batches an uninterrupted run would have seen. Written by hand
+    because grain / tf.data would add a dependency for what is a seeded permutation.
+    """
+
+    def __init__(self, blocks: np.ndarray, batch_size: int, *, seed: int = 0, shuffle: bool = True):
+        if batch_size > len(blocks):
+            raise DataError(
+                f"batch size {batch_size} is larger than the {len(blocks)} training blocks; "
+                "use more text, a shorter data.seq_len or a smaller train.batch_size."
+            )
+        self.blocks = blocks
+        self.batch_size = batch_size
+        self.seed = seed
+        self.shuffle = shuffle
+        self.epoch = 0
+        self.index = 0  # next batch within the epoch
+
+    @property
+    def batches_per_epoch(self) -> int:
+        return len(self.blocks) // self.batch_size  # the incomplete last batch of an epoch is dropped
+
+    def _order(self, epoch: int) -> np.ndarray:
+        if not self.shuffle:
+            return np.arange(len(self.blocks))
+        return np.random.default_rng([self.seed, epoch]).permutation(len(self.blocks))
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> np.ndarray:
+        if self.index >= self.batches_per_epoch:
+            self.epoch, self.index = self.epoch + 1, 0
+        rows = self._order(self.epoch)[self.index * self.batch_size : (self.index + 1) * self.batch_size]
+        self.index += 1
+        return self.blocks[rows]
+
+    def state(self) -> dict:
+        return {"epoch": self.epoch, "index": self.index, "seed": self.seed, "n_blocks": len(self.blocks)}
+
+    def restore(self, state: dict) -> None:
+        if state.get("n_blocks") != len(self.blocks) or state.get("seed") != self.seed:
+            raise DataError(
+                f"the checkpoint's data position was saved for {state.get('n_blocks')} blocks with seed "
+                f"{state.get('seed')}, but the data now gives {len(self.blocks)} blocks with seed {self.seed}; "
+                "resume with the same data, seq_len and seed, or start a new output folder."
+            )
+        self.epoch, self.index = int(state["epoch"]), int(state["index"])
+
+
+def compact_vocabulary(stream: np.ndarray, size: int, eos_id: int) -> tuple[np.ndarray, np.ndarray]:
+    """Maps a stream onto its `size - 1` most frequent ids plus one shared id for all the rest.
+
+    For small from-scratch models on a CPU, where the 50k-wide output layer would cost more than
+    the whole network. Returns `(stream in new ids, kept [size - 1] old id of each new id)`; EOS is
+    always kept, the last new id (size - 1) stands for every dropped token. Ties break by id, so
+    the mapping is deterministic.
+    """
+    if size < 2:
+        raise DataError(f"data.vocab_limit must be at least 2; got {size}.")
+    counts = np.bincount(stream, minlength=int(stream.max()) + 1).astype(np.int64)
+    counts[eos_id] = np.iinfo(np.int64).max  # always kept
+    order = np.lexsort((np.arange(counts.size), -counts))  # by count descending, then id ascending
+    kept = np.sort(order[: size - 1]).astype(np.int32)
+    lookup = np.full(counts.size, size - 1, np.int32)
+    lookup[kept] = np.arange(kept.size, dtype=np.int32)
+    return lookup[stream], kept

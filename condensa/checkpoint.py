@@ -1,0 +1,154 @@
+"""Training checkpoints through orbax's `CheckpointManager`: keep N, save asynchronously, resume the
+latest good one.
+
+A checkpoint holds the train state (parameters, optimizer state, RNG counters) and a small JSON
+record (step, data position, a fingerprint of every array). On resume the newest checkpoint is
+restored and checked against its fingerprint; one that fails to read or to match is reported by
+step, moved aside (never deleted) and the previous one is tried.
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+
+from condensa.errors import CheckpointError
+
+CORRUPT_DIR = "corrupt"  # beside the checkpoints folder; bad checkpoints are moved here, not deleted
+
+
+class CorruptCheckpointWarning(UserWarning):
+    """A checkpoint could not be restored and was skipped."""
+
+
+def _is_key(x: Any) -> bool:
+    return hasattr(x, "dtype") and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key)
+
+
+def _name(path) -> str:
+    parts = []
+    for entry in path:
+        for attr in ("key", "idx", "name"):
+            if hasattr(entry, attr):
+                parts.append(str(getattr(entry, attr)))
+                break
+    return ".".join(parts)
+
+
+def flatten(tree) -> tuple[dict[str, Any], Any]:
+    """A flat {dotted name: array} dict of a pytree (typed PRNG keys as their uint32 data, since
+    orbax stores plain arrays), and the treedef to rebuild it."""
+    leaves, treedef = jax.tree_util.tree_flatten_with_path(tree)
+    flat = {_name(p): (jax.random.key_data(x) if _is_key(x) else x) for p, x in leaves}
+    if len(flat) != len(leaves):
+        raise ValueError("two leaves of the train state flatten to the same checkpoint name")
+    return flat, treedef
+
+
+def unflatten(flat: dict[str, Any], template) -> Any:
+    """The inverse of `flatten`, with the structure (and key types) of `template`."""
+    leaves, treedef = jax.tree_util.tree_flatten_with_path(template)
+    out = []
+    for p, t in leaves:
+        x = flat[_name(p)]
+        out.append(jax.random.wrap_key_data(x, impl=jax.random.key_impl(t)) if _is_key(t) else x)
+    return jax.tree_util.tree_unflatten(treedef, out)
+
+
+@jax.jit
+def _sums(flat: dict[str, Any]) -> dict[str, jax.Array]:
+    return {k: jnp.sum(jnp.asarray(v, jnp.float32)) for k, v in flat.items()}
+
+
+def fingerprint(flat: dict[str, Any]) -> dict[str, float]:
+    """A float sum per array (one jitted call on device): it catches a checkpoint that reads back
+    wrong, which a garbled-but-parseable file otherwise would not."""
+    return {k: float(v) for k, v in jax.device_get(_sums(flat)).items()}
+
+
+def _fingerprints_match(saved: dict[str, float], restored: dict[str, float]) -> bool:
+    if saved.keys() != restored.keys():
+        return False
+    a = np.array([saved[k] for k in saved], np.float64)
+    b = np.array([restored[k] for k in saved], np.float64)
+    return bool(np.all(np.isfinite(b)) and np.allclose(a, b, rtol=1e-5, atol=1e-6))
+
+
+class Checkpointer:
+    """Save / resume for one run's `checkpoints/` folder."""
+
+    def __init__(self, directory: str | Path, *, keep: int = 3, async_save: bool = True):
+        self.directory = Path(directory).absolute()
+        self.keep = keep
+        self.async_save = async_save
+        self._manager = self._open()
+
+    def _open(self) -> ocp.CheckpointManager:
+        options = ocp.CheckpointManagerOptions(max_to_keep=self.keep, enable_async_checkpointing=self.async_save)
+        return ocp.CheckpointManager(self.directory, options=options)
+
+    def steps(self) -> list[int]:
+        return sorted(self._manager.all_steps())
+
+    def save(self, step: int, state, record: dict[str, Any]) -> None:
+        """Starts saving (in the background when async); `record` must be JSON-serialisable."""
+        flat, _ = flatten(state)
+        record = {**record, "step": int(step), "fingerprint": fingerprint(flat)}
+        self._manager.save(
+            int(step), args=ocp.args.Composite(state=ocp.args.StandardSave(flat), record=ocp.args.JsonSave(record))
+        )
+
+    def restore_latest(self, template) -> tuple[int, Any, dict[str, Any]] | None:
+        """(step, state, record) of the newest checkpoint that reads back intact, or None if none.
+
+        `template` is a pytree of arrays (or ShapeDtypeStructs) with the target shapes, dtypes and
+        shardings. Bad checkpoints are moved to `<checkpoints>/../corrupt/` with a warning.
+        """
+        flat_template, _ = flatten(template)
+        abstract = {
+            k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=getattr(v, "sharding", None))
+            for k, v in flat_template.items()
+        }
+        for step in reversed(self.steps()):
+            try:
+                restored = self._manager.restore(
+                    step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract), record=ocp.args.JsonRestore())
+                )
+                flat, record = dict(restored["state"]), dict(restored["record"])
+                if not _fingerprints_match(record.get("fingerprint", {}), fingerprint(flat)):
+                    raise CheckpointError("its arrays do not match the fingerprint saved with them")
+            except Exception as err:  # orbax / tensorstore raise many types for truncated or garbled files
+                self._set_aside(step, err)
+                continue
+            return step, unflatten(flat, template), record
+        return None
+
+    def _set_aside(self, step: int, err: Exception) -> None:
+        target = self.directory.parent / CORRUPT_DIR / f"{step}-{time.strftime('%Y%m%dT%H%M%S')}"
+        target.parent.mkdir(parents=True, exist_ok=True)
+        self._manager.close()
+        shutil.move(str(self.directory / str(step)), str(target))
+        self._manager = self._open()  # re-scan, so the manager forgets the moved step
+        reason = str(err).splitlines()[0][:200] if str(err) else type(err).__name__
+        warnings.warn(
+            f"checkpoint step {step} in {self.directory} is truncated or corrupt ({reason}); it was moved to "
+            f"{target} and the previous checkpoint is used instead.",
+            CorruptCheckpointWarning,
+            stacklevel=3,
+        )
+
+    def wait(self) -> None:
+        """Blocks until background saves are on disk: call before exit, or a save may be lost."""
+        self._manager.wait_until_finished()
+
+    def close(self) -> None:
+        self._manager.wait_until_finished()
+        self._manager.close()

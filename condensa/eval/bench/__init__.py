@@ -1,0 +1,1 @@
+"""Benchmarks, run as scripts (`python -m condensa.eval.bench <name> ...`), never as timed tests."""

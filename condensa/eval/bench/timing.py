@@ -1,0 +1,58 @@
+"""Timing helpers every benchmark shares: warm-up, then the median of repeats, each one blocked
+until the device is done (JAX dispatch is asynchronous, so a host clock alone measures nothing)."""
+
+from __future__ import annotations
+
+import datetime
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from typing import Any
+
+import jax
+
+
+def measure(run_once: Callable[[], Any], *, warmup: int = 3, repeats: int = 10) -> dict[str, float]:
+    """Seconds per call of `run_once` (which returns arrays to wait for): median, min, max."""
+    for _ in range(warmup):
+        jax.block_until_ready(run_once())
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        jax.block_until_ready(run_once())
+        times.append(time.perf_counter() - start)
+    return {"median_s": statistics.median(times), "min_s": min(times), "max_s": max(times), "repeats": repeats}
+
+
+def environment() -> dict[str, Any]:
+    """What a benchmark table must name: the device, the software versions and the date."""
+    import flax
+
+    device = jax.devices()[0]
+    return {
+        "device": getattr(device, "device_kind", str(device)),
+        "device_count": jax.device_count(),
+        "platform": device.platform,
+        "jax": jax.__version__,
+        "flax": flax.__version__,
+        "python": platform.python_version(),
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d"),
+    }
+
+
+def header(env: dict[str, Any]) -> str:
+    """One line for docs/benchmarks.md under a table."""
+    return (f"{env['device']} ×{env['device_count']} ({env['platform']}), jax {env['jax']}, flax {env['flax']}, "
+            f"Python {env['python']}, {env['date']}")
+
+
+# Dense bf16 matrix peak per device, for MFU. Datasheet numbers (H100/H200 SXM: 989 TFLOP/s).
+PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "TPU v4": 275e12, "TPU v5": 459e12}
+
+
+def peak_flops(device_kind: str) -> float | None:
+    for name, flops in PEAK_BF16_FLOPS.items():
+        if name.lower() in device_kind.lower():
+            return flops
+    return None

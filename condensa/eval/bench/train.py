@@ -1,0 +1,141 @@
+"""python -m condensa.eval.bench train [options]
+
+Training throughput of GPT-2 (default: GPT-2 small, T = 1024, bf16 compute, fp32 params, AdamW)
+with the same jitted step `python -m condensa.train` uses, once per loss setting. Token ids are
+random (never zeros); before timing, each setting's first loss is checked to be finite and near
+ln(vocab), the loss of an untrained model.
+
+MFU counts model FLOPs only (remat recomputation excluded), as in PaLM / nanoGPT:
+6 · (non-embedding params + d · vocab for the tied output layer) + 12 · L · d · T per token
+(causal attention counted in full), over the device's dense bf16 peak.
+
+Options:
+  --model-config NAME   model preset (gpt2-small)       --seq-len T        (1024)
+  --batch-size B        sequences per step (8)          --dtype            (bfloat16)
+  --settings LIST       comma list of: none, topk, tile, gate, topk+tile ... (none,topk,tile)
+  --weight W            λ for each active loss (0.5)    --k K              (64)
+  --tile-size N (64)    --f F (0.125)                   --remat true|false (true)
+  --warmup N (3)        --repeats N (10)                --peak-tflops X    (from the device kind)
+  --out PATH            also write the results as JSON
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from condensa.cli import run_main, write_json
+from condensa.errors import ConfigError
+from condensa.eval.bench.timing import environment, header, measure, peak_flops
+
+LOSSES = ("topk", "tile", "gate")
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m condensa.eval.bench train", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter, add_help=True)
+    p.add_argument("--model-config", default="gpt2-small")
+    p.add_argument("--seq-len", type=int, default=1024)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
+    p.add_argument("--settings", default="none,topk,tile")
+    p.add_argument("--weight", type=float, default=0.5)
+    p.add_argument("--k", type=int, default=64)
+    p.add_argument("--tile-size", type=int, default=64)
+    p.add_argument("--f", type=float, default=0.125)
+    p.add_argument("--remat", default="true", choices=["true", "false"])
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--repeats", type=int, default=10)
+    p.add_argument("--peak-tflops", type=float, default=None)
+    p.add_argument("--out", default=None)
+    return p
+
+
+def model_flops_per_token(config, seq_len: int) -> float:
+    d, layers = config.n_embd, config.n_layer
+    per_block = 4 * d * d + 2 * d * config.inner_dim  # attention projections + MLP weights
+    matmul_params = layers * per_block + d * config.vocab_size  # + the tied output layer
+    return 6.0 * matmul_params + 12.0 * layers * d * seq_len
+
+
+def _train_config(args, setting: str):
+    from condensa.cli import load_config
+    from condensa.train.config import TrainConfig
+
+    active = [] if setting == "none" else setting.split("+")
+    unknown = [x for x in active if x not in LOSSES]
+    if unknown:
+        raise ConfigError(f"unknown loss {unknown[0]!r} in --settings; use none or a '+' list of {', '.join(LOSSES)}.")
+    overrides = ["--init", "scratch", "--model_config", args.model_config, "--data.seq_len", str(args.seq_len),
+                 "--train.dtype", args.dtype, "--train.remat", args.remat, "--train.batch_size", str(args.batch_size),
+                 "--loss.tile_size", str(args.tile_size), "--loss.topk.k", str(args.k), "--loss.tile.f", str(args.f),
+                 "--dropout", "0.0"]
+    for name in active:
+        overrides += [f"--loss.{name}.weight", str(args.weight)]
+    return load_config(TrainConfig, None, overrides)
+
+
+def bench_setting(args, setting: str, peak: float | None) -> dict:
+    from flax import nnx
+
+    from condensa.train.setup import build_model, build_optimizer
+    from condensa.train.step import make_train_step
+
+    cfg = _train_config(args, setting)
+    model, config = build_model(cfg, 50257)
+    optimizer = build_optimizer(model, cfg.optimizer, total_steps=1000)
+    graphdef, state = nnx.split((model, optimizer))
+    del model, optimizer
+    step_fn = make_train_step(graphdef, cfg.loss)
+    rng = np.random.default_rng(0)
+    batches = [jnp.asarray(rng.integers(0, config.vocab_size, (1, args.batch_size, args.seq_len + 1)), jnp.int32)
+               for _ in range(4)]  # rotate a few batches so nothing is served from a cache of one input
+
+    state, metrics = step_fn(state, batches[0], jnp.int32(0))
+    first = {k: float(v) for k, v in jax.device_get(metrics).items()}
+    if not (math.isfinite(first["loss"]) and abs(first["lm_loss"] - math.log(config.vocab_size)) < 1.0):
+        raise RuntimeError(f"{setting}: first loss {first} is not finite or not near ln(vocab); not timing it")
+
+    box = {"state": state, "i": 0}
+
+    def run_once():
+        box["i"] += 1
+        box["state"], m = step_fn(box["state"], batches[box["i"] % len(batches)], jnp.int32(box["i"]))
+        return m["loss"]
+
+    timing = measure(run_once, warmup=args.warmup, repeats=args.repeats)
+    final = float(jax.device_get(run_once()))
+    if not math.isfinite(final):
+        raise RuntimeError(f"{setting}: loss became {final} while timing")
+    tokens = args.batch_size * args.seq_len
+    tokens_per_s = tokens / timing["median_s"]
+    flops = model_flops_per_token(config, args.seq_len) * tokens_per_s
+    return {
+        "setting": setting, "tokens_per_s": tokens_per_s, "step_ms": 1e3 * timing["median_s"],
+        "model_tflops": flops / 1e12, "mfu": flops / peak if peak else None,
+        "first_loss": first["lm_loss"], "L_conc_first": first["L_conc"], **timing,
+    }
+
+
+@run_main
+def main(argv=None) -> None:
+    args = _parser().parse_args(argv)
+    env = environment()
+    peak = args.peak_tflops * 1e12 if args.peak_tflops else peak_flops(env["device"])
+    results = [bench_setting(args, s.strip(), peak) for s in args.settings.split(",") if s.strip()]
+    base = next((r for r in results if r["setting"] == "none"), None)
+    print(f"GPT-2 {args.model_config}, T={args.seq_len}, batch {args.batch_size}, {args.dtype}, remat={args.remat}, "
+          f"λ={args.weight}, k={args.k}, tile {args.tile_size}, f={args.f}")
+    print("| setting | tokens/s | step (ms) | model TFLOP/s | MFU | throughput vs λ=0 |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: |")
+    for r in results:
+        mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "n/a"
+        rel = f"{100 * r['tokens_per_s'] / base['tokens_per_s']:.0f}%" if base else "n/a"
+        print(f"| {r['setting']} | {r['tokens_per_s']:,.0f} | {r['step_ms']:.1f} | {r['model_tflops']:.0f} | {mfu} | {rel} |")
+    print(header(env))
+    if args.out:
+        write_json(args.out, {"environment": env, "args": vars(args), "results": results})

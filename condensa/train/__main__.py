@@ -1,0 +1,52 @@
+"""python -m condensa.train [config.yaml] [--section.key value ...]
+
+Fine-tunes a GPT-2 (`--model gpt2` or a directory) or pretrains one from scratch (`--init scratch
+--model-config tiny`) with the concentration losses of DESIGN.md. The output folder (`--out`)
+receives the resolved config.yaml, metrics.jsonl (and TensorBoard events with tensorboardX),
+orbax checkpoints, and the final HF export in hf/. Running the same command again resumes from
+the newest good checkpoint there.
+
+Examples:
+  python -m condensa.train configs/quickstart.yaml
+  python -m condensa.train configs/quickstart.yaml --loss.topk.weight 0.5 --out runs/topk
+  python -m condensa.train configs/gpt2-wikitext.yaml --optimizer.lr 3e-5 --train.dtype bfloat16
+
+Keys (defaults in condensa/train/config.py): out, model, init, model_config, model_overrides,
+dropout; data.{source,tokenizer,seq_len,validation_fraction,split,text_field,cache_dir};
+optimizer.{lr,min_lr_ratio,warmup_steps,weight_decay,b1,b2,grad_clip,grad_accum};
+loss.{topk,tile,gate}.{weight,layers,warmup_steps} with loss.topk.k, loss.tile.f, loss.gate.tau,
+loss.tile_size, loss.sink_tiles; train.{steps,batch_size,seed,dtype,remat,eval_every,
+eval_batches,log_every,export}; checkpoint.{every,keep,async_save}; mesh.{data,fsdp}.
+Set CONDENSA_DISTRIBUTED=1 on every host of a multi-host run (see condensa/train/parallel.py).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from condensa.cli import load_config, run_main
+
+
+@run_main
+def main(argv=None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in ("-h", "--help"):
+        print(__doc__)
+        return
+    path = argv.pop(0) if argv and not argv[0].startswith("--") else None
+    if os.environ.get("CONDENSA_DISTRIBUTED") == "1":
+        import jax
+
+        jax.distributed.initialize()
+    from condensa.train.config import TrainConfig
+    from condensa.train.loop import train
+
+    cfg = load_config(TrainConfig, path, argv)
+    result = train(cfg)
+    if result:
+        print(" ".join(f"{k}={v:.4g}" for k, v in result.items()))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

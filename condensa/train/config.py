@@ -1,0 +1,143 @@
+"""The training run's config: nested dataclasses read from YAML plus `--section.key value` overrides.
+
+Top-level keys follow the issue's command line: `--model gpt2` (hub id or directory) or
+`--init scratch --model-config tiny`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Literal
+
+from condensa.errors import ConfigError
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    source: str = "../shared/data/corpus"  # a text file, a folder of .txt files, or an HF dataset name[:config]
+    tokenizer: str = "../shared/data/gpt2-tokenizer"  # a directory, or a hub id
+    seq_len: int = 256
+    validation_fraction: float = 0.02
+    split: str = "train"  # HF datasets only
+    text_field: str = "text"  # HF datasets only
+    cache_dir: str = "~/.cache/condensa/tokens"
+    vocab_limit: int | None = None  # keep only the N most frequent tokens (tiny CPU models; see data.compact_vocabulary)
+    # Used instead of `source` / `tokenizer` when those are local paths that do not exist (so one
+    # config serves a checkout with ../shared/data beside it and a machine with the HF cache).
+    fallback_source: str | None = None
+    fallback_tokenizer: str | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimizerConfig:
+    lr: float = 3e-4
+    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
+    warmup_steps: int = 100
+    weight_decay: float = 0.1
+    b1: float = 0.9
+    b2: float = 0.95
+    grad_clip: float = 1.0  # global-norm clipping; 0 turns it off
+    grad_accum: int = 1  # micro-batches per optimizer step
+
+
+@dataclasses.dataclass(frozen=True)
+class TopkLoss:
+    weight: float = 0.0  # λ; 0 turns the loss off
+    k: int = 8
+    layers: tuple[int, ...] = ()  # empty: all layers
+    warmup_steps: int = 0  # λ ramps linearly from 0 over these steps
+
+
+@dataclasses.dataclass(frozen=True)
+class TileLoss:
+    weight: float = 0.0
+    f: float = 0.125  # tile budget: m_b = max(1, ceil(f (b + 1))) optional tiles per query tile
+    layers: tuple[int, ...] = ()
+    warmup_steps: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class GateLoss:
+    weight: float = 0.0
+    tau: float = 1.0  # temperature of the softmax over gate scores
+    layers: tuple[int, ...] = ()
+    warmup_steps: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class LossConfig:
+    topk: TopkLoss = TopkLoss()
+    tile: TileLoss = TileLoss()
+    gate: GateLoss = GateLoss()
+    tile_size: int = 64  # b_q = b_k for the tile and gate losses and metrics
+    sink_tiles: int = 1
+
+    @property
+    def active(self) -> bool:
+        return any(x.weight > 0 for x in (self.topk, self.tile, self.gate))
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainLoopConfig:
+    steps: int = 1000
+    batch_size: int = 8  # global batch (all devices), per optimizer micro-step
+    seed: int = 0
+    dtype: Literal["float32", "bfloat16"] = "float32"  # compute dtype; parameters stay float32
+    remat: bool = True
+    eval_every: int = 200
+    eval_batches: int = 8  # 0 turns evaluation off
+    log_every: int = 10
+    export: bool = True  # write an HF directory (out/hf) at the end
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckpointConfig:
+    every: int = 500
+    keep: int = 3
+    async_save: bool = True
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshConfig:
+    data: int = 0  # devices on the data axis; 0 = all devices
+    fsdp: bool = False  # shard parameters and optimizer state over the data axis instead of replicating
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    out: str = "runs/default"
+    model: str = "gpt2"  # HF hub id or local directory, for init=pretrained
+    init: Literal["pretrained", "scratch"] = "pretrained"
+    model_config: str = "tiny"  # preset for init=scratch (tiny, gpt2-small, ...)
+    model_overrides: dict = dataclasses.field(default_factory=dict)  # GPT2Config fields, e.g. n_positions
+    dropout: float | None = None  # overrides all GPT-2 dropout rates when set
+    data: DataConfig = DataConfig()
+    optimizer: OptimizerConfig = OptimizerConfig()
+    loss: LossConfig = LossConfig()
+    train: TrainLoopConfig = TrainLoopConfig()
+    checkpoint: CheckpointConfig = CheckpointConfig()
+    mesh: MeshConfig = MeshConfig()
+
+    def __post_init__(self) -> None:
+        positive = {
+            "data.seq_len": self.data.seq_len, "train.steps": self.train.steps,
+            "train.batch_size": self.train.batch_size, "optimizer.grad_accum": self.optimizer.grad_accum,
+            "checkpoint.every": self.checkpoint.every, "checkpoint.keep": self.checkpoint.keep,
+            "train.eval_every": self.train.eval_every, "train.log_every": self.train.log_every,
+            "loss.tile_size": self.loss.tile_size,
+        }
+        for name, value in positive.items():
+            if value <= 0:
+                raise ConfigError(f"{name} must be a positive integer; got {value}.")
+        if self.loss.topk.k < 1:
+            raise ConfigError(f"loss.topk.k must be at least 1; got {self.loss.topk.k}.")
+        if not 0 < self.loss.tile.f <= 1:
+            raise ConfigError(f"loss.tile.f is a fraction of tiles in (0, 1]; got {self.loss.tile.f}.")
+
+
+# Sections whose change makes an existing run's checkpoints meaningless to resume.
+RESUME_SENSITIVE = (
+    "model", "init", "model_config", "model_overrides", "data.source", "data.tokenizer", "data.seq_len",
+    "data.validation_fraction", "data.vocab_limit", "data.split", "data.text_field", "train.batch_size",
+    "train.seed", "optimizer.grad_accum",
+)

@@ -1,0 +1,159 @@
+"""The training loop: data -> model -> jitted steps, with evaluation, checkpoints, resume and export."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+import time
+import warnings
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from condensa.checkpoint import Checkpointer
+from condensa.cli import progress, write_json
+from condensa.data import (
+    BatchIterator, compact_vocabulary, is_local_source, load_token_stream, load_tokenizer, pack_blocks, split_blocks,
+)
+from condensa.errors import TrainingError
+from condensa.model import save_pretrained
+from condensa.train import parallel
+from condensa.train.config import TrainConfig
+from condensa.train.metrics_log import MetricsLog
+from condensa.train.output_folder import check_compatible, write_config
+from condensa.train.setup import build_model, build_optimizer, learning_rate
+from condensa.train.step import make_eval_step, make_train_step
+
+
+@dataclasses.dataclass
+class Data:
+    tokenizer: object
+    train: np.ndarray  # [N, seq_len + 1]
+    validation: np.ndarray
+    vocab_size: int
+    kept_ids: np.ndarray | None = None  # with data.vocab_limit: the tokenizer id of each model id
+
+
+def _with_fallback(value: str, fallback: str | None, what: str) -> str:
+    if fallback is None or not is_local_source(value) or Path(value).expanduser().exists():
+        return value
+    warnings.warn(f"{what} {value} does not exist; using data.fallback_{what} {fallback!r} instead.", stacklevel=3)
+    return fallback
+
+
+@functools.lru_cache(maxsize=4)
+def _tokenizer(name: str):
+    """Loading a tokenizer takes seconds; runs started from one process (sweeps, tests) share it."""
+    return load_tokenizer(name)
+
+
+def load_data(cfg: TrainConfig) -> Data:
+    tokenizer = _tokenizer(_with_fallback(cfg.data.tokenizer, cfg.data.fallback_tokenizer, "tokenizer"))
+    stream = load_token_stream(
+        _with_fallback(cfg.data.source, cfg.data.fallback_source, "source"), tokenizer, cache_dir=cfg.data.cache_dir, split=cfg.data.split, text_field=cfg.data.text_field
+    )
+    kept, vocab_size = None, len(tokenizer)
+    if cfg.data.vocab_limit is not None:
+        stream, kept = compact_vocabulary(stream, cfg.data.vocab_limit, tokenizer.eos_token_id)
+        vocab_size = cfg.data.vocab_limit
+    train, validation = split_blocks(pack_blocks(stream, cfg.data.seq_len + 1), cfg.data.validation_fraction)
+    return Data(tokenizer, train, validation, vocab_size, kept)
+
+
+def _eval_batches(data: Data, cfg: TrainConfig) -> list[np.ndarray]:
+    """Fixed validation batches (the first ones, in order), so every evaluation sees the same text."""
+    size = min(cfg.train.batch_size, len(data.validation))
+    n = min(cfg.train.eval_batches, len(data.validation) // size)
+    return [data.validation[i * size : (i + 1) * size] for i in range(n)]
+
+
+def _host(metrics) -> dict[str, float]:
+    return {k: float(v) for k, v in jax.device_get(metrics).items()}
+
+
+def train(cfg: TrainConfig) -> dict[str, float]:
+    """Runs (or resumes) the training run described by `cfg`; returns the last evaluation."""
+    out = Path(cfg.out)
+    check_compatible(out, cfg)
+    data = load_data(cfg)
+    mesh = parallel.make_mesh(cfg.mesh.data)
+    parallel.check_batch(mesh, cfg.train.batch_size)
+    model, model_config = build_model(cfg, data.vocab_size)
+    optimizer = build_optimizer(model, cfg.optimizer, cfg.train.steps)
+    graphdef, state = nnx.split((model, optimizer))
+    shardings = parallel.state_shardings(state, mesh, cfg.mesh.fsdp)
+    state = jax.device_put(state, shardings)
+    train_step = make_train_step(graphdef, cfg.loss, state_shardings=shardings)
+    eval_step = make_eval_step(graphdef, cfg.loss, cfg.loss.topk.k, cfg.data.seq_len)
+    batch_sharding = parallel.batch_sharding(mesh)
+    eval_sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+
+    accum = cfg.optimizer.grad_accum
+    loader = BatchIterator(data.train, cfg.train.batch_size * accum, seed=cfg.train.seed)
+    checkpoints = Checkpointer(out / "checkpoints", keep=cfg.checkpoint.keep, async_save=cfg.checkpoint.async_save)
+    log = MetricsLog(out)
+    start = 0
+    restored = checkpoints.restore_latest(state)
+    if restored is not None:
+        start, state, record = restored
+        loader.restore(record["data"])
+        log.truncate_after(start)
+    write_config(out, cfg)
+
+    def evaluate(step: int) -> dict[str, float]:
+        sums: dict[str, float] = {}
+        batches = _eval_batches(data, cfg)
+        for batch in batches:
+            for k, v in _host(eval_step(state, jax.device_put(batch, eval_sharding))).items():
+                sums[k] = sums.get(k, 0.0) + v / len(batches)
+        sums["val_ppl"] = math.exp(min(sums["val_loss"], 50.0))
+        log.write({"kind": "eval", "step": step, **sums})
+        return sums
+
+    lr = learning_rate(cfg.optimizer, cfg.train.steps)
+    tokens_per_step = cfg.train.batch_size * accum * cfg.data.seq_len
+    last = {}
+    bar = progress(total=cfg.train.steps, initial=start, desc="train", unit="step")
+    tick, ticked = time.perf_counter(), start
+    try:
+        for step in range(start, cfg.train.steps):
+            batch = next(loader).reshape(accum, cfg.train.batch_size, cfg.data.seq_len + 1)
+            state, metrics = train_step(state, parallel.put_batch(batch, batch_sharding), jnp.int32(step))
+            metrics = _host(metrics)
+            done = step + 1
+            if not math.isfinite(metrics["loss"]):
+                raise TrainingError(
+                    f"the loss became {metrics['loss']} at step {done}; training stopped and nothing from that step "
+                    f"was saved (last checkpoint: step {max(checkpoints.steps(), default=0)}). Lower optimizer.lr "
+                    "or the loss weights, or turn on optimizer.grad_clip."
+                )
+            if done % cfg.train.log_every == 0 or done == cfg.train.steps:
+                now = time.perf_counter()
+                rate = tokens_per_step * (done - ticked) / max(now - tick, 1e-9)
+                tick, ticked = now, done
+                log.write({"kind": "train", "step": done, "lr": float(lr(step)), "tokens_per_s": rate, **metrics})
+                bar.set_postfix(loss=f"{metrics['lm_loss']:.3f}", ppl=f"{math.exp(min(metrics['lm_loss'], 50)):.1f}",
+                                L_conc=f"{metrics['L_conc']:.3f}", tok_s=f"{rate:,.0f}")
+            if cfg.train.eval_batches > 0 and (done % cfg.train.eval_every == 0 or done == cfg.train.steps):
+                last = evaluate(done)
+            if done % cfg.checkpoint.every == 0 or done == cfg.train.steps:
+                checkpoints.save(done, state, {"data": loader.state()})
+            bar.update(1)
+    finally:
+        bar.close()
+        checkpoints.close()  # waits for the async saves: a run never exits with a half-written checkpoint
+        log.close()
+
+    if cfg.train.export:
+        model, _ = nnx.merge(graphdef, jax.device_get(state))
+        if data.kept_ids is None:
+            save_pretrained(model, model_config, out / "hf", tokenizer=data.tokenizer)
+        else:  # model ids are not tokenizer ids: ship the map instead of a tokenizer that would mislead
+            save_pretrained(model, model_config, out / "hf")
+            write_json(out / "hf" / "vocab_map.json", {"tokenizer_id_of_model_id": data.kept_ids.tolist(),
+                                                        "other_tokens_id": int(data.vocab_size - 1)})
+    return last

@@ -1,0 +1,50 @@
+"""The training objective: next-token cross-entropy plus the weighted concentration losses."""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from condensa.sparsity import loss as conc
+from condensa.train.config import LossConfig
+
+
+def ramp(weight: float, warmup_steps: int, step) -> jax.Array:
+    """λ at `step`: linear from 0 to `weight` over `warmup_steps` (constant when 0)."""
+    if warmup_steps <= 0:
+        return jnp.float32(weight)
+    return jnp.float32(weight) * jnp.minimum(1.0, (jnp.asarray(step, jnp.float32) + 1.0) / warmup_steps)
+
+
+def concentration_terms(probs, cfg: LossConfig) -> dict[str, jax.Array]:
+    """The active losses' values (unweighted), each averaged over its layers."""
+    terms = {}
+    if cfg.topk.weight > 0:
+        terms["topk"] = conc.mean_over_layers(functools.partial(conc.topk_loss, k=cfg.topk.k), probs, cfg.topk.layers)
+    if cfg.tile.weight > 0:
+        fn = functools.partial(conc.tile_loss, block=cfg.tile_size, f=cfg.tile.f, sink_tiles=cfg.sink_tiles)
+        terms["tile"] = conc.mean_over_layers(fn, probs, cfg.tile.layers)
+    if cfg.gate.weight > 0:
+        fn = functools.partial(conc.gate_loss, block=cfg.tile_size, tau=cfg.gate.tau, sink_tiles=cfg.sink_tiles)
+        terms["gate"] = conc.mean_over_layers(fn, probs, cfg.gate.layers)
+    return terms
+
+
+def objective(model, batch: jax.Array, cfg: LossConfig, step) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """(total loss, metrics) for a batch of blocks [B, T + 1]; all in float32."""
+    inputs, targets = batch[:, :-1], batch[:, 1:]
+    out = model(inputs, return_attention=cfg.active)
+    lm = optax.softmax_cross_entropy_with_integer_labels(out.logits, targets).mean()
+    total, metrics = lm, {"lm_loss": lm}
+    conc_total = jnp.float32(0.0)
+    for name, value in concentration_terms(out.attentions, cfg).items():
+        term = getattr(cfg, name)
+        conc_total = conc_total + ramp(term.weight, term.warmup_steps, step) * value
+        metrics[f"L_{name}"] = value
+    total = total + conc_total
+    metrics["L_conc"] = conc_total
+    metrics["loss"] = total
+    return total, metrics
