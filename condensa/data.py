@@ -78,7 +78,7 @@ def tokenize_documents(documents: Iterable[str], tokenizer) -> np.ndarray:
     eos = tokenizer.eos_token_id
     parts = []
     for doc in documents:
-        ids = tokenizer(doc, add_special_tokens=False)["input_ids"]
+        ids = tokenizer(doc, add_special_tokens=False, verbose=False)["input_ids"]
         parts.append(np.asarray(ids, np.int32))
         parts.append(np.asarray([eos], np.int32))
     stream = np.concatenate(parts) if parts else np.zeros((0,), np.int32)
