@@ -179,7 +179,7 @@ def test_matches_the_attention_reference_op():
     from condensa.attention.dense import attention_scores
     from condensa.attention.tile_gate import prefill_kept_tiles
     from condensa.attention.toptheta import toptheta_pre_probs, v_mean_compensation
-    from condensa.sparsity.tiles import expand_tiles
+    from condensa.attention.tiles import expand_tiles
 
     t, d, bq, bk, f = 80, 64, 32, 16, 0.25
     q, k, v = random_qkv(5, t, d)

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from condensa.sparsity import metrics
-from condensa.sparsity.tiles import (
+from condensa.attention.tiles import (
     mandatory_tiles, pooled_gate_scores, tile_budget, tile_masses, top_m_tiles, visible_tiles,
 )
 

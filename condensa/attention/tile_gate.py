@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from condensa.sparsity.tiles import (
+from condensa.attention.tiles import (
     expand_tiles, mandatory_tiles, optional_tiles, pooled_gate_scores, tile_budgets, tile_count, tile_means,
 )
 

@@ -29,7 +29,7 @@ from condensa.attention.dense import attention_scores
 from condensa.attention.rows import masked_max
 from condensa.errors import ConfigError, DataError
 from condensa.sparsity.thresholds import Thresholds, fill_uncalibrated, model_fingerprint
-from condensa.sparsity.tiles import (
+from condensa.attention.tiles import (
     expand_tiles, optional_tiles, pooled_gate_scores, tile_budgets, tile_count, tile_means, top_m_tiles,
 )
 

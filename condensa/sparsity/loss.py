@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from condensa.errors import ConfigError
-from condensa.sparsity.tiles import mandatory_tiles, optional_tiles, tile_budgets, tile_masses
+from condensa.attention.tiles import mandatory_tiles, optional_tiles, tile_budgets, tile_masses
 
 # log(p) of a softmax output that underflowed to 0: far below any real logit gap (exp(-69) ~ 1e-30).
 _LOG_FLOOR = 1e-30

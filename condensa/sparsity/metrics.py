@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from condensa.sparsity.tiles import tile_count, tile_masses, top_m_tiles, visible_tiles
+from condensa.attention.tiles import tile_count, tile_masses, top_m_tiles, visible_tiles
 
 
 def nanmean(values) -> float:
