@@ -64,3 +64,33 @@ def test_logits_match_and_probabilities_fall_back_to_the_reference(setup):
     with_probs = model(ids, attention=config.replace(backend="pallas"), thresholds=thresholds, return_attention=True)
     assert len(with_probs.attentions) == model.config.n_layer
     np.testing.assert_allclose(np.asarray(with_probs.logits), np.asarray(ref.logits), rtol=1e-5, atol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def decode_setup(tmp_path_factory):
+    path = tmp_path_factory.mktemp("pallas_decode")
+    make_hf_model(seed=10, n_positions=96, n_embd=128, n_head=2).save_pretrained(path)
+    model, _ = condensa.load_pretrained(path)
+    blocks = np.random.default_rng(1).integers(0, 98, size=(8, 96))
+    thresholds = calibrate(model, blocks, k=6, gate=GateSpec(16, 16, 0.34, 1), batch_size=8, sigma_add=0.0)
+    return model, thresholds
+
+
+@pytest.mark.parametrize("gate", [False, True])
+def test_generation_with_the_decode_kernel_gives_the_reference_tokens(decode_setup, gate, monkeypatch):
+    """Greedy, 64 tokens: every decoding step runs the Pallas decode kernel (interpret mode) on the
+    KV cache and its running sums, against the reference op that recomputes them from K and V."""
+    import condensa.kernels.toptheta_decode as decode_module
+
+    traced = []
+    original = decode_module.toptheta_decode
+    monkeypatch.setattr(decode_module, "toptheta_decode", lambda *a, **kw: traced.append(kw) or original(*a, **kw))
+    model, thresholds = decode_setup
+    config = AttentionConfig(mode="toptheta", k=6, sdc="calibrated", vmc=True, tile_gate=gate,
+                             block_q=16, block_k=16, tile_budget=0.34)
+    prompt = np.random.default_rng(2).integers(0, 98, size=(2, 16))
+    reference = condensa.generate(model, prompt, 64, attention=config, thresholds=thresholds)
+    kernel = condensa.generate(model, prompt, 64, attention=config.replace(backend="pallas"), thresholds=thresholds)
+    np.testing.assert_array_equal(kernel, reference)
+    assert len(traced) == model.config.n_layer  # traced once per layer inside the compiled decode loop
+    assert all((kw["tile_theta_decode"] is not None) == gate and kw["theta"] is not None for kw in traced)

@@ -87,6 +87,7 @@ def attend(
     probs_dropout: Callable[[jax.Array], jax.Array] | None = None,
     need_probs: bool = True,
     causal: bool = False,
+    decode_state=None,
 ) -> tuple[jax.Array, jax.Array | None]:
     """One layer's attention.
 
@@ -96,7 +97,9 @@ def attend(
     `need_probs`: whether the caller uses the probabilities (losses, metrics); without them, fused
     paths (cuDNN / XLA flash attention for dense, the Pallas kernels) may run instead.
     `causal`: a static promise that `visible` is the plain causal mask (Tq == Tk, no padding, no
-    cache), which fused kernels need.
+    cache), which fused kernels need. `decode_state`: a `DecodeState` from the KV cache while
+    decoding (the running V mean and tile-mean keys), which decode kernels use instead of re-reading
+    the cache; the reference op recomputes the same quantities from K and V.
     Returns `(out [B, Tq, H, D], probs [B, H, Tq, Tk] float32, or None when not needed)`. `probs`
     are the probabilities the rule produced, before attention dropout.
     """
@@ -105,6 +108,7 @@ def attend(
         return _BACKEND_IMPLS[config.backend](
             q, k, v, visible=visible, scale=scale, layer_idx=layer_idx, config=config,
             thresholds=thresholds, probs_dropout=probs_dropout, need_probs=need_probs, causal=causal,
+            decode_state=decode_state,
         )
     if fused_ok and is_plain_dense(config, layer_idx):
         return fused_dense_attention(q, k, v, visible=visible, scale=scale, causal=causal), None
@@ -125,6 +129,13 @@ def fused_dense_attention(q, k, v, *, visible, scale, causal: bool) -> jax.Array
     """Dense attention through `jax.nn.dot_product_attention`: cuDNN flash attention on GPUs when
     the shapes allow it, XLA elsewhere. It never materialises float32 [B, H, T, T] probabilities,
     which is what makes training without the concentration loss fast."""
+    if causal and jax.default_backend() == "gpu":
+        # implementation=None means XLA today, which materialises the scores; ask for cuDNN's
+        # flash attention and keep XLA for what cuDNN refuses (float32, odd head dims).
+        try:
+            return jax.nn.dot_product_attention(q, k, v, scale=scale, is_causal=True, implementation="cudnn")
+        except (ValueError, NotImplementedError, TypeError):
+            pass
     if causal:
         return jax.nn.dot_product_attention(q, k, v, scale=scale, is_causal=True)
     return jax.nn.dot_product_attention(q, k, v, scale=scale, mask=visible)

@@ -1,7 +1,8 @@
 """`AttentionConfig(backend="pallas")`: prefill attention through the Pallas Top-θ kernel.
 
-The kernel covers causal prefill with no padding, for dense attention and pre-softmax Top-θ (SDC
-none or calibrated, VMC, the tile gate). Everything else (decoding steps, padded batches,
+The prefill kernel covers causal prefill with no padding, and the decode kernel one new token per
+sequence against the KV cache, both for dense attention and pre-softmax Top-θ (SDC none or
+calibrated, VMC, the tile gate). Everything else (prompts written into a cache, padded prefill,
 top-k, post-softmax placement, exact / exp-threshold SDC, callers that need the probabilities,
 attention dropout) runs the reference op, which gives the same numbers by construction.
 """
@@ -13,59 +14,106 @@ import dataclasses
 import jax.numpy as jnp
 
 
-def kernel_applies(config, layer_idx: int, *, causal: bool, need_probs: bool, dropout) -> bool:
-    """Whether the prefill kernel implements this call exactly."""
-    if not causal or need_probs or dropout is not None:
-        return False
-    if config.is_dense_layer(layer_idx) or (config.mode == "dense" and not config.tile_gate):
-        return True
-    if config.mode == "dense":  # dense inside gated tiles: the kernel with θ = -inf and the gate
+def _element_rule_supported(config, layer_idx: int) -> bool:
+    """Dense, or pre-softmax Top-θ with SDC none / calibrated: the rules the kernels implement."""
+    if config.is_dense_layer(layer_idx) or config.mode == "dense":
         return True
     return config.mode == "toptheta" and config.placement == "pre" and config.sdc in ("none", "calibrated")
 
 
-def kernel_tables(config, layer, layer_idx: int, t: int):
-    """One layer's thresholds as the kernel takes them: θ [H, T] with -inf for rows n <= k_l
-    (which stay dense), Δ̄ [H, T] when SDC is calibrated, and the gate's Θ [H, nq]."""
-    rows = jnp.arange(t)
-    theta = sdc = tile_theta = None
-    if config.mode == "toptheta":
-        idx = jnp.minimum(rows, layer.theta.shape[-1] - 1)
-        theta = jnp.asarray(layer.theta, jnp.float32)[:, idx]
-        theta = jnp.where((rows + 1 <= config.k_for(layer_idx))[None], -jnp.inf, theta)
-        if config.sdc == "calibrated":
-            sdc = jnp.asarray(layer.sdc_delta, jnp.float32)[:, idx]
-    if config.tile_gate:
-        nq = -(-t // config.block_q)
-        tiles = jnp.minimum(jnp.arange(nq), layer.tile_theta.shape[-1] - 1)
-        tile_theta = jnp.asarray(layer.tile_theta, jnp.float32)[:, tiles]
-    return theta, sdc, tile_theta
+def kernel_applies(config, layer_idx: int, *, causal: bool, need_probs: bool, dropout) -> bool:
+    """Whether the prefill kernel implements this call exactly."""
+    if not causal or need_probs or dropout is not None:
+        return False
+    return _element_rule_supported(config, layer_idx)
+
+
+def decode_kernel_applies(config, layer_idx: int, q, decode_state, *, need_probs: bool, dropout) -> bool:
+    """Whether the decode kernel implements this call: one new query per sequence, with the
+    cache's running sums (and its tile means when the gate is on)."""
+    if decode_state is None or q.shape[1] != 1 or need_probs or dropout is not None:
+        return False
+    if _is_gated(config, layer_idx) and decode_state.k_tile_mean is None:
+        return False
+    return _element_rule_supported(config, layer_idx)
+
+
+def _is_gated(config, layer_idx: int) -> bool:
+    return config.tile_gate and not config.is_dense_layer(layer_idx)
+
+
+def _is_sparse(config, layer_idx: int) -> bool:
+    return not config.is_dense_layer(layer_idx) and (config.mode != "dense" or config.tile_gate)
+
+
+def element_tables(config, layer, layer_idx: int, n_rows: int):
+    """θ [H, n_rows] (row i is for row length i + 1, -inf where n <= k_l: those rows stay dense) and
+    Δ̄ [H, n_rows] when SDC is calibrated; None where the rule does not use them."""
+    if config.mode != "toptheta" or config.is_dense_layer(layer_idx):
+        return None, None
+    rows = jnp.arange(n_rows)
+    idx = jnp.minimum(rows, layer.theta.shape[-1] - 1)
+    theta = jnp.asarray(layer.theta, jnp.float32)[:, idx]
+    theta = jnp.where((rows + 1 <= config.k_for(layer_idx))[None], -jnp.inf, theta)
+    sdc = jnp.asarray(layer.sdc_delta, jnp.float32)[:, idx] if config.sdc == "calibrated" else None
+    return theta, sdc
+
+
+def gate_table(table, n_tiles: int):
+    """A gate threshold table [H, N] cut or extended (nearest calibrated tile) to [H, n_tiles]."""
+    idx = jnp.minimum(jnp.arange(n_tiles), table.shape[-1] - 1)
+    return jnp.asarray(table, jnp.float32)[:, idx]
 
 
 def attend_with_pallas(q, k, v, *, visible, scale, layer_idx, config, thresholds, probs_dropout,
-                       need_probs=True, causal=False):
-    """`attend` for backend="pallas": the kernel where it applies, the reference op elsewhere."""
+                       need_probs=True, causal=False, decode_state=None):
+    """`attend` for backend="pallas": a kernel where one applies, the reference op elsewhere."""
     from condensa.attention import _layer_thresholds, attend
 
-    if not kernel_applies(config, layer_idx, causal=causal, need_probs=need_probs, dropout=probs_dropout):
-        return attend(
-            q, k, v, visible=visible, scale=scale, layer_idx=layer_idx,
-            config=dataclasses.replace(config, backend="reference"), thresholds=thresholds,
-            probs_dropout=probs_dropout, need_probs=need_probs, causal=causal,
-        )
+    layer = _layer_thresholds(config, thresholds, layer_idx) if _is_sparse(config, layer_idx) else None
+    if decode_kernel_applies(config, layer_idx, q, decode_state, need_probs=need_probs, dropout=probs_dropout):
+        return _decode(q, k, v, scale=scale, layer_idx=layer_idx, config=config, layer=layer, state=decode_state), None
+    if kernel_applies(config, layer_idx, causal=causal, need_probs=need_probs, dropout=probs_dropout):
+        return _prefill(q, k, v, scale=scale, layer_idx=layer_idx, config=config, layer=layer), None
+    return attend(
+        q, k, v, visible=visible, scale=scale, layer_idx=layer_idx,
+        config=dataclasses.replace(config, backend="reference"), thresholds=thresholds,
+        probs_dropout=probs_dropout, need_probs=need_probs, causal=causal,
+    )
+
+
+def _vmc(config, layer_idx: int) -> bool:
+    return bool(config.vmc and config.mode != "dense" and not config.is_dense_layer(layer_idx))
+
+
+def _prefill(q, k, v, *, scale, layer_idx, config, layer):
     from condensa.kernels import toptheta_prefill
 
-    dense_layer = config.is_dense_layer(layer_idx)
-    sparse = not dense_layer and (config.mode != "dense" or config.tile_gate)
-    theta = sdc = tile_theta = None
-    if sparse:
-        layer = _layer_thresholds(config, thresholds, layer_idx)
-        theta, sdc, tile_theta = kernel_tables(config, layer, layer_idx, q.shape[1])
+    t = q.shape[1]
+    theta, sdc = element_tables(config, layer, layer_idx, t) if layer is not None else (None, None)
+    gated = _is_gated(config, layer_idx)
+    tile_theta = gate_table(layer.tile_theta, -(-t // config.block_q)) if gated else None
     out, _ = toptheta_prefill(
-        q, k, v, scale=scale, theta=theta, sdc_delta=sdc, sdc_gamma=config.gamma,
-        vmc=bool(sparse and config.vmc and config.mode != "dense"), tile_theta=tile_theta,
-        sink_tiles=config.sink_tiles, tile_budget=config.tile_budget if tile_theta is not None else None,
+        q, k, v, scale=scale, theta=theta, sdc_delta=sdc, sdc_gamma=config.gamma, vmc=_vmc(config, layer_idx),
+        tile_theta=tile_theta, sink_tiles=config.sink_tiles, tile_budget=config.tile_budget if gated else None,
         # the gate is calibrated on its own tiles; without it the kernel's tuned 128 x 128 tiles win
-        **(dict(block_q=config.block_q, block_k=config.block_k) if tile_theta is not None else {}),
+        **(dict(block_q=config.block_q, block_k=config.block_k) if gated else {}),
     )
-    return out, None
+    return out
+
+
+def _decode(q, k, v, *, scale, layer_idx, config, layer, state):
+    from condensa.kernels.toptheta_decode import toptheta_decode
+
+    s = k.shape[1]
+    theta, sdc = element_tables(config, layer, layer_idx, s) if layer is not None else (None, None)
+    gated = _is_gated(config, layer_idx)
+    tile_theta = gate_table(layer.tile_theta_decode, -(-s // config.block_k)) if gated else None
+    out, _ = toptheta_decode(
+        q, k, v, state.lengths, starts=state.starts, scale=scale, theta=theta, sdc_delta=sdc,
+        sdc_gamma=config.gamma, vmc=_vmc(config, layer_idx), v_mean=state.v_mean[:, None].astype(jnp.float32),
+        k_tile_mean=state.k_tile_mean if gated else None, tile_theta_decode=tile_theta,
+        sink_tiles=config.sink_tiles, tile_budget=config.tile_budget if gated else None,
+        **(dict(block_k=config.block_k) if gated else {}),
+    )
+    return out

@@ -54,7 +54,8 @@ def _generate(graphdef, state, ids, mask, rng, thresholds, *, max_new_tokens, sa
         return token, (done | (token == eos)) if eos is not None else done
 
     if use_cache:
-        out = call(ids, attention_mask=mask, cache=model.init_cache(b, total))
+        tile_size = attention.block_k if attention.tile_gate else None  # the decode gate scores tile-mean keys
+        out = call(ids, attention_mask=mask, cache=model.init_cache(b, total, tile_size=tile_size))
         first = _choose(out.logits[:, -1], jax.random.fold_in(rng, 0), sampling)
         first, done = finish(first, jnp.zeros((b,), bool))
 

@@ -8,6 +8,7 @@ runs through `condensa.attention.attend`, so dense, sparse and kernel modes shar
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import NamedTuple
 
@@ -17,9 +18,10 @@ import numpy as np
 from flax import nnx
 
 from condensa.attention import AttentionConfig, attend
+from condensa.attention.decode_state import DecodeState
 from condensa.errors import ModelInputError
 from condensa.model.config import GPT2Config
-from condensa.model.kv_cache import KVCache
+from condensa.model.kv_cache import KVCache, LayerKV
 
 _ACTIVATIONS = {
     "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
@@ -60,15 +62,17 @@ class Attention(nnx.Module):
         b, t, d = x.shape
         q, k, v = jnp.split(self.c_attn(x), 3, axis=-1)
         q, k, v = (y.reshape(b, t, self.n_head, d // self.n_head) for y in (q, k, v))
-        k_all, v_all = kv(k, v) if kv is not None else (k, v)
+        layer_kv, decode_state = kv(k, v) if kv is not None else (None, None)
+        k_all, v_all = (layer_kv.k, layer_kv.v) if layer_kv is not None else (k, v)
         dropout = self.attn_dropout if self.attn_dropout.rate > 0 and not self.attn_dropout.deterministic else None
         out, probs = attend(
             q, k_all, v_all,
             visible=visible, scale=self.scale, layer_idx=self.layer_idx,
             config=attention, thresholds=thresholds, probs_dropout=dropout, need_probs=need_probs, causal=causal,
+            decode_state=decode_state,
         )
         y = self.resid_dropout(self.c_proj(out.reshape(b, t, d)))
-        return y, probs, (k_all, v_all)
+        return y, probs, layer_kv
 
 
 class MLP(nnx.Module):
@@ -123,8 +127,9 @@ class GPT2(nnx.Module):
         self.h = nnx.List([Block(config, i, dtype=dtype, rngs=rngs) for i in range(config.n_layer)])
         self.ln_f = nnx.LayerNorm(config.n_embd, epsilon=config.layer_norm_epsilon, dtype=dtype, rngs=rngs)
 
-    def init_cache(self, batch: int, max_len: int | None = None) -> KVCache:
-        """An empty KV cache for `batch` sequences of up to `max_len` (default n_positions) tokens."""
+    def init_cache(self, batch: int, max_len: int | None = None, *, tile_size: int | None = None) -> KVCache:
+        """An empty KV cache for `batch` sequences of up to `max_len` (default n_positions) tokens.
+        `tile_size`: keep per-tile key sums for the decode tile gate (its `block_k`)."""
         max_len = max_len or self.config.n_positions
         if max_len > self.config.n_positions:
             raise ModelInputError(
@@ -133,7 +138,8 @@ class GPT2(nnx.Module):
             )
         c = self.config
         return KVCache.empty(
-            n_layer=c.n_layer, batch=batch, max_len=max_len, n_head=c.n_head, head_dim=c.head_dim, dtype=self.dtype
+            n_layer=c.n_layer, batch=batch, max_len=max_len, n_head=c.n_head, head_dim=c.head_dim, dtype=self.dtype,
+            tile_size=tile_size,
         )
 
     def __call__(
@@ -170,31 +176,40 @@ class GPT2(nnx.Module):
             slots = jnp.arange(cache.max_len)
             query_slots = cache.index + jnp.arange(t)
             visible = (slots[None, :] <= query_slots[:, None])[None, None] & key_valid[:, None, None, :]
+            lengths = jnp.full((b,), cache.index + t, jnp.int32)
+            starts = jnp.argmax(key_valid, axis=1).astype(jnp.int32)
+            v_count = jnp.maximum(key_valid.sum(axis=1), 1).astype(jnp.float32)[:, None, None]
+            tile_count = None if cache.k_tile_sum is None else jnp.maximum(cache.tile_counts(key_valid), 1.0)
+
+            def cache_write(i, k, v):
+                layer = cache.layer_update(i, k, v, mask)
+                k_tile_mean = None if tile_count is None else layer.k_tile_sum / tile_count[..., None, None]
+                return layer, DecodeState(lengths, starts, layer.v_sum / v_count, k_tile_mean)
 
         x = self.wte(input_ids) + self.wpe(positions)
         x = self.drop(x)
-        all_probs, new_k, new_v = [], [], []
+        all_probs, new_layers = [], []
         for i, block in enumerate(self.h):
-            kv = None if cache is None else (lambda k, v, i=i: cache.layer_update(i, k, v))
+            kv = None if cache is None else functools.partial(cache_write, i)
 
             def run_block(block, x, kv=kv):
                 return block(x, visible=visible, attention=attention, thresholds=thresholds, kv=kv,
                              need_probs=return_attention, causal=plain_causal)
 
             # Rematerialise per block so training memory stays O(one block's activations).
-            x, probs, (k_all, v_all) = (nnx.remat(run_block) if self.remat else run_block)(block, x)
+            x, probs, layer_kv = (nnx.remat(run_block) if self.remat else run_block)(block, x)
             if return_attention:
                 all_probs.append(probs)
             if cache is not None:
-                new_k.append(k_all)
-                new_v.append(v_all)
+                new_layers.append(layer_kv)
         x = self.ln_f(x)
         logits = self.wte.attend(x).astype(jnp.float32)
 
         new_cache = None
         if cache is not None:
-            new_cache = KVCache(
-                k=jnp.stack(new_k), v=jnp.stack(new_v), key_valid=key_valid,
+            stacked = LayerKV(*(None if x[0] is None else jnp.stack(x) for x in zip(*new_layers)))
+            new_cache = cache.replace(
+                k=stacked.k, v=stacked.v, v_sum=stacked.v_sum, k_tile_sum=stacked.k_tile_sum, key_valid=key_valid,
                 index=cache.index + t, next_position=cache.next_position + mask.sum(axis=1).astype(jnp.int32),
             )
         return ModelOutput(logits, tuple(all_probs) if return_attention else None, new_cache)
