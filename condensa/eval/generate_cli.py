@@ -1,0 +1,196 @@
+"""`python -m condensa.eval generate`: what a sparse rule saves and changes during real decoding.
+
+Greedy generation with the KV cache, once densely and once under the chosen attention rule. Per
+decoding step it records the kept fraction of V rows (the V rows that some kept element needs,
+`condensa.sparsity.metrics.v_rows_fraction`: the V traffic a decode kernel must load), and it
+compares the generated tokens with dense greedy decoding.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import functools
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from condensa.attention import AttentionConfig
+from condensa.cli import config_to_dict, load_config, progress, write_json
+from condensa.errors import ConfigError, ModelInputError
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "steps", "attention"))
+def _decode(graphdef, state, prompt, thresholds, *, steps, attention):
+    """Greedy decoding that also returns each step's V-row fraction per layer and head.
+
+    `condensa.model.generate` is the product path and returns only tokens; this loop is the same
+    prefill + `lax.scan` over the cache, with `return_attention=True` on every step.
+    """
+    from condensa.sparsity.metrics import v_rows_fraction
+
+    model = nnx.merge(graphdef, state)
+    b, p = prompt.shape
+    call = functools.partial(model, attention=attention, thresholds=thresholds)
+    out = call(prompt, cache=model.init_cache(b, p + steps))
+    first = jnp.argmax(out.logits[:, -1], axis=-1).astype(jnp.int32)
+    slots = jnp.arange(p + steps)
+
+    def step(carry, _):
+        token, cache = carry
+        out = call(token[:, None], cache=cache, return_attention=True)
+        visible = out.cache.key_valid[:, None, None, :] & (slots <= cache.index)[None, None, None, :]
+        v_rows = jnp.stack([v_rows_fraction(probs, visible) for probs in out.attentions])  # [L, H]
+        nxt = jnp.argmax(out.logits[:, -1], axis=-1).astype(jnp.int32)
+        return (nxt, out.cache), (token, v_rows)
+
+    _, (tokens, v_rows) = jax.lax.scan(step, (first, out.cache), None, length=steps)
+    return tokens.T, v_rows
+
+
+def decode_trace(model, prompt, steps: int, attention: AttentionConfig, thresholds) -> dict[str, np.ndarray]:
+    """Greedy decoding of `steps` tokens after `prompt` [B, P]: `tokens` [B, steps] and `v_rows`
+    [steps, L, H], the fraction of the visible V rows each step needs (row length P + step + 1)."""
+    prompt = jnp.asarray(prompt, jnp.int32)
+    if prompt.ndim == 1:
+        prompt = prompt[None]
+    if steps < 1:
+        raise ConfigError(f"the number of new tokens must be at least 1; got {steps}.")
+    if prompt.shape[1] + steps > model.config.n_positions:
+        raise ModelInputError(f"prompt ({prompt.shape[1]} tokens) + {steps} new tokens exceeds n_positions="
+                              f"{model.config.n_positions}; shorten the prompt or generate fewer tokens.")
+    model.eval()
+    graphdef, state = nnx.split(model)
+    tokens, v_rows = _decode(graphdef, state, prompt, thresholds, steps=int(steps), attention=attention)
+    return {"tokens": np.asarray(tokens), "v_rows": np.asarray(v_rows, np.float64)}
+
+
+# ---- the CLI -----------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class GenerateConfig:
+    model: str = ""  # HF directory or hub id
+    tokenizer: str | None = None  # default: the model directory's own tokenizer
+    data: list[str] = dataclasses.field(default_factory=list)  # text files/folders, or HF dataset name[:config]
+    split: str = "test"
+    prompt: str = ""  # a prompt text; default: prompts cut from --data
+    prompts: int = 4  # number of prompts cut from --data (consecutive, non-overlapping)
+    prompt_tokens: int = 64  # tokens per prompt cut from --data
+    max_new_tokens: int = 32
+    thresholds: str | None = None  # a thresholds file from `python -m condensa.calibrate`
+    attention: AttentionConfig = dataclasses.field(default_factory=AttentionConfig)  # set mode: topk | toptheta
+    out: str = "runs/eval-generate"
+
+
+def prompt_ids(cfg: GenerateConfig, encode) -> np.ndarray:
+    """[B, P] prompts: the given text, or `prompts` consecutive slices of the evaluation text."""
+    from condensa.eval.ppl_cli import read_eval_text
+    from condensa.errors import DataError
+
+    if cfg.prompt:
+        ids = encode(cfg.prompt)
+        if ids.size == 0:
+            raise DataError("--prompt is empty after tokenization; give a prompt text.")
+        return ids[None]
+    if cfg.prompts < 1 or cfg.prompt_tokens < 1:
+        raise ConfigError(f"prompts and prompt_tokens must be >= 1; got {cfg.prompts} and {cfg.prompt_tokens}.")
+    need = cfg.prompts * cfg.prompt_tokens
+    ids = encode(read_eval_text(cfg.data, cfg.split), need)
+    if ids.size < need:
+        raise ConfigError(f"the text has {ids.size} tokens, fewer than {cfg.prompts} prompts x {cfg.prompt_tokens}; "
+                          "give more text or fewer/shorter prompts.")
+    return ids[:need].reshape(cfg.prompts, cfg.prompt_tokens)
+
+
+def run(cfg: GenerateConfig) -> dict:
+    from condensa.eval.sweep_cli import ModelText
+    from condensa.model import load_pretrained
+
+    if not cfg.model:
+        raise ConfigError("no model given; pass --model DIR (a Hugging Face GPT-2 directory) or a hub id.")
+    if cfg.attention.mode == "dense" and not cfg.attention.tile_gate:
+        raise ConfigError("generate compares a sparse rule with dense decoding; set --attention.mode topk or toptheta "
+                          "(Top-θ also needs --thresholds FILE), or turn on --attention.tile_gate.")
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(out / "config.json", config_to_dict(cfg))
+    model, _ = load_pretrained(cfg.model)
+    text = ModelText.for_model(cfg.model, cfg.tokenizer)
+    prompts = prompt_ids(cfg, text.encode)
+    total = prompts.shape[1] + cfg.max_new_tokens
+    longest_k = max(cfg.attention.k_for(l) for l in range(model.config.n_layer))
+    if cfg.attention.mode != "dense" and longest_k >= total:
+        raise ConfigError(f"k={longest_k} is not smaller than the longest row ({total} tokens = prompt + new "
+                          "tokens): every row would stay dense. Use a smaller k or a longer prompt.")
+    thresholds = None
+    if cfg.attention.needs_thresholds:
+        if not cfg.thresholds:
+            raise ConfigError(f"attention mode {cfg.attention.mode!r} (or the tile gate) needs --thresholds FILE "
+                              "from python -m condensa.calibrate.")
+        from condensa.sparsity import Thresholds
+
+        thresholds = Thresholds.load(cfg.thresholds).validate(model.config, cfg.attention, source=cfg.thresholds)
+    bar = progress(total=2, desc="generate", unit="run")
+    dense = decode_trace(model, prompts, cfg.max_new_tokens, AttentionConfig(), None)
+    bar.update(1)
+    sparse = decode_trace(model, prompts, cfg.max_new_tokens, cfg.attention, thresholds)
+    bar.update(1)
+    bar.close()
+    result = generation_report(dense, sparse, prompts.shape[1])
+    result["samples"] = [{"prompt": text.decode(p), "dense": text.decode(d), "sparse": text.decode(s),
+                          "prompt_ids": p.tolist(), "dense_ids": d.tolist(), "sparse_ids": s.tolist()}
+                         for p, d, s in zip(prompts, dense["tokens"], sparse["tokens"])]
+    result["attention"] = dataclasses.asdict(cfg.attention)
+    write_json(out / "results.json", result)
+    from condensa.eval.plots import plot_decode_v_rows
+
+    plot_decode_v_rows(result, out / "v_rows.png")
+    print_generation(result, out)
+    return result
+
+
+def generation_report(dense: dict, sparse: dict, prompt_len: int) -> dict:
+    """Per-step V-row fractions and the token agreement of the sparse run with dense greedy decoding."""
+    v_rows = sparse["v_rows"]  # [steps, L, H]
+    same = dense["tokens"] == sparse["tokens"]  # [B, steps]
+    diverged = ~np.cumprod(same, axis=1).astype(bool)
+    first = np.where(diverged.any(axis=1), diverged.argmax(axis=1), same.shape[1])
+    return {
+        "steps": [{"step": i, "row_length": prompt_len + i + 1, "v_rows_fraction": float(np.nanmean(v_rows[i])),
+                   "per_layer": np.nanmean(v_rows[i], axis=-1).tolist()} for i in range(v_rows.shape[0])],
+        "v_rows_fraction": float(np.nanmean(v_rows)),
+        "token_agreement": float(same.mean()),
+        "first_divergence": first.tolist(),  # per prompt: the first step whose token differs (steps if none)
+        "prompt_tokens": int(prompt_len), "new_tokens": int(same.shape[1]), "prompts": int(same.shape[0]),
+    }
+
+
+def print_generation(result: dict, out: Path) -> None:
+    steps = result["steps"]
+    shown = steps if len(steps) <= 8 else [*steps[:4], *steps[-4:]]
+    print("step  row length  kept V rows")
+    for s in shown:
+        print(f"{s['step']:4d}  {s['row_length']:10d}  {s['v_rows_fraction']:11.3f}")
+    print(f"mean kept V rows {result['v_rows_fraction']:.3f}; token agreement with dense greedy "
+          f"{result['token_agreement']:.3f} (first divergence per prompt: {result['first_divergence']}) -> {out / 'results.json'}")
+
+
+def main(argv) -> None:
+    parser = argparse.ArgumentParser(
+        prog="python -m condensa.eval generate",
+        description="Greedy generation with the KV cache under a sparse attention rule: the kept fraction of V "
+        "rows per decoding step, and the agreement of the tokens with dense greedy decoding. Any key of the config "
+        "can be set as --key value or --section.key value, e.g. --attention.mode toptheta --attention.k 32.",
+        epilog="example: python -m condensa.eval generate --model runs/quickstart/hf --data ../shared/data/wikitext-2-raw/"
+        "wiki.test.raw --tokenizer ../shared/data/gpt2-tokenizer --attention.mode toptheta --attention.k 16 "
+        "--thresholds runs/thresholds-k16/thresholds.safetensors",
+    )
+    parser.add_argument("--config", help="YAML file with the keys of GenerateConfig")
+    parser.add_argument("overrides", nargs=argparse.REMAINDER, help="--key value pairs: " + ", ".join(
+        f.name for f in dataclasses.fields(GenerateConfig)))
+    args, rest = parser.parse_known_args(argv)
+    run(load_config(GenerateConfig, args.config, [*rest, *args.overrides]))

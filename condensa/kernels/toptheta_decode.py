@@ -1,0 +1,409 @@
+"""Tile-gated Top-θ decode attention over a KV cache: a Pallas kernel that reads only kept tiles.
+
+Decoding is memory-bound: dense attention reads the whole K and V cache for every new token. Here
+a cheap pre-pass (plain jax.numpy, fused by XLA) scores the per-tile mean keys k̄_t that the cache
+keeps, `s_t = scale * q · k̄_t`, against the decode gate threshold `Θ_dec[h, t_count - 1]`, keeps
+the first `sink_tiles` tiles and the tile holding the last key, and writes a compacted list of the
+tiles to visit (the `MaskInfo.data_next` pattern of JAX's splash attention). The kernel then loads
+K only for listed tiles, applies the element rule `a > θ` inside them, and loads only the V rows
+that hold a surviving element (masked loads; or, with `skip_v="blocks"`, whole V blocks behind a
+branch, only for tiles that hold one).
+
+Split-K (flash-decoding): the list of one (sequence, head) is cut into `num_splits` equal shares,
+one program each, so a long cache or a small batch still fills the GPU; the partial results
+(unnormalised output, survivor max m, denominator l, survivor count, the largest score and its
+slot) are combined in jax.numpy, where the calibrated SDC and VMC are applied too (they need only
+per-row scalars and v̄).
+
+The accumulator holds survivors only, so a split whose tiles hold none never reads V. A row where
+nothing survives anywhere keeps its single largest element (DESIGN.md): each program tracks the
+largest score and its slot from the K it read anyway, and the combine gathers that one V row.
+
+A few new queries per sequence (Tq > 1) are folded into the batch: query r of Tq sees
+`lengths - (Tq - 1 - r)` keys, and its program reads K/V of its own sequence (so K/V are read
+Tq times; decoding uses Tq = 1).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as pltriton  # masked loads (they also run in interpret mode)
+
+from condensa.errors import ConfigError
+from condensa.kernels.backend import resolve_backend
+
+_STAT_WIDTH = 8  # per program: survivor max m, denominator l, survivors, V blocks, best score, its slot, -, -
+
+
+class DecodeStats(NamedTuple):
+    """Block counts summed over (sequence, query, head); int32 scalars.
+
+    visible: key blocks holding at least one visible key (what dense decoding reads);
+    k_loaded: K blocks the kernel read (the gate's list); v_loaded: V blocks it read from (listed
+    blocks holding a surviving element); v_rows: V rows it read (with `skip_v="rows"` only the
+    surviving rows, else whole blocks). A row where nothing survives reads one more V row in the
+    combine, not counted.
+    """
+
+    visible: jax.Array
+    k_loaded: jax.Array
+    v_loaded: jax.Array
+    v_rows: jax.Array
+
+
+@dataclasses.dataclass(frozen=True)
+class DecodeOptions:
+    """Everything static about one kernel launch (hashable: it keys the compilation cache)."""
+
+    scale: float
+    block_k: int = 64
+    num_splits: int = 1
+    queries_per_seq: int = 1
+    has_theta: bool = True
+    backend: str = "interpret"
+    num_warps: int = 4
+    num_stages: int = 2
+    skip_v: str = "rows"
+    poison_output: bool = False
+
+
+# ---- the kernel -------------------------------------------------------------------------------
+
+
+def _decode_kernel(meta_ref, tiles_ref, theta_ref, q_ref, k_ref, v_ref, *refs, scale, block_k, num_splits,
+                   has_theta, skip_v):
+    """One (sequence-query, head, split): online softmax over the survivors in this split's tiles."""
+    acc_ref, stat_ref = refs[-2:]  # before them, optional NaN buffers aliased to the outputs: never read
+    count, length, start = meta_ref[0], meta_ref[1], meta_ref[2]
+    split = pl.program_id(2)
+    share = jax.lax.div(count + (num_splits - 1), num_splits)
+    lo = split * share
+    hi = jnp.minimum(lo + share, count)
+    q = q_ref[...].astype(jnp.float32)  # [D]
+    theta = theta_ref[0]
+    offsets = jax.lax.broadcasted_iota(jnp.int32, (block_k,), 0)
+
+    def visit(i, carry):
+        acc, m, l, kept, v_loads, best, best_slot = carry
+        tile = tiles_ref[i]
+        k = k_ref[pl.ds(tile * block_k, block_k), :].astype(jnp.float32)  # [bk, D]
+        cols = tile * block_k + offsets
+        visible = (cols >= start) & (cols < length)
+        a = jnp.where(visible, jnp.sum(k * q[None, :], axis=1) * scale, -jnp.inf)  # [bk]
+        a_max = jnp.max(a)
+        # The row's largest element and its slot (first on a tie), for a row where nothing survives.
+        slot = jnp.min(jnp.where(a == a_max, cols, jnp.int32(2**30)))
+        best_slot = jnp.where(a_max > best, slot, best_slot)
+        best = jnp.maximum(best, a_max)
+
+        if has_theta and skip_v == "rows":
+            # A masked load reads only the V rows that hold a survivor (none, for a tile without
+            # one), with no branch, so the compiler can still pipeline the loop.
+            keep = (a > theta) & visible
+            found = a_max > theta
+            m_new = jnp.where(found, jnp.maximum(m, a_max), m)
+            alpha = jnp.where(m_new > m, jnp.exp(m - m_new), 1.0)
+            p = jnp.where(keep, jnp.exp(a - m_new), 0.0)
+            rows = jnp.broadcast_to(keep[:, None], (block_k, q.shape[0]))
+            v = pltriton.load(v_ref.at[pl.ds(tile * block_k, block_k), :], mask=rows, other=0).astype(jnp.float32)
+            pv = jnp.sum(p[:, None] * v, axis=0)
+            return (alpha * acc + pv, m_new, alpha * l + jnp.sum(p), kept + jnp.sum(keep.astype(jnp.float32)),
+                    v_loads + found.astype(jnp.int32), best, best_slot)
+
+        def accumulate():
+            keep = (a > theta) & visible if has_theta else visible
+            m_new = jnp.maximum(m, a_max)  # a tile with a survivor holds a_max > θ, so m stays a survivor
+            alpha = jnp.exp(m - m_new)
+            p = jnp.where(keep, jnp.exp(a - m_new), 0.0)
+            v = v_ref[pl.ds(tile * block_k, block_k), :].astype(jnp.float32)
+            pv = jnp.sum(p[:, None] * v, axis=0)  # [D]
+            kept_new = kept + jnp.sum(keep.astype(jnp.float32))
+            return alpha * acc + pv, m_new, alpha * l + jnp.sum(p), kept_new, v_loads + 1, best, best_slot
+
+        if not has_theta:
+            return accumulate()
+        # skip_v == "blocks": V is read, whole, only for tiles that hold a survivor.
+        return jax.lax.cond(a_max > theta, accumulate, lambda: (acc, m, l, kept, v_loads, best, best_slot))
+
+    zero = jnp.float32(0.0)
+    neg = jnp.float32(-jnp.inf)
+    init = (jnp.zeros(q.shape, jnp.float32), neg, zero, zero, jnp.int32(0), neg, jnp.int32(0))
+    acc, m, l, kept, v_loads, best, best_slot = jax.lax.fori_loop(lo, hi, visit, init)
+    acc_ref[...] = acc
+    idx = jax.lax.broadcasted_iota(jnp.int32, (_STAT_WIDTH,), 0)
+    values = (m, l, kept, v_loads.astype(jnp.float32), best, best_slot.astype(jnp.float32))
+    out = jnp.zeros((_STAT_WIDTH,), jnp.float32)
+    for n, value in enumerate(values):
+        out = jnp.where(idx == n, value, out)
+    stat_ref[...] = out
+
+
+def _launch(meta, tiles, theta_row, q, k, v, opts: DecodeOptions):
+    """q [Bv, H, D] (Bv = B * Tq), k/v [B, S, H, D] -> partial acc [Bv, H, ns, D], stats [Bv, H, ns, 8]."""
+    bv, h, d = q.shape
+    s = k.shape[1]
+    ns, tq = opts.num_splits, opts.queries_per_seq
+    width = tiles.shape[-1]
+    per_head = lambda last: pl.BlockSpec((None, None, last), lambda b, hi, j: (b, hi, 0))  # noqa: E731
+    cache_spec = pl.BlockSpec((None, s, None, d), lambda b, hi, j: (b // tq, 0, hi, 0))
+    in_specs = [per_head(4), per_head(width), per_head(2), per_head(d), cache_spec, cache_spec]
+    out_specs = [pl.BlockSpec((None, None, None, d), lambda b, hi, j: (b, hi, j, 0)),
+                 pl.BlockSpec((None, None, None, _STAT_WIDTH), lambda b, hi, j: (b, hi, j, 0))]
+    out_shape = [jax.ShapeDtypeStruct((bv, h, ns, d), jnp.float32),
+                 jax.ShapeDtypeStruct((bv, h, ns, _STAT_WIDTH), jnp.float32)]
+    kernel = functools.partial(_decode_kernel, scale=opts.scale, block_k=opts.block_k, num_splits=ns,
+                               has_theta=opts.has_theta, skip_v=opts.skip_v)
+    inputs = [meta, tiles, theta_row, q, k, v]
+    aliases = {}
+    if opts.poison_output:  # partials a program fails to write stay NaN, so checks see them
+        for i, shape in enumerate(out_shape):
+            inputs.append(jnp.full(shape.shape, jnp.nan, shape.dtype))
+            in_specs.append(out_specs[i])
+            aliases[len(inputs) - 1] = i
+    kwargs = {}
+    if opts.backend == "triton":
+        kwargs["compiler_params"] = pltriton.CompilerParams(num_warps=opts.num_warps,
+                                                           num_stages=opts.num_stages)
+    return pl.pallas_call(
+        kernel, grid=(bv, h, ns), in_specs=in_specs, out_specs=out_specs, out_shape=out_shape,
+        input_output_aliases=aliases, interpret=opts.backend == "interpret", name="toptheta_decode", **kwargs,
+    )(*inputs)
+
+
+# ---- the gate pre-pass and the list of tiles to visit ------------------------------------------
+
+
+@functools.lru_cache(maxsize=64)
+def tile_budgets(n_tiles: int, tile_budget: float | None) -> jax.Array | None:
+    """m = max(1, ceil(f * t_count)) for t_count = 1..n_tiles (rounded to 9 decimals first, as
+    condensa.attention.tiles does, so that 0.1 * 30 counts as 3). Passed to the jitted wrapper as
+    data, so a new budget does not recompile; cached, so a decode step does not rebuild it."""
+    if tile_budget is None:
+        return None
+    return jnp.asarray([max(1, math.ceil(round(tile_budget * (i + 1), 9))) for i in range(n_tiles)], jnp.int32)
+
+
+def kept_tiles(q, k_tile_mean, lengths, starts, *, n_tiles, scale, block_k, tile_theta_decode, sink_tiles,
+               budgets, queries_per_seq):
+    """bool [Bv, H, nk]: the key tiles each (sequence-query, head) visits.
+
+    Geometry is in cache slots, as in the reference gate: the tile holding the last key (index
+    `t_count - 1`) and the first `sink_tiles` tiles are mandatory, every other tile before the last
+    is kept when `scale * q · k̄_t > Θ_dec[h, t_count - 1]`. With `tile_budget` f, a row with no
+    more optional tiles than `budgets[t_count - 1]` (see `tile_budgets`) keeps them all. Tiles holding no visible
+    key (all before `starts`, or past the cache length) are never visited.
+    """
+    nk = n_tiles
+    t = jnp.arange(nk)[None, None, :]
+    last = ((lengths - 1) // block_k)[:, None, None]  # [Bv, 1, 1]
+    first = (starts // block_k)[:, None, None]
+    in_cache = (t >= first) & (t <= last)
+    if tile_theta_decode is None:
+        return jnp.broadcast_to(in_cache, (q.shape[0], q.shape[1], nk))
+    k_bar = jnp.repeat(k_tile_mean.astype(jnp.float32), queries_per_seq, axis=0)  # [Bv, nk, H, D]
+    scores = jnp.einsum("bhd,bthd->bht", q.astype(jnp.float32), k_bar) * jnp.float32(scale)
+    row = jnp.minimum(last[:, :, 0], tile_theta_decode.shape[-1] - 1)  # [Bv, 1]
+    gate_theta = jnp.take(jnp.asarray(tile_theta_decode, jnp.float32), row[:, 0], axis=1).T  # [Bv, H]
+    chosen = scores > gate_theta[:, :, None]
+    mandatory = (t == last) | (t < jnp.minimum(sink_tiles, last))
+    optional = (t < last) & (t >= sink_tiles)
+    if budgets is not None:
+        budget = jnp.asarray(budgets)[last]
+        chosen = chosen | (jnp.sum(optional, axis=-1, keepdims=True) <= budget)
+    return in_cache & (mandatory | (optional & chosen))
+
+
+def compact(keep):
+    """int32 [..., W]: the indices of the True entries of `keep` [..., nk], ascending, then padding.
+
+    A cumulative sum gives each kept tile its slot; dropped tiles go to a spare column that is cut
+    off. W is a power of two (Triton block shapes must be) of at least nk.
+    """
+    *lead, nk = keep.shape
+    slot = jnp.cumsum(keep, axis=-1, dtype=jnp.int32) - 1
+    dest = jnp.where(keep, slot, nk)
+    idx = jnp.broadcast_to(jnp.arange(nk, dtype=jnp.int32), keep.shape)
+    table = jnp.put_along_axis(jnp.zeros((*lead, nk + 1), jnp.int32), dest, idx, axis=-1, inplace=False)
+    width = max(2, 1 << (nk - 1).bit_length())
+    return jnp.pad(table[..., :nk], [(0, 0)] * len(lead) + [(0, width - nk)])
+
+
+def _lookup(table, n):
+    """`table[h, n - 1]` for lengths n [Bv] -> float32 [Bv, H]; lengths past the table take its end."""
+    idx = jnp.clip(n - 1, 0, table.shape[-1] - 1)
+    return jnp.take(jnp.asarray(table, jnp.float32), idx, axis=1).T
+
+
+# ---- the wrapper --------------------------------------------------------------------------------
+
+
+def _combine(acc, stats, v, seq_of_row, n_visible, sdc, v_mean, vmc):
+    """Merges the split partials (flash-decoding) and applies the calibrated SDC and VMC.
+
+    A row with no survivor in any split keeps its single largest element: its V row is gathered
+    here, one row per (sequence, head), instead of being carried through the kernel.
+    """
+    m, l, kept = stats[..., 0], stats[..., 1], stats[..., 2]  # [Bv, H, ns]
+    best, best_slot = stats[..., 4], stats[..., 5]
+    m_all = jnp.max(m, axis=-1, keepdims=True)
+    found = m_all[..., 0] > -jnp.inf  # [Bv, H]: some element survived
+    w = jnp.where(m > -jnp.inf, jnp.exp(m - jnp.where(found[..., None], m_all, 0.0)), 0.0)
+    acc = jnp.sum(w[..., None] * acc, axis=2)  # [Bv, H, D]
+    l = jnp.sum(w * l, axis=-1)
+    kept = jnp.sum(kept, axis=-1)
+    slot = jnp.take_along_axis(best_slot, jnp.argmax(best, axis=-1)[..., None], axis=-1)[..., 0].astype(jnp.int32)
+    heads = jnp.arange(v.shape[2])[None, :]
+    fallback = v[seq_of_row[:, None], slot, heads].astype(jnp.float32)  # [Bv, H, D]
+    acc = jnp.where(found[..., None], acc, fallback)
+    l = jnp.where(found, l, 1.0)
+    kept = jnp.where(found, kept, 1.0)
+    denom = l
+    if sdc is not None:  # only rows that dropped something get Δ̄
+        denom = l + jnp.where(kept < n_visible[:, None], sdc, 0.0)
+    out = acc / denom[..., None]
+    if vmc:
+        out = out + (1.0 - l / denom)[..., None] * v_mean
+    return out
+
+
+@functools.partial(jax.jit, static_argnames=("opts", "vmc", "sink_tiles", "sdc_gamma"))
+def _decode(q, k, v, lengths, starts, theta, sdc_delta, v_mean, k_tile_mean, tile_theta_decode, budgets, *,
+            sdc_gamma, opts: DecodeOptions, vmc, sink_tiles):
+    b, tq, h, d = q.shape
+    lengths = lengths.astype(jnp.int32)
+    starts = jnp.zeros((b,), jnp.int32) if starts is None else starts.astype(jnp.int32)
+    s, bk = k.shape[1], opts.block_k
+    sp = -(-s // bk) * bk
+    if sp != s:  # a copy of the cache: choose the cache size as a multiple of block_k to avoid it
+        pad = [(0, 0), (0, sp - s), (0, 0), (0, 0)]
+        k, v = jnp.pad(k, pad), jnp.pad(v, pad)
+    # Fold the queries into the batch: query r of Tq sees lengths - (Tq - 1 - r) keys.
+    qv = q.reshape(b * tq, h, d)
+    lengths_v = (lengths[:, None] - (tq - 1) + jnp.arange(tq)[None, :]).reshape(-1).astype(jnp.int32)
+    starts_v = jnp.repeat(starts, tq).astype(jnp.int32)
+    n_visible = lengths_v - starts_v
+
+    keep = kept_tiles(qv, k_tile_mean, lengths_v, starts_v, n_tiles=sp // bk, scale=opts.scale, block_k=bk,
+                      tile_theta_decode=tile_theta_decode, sink_tiles=sink_tiles, budgets=budgets,
+                      queries_per_seq=tq)
+    count = jnp.sum(keep, axis=-1, dtype=jnp.int32)  # [Bv, H]
+    tiles = compact(keep)
+    meta = jnp.stack([count, jnp.broadcast_to(lengths_v[:, None], count.shape),
+                      jnp.broadcast_to(starts_v[:, None], count.shape), jnp.zeros_like(count)], axis=-1)
+    theta_row = (_lookup(theta, n_visible) if theta is not None
+                 else jnp.full((b * tq, h), -jnp.inf, jnp.float32))
+    theta_pair = jnp.stack([theta_row, jnp.zeros_like(theta_row)], axis=-1)  # [Bv, H, 2]
+    acc, stats = _launch(meta, tiles, theta_pair, qv, k, v, opts)
+
+    sdc = None if sdc_delta is None else sdc_gamma * _lookup(sdc_delta, n_visible)
+    v_mean_v = None if v_mean is None else v_mean.astype(jnp.float32).reshape(b * tq, h, d)
+    out = _combine(acc, stats, v, jnp.arange(b * tq) // tq, n_visible.astype(jnp.float32), sdc, v_mean_v, vmc)
+
+    t = jnp.arange(sp // bk)[None, :]
+    visible_tiles = jnp.sum((t >= (starts_v // bk)[:, None]) & (t <= ((lengths_v - 1) // bk)[:, None]))
+    v_loaded = jnp.sum(stats[..., 3]).astype(jnp.int32)
+    rows_mode = opts.has_theta and opts.skip_v == "rows"
+    v_rows = jnp.sum(stats[..., 2]).astype(jnp.int32) if rows_mode else v_loaded * bk
+    dstats = DecodeStats(visible=(visible_tiles * h).astype(jnp.int32), k_loaded=jnp.sum(count),
+                         v_loaded=v_loaded, v_rows=v_rows)
+    return out.reshape(b, tq, h, d).astype(v.dtype), dstats
+
+
+def default_num_splits(programs: int, max_tiles: int, target_programs: int = 512) -> int:
+    """Enough splits that about `target_programs` programs run (a few per SM of a large GPU),
+    but never more splits than tiles a row may visit."""
+    return int(max(1, min(max_tiles, 64, -(-target_programs // max(programs, 1)))))
+
+
+def toptheta_decode(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    lengths: jax.Array,
+    *,
+    starts: jax.Array | None = None,
+    scale: float | None = None,
+    theta: jax.Array | None = None,
+    sdc_delta: jax.Array | None = None,
+    sdc_gamma: float = 1.0,
+    vmc: bool = False,
+    v_mean: jax.Array | None = None,
+    k_tile_mean: jax.Array | None = None,
+    tile_theta_decode: jax.Array | None = None,
+    sink_tiles: int = 1,
+    tile_budget: float | None = None,
+    block_k: int = 64,
+    num_splits: int | None = None,
+    backend: str | None = None,
+    num_warps: int = 4,
+    num_stages: int = 2,
+    skip_v: str = "rows",
+    poison_output: bool = False,
+) -> tuple[jax.Array, DecodeStats]:
+    """Top-θ attention of Tq new queries per sequence against a KV cache: `(out [B, Tq, H, D], stats)`.
+
+    q [B, Tq, H, D]; k, v [B, S, H, D] (D = 64 or 128; float32/bfloat16/float16); `lengths` [B]:
+    keys in the cache including the new ones (query r of Tq sees slots < lengths - (Tq - 1 - r));
+    `starts` [B] (optional): the first valid slot (left padding), default 0. Row length
+    n = visible keys. `theta[h, n - 1]`: threshold compared as `scale * q·k > θ` in float32 (None:
+    dense; give rows with n <= k the value -inf). `sdc_delta[h, n - 1]`: calibrated SDC, added as
+    `sdc_gamma * Δ̄` to the denominator of rows that dropped something. `vmc` adds V-mean
+    compensation with `v_mean` [B, Tq, H, D], the mean of each query's visible V rows (kept
+    incrementally in the cache state). The gate: `k_tile_mean` [B, ceil(S / block_k), H, D] (the
+    mean of each tile's valid keys, from the cache state) with `tile_theta_decode[h, t_count - 1]`;
+    None means no gate. `tile_budget` f (optional) keeps all optional tiles of a row that has no
+    more than max(1, ceil(f t_count)) of them, as the reference gate does.
+    `num_splits`: split-K shares per (sequence, head); None picks enough to fill a large GPU.
+    `skip_v`: "rows" reads only the V rows that hold a survivor (masked loads, no branch);
+    "blocks" reads whole V blocks, behind a branch, for the tiles that hold one.
+    `backend`: None/'auto' (by platform), 'triton' or 'interpret'. `poison_output` fills the
+    kernel's partial outputs with NaN before it runs (for correctness checks).
+    """
+    if q.ndim != 4 or k.ndim != 4 or k.shape != v.shape or q.shape[0] != k.shape[0] or q.shape[2:] != k.shape[2:]:
+        raise ConfigError(f"q must be [B, Tq, H, D] and k, v [B, S, H, D] with the same B, H, D; got q {q.shape}, "
+                          f"k {k.shape}, v {v.shape}.")
+    b, tq, h, d = q.shape
+    s = k.shape[1]
+    if d not in (64, 128):
+        raise ConfigError(f"head_dim {d} is not supported by the decode kernel; it takes 64 or 128.")
+    if block_k < 16 or block_k & (block_k - 1):
+        raise ConfigError(f"block_k={block_k} must be a power of two >= 16.")
+    if tuple(jnp.shape(lengths)) != (b,):
+        raise ConfigError(f"lengths must be [B] = ({b},) cache lengths; got shape {tuple(jnp.shape(lengths))}.")
+    if starts is not None and tuple(jnp.shape(starts)) != (b,):
+        raise ConfigError(f"starts must be [B] = ({b},) first valid slots; got shape {tuple(jnp.shape(starts))}.")
+    nk = -(-s // block_k)
+    if tile_theta_decode is not None and k_tile_mean is None:
+        raise ConfigError("the decode gate needs k_tile_mean [B, S/block_k, H, D] from the KV cache state; "
+                          "pass it, or pass tile_theta_decode=None to turn the gate off.")
+    if k_tile_mean is not None and tuple(k_tile_mean.shape) != (b, nk, h, d):
+        raise ConfigError(f"k_tile_mean has shape {tuple(k_tile_mean.shape)} but needs {(b, nk, h, d)} "
+                          f"(one mean key per tile of block_k={block_k} cache slots).")
+    if vmc and (v_mean is None or tuple(v_mean.shape) != (b, tq, h, d)):
+        raise ConfigError(f"vmc=True needs v_mean [B, Tq, H, D] = {(b, tq, h, d)} (the mean of the visible V rows); "
+                          f"got {None if v_mean is None else tuple(v_mean.shape)}.")
+    for name, table in (("theta", theta), ("sdc_delta", sdc_delta), ("tile_theta_decode", tile_theta_decode)):
+        if table is not None and (table.ndim != 2 or table.shape[0] != h):
+            raise ConfigError(f"{name} must be [heads={h}, N] (indexed by row length - 1); got {tuple(table.shape)}.")
+    if sdc_delta is not None and theta is None:
+        raise ConfigError("sdc_delta compensates dropped elements, so it needs theta; pass theta or drop sdc_delta.")
+    if skip_v not in ("rows", "blocks"):
+        raise ConfigError(f"skip_v={skip_v!r} is not supported; choose 'rows' or 'blocks'.")
+    splits = num_splits or default_num_splits(b * tq * h, nk)
+    if splits < 1:
+        raise ConfigError(f"num_splits must be >= 1; got {num_splits}.")
+    opts = DecodeOptions(
+        scale=float(1.0 / math.sqrt(d) if scale is None else scale), block_k=block_k, num_splits=int(splits),
+        queries_per_seq=tq, has_theta=theta is not None, backend=resolve_backend(backend),
+        num_warps=num_warps, num_stages=num_stages, skip_v=skip_v, poison_output=bool(poison_output))
+    budgets = tile_budgets(nk, None if tile_theta_decode is None or tile_budget is None else float(tile_budget))
+    return _decode(q, k, v, jnp.asarray(lengths), None if starts is None else jnp.asarray(starts), theta, sdc_delta,
+                   v_mean if vmc else None, k_tile_mean, tile_theta_decode, budgets, sdc_gamma=float(sdc_gamma),
+                   opts=opts, vmc=bool(vmc), sink_tiles=int(sink_tiles))
