@@ -3,6 +3,7 @@ progress bar that is quiet off a terminal, JSON/JSONL output, and one-line error
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import functools
 import json
@@ -70,6 +71,18 @@ def _json_default(value: Any) -> Any:
 
 
 # ---- dataclass configs ---------------------------------------------------------------------------
+
+
+def parse_config_args(argv: Sequence[str] | None, cls: type[T], *, prog: str, description: str,
+                      epilog: str | None = None) -> T:
+    """The command line of a config-driven tool: `--config FILE.yaml` plus `--key value` /
+    `--section.key value` overrides for any field of the dataclass `cls`; `--help` lists the keys."""
+    parser = argparse.ArgumentParser(prog=prog, description=description, epilog=epilog)
+    parser.add_argument("--config", help=f"YAML file with the keys of {cls.__name__}")
+    parser.add_argument("overrides", nargs=argparse.REMAINDER, help="--key value pairs: " + ", ".join(
+        f.name for f in dataclasses.fields(cls)))
+    args, rest = parser.parse_known_args(argv)
+    return load_config(cls, args.config, [*rest, *args.overrides])
 
 
 def config_to_dict(config: Any) -> dict[str, Any]:

@@ -84,7 +84,6 @@ def test_jit_and_bf16_compute_stay_close_to_fp32(tiny_hf_dir):
 
 
 def test_dropout_is_active_in_train_mode_only(tiny_hf_dir):
-    from flax import nnx
 
     model, config = condensa.load_pretrained(tiny_hf_dir)
     ids = jnp.asarray(np.random.RandomState(1).randint(0, 99, (1, 16)))

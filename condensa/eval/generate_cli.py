@@ -8,7 +8,6 @@ compares the generated tokens with dense greedy decoding.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import functools
 from pathlib import Path
@@ -19,7 +18,7 @@ import numpy as np
 from flax import nnx
 
 from condensa.attention import AttentionConfig
-from condensa.cli import config_to_dict, load_config, progress, write_json
+from condensa.cli import parse_config_args, config_to_dict, progress, write_json
 from condensa.errors import ConfigError, ModelInputError
 
 
@@ -180,7 +179,8 @@ def print_generation(result: dict, out: Path) -> None:
 
 
 def main(argv) -> None:
-    parser = argparse.ArgumentParser(
+    run(parse_config_args(
+        argv, GenerateConfig,
         prog="python -m condensa.eval generate",
         description="Greedy generation with the KV cache under a sparse attention rule: the kept fraction of V "
         "rows per decoding step, and the agreement of the tokens with dense greedy decoding. Any key of the config "
@@ -188,9 +188,4 @@ def main(argv) -> None:
         epilog="example: python -m condensa.eval generate --model runs/quickstart/hf --data ../shared/data/wikitext-2-raw/"
         "wiki.test.raw --tokenizer ../shared/data/gpt2-tokenizer --attention.mode toptheta --attention.k 16 "
         "--thresholds runs/thresholds-k16/thresholds.safetensors",
-    )
-    parser.add_argument("--config", help="YAML file with the keys of GenerateConfig")
-    parser.add_argument("overrides", nargs=argparse.REMAINDER, help="--key value pairs: " + ", ".join(
-        f.name for f in dataclasses.fields(GenerateConfig)))
-    args, rest = parser.parse_known_args(argv)
-    run(load_config(GenerateConfig, args.config, [*rest, *args.overrides]))
+    ))

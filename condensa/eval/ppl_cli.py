@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import time
 from pathlib import Path
@@ -10,7 +9,7 @@ from pathlib import Path
 import jax.numpy as jnp
 
 from condensa.attention import AttentionConfig
-from condensa.cli import config_to_dict, load_config, progress, write_json
+from condensa.cli import parse_config_args, config_to_dict, progress, write_json
 from condensa.errors import ConfigError, DataError
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
@@ -93,15 +92,11 @@ def run(cfg: PerplexityConfig) -> dict:
 
 
 def main(argv) -> None:
-    parser = argparse.ArgumentParser(
+    run(parse_config_args(
+        argv, PerplexityConfig,
         prog="python -m condensa.eval ppl",
         description="Strided sliding-window perplexity (the Hugging Face protocol). Any key of the config "
         "can be set as --key value or --section.key value, e.g. --attention.mode toptheta.",
         epilog="example: python -m condensa.eval ppl --model runs/quickstart/hf --data ../shared/data/wikitext-2-raw/wiki.test.raw "
         "--stride 512 --tokenizer ../shared/data/gpt2-tokenizer",
-    )
-    parser.add_argument("--config", help="YAML file with the keys of PerplexityConfig")
-    parser.add_argument("overrides", nargs=argparse.REMAINDER, help="--key value pairs: " + ", ".join(
-        f.name for f in dataclasses.fields(PerplexityConfig)))
-    args, rest = parser.parse_known_args(argv)
-    run(load_config(PerplexityConfig, args.config, [*rest, *args.overrides]))
+    ))

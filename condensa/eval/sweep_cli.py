@@ -7,7 +7,6 @@ calibrated thresholds (`thresholds/`, reused by the next run with the same model
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import functools
 import json
@@ -17,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from condensa.cli import config_to_dict, load_config, progress, write_json
+from condensa.cli import parse_config_args, config_to_dict, progress, write_json
 from condensa.errors import ConfigError
 
 
@@ -245,7 +244,8 @@ def text_table(results: dict) -> str:
 
 
 def main(argv) -> None:
-    parser = argparse.ArgumentParser(
+    run(parse_config_args(
+        argv, SweepConfig,
         prog="python -m condensa.eval sweep",
         description="Perplexity against sparsity for top-k, Top-θ and gate + Top-θ, at every k, tile budget f "
         "(or 'off') and compensation variant (none, sdc+vmc). Thresholds are calibrated on --calibration_data and "
@@ -253,9 +253,4 @@ def main(argv) -> None:
         epilog="example: python -m condensa.eval sweep --model runs/quickstart/hf --tokenizer ../shared/data/gpt2-tokenizer "
         "--data ../shared/data/wikitext-2-raw/wiki.test.raw --calibration_data ../shared/data/corpus "
         "--ks 8,16,32 --tile_budgets off,0.25 --tile 16 --out runs/sweep",
-    )
-    parser.add_argument("--config", help="YAML file with the keys of SweepConfig")
-    parser.add_argument("overrides", nargs=argparse.REMAINDER, help="--key value pairs: " + ", ".join(
-        f.name for f in dataclasses.fields(SweepConfig)))
-    args, rest = parser.parse_known_args(argv)
-    run(load_config(SweepConfig, args.config, [*rest, *args.overrides]))
+    ))

@@ -21,7 +21,6 @@ keys aligned with the query. Writes config.json, results.jsonl and summary.md in
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import functools
 import json
@@ -37,7 +36,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from condensa.cli import append_jsonl, config_to_dict, load_config, progress, run_main, write_json
+from condensa.cli import parse_config_args, append_jsonl, config_to_dict, progress, run_main, write_json
 from condensa.errors import ConfigError
 from condensa.kernels.toptheta_decode import compact, default_num_splits, kept_tiles, tile_budgets, toptheta_decode
 
@@ -511,24 +510,17 @@ def summary_table(records: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+@run_main
+def main(argv: Sequence[str] | None = None) -> None:
+    run(parse_config_args(
+        argv, DecodeBenchConfig,
         prog="python -m condensa.eval.bench decode",
         description="Time decode attention on a GPU: condensa's Pallas Top-θ decode kernel (dense, Top-θ, "
                     "tile-gated) against XLA, cuDNN and JAX's Pallas decode kernel, after a correctness check, "
                     "with the achieved bandwidth against the device's copy bandwidth. Options are "
                     "DecodeBenchConfig fields, given in a YAML file and/or as --field value overrides "
                     "(lists as [a,b]).",
-    )
-    parser.add_argument("--config", help="YAML file with DecodeBenchConfig fields")
-    return parser
-
-
-@run_main
-def main(argv: Sequence[str] | None = None) -> None:
-    parser = build_parser()
-    args, overrides = parser.parse_known_args(argv)
-    run(load_config(DecodeBenchConfig, args.config, overrides))
+    ))
 
 
 if __name__ == "__main__":

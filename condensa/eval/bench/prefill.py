@@ -15,7 +15,6 @@ into the output folder.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import functools
 import json
@@ -29,7 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from condensa.cli import append_jsonl, config_to_dict, load_config, progress, run_main, write_json
+from condensa.cli import parse_config_args, append_jsonl, config_to_dict, progress, run_main, write_json
 from condensa.errors import ConfigError
 from condensa.eval.bench.timing import environment, measure
 from condensa.kernels import gate_scores, toptheta_prefill, toptheta_prefill_reference
@@ -421,23 +420,16 @@ def summary_table(records: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+@run_main
+def main(argv: Sequence[str] | None = None) -> None:
+    run(parse_config_args(
+        argv, PrefillBenchConfig,
         prog="python -m condensa.eval.bench prefill",
         description="Time prefill attention on a GPU: condensa's Pallas Top-θ kernel (dense, Top-θ, "
                     "tile-gated) against cuDNN, JAX's Pallas flash attention and dense XLA, after a "
                     "correctness check. Options are PrefillBenchConfig fields, given in a YAML file "
                     "and/or as --field value overrides (lists as [a,b]).",
-    )
-    parser.add_argument("--config", help="YAML file with PrefillBenchConfig fields")
-    return parser
-
-
-@run_main
-def main(argv: Sequence[str] | None = None) -> None:
-    parser = build_parser()
-    args, overrides = parser.parse_known_args(argv)
-    run(load_config(PrefillBenchConfig, args.config, overrides))
+    ))
 
 
 if __name__ == "__main__":
