@@ -38,6 +38,7 @@ import numpy as np
 
 from condensa.cli import parse_config_args, append_jsonl, config_to_dict, progress, run_main, write_json
 from condensa.errors import ConfigError
+from condensa.eval.bench.timing import correctness_summary
 from condensa.kernels.toptheta_decode import compact, default_num_splits, kept_tiles, tile_budgets, toptheta_decode
 
 
@@ -498,11 +499,7 @@ def summary_table(records: list[dict]) -> str:
         lines.append(f"| {key[0]} | {key[1]} | {key[2]} | {r['method']} | {r['us']:.1f} | {speed} | {kf} | {vf} | "
                      f"{vr} | "
                      f"{r['bandwidth_gbs']:.0f} | {r['bandwidth_frac']:.2f} |")
-    checks = [r for r in records if r.get("kind") == "check"]
-    if checks:
-        worst = max(checks, key=lambda r: r["rel_error"])
-        lines += ["", f"correctness: {sum(r['ok'] for r in checks)}/{len(checks)} checks within tolerance; worst "
-                      f"rel. error {worst['rel_error']:.2e} ({worst['case']}, hd={worst['head_dim']})"]
+    lines += correctness_summary(records, lambda w: f"{w['case']}, hd={w['head_dim']}")
     skipped = [r for r in records if r.get("kind") == "skipped"]
     if skipped:
         names = ", ".join(f"B{r['batch']} S{r['seq_len']} hd{r['head_dim']}" for r in skipped)

@@ -30,7 +30,7 @@ import numpy as np
 
 from condensa.cli import parse_config_args, append_jsonl, config_to_dict, progress, run_main, write_json
 from condensa.errors import ConfigError
-from condensa.eval.bench.timing import environment, measure
+from condensa.eval.bench.timing import correctness_summary, environment, measure
 from condensa.kernels import gate_scores, toptheta_prefill, toptheta_prefill_reference
 
 
@@ -411,12 +411,7 @@ def summary_table(records: list[dict]) -> str:
         empty = f"{r['empty_fraction']:.3f}" if "empty_fraction" in r else ""
         lines.append(f"| {r['seq_len']} | {r['head_dim']} | {r['method']} | {r['ms']:.3f} | "
                      f"{r['tflops']:.0f} | {speed} | {tiles} | {empty} |")
-    checks = [r for r in records if r.get("kind") == "check"]
-    if checks:
-        worst = max(checks, key=lambda r: r["rel_error"])
-        lines += ["", f"correctness: {sum(r['ok'] for r in checks)}/{len(checks)} checks within tolerance; "
-                      f"worst rel. error {worst['rel_error']:.2e} ({worst['case']}, T={worst['seq_len']}, "
-                      f"hd={worst['head_dim']})"]
+    lines += correctness_summary(records, lambda w: f"{w['case']}, T={w['seq_len']}, hd={w['head_dim']}")
     return "\n".join(lines)
 
 

@@ -56,3 +56,14 @@ def peak_flops(device_kind: str) -> float | None:
         if name.lower() in device_kind.lower():
             return flops
     return None
+
+
+def correctness_summary(records: list[dict], describe) -> list[str]:
+    """The lines that report the correctness checks run before timing: how many passed, and the
+    worst relative error with `describe(record)` naming its case."""
+    checks = [r for r in records if r.get("kind") == "check"]
+    if not checks:
+        return []
+    worst = max(checks, key=lambda r: r["rel_error"])
+    return ["", f"correctness: {sum(r['ok'] for r in checks)}/{len(checks)} checks within tolerance; "
+                f"worst rel. error {worst['rel_error']:.2e} ({describe(worst)})"]
