@@ -73,14 +73,21 @@ def _json_default(value: Any) -> Any:
 # ---- dataclass configs ---------------------------------------------------------------------------
 
 
-def parse_config_args(argv: Sequence[str] | None, cls: type[T], *, prog: str, description: str,
-                      epilog: str | None = None) -> T:
-    """The command line of a config-driven tool: `--config FILE.yaml` plus `--key value` /
-    `--section.key value` overrides for any field of the dataclass `cls`; `--help` lists the keys."""
+def config_parser(cls: type, *, prog: str, description: str, epilog: str | None = None) -> argparse.ArgumentParser:
+    """The parser of a config-driven tool: `--config FILE.yaml` plus `--key value` /
+    `--section.key value` overrides for any field of the dataclass `cls`; `--help` lists the keys.
+    Each tool's `build_parser()` returns it, for `--help` and for docs/cli.md."""
     parser = argparse.ArgumentParser(prog=prog, description=description, epilog=epilog)
     parser.add_argument("--config", help=f"YAML file with the keys of {cls.__name__}")
     parser.add_argument("overrides", nargs=argparse.REMAINDER, help="--key value pairs: " + ", ".join(
         f.name for f in dataclasses.fields(cls)))
+    return parser
+
+
+def parse_config_args(argv: Sequence[str] | None, cls: type[T], *, prog: str, description: str,
+                      epilog: str | None = None) -> T:
+    """Parses a config-driven tool's command line (see `config_parser`) into a `cls`."""
+    parser = config_parser(cls, prog=prog, description=description, epilog=epilog)
     args, rest = parser.parse_known_args(argv)
     return load_config(cls, args.config, [*rest, *args.overrides])
 
@@ -108,6 +115,12 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: Sequenc
     for key, raw in parse_overrides(overrides):
         _set_dotted(values, key, yaml.safe_load(raw) if raw != "" else "")
     return _build(cls, values, prefix="")
+
+
+def config_from_dict(cls: type[T], values: dict[str, Any], *, prefix: str = "") -> T:
+    """Builds `cls` from an already-parsed mapping (a section of a larger YAML file), with the same
+    unknown-key and type checks as `load_config`."""
+    return _build(cls, dict(values or {}), prefix=prefix)
 
 
 def parse_overrides(args: Sequence[str]) -> list[tuple[str, str]]:

@@ -86,34 +86,45 @@ def _vmc(config, layer_idx: int) -> bool:
     return bool(config.vmc and config.mode != "dense" and not config.is_dense_layer(layer_idx))
 
 
-def _prefill(q, k, v, *, scale, layer_idx, config, layer):
-    from condensa.kernels import toptheta_prefill
-
-    t = q.shape[1]
+def prefill_kernel_args(config, layer, layer_idx: int, t: int) -> dict:
+    """The keyword arguments of `toptheta_prefill` that carry this layer's rule at T = t (also used
+    by benchmarks that call the kernel on a model's own q, k, v)."""
     theta, sdc = element_tables(config, layer, layer_idx, t) if layer is not None else (None, None)
     gated = _is_gated(config, layer_idx)
-    tile_theta = gate_table(layer.tile_theta, -(-t // config.block_q)) if gated else None
-    out, _ = toptheta_prefill(
-        q, k, v, scale=scale, theta=theta, sdc_delta=sdc, sdc_gamma=config.gamma, vmc=_vmc(config, layer_idx),
-        tile_theta=tile_theta, sink_tiles=config.sink_tiles, tile_budget=config.tile_budget if gated else None,
+    return dict(
+        theta=theta, sdc_delta=sdc, sdc_gamma=config.gamma, vmc=_vmc(config, layer_idx),
+        tile_theta=gate_table(layer.tile_theta, -(-t // config.block_q)) if gated else None,
+        sink_tiles=config.sink_tiles, tile_budget=config.tile_budget if gated else None,
         # the gate is calibrated on its own tiles; without it the kernel's tuned 128 x 128 tiles win
         **(dict(block_q=config.block_q, block_k=config.block_k) if gated else {}),
     )
-    return out
+
+
+def _prefill(q, k, v, *, scale, layer_idx, config, layer):
+    from condensa.kernels import toptheta_prefill
+
+    return toptheta_prefill(q, k, v, scale=scale, **prefill_kernel_args(config, layer, layer_idx, q.shape[1]))[0]
+
+
+def decode_kernel_args(config, layer, layer_idx: int, s: int) -> dict:
+    """The keyword arguments of `toptheta_decode` that carry this layer's rule for a cache of s
+    slots (besides the cache state: lengths, starts, v_mean, k_tile_mean)."""
+    theta, sdc = element_tables(config, layer, layer_idx, s) if layer is not None else (None, None)
+    gated = _is_gated(config, layer_idx)
+    return dict(
+        theta=theta, sdc_delta=sdc, sdc_gamma=config.gamma, vmc=_vmc(config, layer_idx),
+        tile_theta_decode=gate_table(layer.tile_theta_decode, -(-s // config.block_k)) if gated else None,
+        sink_tiles=config.sink_tiles, tile_budget=config.tile_budget if gated else None,
+        **(dict(block_k=config.block_k) if gated else {}),
+    )
 
 
 def _decode(q, k, v, *, scale, layer_idx, config, layer, state):
     from condensa.kernels.toptheta_decode import toptheta_decode
 
-    s = k.shape[1]
-    theta, sdc = element_tables(config, layer, layer_idx, s) if layer is not None else (None, None)
     gated = _is_gated(config, layer_idx)
-    tile_theta = gate_table(layer.tile_theta_decode, -(-s // config.block_k)) if gated else None
     out, _ = toptheta_decode(
-        q, k, v, state.lengths, starts=state.starts, scale=scale, theta=theta, sdc_delta=sdc,
-        sdc_gamma=config.gamma, vmc=_vmc(config, layer_idx), v_mean=state.v_mean[:, None].astype(jnp.float32),
-        k_tile_mean=state.k_tile_mean if gated else None, tile_theta_decode=tile_theta,
-        sink_tiles=config.sink_tiles, tile_budget=config.tile_budget if gated else None,
-        **(dict(block_k=config.block_k) if gated else {}),
+        q, k, v, state.lengths, starts=state.starts, scale=scale, v_mean=state.v_mean[:, None].astype(jnp.float32),
+        k_tile_mean=state.k_tile_mean if gated else None, **decode_kernel_args(config, layer, layer_idx, k.shape[1]),
     )
     return out

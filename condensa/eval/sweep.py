@@ -76,9 +76,11 @@ def parse_tile_budgets(values: Sequence[Any]) -> list[float | None]:
     return list(dict.fromkeys(out))
 
 
-def variants(ks: Sequence[int], tile_budgets: Sequence[float | None], compensations: Sequence[str]) -> list[Variant]:
+def variants(ks: Sequence[int], tile_budgets: Sequence[float | None], compensations: Sequence[str],
+             gate_ks: Sequence[int] | None = None) -> list[Variant]:
     """Top-k at every k (without a gate: it is the oracle the others approximate), then Top-θ and
-    gate + Top-θ with each compensation."""
+    gate + Top-θ with each compensation. `gate_ks` limits the gated rules to those k (a study grid
+    that crosses every k with every budget costs more than it tells)."""
     unknown = [c for c in compensations if c not in COMPENSATIONS]
     if unknown or not compensations:
         raise ConfigError(f"compensation variants must be among {', '.join(COMPENSATIONS)}; got {list(compensations)}.")
@@ -86,6 +88,8 @@ def variants(ks: Sequence[int], tile_budgets: Sequence[float | None], compensati
     for k in ks:
         out.append(Variant("topk", k))
         for f in tile_budgets:
+            if f is not None and gate_ks is not None and k not in gate_ks:
+                continue
             out.extend(Variant("toptheta", k, f, c) for c in compensations)
     return out
 
@@ -208,6 +212,7 @@ class SweepSettings:
     metric_blocks: int = 2  # eval blocks for the element / tile metrics
     decode_prompt: int = 0  # prompt tokens for the decoding V-row measurement (0: half the context)
     decode_steps: int = 16  # decoding steps (0: skip the V-row measurement)
+    gate_ks: Sequence[int] | None = None  # gated rules only at these k (None: at every k)
 
 
 def run_sweep(
@@ -236,7 +241,7 @@ def run_sweep(
     if eval_ids.size < context:
         raise ConfigError(f"the evaluation text has {eval_ids.size} tokens, fewer than one window of {context}; "
                           "give more text or a smaller --max_length.")
-    all_variants = variants(ks, settings.tile_budgets, settings.compensations)
+    all_variants = variants(ks, settings.tile_budgets, settings.compensations, settings.gate_ks)
     ppl_kwargs = dict(stride=settings.stride, max_length=context, batch_size=settings.batch_size)
     n_blocks = max(1, min(settings.metric_blocks, eval_ids.size // context))
     blocks = eval_ids[: n_blocks * context].reshape(n_blocks, context)

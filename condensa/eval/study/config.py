@@ -1,0 +1,93 @@
+"""The study's config: the training runs as `condensa.train` mappings, plus the grids to evaluate and time."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from condensa.cli import config_from_dict
+from condensa.errors import ConfigError
+from condensa.train.config import TrainConfig
+
+BASE = "base"  # the pretrained stand-in; every other model is a fine-tune of it
+
+
+@dataclasses.dataclass(frozen=True)
+class CalibrationSettings:
+    samples: int = 32  # corpus training blocks the thresholds are calibrated on
+    ks: list[int] = dataclasses.field(default_factory=lambda: [16, 32, 64, 128])
+    tile_budgets: list[float] = dataclasses.field(default_factory=lambda: [0.25, 0.125, 0.0625, 0.03125])
+    gate_k: int = 64  # gated rules are evaluated at this k only
+    tile: int = 128  # block_q = block_k of the gate
+    sink_tiles: int = 1
+    sigma_add: float = 0.1
+    batch_size: int = 2
+    seed: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class EvaluationSettings:
+    wikitext: str = "../shared/data/wikitext-2-raw/wiki.test.raw"
+    max_tokens: int = 65536  # per held-out set
+    batch_size: int = 1
+    metric_blocks: int = 1  # blocks for the element / tile metrics
+    models: list[str] = dataclasses.field(default_factory=list)  # empty: every model
+
+
+@dataclasses.dataclass(frozen=True)
+class TimingSettings:
+    models: list[str] = dataclasses.field(default_factory=lambda: [BASE])  # plus the best condensed model
+    batch: int = 4  # sequences per prefill / decode call
+    k: int = 64
+    max_delta_ppl: float = 0.01  # the gate budget timed is the smallest whose cost on held-out corpus text is within this
+    warmup: int = 3
+    repeats: int = 10
+
+
+@dataclasses.dataclass(frozen=True)
+class StudyConfig:
+    out: str = "runs/study"
+    pretrain: dict = dataclasses.field(default_factory=dict)  # a condensa.train config (init: scratch)
+    finetune_defaults: dict = dataclasses.field(default_factory=dict)  # shared by every fine-tune
+    finetunes: dict = dataclasses.field(default_factory=dict)  # name -> condensa.train overrides
+    calibration: CalibrationSettings = CalibrationSettings()
+    evaluation: EvaluationSettings = EvaluationSettings()
+    timing: TimingSettings = TimingSettings()
+
+    def model_names(self) -> list[str]:
+        return [BASE, *self.finetunes]
+
+    def train_config(self, name: str) -> TrainConfig:
+        """The `condensa.train` config of one model: the pretraining run, or a fine-tune of its export."""
+        if name == BASE:
+            values = _merge(self.pretrain, {"out": f"{self.out}/models/{BASE}"})
+        elif name in self.finetunes:
+            values = _merge(_merge(_data_only(self.pretrain), self.finetune_defaults), self.finetunes[name] or {})
+            values = _merge(values, {"out": f"{self.out}/models/{name}", "init": "pretrained",
+                                     "model": f"{self.out}/models/{BASE}/hf"})
+        else:
+            raise ConfigError(f"no model {name!r} in this study; its models are {', '.join(self.model_names())}.")
+        return config_from_dict(TrainConfig, values, prefix=f"{name}.")
+
+
+def _data_only(pretrain: dict) -> dict:
+    """A fine-tune reads the pretraining data (same split, so held-out text stays held out)."""
+    return {"data": dict(pretrain.get("data", {}))}
+
+
+def _merge(a: dict, b: dict) -> dict:
+    out = dict(a)
+    for key, value in b.items():
+        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def check_models(config: StudyConfig, names: list[str]) -> list[str]:
+    unknown = [n for n in names if n not in config.model_names()]
+    if unknown:
+        raise ConfigError(f"unknown study model(s) {', '.join(unknown)}; the study has {', '.join(config.model_names())}.")
+    return names
+
+
+def as_dict(config: StudyConfig) -> dict[str, Any]:
+    return dataclasses.asdict(config)

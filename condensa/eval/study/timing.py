@@ -1,0 +1,209 @@
+"""Stage 5: what the kernels buy on the study's models, at their full context.
+
+For each timed model the gate budget is the smallest f whose perplexity cost on held-out corpus
+text was within `timing.max_delta_ppl` at k = `timing.k` (from stage 4), so the speed is the
+speed of a rule whose accuracy was measured. Three measurements, each checked before it is timed:
+- whole-model prefill (logits of `batch` full-context sequences): dense, where `attend` runs cuDNN,
+  against the Pallas kernels with Top-θ and with gate + Top-θ;
+- attention alone: each layer's prefill on the model's own q, k, v (captured from real text),
+  cuDNN against the kernel, summed over layers, with the tile fractions the kernel reports;
+- decoding: each layer's attention for the last position against the full cache, the best dense
+  baseline against the decode kernel, with the fractions of K and V blocks it loaded.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from condensa.attention import AttentionConfig
+from condensa.eval.study.config import StudyConfig
+
+
+def choose_budget(evaluation: dict, k: int, max_delta: float) -> dict | None:
+    """The corpus-sweep row of the smallest gate budget at this k whose Δppl is within `max_delta`
+    (either compensation). When none is, the gated row with the smallest Δppl, marked
+    `within_limit: False`, so the kernels are still timed on thresholds of this model."""
+    rows = [dict(r, within_limit=r["delta_ppl_rel"] <= max_delta) for r in evaluation["corpus"]["rows"]
+            if r["method"] == "toptheta" and r["k"] == k and r["tile_budget"] is not None]
+    within = [r for r in rows if r["within_limit"]]
+    if within:
+        return min(within, key=lambda r: (r["tile_budget"], r["delta_ppl_rel"]))
+    return min(rows, key=lambda r: r["delta_ppl_rel"], default=None)
+
+
+def thresholds_for(config: StudyConfig, name: str, k: int, f: float | None):
+    """The thresholds stage 4 calibrated for (k, f), or the same calibration redone (same blocks,
+    same settings) when this machine does not hold them."""
+    from condensa.eval.study.data import calibration_blocks
+    from condensa.eval.study.training import ensure_model
+    from condensa.model import load_pretrained
+    from condensa.sparsity import Thresholds
+    from condensa.sparsity.calibrate import GateSpec, calibrate
+
+    cal = config.calibration
+    path = Path(config.out) / "thresholds" / name / f"k{k}-f{'off' if f is None else f'{f:g}'}.safetensors"
+    if not path.is_file():
+        model, _ = load_pretrained(ensure_model(config, name))
+        gate = GateSpec(cal.tile, cal.tile, f, cal.sink_tiles) if f is not None else None
+        path.parent.mkdir(parents=True, exist_ok=True)
+        calibrate(model, calibration_blocks(config), k=k, sigma_add=cal.sigma_add, gate=gate,
+                  batch_size=cal.batch_size, data="corpus training blocks").save(path)
+    return Thresholds.load(path)
+
+
+def layer_qkv(model, ids) -> list[tuple[jax.Array, jax.Array, jax.Array]]:
+    """Each layer's (q, k, v) [B, T, H, D] under dense attention. The model keeps q, k, v inside its
+    attention call, so this walks the blocks itself, with the model's own modules."""
+    b, t = ids.shape
+    x = model.wte(ids) + model.wpe(jnp.arange(t)[None])
+    out = []
+    for block in model.h:
+        q, k, v = jnp.split(block.attn.c_attn(block.ln_1(x)), 3, axis=-1)
+        out.append(tuple(y.reshape(b, t, block.attn.n_head, -1) for y in (q, k, v)))
+        x = block(x, visible=None, attention=AttentionConfig(), thresholds=None, need_probs=False, causal=True)[0]
+    return out
+
+
+def reference_attention(q, k, v, *, scale, layer, attention, thresholds):
+    """The reference op (float32) for the last len(q) queries against all of k: the oracle the
+    kernels are checked against before they are timed."""
+    from condensa.attention import attend
+
+    tq, s = q.shape[1], k.shape[1]
+    visible = (jnp.arange(s)[None, :] <= (s - tq + jnp.arange(tq))[:, None])[None, None]
+    f32 = lambda x: x.astype(jnp.float32)  # noqa: E731
+    fn = jax.jit(attend, static_argnames=("scale", "layer_idx", "config", "need_probs"))
+    return fn(f32(q), f32(k), f32(v), visible=visible, scale=scale, layer_idx=layer, need_probs=False,
+              config=dataclasses.replace(attention, backend="reference"), thresholds=thresholds)[0]
+
+
+def relative_error(out, ref) -> float:
+    out, ref = np.asarray(out, np.float64), np.asarray(ref, np.float64)
+    return float(np.linalg.norm(out - ref) / np.linalg.norm(ref)) if np.all(np.isfinite(out)) else float("inf")
+
+
+def time_model(config: StudyConfig, name: str, evaluation: dict) -> dict:
+    from condensa.attention import _layer_thresholds
+    from condensa.attention.pallas_backend import decode_kernel_args, prefill_kernel_args
+    from condensa.eval.bench.decode import DecodeBenchConfig, dense_baselines, head_major, tile_state
+    from condensa.eval.bench.timing import measure
+    from condensa.eval.study.data import held_out
+    from condensa.eval.study.training import ensure_model
+    from condensa.kernels import toptheta_prefill
+    from condensa.kernels.toptheta_decode import toptheta_decode
+    from condensa.model import load_pretrained
+
+    settings, cal = config.timing, config.calibration
+    chosen = choose_budget(evaluation, settings.k, settings.max_delta_ppl)
+    result: dict = {"model": name, "k": settings.k, "chosen": None if chosen is None else {
+        key: chosen[key] for key in ("tile_budget", "compensation", "delta_ppl_rel", "kept_fraction", "tile_kept_fraction",
+                                      "within_limit")}}
+    rules = {"toptheta": (AttentionConfig(mode="toptheta", k=settings.k, backend="pallas"),
+                          thresholds_for(config, name, settings.k, None))}
+    if chosen is not None:
+        f, comp = chosen["tile_budget"], chosen["compensation"] != "none"
+        rules["gate+toptheta"] = (
+            AttentionConfig(mode="toptheta", k=settings.k, backend="pallas", tile_gate=True, block_q=cal.tile,
+                            block_k=cal.tile, tile_budget=f, sink_tiles=cal.sink_tiles,
+                            sdc="calibrated" if comp else "none", vmc=comp),
+            thresholds_for(config, name, settings.k, f))
+
+    model, model_config = load_pretrained(ensure_model(config, name), dtype=jnp.bfloat16)
+    t, b = model_config.n_positions, settings.batch
+    tokens = held_out(config)["corpus"]
+    tokens = np.resize(tokens, b * t)  # repeats text only if the held-out split is shorter than one batch
+    ids = jnp.asarray(tokens.reshape(b, t), jnp.int32)
+    graphdef, state = nnx.split(model)
+
+    def forward(attention, thresholds):
+        fn = jax.jit(lambda st, x: nnx.merge(graphdef, st)(x, attention=attention, thresholds=thresholds).logits)
+        return lambda: fn(state, ids)
+
+    # ---- whole-model prefill -------------------------------------------------------------------
+    dense_fn = forward(AttentionConfig(), None)
+    dense_logits = dense_fn()
+    whole = {"dense_cudnn": {**measure(dense_fn, warmup=settings.warmup, repeats=settings.repeats)}}
+    for rule, (attention, thresholds) in rules.items():
+        ref = forward(dataclasses.replace(attention, backend="reference"), thresholds)()
+        fn = forward(attention, thresholds)
+        err = relative_error(fn(), ref)
+        entry = {"rel_error_vs_reference": err, "ok": err < 2e-2}
+        if entry["ok"]:
+            entry.update(measure(fn, warmup=settings.warmup, repeats=settings.repeats))
+            entry["speedup_vs_dense"] = whole["dense_cudnn"]["median_s"] / entry["median_s"]
+        whole[rule] = entry
+    del dense_logits
+    result["prefill_model"] = whole
+
+    # ---- attention alone, per layer, on the model's own q, k, v ---------------------------------
+    qkv = jax.jit(lambda st, x: layer_qkv(nnx.merge(graphdef, st), x))(state, ids)
+    scale = model.h[0].attn.scale
+    cudnn = jax.jit(lambda q, k, v: jax.nn.dot_product_attention(q, k, v, scale=scale, is_causal=True,
+                                                                 implementation="cudnn"))
+    prefill = {"cudnn_s": 0.0, "rules": {}}
+    for layer, (q, k, v) in enumerate(qkv):
+        prefill["cudnn_s"] += measure(lambda: cudnn(q, k, v), warmup=settings.warmup, repeats=settings.repeats)["median_s"]
+    for rule, (attention, thresholds) in rules.items():
+        acc = {"kernel_s": 0.0, "causal": 0, "listed": 0, "empty": 0, "max_rel_error": 0.0}
+        for layer, (q, k, v) in enumerate(qkv):
+            kwargs = prefill_kernel_args(attention, _layer_thresholds(attention, thresholds, layer), layer, t)
+            out, stats = toptheta_prefill(q, k, v, scale=scale, poison_output=True, **kwargs)
+            ref = reference_attention(q[:1], k[:1], v[:1], scale=scale, layer=layer, attention=attention,
+                                      thresholds=thresholds)
+            acc["max_rel_error"] = max(acc["max_rel_error"], relative_error(out[:1], ref))
+            acc["kernel_s"] += measure(lambda: toptheta_prefill(q, k, v, scale=scale, **kwargs)[0],
+                                       warmup=settings.warmup, repeats=settings.repeats)["median_s"]
+            for field in ("causal", "listed", "empty"):
+                acc[field] += int(getattr(stats, field))
+        acc["tile_fraction"] = acc["listed"] / max(acc["causal"], 1)
+        acc["empty_fraction"] = acc["empty"] / max(acc["listed"], 1)
+        acc["speedup_vs_cudnn"] = prefill["cudnn_s"] / acc["kernel_s"]
+        prefill["rules"][rule] = acc
+    result["prefill_attention"] = prefill
+
+    # ---- decoding: the last position against the full cache ---------------------------------
+    lengths = jnp.full((b,), t, jnp.int32)
+    baselines = dense_baselines(DecodeBenchConfig(baselines=["xla", "cudnn", "pallas_decode"]), scale)
+    decode = {"dense_s": {}, "rules": {}}
+    per_layer = []
+    for q, k, v in qkv:
+        k_bar, v_mean = tile_state(k, v, lengths, cal.tile)
+        per_layer.append(dict(q=q[:, -1:], k=k, v=v, k_t=head_major(k), v_t=head_major(v), k_bar=k_bar, v_mean=v_mean))
+    for base, fn in baselines.items():
+        try:
+            decode["dense_s"][base] = sum(
+                measure(lambda c=c: fn(c["q"], c["k"], c["v"], c["k_t"], c["v_t"], lengths), warmup=settings.warmup,
+                        repeats=settings.repeats)["median_s"] for c in per_layer)
+        except Exception as err:  # a baseline that does not run on this platform is reported, not fatal
+            decode["dense_s"][base] = None
+            decode.setdefault("errors", {})[base] = f"{type(err).__name__}: {str(err)[:200]}"
+    best = min((s for s in decode["dense_s"].values() if s), default=None)
+    decode["best_dense_s"] = best
+    for rule, (attention, thresholds) in rules.items():
+        acc = {"kernel_s": 0.0, "visible": 0, "k_loaded": 0, "v_loaded": 0, "v_rows": 0, "max_rel_error": 0.0}
+        for layer, c in enumerate(per_layer):
+            kwargs = decode_kernel_args(attention, _layer_thresholds(attention, thresholds, layer), layer, t)
+            gated = kwargs["tile_theta_decode"] is not None
+            call = lambda c=c, kwargs=kwargs, gated=gated: toptheta_decode(  # noqa: E731
+                c["q"], c["k"], c["v"], lengths, scale=scale, v_mean=c["v_mean"],
+                k_tile_mean=c["k_bar"] if gated else None, **kwargs)
+            out, stats = call()
+            ref = reference_attention(c["q"], c["k"], c["v"], scale=scale, layer=layer, attention=attention,
+                                      thresholds=thresholds)
+            acc["max_rel_error"] = max(acc["max_rel_error"], relative_error(out, ref))
+            acc["kernel_s"] += measure(lambda: call()[0], warmup=settings.warmup, repeats=settings.repeats)["median_s"]
+            for field in ("visible", "k_loaded", "v_loaded", "v_rows"):
+                acc[field] += int(getattr(stats, field))
+        acc["k_fraction"] = acc["k_loaded"] / max(acc["visible"], 1)
+        acc["v_fraction"] = acc["v_loaded"] / max(acc["visible"], 1)
+        acc["speedup_vs_best_dense"] = best / acc["kernel_s"] if best else None
+        decode["rules"][rule] = acc
+    result["decode_attention"] = decode
+    result.update(batch=b, seq_len=t, heads=model_config.n_head, head_dim=model_config.n_embd // model_config.n_head)
+    return result
