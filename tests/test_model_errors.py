@@ -29,10 +29,19 @@ def test_truncated_safetensors(tiny_hf_dir, tmp_path):
 
 def test_config_of_another_architecture(tiny_hf_dir, tmp_path):
     (tmp_path / "model.safetensors").write_bytes((tiny_hf_dir / "model.safetensors").read_bytes())
-    llama = {"model_type": "llama", "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4,
-             "vocab_size": 99, "architectures": ["LlamaForCausalLM"]}
+    neox = {"model_type": "gpt_neox", "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4,
+            "vocab_size": 99, "architectures": ["GPTNeoXForCausalLM"]}
+    (tmp_path / "config.json").write_text(json.dumps(neox))
+    with pytest.raises(ConfigError, match="'gpt_neox'.*Supported model_type values: gpt2, llama"):
+        condensa.load_pretrained(tmp_path)
+
+
+def test_gpt2_weights_under_a_llama_config_report_the_missing_tensors(tiny_hf_dir, tmp_path):
+    (tmp_path / "model.safetensors").write_bytes((tiny_hf_dir / "model.safetensors").read_bytes())
+    llama = {"model_type": "llama", "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+             "num_attention_heads": 4, "vocab_size": 99, "architectures": ["LlamaForCausalLM"]}
     (tmp_path / "config.json").write_text(json.dumps(llama))
-    with pytest.raises(ConfigError, match="'llama'.*GPT-2"):
+    with pytest.raises(CheckpointError, match="missing tensor 'model.embed_tokens.weight'"):
         condensa.load_pretrained(tmp_path)
 
 

@@ -15,6 +15,7 @@ from condensa.attention import config as _config
 from condensa.attention.config import AttentionConfig
 from condensa.attention import pallas_backend as _pallas_backend
 from condensa.attention.dense import attention_scores, masked_softmax, weighted_values
+from condensa.attention.gqa import repeat_kv
 from condensa.attention.rows import lookup_by_length, row_lengths
 from condensa.attention.tile_gate import gate_mask
 from condensa.attention.topk import topk_probs
@@ -51,7 +52,9 @@ def _layer_thresholds(config: AttentionConfig, thresholds, layer_idx: int):
 
 
 def sparse_probs(q, k, *, visible, scale, layer_idx, config: AttentionConfig, thresholds=None) -> jax.Array:
-    """The attention probabilities [B, H, Tq, Tk] (float32) that `config` gives for this layer."""
+    """The attention probabilities [B, H, Tq, Tk] (float32) that `config` gives for this layer.
+    k may have fewer heads than q (GQA); it is broadcast to every query head."""
+    k = repeat_kv(k, q.shape[2])
     scores = attention_scores(q, k, scale)
     if (config.mode == "dense" and not config.tile_gate) or config.is_dense_layer(layer_idx):
         return masked_softmax(scores, visible)
@@ -91,7 +94,8 @@ def attend(
 ) -> tuple[jax.Array, jax.Array | None]:
     """One layer's attention.
 
-    q, k, v: [B, T, H, D] in the compute dtype; `visible`: bool [B, 1 or H, Tq, Tk], True where key j
+    q, k, v: [B, T, H, D] in the compute dtype (k and v may have Hkv = H / G heads: grouped-query
+    attention, query head h reading KV head h // G); `visible`: bool [B, 1 or H, Tq, Tk], True where key j
     is causally visible to query i (the KV cache's empty slots and padding are False).
     `thresholds`: a `condensa.sparsity.Thresholds` (needed by Top-θ and the tile gate).
     `need_probs`: whether the caller uses the probabilities (losses, metrics); without them, fused
@@ -112,6 +116,7 @@ def attend(
         )
     if fused_ok and is_plain_dense(config, layer_idx):
         return fused_dense_attention(q, k, v, visible=visible, scale=scale, causal=causal), None
+    k, v = repeat_kv(k, q.shape[2]), repeat_kv(v, q.shape[2])  # the reference op may broadcast GQA's K/V
     probs = sparse_probs(q, k, visible=visible, scale=scale, layer_idx=layer_idx, config=config, thresholds=thresholds)
     applied = probs_dropout(probs) if probs_dropout is not None else probs
     out = weighted_values(applied, v)
@@ -128,7 +133,8 @@ def is_plain_dense(config: AttentionConfig, layer_idx: int) -> bool:
 def fused_dense_attention(q, k, v, *, visible, scale, causal: bool) -> jax.Array:
     """Dense attention through `jax.nn.dot_product_attention`: cuDNN flash attention on GPUs when
     the shapes allow it, XLA elsewhere. It never materialises float32 [B, H, T, T] probabilities,
-    which is what makes training without the concentration loss fast."""
+    which is what makes training without the concentration loss fast. K and V may have fewer heads
+    than q (GQA): `dot_product_attention` shares them across the query groups itself."""
     if causal and jax.default_backend() == "gpu":
         # implementation=None means XLA today, which materialises the scores; ask for cuDNN's
         # flash attention and keep XLA for what cuDNN refuses (float32, odd head dims).

@@ -31,10 +31,18 @@ def pooled_tiles(x: jax.Array, tile: int, length: int) -> jax.Array:
 
 
 def gate_scores(q, k, *, scale: float, block_q: int, block_k: int, length: int) -> jax.Array:
-    """`scale * q̄_b · k̄_t` for every (query tile, key tile): float32 [B, H, nq, nk]."""
-    q_bar = pooled_tiles(q, block_q, length)
-    k_bar = pooled_tiles(k, block_k, length)
-    return jnp.einsum("bhqd,bhkd->bhqk", q_bar, k_bar) * jnp.float32(scale)
+    """`scale * q̄_b · k̄_t` for every (query tile, key tile): float32 [B, H, nq, nk].
+
+    k may have Hkv = H / G heads (grouped-query attention): query head h is scored against the
+    pooled keys of KV head h // G, without repeating them.
+    """
+    q_bar = pooled_tiles(q, block_q, length)  # [B, H, nq, D]
+    k_bar = pooled_tiles(k, block_k, length)  # [B, Hkv, nk, D]
+    b, h, nq, d = q_bar.shape
+    hkv = k_bar.shape[1]
+    grouped = q_bar.reshape(b, hkv, h // hkv, nq, d)
+    scores = jnp.einsum("bjgqd,bjkd->bjgqk", grouped, k_bar) * jnp.float32(scale)
+    return scores.reshape(b, h, nq, k_bar.shape[2])
 
 
 def offdiagonal_keep(

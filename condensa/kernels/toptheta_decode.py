@@ -22,6 +22,12 @@ largest score and its slot from the K it read anyway, and the combine gathers th
 A few new queries per sequence (Tq > 1) are folded into the batch: query r of Tq sees
 `lengths - (Tq - 1 - r)` keys, and its program reads K/V of its own sequence (so K/V are read
 Tq times; decoding uses Tq = 1).
+
+Grouped-query attention: the cache may hold Hkv = H / G heads. The program of query head h reads
+KV head h // G through the BlockSpec index map (and the gate scores the tile means of that head),
+so the cache is never repeated. Each query head still loads only its own surviving V rows; the
+V rows a whole KV group needs (the union over its query heads) are measured by
+`condensa.sparsity.metrics.v_rows_fraction(..., n_kv_head=Hkv)`.
 """
 
 from __future__ import annotations
@@ -146,13 +152,14 @@ def _decode_kernel(meta_ref, tiles_ref, theta_ref, q_ref, k_ref, v_ref, *refs, s
 
 
 def _launch(meta, tiles, theta_row, q, k, v, opts: DecodeOptions):
-    """q [Bv, H, D] (Bv = B * Tq), k/v [B, S, H, D] -> partial acc [Bv, H, ns, D], stats [Bv, H, ns, 8]."""
+    """q [Bv, H, D] (Bv = B * Tq), k/v [B, S, Hkv, D] -> partial acc [Bv, H, ns, D], stats [Bv, H, ns, 8]."""
     bv, h, d = q.shape
     s = k.shape[1]
     ns, tq = opts.num_splits, opts.queries_per_seq
+    groups = h // k.shape[2]  # GQA: query head hi reads KV head hi // groups
     width = tiles.shape[-1]
     per_head = lambda last: pl.BlockSpec((None, None, last), lambda b, hi, j: (b, hi, 0))  # noqa: E731
-    cache_spec = pl.BlockSpec((None, s, None, d), lambda b, hi, j: (b // tq, 0, hi, 0))
+    cache_spec = pl.BlockSpec((None, s, None, d), lambda b, hi, j: (b // tq, 0, hi // groups, 0))
     in_specs = [per_head(4), per_head(width), per_head(2), per_head(d), cache_spec, cache_spec]
     out_specs = [pl.BlockSpec((None, None, None, d), lambda b, hi, j: (b, hi, j, 0)),
                  pl.BlockSpec((None, None, None, _STAT_WIDTH), lambda b, hi, j: (b, hi, j, 0))]
@@ -207,8 +214,11 @@ def kept_tiles(q, k_tile_mean, lengths, starts, *, n_tiles, scale, block_k, tile
     in_cache = (t >= first) & (t <= last)
     if tile_theta_decode is None:
         return jnp.broadcast_to(in_cache, (q.shape[0], q.shape[1], nk))
-    k_bar = jnp.repeat(k_tile_mean.astype(jnp.float32), queries_per_seq, axis=0)  # [Bv, nk, H, D]
-    scores = jnp.einsum("bhd,bthd->bht", q.astype(jnp.float32), k_bar) * jnp.float32(scale)
+    k_bar = jnp.repeat(k_tile_mean.astype(jnp.float32), queries_per_seq, axis=0)  # [Bv, nk, Hkv, D]
+    bv, h, d = q.shape
+    hkv = k_bar.shape[2]  # GQA: query head h is scored against the tile means of KV head h // G
+    grouped = q.astype(jnp.float32).reshape(bv, hkv, h // hkv, d)
+    scores = jnp.einsum("bjgd,btjd->bjgt", grouped, k_bar).reshape(bv, h, k_bar.shape[1]) * jnp.float32(scale)
     row = jnp.minimum(last[:, :, 0], tile_theta_decode.shape[-1] - 1)  # [Bv, 1]
     gate_theta = jnp.take(jnp.asarray(tile_theta_decode, jnp.float32), row[:, 0], axis=1).T  # [Bv, H]
     chosen = scores > gate_theta[:, :, None]
@@ -259,7 +269,8 @@ def _combine(acc, stats, v, seq_of_row, n_visible, sdc, v_mean, vmc):
     l = jnp.sum(w * l, axis=-1)
     kept = jnp.sum(kept, axis=-1)
     slot = jnp.take_along_axis(best_slot, jnp.argmax(best, axis=-1)[..., None], axis=-1)[..., 0].astype(jnp.int32)
-    heads = jnp.arange(v.shape[2])[None, :]
+    n_head = acc.shape[1]
+    heads = (jnp.arange(n_head) // (n_head // v.shape[2]))[None, :]  # GQA: the KV head of each query head
     fallback = v[seq_of_row[:, None], slot, heads].astype(jnp.float32)  # [Bv, H, D]
     acc = jnp.where(found[..., None], acc, fallback)
     l = jnp.where(found, l, 1.0)
@@ -269,7 +280,8 @@ def _combine(acc, stats, v, seq_of_row, n_visible, sdc, v_mean, vmc):
         denom = l + jnp.where(kept < n_visible[:, None], sdc, 0.0)
     out = acc / denom[..., None]
     if vmc:
-        out = out + (1.0 - l / denom)[..., None] * v_mean
+        groups = n_head // v_mean.shape[1]  # v̄ is per KV head: its query heads share it
+        out = out + (1.0 - l / denom)[..., None] * jnp.repeat(v_mean, groups, axis=1)
     return out
 
 
@@ -303,7 +315,7 @@ def _decode(q, k, v, lengths, starts, theta, sdc_delta, v_mean, k_tile_mean, til
     acc, stats = _launch(meta, tiles, theta_pair, qv, k, v, opts)
 
     sdc = None if sdc_delta is None else sdc_gamma * _lookup(sdc_delta, n_visible)
-    v_mean_v = None if v_mean is None else v_mean.astype(jnp.float32).reshape(b * tq, h, d)
+    v_mean_v = None if v_mean is None else v_mean.astype(jnp.float32).reshape(b * tq, v_mean.shape[2], d)
     out = _combine(acc, stats, v, jnp.arange(b * tq) // tq, n_visible.astype(jnp.float32), sdc, v_mean_v, vmc)
 
     t = jnp.arange(sp // bk)[None, :]
@@ -349,14 +361,15 @@ def toptheta_decode(
 ) -> tuple[jax.Array, DecodeStats]:
     """Top-θ attention of Tq new queries per sequence against a KV cache: `(out [B, Tq, H, D], stats)`.
 
-    q [B, Tq, H, D]; k, v [B, S, H, D] (D = 64 or 128; float32/bfloat16/float16); `lengths` [B]:
+    q [B, Tq, H, D]; k, v [B, S, Hkv, D] (D = 64 or 128; float32/bfloat16/float16), Hkv dividing H
+    (grouped-query attention: query head h reads KV head h // (H / Hkv)); `lengths` [B]:
     keys in the cache including the new ones (query r of Tq sees slots < lengths - (Tq - 1 - r));
     `starts` [B] (optional): the first valid slot (left padding), default 0. Row length
     n = visible keys. `theta[h, n - 1]`: threshold compared as `scale * q·k > θ` in float32 (None:
     dense; give rows with n <= k the value -inf). `sdc_delta[h, n - 1]`: calibrated SDC, added as
     `sdc_gamma * Δ̄` to the denominator of rows that dropped something. `vmc` adds V-mean
-    compensation with `v_mean` [B, Tq, H, D], the mean of each query's visible V rows (kept
-    incrementally in the cache state). The gate: `k_tile_mean` [B, ceil(S / block_k), H, D] (the
+    compensation with `v_mean` [B, Tq, Hkv, D], the mean of each query's visible V rows (kept
+    incrementally in the cache state). The gate: `k_tile_mean` [B, ceil(S / block_k), Hkv, D] (the
     mean of each tile's valid keys, from the cache state) with `tile_theta_decode[h, t_count - 1]`;
     None means no gate. `tile_budget` f (optional) keeps all optional tiles of a row that has no
     more than max(1, ceil(f t_count)) of them, as the reference gate does.
@@ -366,11 +379,12 @@ def toptheta_decode(
     `backend`: None/'auto' (by platform), 'triton' or 'interpret'. `poison_output` fills the
     kernel's partial outputs with NaN before it runs (for correctness checks).
     """
-    if q.ndim != 4 or k.ndim != 4 or k.shape != v.shape or q.shape[0] != k.shape[0] or q.shape[2:] != k.shape[2:]:
-        raise ConfigError(f"q must be [B, Tq, H, D] and k, v [B, S, H, D] with the same B, H, D; got q {q.shape}, "
-                          f"k {k.shape}, v {v.shape}.")
+    if (q.ndim != 4 or k.ndim != 4 or k.shape != v.shape or q.shape[0] != k.shape[0] or q.shape[3] != k.shape[3]
+            or k.shape[2] < 1 or q.shape[2] % k.shape[2]):
+        raise ConfigError(f"q must be [B, Tq, H, D] and k, v [B, S, Hkv, D] with the same B and D and Hkv dividing H "
+                          f"(grouped-query attention); got q {q.shape}, k {k.shape}, v {v.shape}.")
     b, tq, h, d = q.shape
-    s = k.shape[1]
+    s, hkv = k.shape[1], k.shape[2]
     if d not in (64, 128):
         raise ConfigError(f"head_dim {d} is not supported by the decode kernel; it takes 64 or 128.")
     if block_k < 16 or block_k & (block_k - 1):
@@ -383,11 +397,11 @@ def toptheta_decode(
     if tile_theta_decode is not None and k_tile_mean is None:
         raise ConfigError("the decode gate needs k_tile_mean [B, S/block_k, H, D] from the KV cache state; "
                           "pass it, or pass tile_theta_decode=None to turn the gate off.")
-    if k_tile_mean is not None and tuple(k_tile_mean.shape) != (b, nk, h, d):
-        raise ConfigError(f"k_tile_mean has shape {tuple(k_tile_mean.shape)} but needs {(b, nk, h, d)} "
+    if k_tile_mean is not None and tuple(k_tile_mean.shape) != (b, nk, hkv, d):
+        raise ConfigError(f"k_tile_mean has shape {tuple(k_tile_mean.shape)} but needs {(b, nk, hkv, d)} "
                           f"(one mean key per tile of block_k={block_k} cache slots).")
-    if vmc and (v_mean is None or tuple(v_mean.shape) != (b, tq, h, d)):
-        raise ConfigError(f"vmc=True needs v_mean [B, Tq, H, D] = {(b, tq, h, d)} (the mean of the visible V rows); "
+    if vmc and (v_mean is None or tuple(v_mean.shape) != (b, tq, hkv, d)):
+        raise ConfigError(f"vmc=True needs v_mean [B, Tq, Hkv, D] = {(b, tq, hkv, d)} (the mean of the visible V rows); "
                           f"got {None if v_mean is None else tuple(v_mean.shape)}.")
     for name, table in (("theta", theta), ("sdc_delta", sdc_delta), ("tile_theta_decode", tile_theta_decode)):
         if table is not None and (table.ndim != 2 or table.shape[0] != h):

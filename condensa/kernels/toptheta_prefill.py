@@ -7,9 +7,12 @@ that need the causal mask. Inside a tile, scores `a <= θ` are dropped from nume
 denominator; a tile where no row gains a survivor (and no row's fallback maximum moves) is
 counted as empty and, with `skip_empty`, skips its exp, its V load and its P·V. The calibrated
 SDC is added to the final denominator of the rows that dropped something, and VMC mixes in v̄_i:
-the wrapper sums V per query tile and takes a cumulative sum over tiles (a [B, nq, H, D] array),
+the wrapper sums V per query tile and takes a cumulative sum over tiles (a [B, nq, Hkv, D] array),
 and the kernel adds the query tile's own visible rows with one masked matmul over the diagonal
 tiles it loads anyway, so no [B, T, H, D] float32 mean is ever written.
+
+Grouped-query attention: K and V may have Hkv = H / G heads. The program of query head h reads KV
+head h // G through the BlockSpec index maps, so K and V are never repeated in memory.
 
 Defaults (128 x 128 tiles; 4 warps for head_dim 64, 8 for 128; 3 pipeline stages) are the fastest
 dense settings measured on the H100 (docs/benchmarks.md).
@@ -186,19 +189,20 @@ def _launch(q, k, v, table, theta2, sdc, v_prefix, opts: KernelOptions):
     b, tp, h, d = q.shape
     bq, bk = opts.block_q, opts.block_k
     n_q = tp // bq
+    groups = h // k.shape[2]  # GQA: query head hi reads KV head hi // groups
 
     def tile_of(i):
         return n_q - 1 - i if opts.heavy_first else i
 
     row_spec = pl.BlockSpec((None, bq, None, d), lambda i, bi, hi: (bi, tile_of(i), hi, 0))
-    seq_spec = pl.BlockSpec((None, tp, None, d), lambda i, bi, hi: (bi, 0, hi, 0))
+    seq_spec = pl.BlockSpec((None, tp, None, d), lambda i, bi, hi: (bi, 0, hi // groups, 0))
     per_row_spec = pl.BlockSpec((None, bq), lambda i, bi, hi: (hi, tile_of(i)))
     inputs, specs = [q, k, v], [row_spec, seq_spec, seq_spec]
     if table is not None:
         width = table.shape[-1]
         inputs.append(table)
         specs.append(pl.BlockSpec((None, None, None, width), lambda i, bi, hi: (bi, hi, tile_of(i), 0)))
-    tile_spec = pl.BlockSpec((None, None, None, d), lambda i, bi, hi: (bi, tile_of(i), hi, 0))
+    tile_spec = pl.BlockSpec((None, None, None, d), lambda i, bi, hi: (bi, tile_of(i), hi // groups, 0))
     for extra, spec in ((theta2, per_row_spec), (sdc, per_row_spec), (v_prefix, tile_spec)):
         if extra is not None:
             inputs.append(extra)
@@ -235,6 +239,7 @@ def _forward(q, k, v, theta, sdc_delta, tile_theta, opts: KernelOptions):
     bq, bk = opts.block_q, opts.block_k
     tp = -(-t // bq) * bq
     n_q, ratio = tp // bq, bq // bk
+    hkv = k.shape[2]
 
     def pad_seq(x, axis, value=0.0):
         widths = [(0, 0)] * x.ndim
@@ -245,8 +250,8 @@ def _forward(q, k, v, theta, sdc_delta, tile_theta, opts: KernelOptions):
     theta2 = None if theta is None else pad_seq(theta.astype(jnp.float32) * LOG2E, 1, -jnp.inf)
     sdc = None if sdc_delta is None else pad_seq(jnp.float32(opts.sdc_gamma) * sdc_delta.astype(jnp.float32), 1)
     v_prefix = None
-    if opts.vmc:  # exclusive prefix sums of V over query tiles: [B, nq, H, D], float32
-        tile_sums = vp.astype(jnp.float32).reshape(b, n_q, bq, h, d).sum(axis=2)
+    if opts.vmc:  # exclusive prefix sums of V over query tiles: [B, nq, Hkv, D], float32
+        tile_sums = vp.astype(jnp.float32).reshape(b, n_q, bq, hkv, d).sum(axis=2)
         v_prefix = jnp.cumsum(tile_sums, axis=1) - tile_sums
     table = None
     if tile_theta is not None:
@@ -327,7 +332,8 @@ def toptheta_prefill(
 ) -> tuple[jax.Array, PrefillStats]:
     """Causal (tile-gated) Top-θ attention of one layer: returns `(out [B, T, H, D], stats)`.
 
-    q, k, v: [B, T, H, D] (D = 64 or 128; float32, bfloat16 or float16). `theta[h, i]`: the
+    q [B, T, H, D], k and v [B, T, Hkv, D] (D = 64 or 128; float32, bfloat16 or float16), with
+    Hkv dividing H (grouped-query attention: query head h reads KV head h // (H / Hkv)). `theta[h, i]`: the
     threshold of query row i (row length i + 1), compared as `scale * q·k > θ` in float32; None
     means dense. `sdc_delta[h, i]`: calibrated SDC, added as `sdc_gamma * Δ̄` to the denominator.
     `tile_theta[h, b]`: the gate threshold of query tile b (tiles of `block_q` queries and
@@ -340,9 +346,10 @@ def toptheta_prefill(
     tiles are counted either way. It is off by default: on the H100 the branch (whose V load
     the compiler cannot pipeline) cost more than it saved (docs/kernels.md).
     """
-    if q.ndim != 4 or k.shape != q.shape or v.shape != q.shape:
-        raise ConfigError(f"q, k and v must all be [B, T, H, D] of one shape; got {q.shape}, {k.shape}, "
-                          f"{v.shape}.")
+    if (q.ndim != 4 or k.ndim != 4 or v.shape != k.shape or k.shape[:2] != q.shape[:2]
+            or k.shape[3] != q.shape[3] or k.shape[2] < 1 or q.shape[2] % k.shape[2]):
+        raise ConfigError(f"q must be [B, T, H, D] and k, v [B, T, Hkv, D] of one shape, with Hkv dividing H "
+                          f"(grouped-query attention); got {q.shape}, {k.shape}, {v.shape}.")
     _, t, h, d = q.shape
     if d not in (64, 128):
         raise ConfigError(f"head_dim {d} is not supported by the prefill kernel; it takes 64 or 128.")

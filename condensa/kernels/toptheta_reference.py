@@ -10,6 +10,8 @@ keys inside the tiles the gate keeps (all causal keys without a gate):
   p_ij = exp(a_ij - m_i) / (Σ_{S_i} exp(a - m_i) + γ Δ̄_i)  (Δ̄_i only if row i dropped something),
   o_i = Σ p_ij v_j  (+ (1 - Σ_j p_ij) v̄_i with VMC, v̄_i the mean of v_0..v_i).
 m_i is the max over C_i, which is the same as the max over the visible row when no gate is used.
+K and V may have fewer heads than q (grouped-query attention); this oracle repeats them to every
+query head (query head h reads KV head h // G), which the kernels never do.
 """
 
 from __future__ import annotations
@@ -46,6 +48,9 @@ def toptheta_prefill_reference(
     sink_tiles=1, tile_budget=None, block_q=128, block_k=64,
 ) -> jax.Array:
     """Output [B, T, H, D] in v's dtype; every statistic in float32. Arguments as the kernel's."""
+    groups = q.shape[2] // k.shape[2]
+    if groups > 1:
+        k, v = jnp.repeat(k, groups, axis=2), jnp.repeat(v, groups, axis=2)
     a = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32) * jnp.float32(scale)
     cand = candidate_mask(q, k, scale=scale, tile_theta=tile_theta, block_q=block_q, block_k=block_k,
                           sink_tiles=sink_tiles, tile_budget=tile_budget)

@@ -70,6 +70,15 @@ class GPT2Config:
     def inner_dim(self) -> int:
         return self.n_inner if self.n_inner is not None else 4 * self.n_embd
 
+    @property
+    def n_kv_head(self) -> int:
+        """Key/value heads: one per query head in GPT-2 (the LLaMA family may share them: GQA)."""
+        return self.n_head
+
+    @property
+    def model_type(self) -> str:
+        return "gpt2"
+
     @classmethod
     def field_names(cls) -> tuple[str, ...]:
         return tuple(f.name for f in dataclasses.fields(cls))

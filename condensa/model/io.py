@@ -1,4 +1,9 @@
-"""`load_pretrained` / `save_pretrained`: Hugging Face GPT-2 directories in and out."""
+"""`load_pretrained` / `save_pretrained`: Hugging Face model directories in and out.
+
+config.json's `model_type` picks the family (`condensa.model.registry`): GPT-2 checkpoints are
+small and read whole; LLaMA-family checkpoints (llama, mistral, qwen2) are read tensor by tensor
+from single or sharded files and written in shards, so a large model is never held twice.
+"""
 
 from __future__ import annotations
 
@@ -16,8 +21,10 @@ from condensa.hub import resolve_model_dir
 from condensa.model.config import GPT2Config
 from condensa.model.gpt2 import GPT2
 from condensa.model.hf_convert import export_tensors, load_into
+from condensa.model.weights import SAFETENSORS_INDEX, TORCH_INDEX, WEIGHT_PATTERNS, CheckpointReader, read_all
 
-_WEIGHT_FILES = ["config.json", "model.safetensors", "pytorch_model.bin"]
+_WEIGHT_FILES = WEIGHT_PATTERNS
+DEFAULT_MAX_SHARD_BYTES = 5 * 2**30  # the LLaMA family is written in shards of at most this many bytes
 
 
 def _read_safetensors(path: Path) -> dict[str, np.ndarray]:
@@ -49,6 +56,9 @@ def _read_torch_bin(path: Path) -> dict[str, np.ndarray]:
 
 def read_weights(directory: Path) -> dict[str, np.ndarray]:
     """The tensors of an HF model directory, preferring safetensors over a torch pickle."""
+    if (directory / SAFETENSORS_INDEX).is_file() or (
+            not (directory / "model.safetensors").is_file() and (directory / TORCH_INDEX).is_file()):
+        return read_all(directory)  # sharded: small enough to read whole for GPT-2
     if (directory / "model.safetensors").is_file():
         return _read_safetensors(directory / "model.safetensors")
     if (directory / "pytorch_model.bin").is_file():
@@ -59,31 +69,51 @@ def read_weights(directory: Path) -> dict[str, np.ndarray]:
 
 
 def load_pretrained(name_or_path: str | os.PathLike, *, dtype=jnp.float32, seed: int = 0, **model_kwargs):
-    """Loads a GPT-2 from a local HF directory or a hub id. Returns `(model, config)`.
+    """Loads a model from a local HF directory or a hub id. Returns `(model, config)`.
 
-    Parameters stay float32; `dtype` is the compute dtype. Extra keyword arguments (for example
-    `attention=AttentionConfig(...)` or `remat=True`) go to the `GPT2` constructor.
+    config.json's `model_type` chooses the family: gpt2 (`GPT2`) or llama / mistral / qwen2
+    (`Llama`); any other type is a `ConfigError` that lists the supported ones. Parameters stay
+    float32; `dtype` is the compute dtype. Extra keyword arguments (for example
+    `attention=AttentionConfig(...)` or `remat=True`) go to the model constructor.
     """
+    from condensa.model.registry import build_model, config_from_json_file
+
     directory = resolve_model_dir(name_or_path, allow_patterns=_WEIGHT_FILES)
-    config = GPT2Config.from_json_file(directory / "config.json")
-    tensors = read_weights(directory)
-    model = GPT2(config, dtype=dtype, rngs=nnx.Rngs(seed), **model_kwargs)
-    load_into(model, tensors, source=str(directory))
+    config = config_from_json_file(directory / "config.json")
+    if isinstance(config, GPT2Config):
+        tensors = read_weights(directory)
+        model = GPT2(config, dtype=dtype, rngs=nnx.Rngs(seed), **model_kwargs)
+        load_into(model, tensors, source=str(directory))
+    else:
+        from condensa.model.llama_convert import abstract_model, load_streaming
+
+        with CheckpointReader(directory) as reader:  # tensor by tensor: the model is never in memory twice
+            model = abstract_model(lambda: build_model(config, dtype=dtype, rngs=nnx.Rngs(seed), **model_kwargs), seed)
+            load_streaming(model, reader, source=str(directory))
     model.eval()
     return model, config
 
 
-def save_pretrained(model: GPT2, config: GPT2Config, path: str | os.PathLike, tokenizer=None) -> Path:
-    """Writes config.json + model.safetensors (+ the tokenizer) that `GPT2LMHeadModel.from_pretrained`
-    loads with nothing missing. Files are written to temporaries and renamed, so an interrupted save
-    never leaves a half-written model where a good one was."""
+def save_pretrained(model, config, path: str | os.PathLike, tokenizer=None, *,
+                    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> Path:
+    """Writes config.json + the weights (+ the tokenizer) that transformers' `from_pretrained`
+    (`GPT2LMHeadModel`, `LlamaForCausalLM`, `MistralForCausalLM`, `Qwen2ForCausalLM`) loads with
+    nothing missing. LLaMA-family weights go into shards of at most `max_shard_bytes` (one
+    model.safetensors when they fit) with a model.safetensors.index.json. Files are written to
+    temporaries and renamed, so an interrupted save never leaves a half-written model where a good
+    one was."""
     from safetensors.numpy import save_file
 
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     _atomic_write(path / "config.json", lambda p: Path(p).write_text(json.dumps(config.to_hf_dict(), indent=2) + "\n"))
-    tensors = export_tensors(model)
-    _atomic_write(path / "model.safetensors", lambda p: save_file(tensors, p, metadata={"format": "pt"}))
+    if isinstance(config, GPT2Config):
+        tensors = export_tensors(model)
+        _atomic_write(path / "model.safetensors", lambda p: save_file(tensors, p, metadata={"format": "pt"}))
+    else:
+        from condensa.model.llama_convert import iter_export_tensors, write_shards
+
+        write_shards(iter_export_tensors(model), path, max_shard_bytes=int(max_shard_bytes), atomic_write=_atomic_write)
     if tokenizer is not None:
         tokenizer.save_pretrained(str(path))
     return path

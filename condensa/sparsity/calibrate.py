@@ -52,8 +52,12 @@ def walk_layers(model, ids: jax.Array, attention: AttentionConfig, thresholds, p
     projections before the layer runs with `attention`. Returns the callbacks' results.
 
     Calibration needs the scaled logits, which the model does not return (it returns
-    probabilities), so this repeats the model's embedding and fused q/k/v split.
+    probabilities), so this repeats the model's embedding and fused q/k/v split. A model family
+    with its own layout (`Llama`) provides `model.walk_layers` with this contract; with grouped-query
+    attention it passes K and V repeated to every query head, so statistics stay per query head.
     """
+    if hasattr(model, "walk_layers"):
+        return model.walk_layers(ids, attention, thresholds, per_layer)
     b, t = ids.shape
     visible = jnp.tril(jnp.ones((t, t), bool))[None, None]
     x = model.wte(ids) + model.wpe(jnp.arange(t)[None, :])

@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from condensa.attention.gqa import kv_groups
 from condensa.attention.tiles import tile_count, tile_masses, top_m_tiles, visible_tiles
 
 
@@ -50,14 +51,24 @@ def kept_per_row(probs, visible, min_length: int = 0) -> jax.Array:
     return _per_head(jnp.where(rows, kept, 0).sum(axis=(0, 2)), rows.sum(axis=(0, 2)))
 
 
-def v_rows_fraction(probs, visible) -> jax.Array:
-    """Decoding: the fraction of visible V rows that some kept element needs, per head [H].
+def v_rows_fraction(probs, visible, n_kv_head: int | None = None) -> jax.Array:
+    """Decoding: the fraction of visible V rows that some kept element needs, per KV head [Hkv].
 
-    Pass one decode step's probabilities (Tq = 1) to get the V traffic a kernel must load.
+    Pass one decode step's probabilities (Tq = 1) to get the V traffic a kernel must load. With
+    grouped-query attention (`n_kv_head` < H), the G = H / Hkv query heads of a group read one
+    shared V head, so the group needs the union of the rows its query heads keep (as the Top-θ
+    paper counts it). Without `n_kv_head` (or with Hkv = H) this is per head, as for GPT-2.
     """
     vis = jnp.broadcast_to(visible, probs.shape)
     needed = ((probs > 0) & vis).any(axis=2)  # [B, H, Tk]
-    return _per_head(needed.sum(axis=(0, 2)), vis.any(axis=2).sum(axis=(0, 2)))
+    seen = vis.any(axis=2)
+    b, h, tk = needed.shape
+    n_kv_head = h if n_kv_head is None else int(n_kv_head)
+    if n_kv_head != h:
+        groups = kv_groups(h, n_kv_head)
+        needed = needed.reshape(b, n_kv_head, groups, tk).any(axis=2)  # a row any query head of the group keeps
+        seen = seen.reshape(b, n_kv_head, groups, tk).any(axis=2)
+    return _per_head(needed.sum(axis=(0, 2)), seen.sum(axis=(0, 2)))
 
 
 def topk_mass(probs, visible, k: int) -> jax.Array:

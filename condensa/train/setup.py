@@ -9,7 +9,9 @@ import optax
 from flax import nnx
 
 from condensa.errors import ConfigError
-from condensa.model import GPT2, GPT2Config, load_pretrained, preset
+from condensa.model import GPT2, GPT2Config, load_pretrained
+from condensa.model.registry import build_model as build_network
+from condensa.model.registry import preset
 from condensa.train.config import OptimizerConfig, TrainConfig
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -25,7 +27,7 @@ def build_model(cfg: TrainConfig, vocab_size: int) -> tuple[GPT2, GPT2Config]:
     else:
         overrides = {"vocab_size": vocab_size, **cfg.model_overrides}
         config = preset(cfg.model_config, **overrides)
-        model = GPT2(config, dtype=dtype, remat=cfg.train.remat, rngs=nnx.Rngs(cfg.train.seed))
+        model = build_network(config, dtype=dtype, remat=cfg.train.remat, rngs=nnx.Rngs(cfg.train.seed))
     if cfg.data.seq_len > config.n_positions:
         raise ConfigError(
             f"data.seq_len={cfg.data.seq_len} is longer than the model's n_positions={config.n_positions}; "

@@ -1,0 +1,65 @@
+"""What a decoder-only model derives from its inputs before the first layer, shared across families.
+
+Position ids (counting real tokens only, as HF does with padding), the visibility mask `attend`
+takes, and, with a KV cache, the per-layer cache write plus the `DecodeState` that decode kernels
+read. It is the same logic as `GPT2.__call__`'s prologue and epilogue, in functions, so a new model
+family (LLaMA) reuses the cache and generation machinery instead of copying it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from condensa.attention.decode_state import DecodeState
+from condensa.model.kv_cache import KVCache, LayerKV
+
+
+class CausalInputs(NamedTuple):
+    mask: jax.Array  # bool [B, T]: real (non-padding) new tokens
+    positions: jax.Array  # int [B, T]: position ids of the new tokens
+    visible: jax.Array  # bool [B, 1, T, T or S]: key j visible to query i
+    plain_causal: bool  # static: no padding and no cache, so fused kernels may skip the mask
+    key_valid: jax.Array | None  # bool [B, S]: cache slots holding a token, after this write
+    cache_write: Callable[[int, jax.Array, jax.Array], tuple[LayerKV, DecodeState]] | None
+
+
+def causal_inputs(input_ids: jax.Array, attention_mask: jax.Array | None, cache: KVCache | None) -> CausalInputs:
+    """Positions, visibility and the cache writer for `input_ids` [B, T] appended at `cache.index`."""
+    b, t = input_ids.shape
+    mask = jnp.ones((b, t), bool) if attention_mask is None else attention_mask.astype(bool)
+    if cache is None:
+        positions = jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0)
+        causal = jnp.tril(jnp.ones((t, t), bool))
+        visible = causal[None, None] & mask[:, None, None, :]
+        return CausalInputs(mask, positions, visible, attention_mask is None, None, None)
+
+    positions = jnp.maximum(cache.next_position[:, None] + jnp.cumsum(mask, axis=1) - 1, 0)
+    key_valid = jax.lax.dynamic_update_slice(cache.key_valid, mask, (0, cache.index))
+    slots = jnp.arange(cache.max_len)
+    query_slots = cache.index + jnp.arange(t)
+    visible = (slots[None, :] <= query_slots[:, None])[None, None] & key_valid[:, None, None, :]
+    lengths = jnp.full((b,), cache.index + t, jnp.int32)
+    starts = jnp.argmax(key_valid, axis=1).astype(jnp.int32)
+    v_count = jnp.maximum(key_valid.sum(axis=1), 1).astype(jnp.float32)[:, None, None]
+    tile_count = None if cache.k_tile_sum is None else jnp.maximum(cache.tile_counts(key_valid), 1.0)
+
+    def cache_write(i, k, v):
+        layer = cache.layer_update(i, k, v, mask)
+        k_tile_mean = None if tile_count is None else layer.k_tile_sum / tile_count[..., None, None]
+        return layer, DecodeState(lengths, starts, layer.v_sum / v_count, k_tile_mean)
+
+    return CausalInputs(mask, positions, visible, False, key_valid, cache_write)
+
+
+def updated_cache(cache: KVCache, layers: list[LayerKV], inputs: CausalInputs) -> KVCache:
+    """The cache after every layer wrote its new K/V (`layers`, one `LayerKV` per layer)."""
+    stacked = LayerKV(*(None if x[0] is None else jnp.stack(x) for x in zip(*layers)))
+    t = inputs.mask.shape[1]
+    return cache.replace(
+        k=stacked.k, v=stacked.v, v_sum=stacked.v_sum, k_tile_sum=stacked.k_tile_sum, key_valid=inputs.key_valid,
+        index=cache.index + t, next_position=cache.next_position + inputs.mask.sum(axis=1).astype(jnp.int32),
+    )

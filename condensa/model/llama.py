@@ -1,0 +1,212 @@
+"""The LLaMA family (LLaMA, Mistral, Qwen2) in Flax NNX.
+
+Numerics follow Hugging Face's eager `LlamaForCausalLM`: pre-RMSNorm blocks (statistics in
+float32), rotary position embeddings on q and k, grouped-query attention, a SwiGLU MLP, tied or
+untied `lm_head`, float32 parameters with a configurable compute dtype. Module and parameter names
+mirror HF's (`layers.{i}.self_attn.q_proj`, ...) so the weight map is a transpose per matrix.
+
+Attention runs through `condensa.attention.attend` with K and V at their own head count (Hkv), so
+every rule (dense, top-k, Top-θ, SDC/VMC, the tile gate) and the Pallas kernels work unchanged; the
+kernels index the shared KV head, the reference ops broadcast it. The call signature, the KV cache
+(`KVCache` with Hkv heads) and `condensa.generate` are the same as for `GPT2`.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from condensa.attention import AttentionConfig, attend
+from condensa.attention.gqa import repeat_kv
+from condensa.errors import ModelInputError
+from condensa.model.causal_inputs import causal_inputs, updated_cache
+from condensa.model.gpt2 import ModelOutput, check_input_ids
+from condensa.model.kv_cache import KVCache
+from condensa.model.llama_config import LlamaConfig
+from condensa.model.rope import apply_rope, inverse_frequencies, rope_angles
+
+
+class RMSNorm(nnx.Module):
+    """HF's LlamaRMSNorm: normalise in float32, cast back, then scale (weight starts at 1)."""
+
+    def __init__(self, dim: int, *, eps: float, dtype):
+        self.weight = nnx.Param(jnp.ones((dim,), jnp.float32))
+        self.eps = eps
+        self.dtype = jnp.dtype(dtype)
+
+    def __call__(self, x):
+        xf = x.astype(jnp.float32)
+        normed = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.eps)
+        return self.weight[...].astype(self.dtype) * normed.astype(self.dtype)
+
+
+def _linear(n_in: int, n_out: int, *, bias: bool, config: LlamaConfig, dtype, rngs: nnx.Rngs) -> nnx.Linear:
+    return nnx.Linear(n_in, n_out, use_bias=bias, dtype=dtype, param_dtype=jnp.float32,
+                      kernel_init=nnx.initializers.normal(config.initializer_range), rngs=rngs)
+
+
+class LlamaAttention(nnx.Module):
+    """Causal self-attention with rotary q/k and Hkv = n_head / G shared key/value heads."""
+
+    def __init__(self, config: LlamaConfig, layer_idx: int, *, dtype, rngs: nnx.Rngs):
+        d, hd = config.hidden_size, config.head_dim
+        self.n_head, self.n_kv_head, self.head_dim = config.n_head, config.n_kv_head, hd
+        self.layer_idx = layer_idx
+        self.scale = hd**-0.5
+        self.q_proj = _linear(d, self.n_head * hd, bias=config.qkv_bias, config=config, dtype=dtype, rngs=rngs)
+        self.k_proj = _linear(d, self.n_kv_head * hd, bias=config.qkv_bias, config=config, dtype=dtype, rngs=rngs)
+        self.v_proj = _linear(d, self.n_kv_head * hd, bias=config.qkv_bias, config=config, dtype=dtype, rngs=rngs)
+        self.o_proj = _linear(self.n_head * hd, d, bias=config.o_bias, config=config, dtype=dtype, rngs=rngs)
+        self.attn_dropout = nnx.Dropout(config.attention_dropout, rngs=rngs)
+
+    def projections(self, x, cos, sin):
+        """q [B, T, H, D] and k, v [B, T, Hkv, D], q and k rotated to their positions."""
+        b, t, _ = x.shape
+        q = self.q_proj(x).reshape(b, t, self.n_head, self.head_dim)
+        k = self.k_proj(x).reshape(b, t, self.n_kv_head, self.head_dim)
+        v = self.v_proj(x).reshape(b, t, self.n_kv_head, self.head_dim)
+        return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
+
+    def __call__(self, x, cos, sin, *, visible, attention: AttentionConfig, thresholds, kv=None, need_probs=True,
+                 causal=False):
+        b, t, _ = x.shape
+        q, k, v = self.projections(x, cos, sin)
+        layer_kv, decode_state = kv(k, v) if kv is not None else (None, None)
+        k_all, v_all = (layer_kv.k, layer_kv.v) if layer_kv is not None else (k, v)
+        dropout = self.attn_dropout if self.attn_dropout.rate > 0 and not self.attn_dropout.deterministic else None
+        out, probs = attend(
+            q, k_all, v_all,
+            visible=visible, scale=self.scale, layer_idx=self.layer_idx,
+            config=attention, thresholds=thresholds, probs_dropout=dropout, need_probs=need_probs, causal=causal,
+            decode_state=decode_state,
+        )
+        return self.o_proj(out.reshape(b, t, self.n_head * self.head_dim)), probs, layer_kv
+
+
+class LlamaMLP(nnx.Module):
+    """SwiGLU: down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, config: LlamaConfig, *, dtype, rngs: nnx.Rngs):
+        d, inner, bias = config.hidden_size, config.intermediate_size, config.mlp_bias
+        self.gate_proj = _linear(d, inner, bias=bias, config=config, dtype=dtype, rngs=rngs)
+        self.up_proj = _linear(d, inner, bias=bias, config=config, dtype=dtype, rngs=rngs)
+        self.down_proj = _linear(inner, d, bias=bias, config=config, dtype=dtype, rngs=rngs)
+
+    def __call__(self, x):
+        return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class LlamaDecoderLayer(nnx.Module):
+    def __init__(self, config: LlamaConfig, layer_idx: int, *, dtype, rngs: nnx.Rngs):
+        eps = config.rms_norm_eps
+        self.input_layernorm = RMSNorm(config.hidden_size, eps=eps, dtype=dtype)
+        self.self_attn = LlamaAttention(config, layer_idx, dtype=dtype, rngs=rngs)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, eps=eps, dtype=dtype)
+        self.mlp = LlamaMLP(config, dtype=dtype, rngs=rngs)
+
+    def __call__(self, x, cos, sin, *, visible, attention, thresholds, kv=None, need_probs=True, causal=False):
+        a, probs, new_kv = self.self_attn(
+            self.input_layernorm(x), cos, sin, visible=visible, attention=attention, thresholds=thresholds, kv=kv,
+            need_probs=need_probs, causal=causal,
+        )
+        x = x + a
+        x = x + self.mlp(self.post_attention_layernorm(x))
+        return x, probs, new_kv
+
+
+class Llama(nnx.Module):
+    """A LLaMA-family causal language model. Call it with token ids [B, T], exactly like `GPT2`."""
+
+    def __init__(
+        self,
+        config: LlamaConfig,
+        *,
+        dtype=jnp.float32,
+        attention: AttentionConfig | None = None,
+        remat: bool = False,
+        rngs: nnx.Rngs,
+    ):
+        self.config = config
+        self.dtype = jnp.dtype(dtype)
+        self.attention = attention or AttentionConfig()
+        self.remat = remat
+        self.embed_tokens = nnx.Embed(config.vocab_size, config.hidden_size, dtype=dtype,
+                                      embedding_init=nnx.initializers.normal(config.initializer_range), rngs=rngs)
+        # LLaMA has no embedding dropout (rate 0); the module carries the train/eval switch that
+        # perplexity and the train loop read on every model (`model.drop.deterministic`).
+        self.drop = nnx.Dropout(0.0, rngs=rngs)
+        self.layers = nnx.List([LlamaDecoderLayer(config, i, dtype=dtype, rngs=rngs) for i in range(config.n_layer)])
+        self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps, dtype=dtype)
+        self.lm_head = None if config.tie_word_embeddings else _linear(
+            config.hidden_size, config.vocab_size, bias=False, config=config, dtype=dtype, rngs=rngs)
+
+    def init_cache(self, batch: int, max_len: int | None = None, *, tile_size: int | None = None) -> KVCache:
+        """An empty KV cache (Hkv heads) for `batch` sequences of up to `max_len` (default n_positions)
+        tokens. `tile_size`: keep per-tile key sums for the decode tile gate (its `block_k`)."""
+        c = self.config
+        max_len = max_len or c.n_positions
+        if max_len > c.n_positions:
+            raise ModelInputError(
+                f"a cache of {max_len} tokens exceeds n_positions={c.n_positions}; "
+                "generate fewer tokens or use a shorter prompt."
+            )
+        return KVCache.empty(n_layer=c.n_layer, batch=batch, max_len=max_len, n_head=c.n_kv_head,
+                             head_dim=c.head_dim, dtype=self.dtype, tile_size=tile_size)
+
+    def _rope(self, positions):
+        return rope_angles(positions, inverse_frequencies(self.config.head_dim, self.config.rope_parameters))
+
+    def __call__(
+        self,
+        input_ids: jax.Array,
+        *,
+        attention_mask: jax.Array | None = None,
+        cache: KVCache | None = None,
+        return_attention: bool = False,
+        attention: AttentionConfig | None = None,
+        thresholds=None,
+    ) -> ModelOutput:
+        """Logits for `input_ids` [B, T]; arguments as `GPT2.__call__` (padding mask, KV cache,
+        attention probabilities per query head [B, H, Tq, Tk], an attention rule for this call)."""
+        check_input_ids(input_ids, self.config, offset=0 if cache is None else cache.index)
+        attention = attention or self.attention
+        inputs = causal_inputs(input_ids, attention_mask, cache)
+        cos, sin = self._rope(inputs.positions)
+        x = self.drop(self.embed_tokens(input_ids))
+        all_probs, new_layers = [], []
+        for i, block in enumerate(self.layers):
+            kv = None if cache is None else functools.partial(inputs.cache_write, i)
+
+            def run_block(block, x, kv=kv):
+                return block(x, cos, sin, visible=inputs.visible, attention=attention, thresholds=thresholds, kv=kv,
+                             need_probs=return_attention, causal=inputs.plain_causal)
+
+            # Rematerialise per block so training memory stays O(one block's activations).
+            x, probs, layer_kv = (nnx.remat(run_block) if self.remat else run_block)(block, x)
+            if return_attention:
+                all_probs.append(probs)
+            if cache is not None:
+                new_layers.append(layer_kv)
+        x = self.norm(x)
+        logits = (self.embed_tokens.attend(x) if self.lm_head is None else self.lm_head(x)).astype(jnp.float32)
+        new_cache = None if cache is None else updated_cache(cache, new_layers, inputs)
+        return ModelOutput(logits, tuple(all_probs) if return_attention else None, new_cache)
+
+    def walk_layers(self, ids: jax.Array, attention: AttentionConfig, thresholds, per_layer) -> list:
+        """Calibration's view of the network (`condensa.sparsity.calibrate.walk_layers`): for each layer,
+        `per_layer(layer, q, k, v, scale)` on its rotated projections before the layer runs with
+        `attention`. K and V are repeated to every query head, so per-head statistics need no GQA logic."""
+        b, t = ids.shape
+        visible = jnp.tril(jnp.ones((t, t), bool))[None, None]
+        cos, sin = self._rope(jnp.broadcast_to(jnp.arange(t)[None, :], (b, t)))
+        x = self.embed_tokens(ids)
+        results = []
+        for layer, block in enumerate(self.layers):
+            q, k, v = block.self_attn.projections(block.input_layernorm(x), cos, sin)
+            h = q.shape[2]
+            results.append(per_layer(layer, q, repeat_kv(k, h), repeat_kv(v, h), block.self_attn.scale))
+            x, _, _ = block(x, cos, sin, visible=visible, attention=attention, thresholds=thresholds)
+        return results
