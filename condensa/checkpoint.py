@@ -82,6 +82,11 @@ def _fingerprints_match(saved: dict[str, float], restored: dict[str, float]) -> 
     return bool(np.all(np.isfinite(b)) and np.allclose(a, b, rtol=1e-5, atol=1e-6))
 
 
+def _reason(err: Exception) -> str:
+    """The first line of an error message (orbax's can run to pages), or its type."""
+    return str(err).splitlines()[0][:200] if str(err) else type(err).__name__
+
+
 class Checkpointer:
     """Save / resume for one run's `checkpoints/` folder."""
 
@@ -106,29 +111,43 @@ class Checkpointer:
             int(step), args=ocp.args.Composite(state=ocp.args.StandardSave(flat), record=ocp.args.JsonSave(record))
         )
 
-    def restore_latest(self, template) -> tuple[int, Any, dict[str, Any]] | None:
-        """(step, state, record) of the newest checkpoint that reads back intact, or None if none.
+    def restore(self, step: int, template) -> tuple[Any, dict[str, Any]]:
+        """(state, record) of checkpoint `step`, read-only: a checkpoint that fails to read or to
+        match its fingerprint raises `CheckpointError` and stays where it is.
 
         `template` is a pytree of arrays (or ShapeDtypeStructs) with the target shapes, dtypes and
-        shardings. Bad checkpoints are moved to `<checkpoints>/../corrupt/` with a warning.
+        shardings.
         """
         flat_template, _ = flatten(template)
         abstract = {
             k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=getattr(v, "sharding", None))
             for k, v in flat_template.items()
         }
+        try:
+            restored = self._manager.restore(
+                step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract), record=ocp.args.JsonRestore())
+            )
+            flat, record = dict(restored["state"]), dict(restored["record"])
+            if not _fingerprints_match(record.get("fingerprint", {}), fingerprint(flat)):
+                raise CheckpointError("its arrays do not match the fingerprint saved with them")
+        except Exception as err:  # orbax / tensorstore raise many types for truncated or garbled files
+            raise CheckpointError(
+                f"checkpoint step {step} in {self.directory} is truncated or corrupt ({_reason(err)})."
+            ) from err
+        return unflatten(flat, template), record
+
+    def restore_latest(self, template) -> tuple[int, Any, dict[str, Any]] | None:
+        """(step, state, record) of the newest checkpoint that reads back intact, or None if none.
+
+        Bad checkpoints are moved to `<checkpoints>/../corrupt/` with a warning (see `restore`).
+        """
         for step in reversed(self.steps()):
             try:
-                restored = self._manager.restore(
-                    step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract), record=ocp.args.JsonRestore())
-                )
-                flat, record = dict(restored["state"]), dict(restored["record"])
-                if not _fingerprints_match(record.get("fingerprint", {}), fingerprint(flat)):
-                    raise CheckpointError("its arrays do not match the fingerprint saved with them")
-            except Exception as err:  # orbax / tensorstore raise many types for truncated or garbled files
-                self._set_aside(step, err)
+                state, record = self.restore(step, template)
+            except CheckpointError as err:
+                self._set_aside(step, err.__cause__ or err)
                 continue
-            return step, unflatten(flat, template), record
+            return step, state, record
         return None
 
     def _set_aside(self, step: int, err: Exception) -> None:
@@ -137,9 +156,8 @@ class Checkpointer:
         self._manager.close()
         shutil.move(str(self.directory / str(step)), str(target))
         self._manager = self._open()  # re-scan, so the manager forgets the moved step
-        reason = str(err).splitlines()[0][:200] if str(err) else type(err).__name__
         warnings.warn(
-            f"checkpoint step {step} in {self.directory} is truncated or corrupt ({reason}); it was moved to "
+            f"checkpoint step {step} in {self.directory} is truncated or corrupt ({_reason(err)}); it was moved to "
             f"{target} and the previous checkpoint is used instead.",
             CorruptCheckpointWarning,
             stacklevel=3,

@@ -18,7 +18,7 @@ import numpy as np
 from flax import nnx
 
 from condensa.attention import AttentionConfig
-from condensa.cli import parse_config_args, config_to_dict, progress, write_json
+from condensa.cli import config_parser, parse_config_args, config_to_dict, progress, write_json
 from condensa.errors import ConfigError, ModelInputError
 
 
@@ -42,7 +42,8 @@ def _decode(graphdef, state, prompt, thresholds, *, steps, attention):
         token, cache = carry
         out = call(token[:, None], cache=cache, return_attention=True)
         visible = out.cache.key_valid[:, None, None, :] & (slots <= cache.index)[None, None, None, :]
-        v_rows = jnp.stack([v_rows_fraction(probs, visible) for probs in out.attentions])  # [L, H]
+        # [L, Hkv]: with GQA, a KV group needs the union of the rows its query heads keep
+        v_rows = jnp.stack([v_rows_fraction(probs, visible, model.config.n_kv_head) for probs in out.attentions])
         nxt = jnp.argmax(out.logits[:, -1], axis=-1).astype(jnp.int32)
         return (nxt, out.cache), (token, v_rows)
 
@@ -52,7 +53,8 @@ def _decode(graphdef, state, prompt, thresholds, *, steps, attention):
 
 def decode_trace(model, prompt, steps: int, attention: AttentionConfig, thresholds) -> dict[str, np.ndarray]:
     """Greedy decoding of `steps` tokens after `prompt` [B, P]: `tokens` [B, steps] and `v_rows`
-    [steps, L, H], the fraction of the visible V rows each step needs (row length P + step + 1)."""
+    [steps, L, Hkv], the fraction of the visible V rows each step needs (row length P + step + 1;
+    per KV head, so with grouped-query attention the union over each group's query heads)."""
     prompt = jnp.asarray(prompt, jnp.int32)
     if prompt.ndim == 1:
         prompt = prompt[None]
@@ -178,14 +180,21 @@ def print_generation(result: dict, out: Path) -> None:
           f"{result['token_agreement']:.3f} (first divergence per prompt: {result['first_divergence']}) -> {out / 'results.json'}")
 
 
+PARSER = dict(  # the command line, shared by main() and build_parser()
+    prog="python -m condensa.eval generate",
+    description="Greedy generation with the KV cache under a sparse attention rule: the kept fraction of V "
+    "rows per decoding step, and the agreement of the tokens with dense greedy decoding. Any key of the config "
+    "can be set as --key value or --section.key value, e.g. --attention.mode toptheta --attention.k 32.",
+    epilog="example: python -m condensa.eval generate --model runs/quickstart/hf --data ../shared/data/wikitext-2-raw/"
+    "wiki.test.raw --tokenizer ../shared/data/gpt2-tokenizer --attention.mode toptheta --attention.k 16 "
+    "--thresholds runs/thresholds-k16/thresholds.safetensors",
+)
+
+
+def build_parser():
+    """This tool's argparse parser (for --help and docs/cli.md)."""
+    return config_parser(GenerateConfig, **PARSER)
+
+
 def main(argv) -> None:
-    run(parse_config_args(
-        argv, GenerateConfig,
-        prog="python -m condensa.eval generate",
-        description="Greedy generation with the KV cache under a sparse attention rule: the kept fraction of V "
-        "rows per decoding step, and the agreement of the tokens with dense greedy decoding. Any key of the config "
-        "can be set as --key value or --section.key value, e.g. --attention.mode toptheta --attention.k 32.",
-        epilog="example: python -m condensa.eval generate --model runs/quickstart/hf --data ../shared/data/wikitext-2-raw/"
-        "wiki.test.raw --tokenizer ../shared/data/gpt2-tokenizer --attention.mode toptheta --attention.k 16 "
-        "--thresholds runs/thresholds-k16/thresholds.safetensors",
-    ))
+    run(parse_config_args(argv, GenerateConfig, **PARSER))

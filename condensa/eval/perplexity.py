@@ -18,7 +18,7 @@ import numpy as np
 from flax import nnx
 
 from condensa.errors import ConfigError, DataError
-from condensa.model.gpt2 import check_token_range
+from condensa.model.causal_lm import check_token_range
 
 
 @dataclasses.dataclass(frozen=True)

@@ -9,7 +9,7 @@ from pathlib import Path
 import jax.numpy as jnp
 
 from condensa.attention import AttentionConfig
-from condensa.cli import parse_config_args, config_to_dict, progress, write_json
+from condensa.cli import config_parser, parse_config_args, config_to_dict, progress, write_json
 from condensa.errors import ConfigError, DataError
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
@@ -91,12 +91,19 @@ def run(cfg: PerplexityConfig) -> dict:
     return result
 
 
+PARSER = dict(  # the command line, shared by main() and build_parser()
+    prog="python -m condensa.eval ppl",
+    description="Strided sliding-window perplexity (the Hugging Face protocol). Any key of the config "
+    "can be set as --key value or --section.key value, e.g. --attention.mode toptheta.",
+    epilog="example: python -m condensa.eval ppl --model runs/quickstart/hf --data ../shared/data/wikitext-2-raw/wiki.test.raw "
+    "--stride 512 --tokenizer ../shared/data/gpt2-tokenizer",
+)
+
+
+def build_parser():
+    """This tool's argparse parser (for --help and docs/cli.md)."""
+    return config_parser(PerplexityConfig, **PARSER)
+
+
 def main(argv) -> None:
-    run(parse_config_args(
-        argv, PerplexityConfig,
-        prog="python -m condensa.eval ppl",
-        description="Strided sliding-window perplexity (the Hugging Face protocol). Any key of the config "
-        "can be set as --key value or --section.key value, e.g. --attention.mode toptheta.",
-        epilog="example: python -m condensa.eval ppl --model runs/quickstart/hf --data ../shared/data/wikitext-2-raw/wiki.test.raw "
-        "--stride 512 --tokenizer ../shared/data/gpt2-tokenizer",
-    ))
+    run(parse_config_args(argv, PerplexityConfig, **PARSER))

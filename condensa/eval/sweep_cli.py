@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from condensa.cli import parse_config_args, config_to_dict, progress, write_json
+from condensa.cli import config_parser, parse_config_args, config_to_dict, progress, write_json
 from condensa.errors import ConfigError
 
 
@@ -243,14 +243,21 @@ def text_table(results: dict) -> str:
     return "\n".join(lines)
 
 
+PARSER = dict(  # the command line, shared by main() and build_parser()
+    prog="python -m condensa.eval sweep",
+    description="Perplexity against sparsity for top-k, Top-θ and gate + Top-θ, at every k, tile budget f "
+    "(or 'off') and compensation variant (none, sdc+vmc). Thresholds are calibrated on --calibration_data and "
+    "cached under OUT/thresholds. Any key of the config can be set as --key value, lists as a,b,c.",
+    epilog="example: python -m condensa.eval sweep --model runs/quickstart/hf --tokenizer ../shared/data/gpt2-tokenizer "
+    "--data ../shared/data/wikitext-2-raw/wiki.test.raw --calibration_data ../shared/data/corpus "
+    "--ks 8,16,32 --tile_budgets off,0.25 --tile 16 --out runs/sweep",
+)
+
+
+def build_parser():
+    """This tool's argparse parser (for --help and docs/cli.md)."""
+    return config_parser(SweepConfig, **PARSER)
+
+
 def main(argv) -> None:
-    run(parse_config_args(
-        argv, SweepConfig,
-        prog="python -m condensa.eval sweep",
-        description="Perplexity against sparsity for top-k, Top-θ and gate + Top-θ, at every k, tile budget f "
-        "(or 'off') and compensation variant (none, sdc+vmc). Thresholds are calibrated on --calibration_data and "
-        "cached under OUT/thresholds. Any key of the config can be set as --key value, lists as a,b,c.",
-        epilog="example: python -m condensa.eval sweep --model runs/quickstart/hf --tokenizer ../shared/data/gpt2-tokenizer "
-        "--data ../shared/data/wikitext-2-raw/wiki.test.raw --calibration_data ../shared/data/corpus "
-        "--ks 8,16,32 --tile_budgets off,0.25 --tile 16 --out runs/sweep",
-    ))
+    run(parse_config_args(argv, SweepConfig, **PARSER))

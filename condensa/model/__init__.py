@@ -1,9 +1,10 @@
 """GPT-2 and the LLaMA family in Flax NNX: the networks, their configs, HF weights in and out, the KV
 cache and generation. `registry` maps config.json's model_type to a family."""
 
+from condensa.model.causal_lm import ModelOutput
 from condensa.model.config import GPT2Config
 from condensa.model.generate import generate
-from condensa.model.gpt2 import GPT2, ModelOutput
+from condensa.model.gpt2 import GPT2
 from condensa.model.io import load_pretrained, save_pretrained
 from condensa.model.kv_cache import KVCache
 from condensa.model.llama import Llama

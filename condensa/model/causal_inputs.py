@@ -2,8 +2,8 @@
 
 Position ids (counting real tokens only, as HF does with padding), the visibility mask `attend`
 takes, and, with a KV cache, the per-layer cache write plus the `DecodeState` that decode kernels
-read. It is the same logic as `GPT2.__call__`'s prologue and epilogue, in functions, so a new model
-family (LLaMA) reuses the cache and generation machinery instead of copying it.
+read. `CausalLM.__call__` (the call of `GPT2` and `Llama`) runs `causal_inputs` before its first
+layer and `updated_cache` after its last, so every family shares the cache and generation machinery.
 """
 
 from __future__ import annotations

@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import dataclasses
-import json
-from pathlib import Path
 from typing import Any
 
-from condensa.errors import CheckpointError, ConfigError, did_you_mean
+from condensa.errors import ConfigError, did_you_mean
+from condensa.model.hf_config import HFConfig
 
 # Fields of HF's config.json that say nothing about the network (generation defaults, bookkeeping).
 # They are accepted and dropped so that a real hub config loads without noise.
@@ -24,7 +23,7 @@ _SUPPORTED_ACTIVATIONS = ("gelu_new", "gelu_pytorch_tanh", "gelu", "relu")
 
 
 @dataclasses.dataclass(frozen=True)
-class GPT2Config:
+class GPT2Config(HFConfig):
     """The shape and numerics of a GPT-2 network. Field names match `transformers.GPT2Config`."""
 
     vocab_size: int = 50257
@@ -80,10 +79,6 @@ class GPT2Config:
         return "gpt2"
 
     @classmethod
-    def field_names(cls) -> tuple[str, ...]:
-        return tuple(f.name for f in dataclasses.fields(cls))
-
-    @classmethod
     def from_dict(cls, values: dict[str, Any], *, source: str = "config") -> "GPT2Config":
         """Builds a config from an HF-style dict; unknown network fields are refused by name."""
         model_type = values.get("model_type", "gpt2")
@@ -92,28 +87,7 @@ class GPT2Config:
                 f"{source} describes a {model_type!r} model, but condensa loads GPT-2 "
                 "(model_type 'gpt2') only. Point it at a GPT-2 checkpoint."
             )
-        known = set(cls.field_names())
-        kwargs = {}
-        for key, value in values.items():
-            if key in known:
-                kwargs[key] = value
-            elif key not in _HF_BOOKKEEPING and not key.startswith("_"):
-                raise ConfigError(
-                    f"{source}: unknown GPT-2 config field {key!r}.{did_you_mean(key, known)} "
-                    f"Known fields: {', '.join(sorted(known))}."
-                )
-        return cls(**kwargs)
-
-    @classmethod
-    def from_json_file(cls, path: str | Path) -> "GPT2Config":
-        path = Path(path)
-        try:
-            values = json.loads(path.read_text())
-        except FileNotFoundError:
-            raise CheckpointError(f"{path} does not exist; a model directory needs a config.json.") from None
-        except json.JSONDecodeError as err:
-            raise CheckpointError(f"{path} is not valid JSON ({err}); re-export the model.") from None
-        return cls.from_dict(values, source=str(path))
+        return cls(**cls.network_fields(values, bookkeeping=_HF_BOOKKEEPING, source=source, family="GPT-2"))
 
     def to_hf_dict(self) -> dict[str, Any]:
         """The dict written to config.json; `transformers.GPT2Config(**d)` reads it back."""
@@ -121,9 +95,6 @@ class GPT2Config:
         values["model_type"] = "gpt2"
         values["architectures"] = ["GPT2LMHeadModel"]
         return values
-
-    def replace(self, **changes: Any) -> "GPT2Config":
-        return dataclasses.replace(self, **changes)
 
 
 PRESETS: dict[str, dict[str, Any]] = {

@@ -15,7 +15,8 @@ import numpy as np
 from flax import nnx
 
 from condensa.errors import ConfigError, ModelInputError
-from condensa.model.gpt2 import GPT2, check_input_ids
+from condensa.model.causal_lm import check_input_ids
+from condensa.model.gpt2 import GPT2
 
 
 def _filter_logits(logits: jax.Array, temperature: float, top_k: int | None, top_p: float | None) -> jax.Array:

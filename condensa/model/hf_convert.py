@@ -11,8 +11,8 @@ import re
 import numpy as np
 from flax import nnx
 
-from condensa.errors import CheckpointError
 from condensa.model.config import GPT2Config
+from condensa.model.param_paths import param_at, raise_mismatches
 
 # HF buffers and aliases that carry no parameters of their own.
 _IGNORED = re.compile(r"(^|\.)attn\.(bias|masked_bias)$|^lm_head\.weight$")
@@ -41,13 +41,6 @@ def parameter_map(config: GPT2Config) -> dict[str, tuple]:
     return names
 
 
-def _get(state, path):
-    node = state
-    for key in path:
-        node = node[key]
-    return node
-
-
 def load_into(model: nnx.Module, tensors: dict[str, np.ndarray], *, source: str) -> None:
     """Copies HF `tensors` into `model`'s parameters; every missing, unexpected or misshapen tensor
     is collected and reported in one `CheckpointError`."""
@@ -62,19 +55,14 @@ def load_into(model: nnx.Module, tensors: dict[str, np.ndarray], *, source: str)
         if name not in tensors:
             problems.append(f"missing tensor {name!r}")
             continue
-        param = _get(state, path)
+        param = param_at(state, path)
         value = np.asarray(tensors[name])
         expected = param.get_value()
         if value.shape != expected.shape:
             problems.append(f"{name!r} has shape {value.shape}, the config expects {expected.shape}")
             continue
         param.set_value(value.astype(expected.dtype))
-    if problems:
-        listed = "\n  - ".join(problems)
-        raise CheckpointError(
-            f"{source} does not match its config.json ({len(problems)} problem(s)):\n  - {listed}\n"
-            "Check that config.json belongs to these weights, or re-export the checkpoint."
-        )
+    raise_mismatches(problems, source=source)
     nnx.update(model, state)
 
 
@@ -82,6 +70,6 @@ def export_tensors(model: nnx.Module) -> dict[str, np.ndarray]:
     """The model's parameters under HF names (with the `transformer.` prefix), as float32 numpy."""
     state = nnx.state(model, nnx.Param)
     return {
-        _PREFIX + name: np.ascontiguousarray(np.asarray(_get(state, path).get_value(), dtype=np.float32))
+        _PREFIX + name: np.ascontiguousarray(np.asarray(param_at(state, path).get_value(), dtype=np.float32))
         for name, path in parameter_map(model.config).items()
     }

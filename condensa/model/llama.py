@@ -13,18 +13,13 @@ kernels index the shared KV head, the reference ops broadcast it. The call signa
 
 from __future__ import annotations
 
-import functools
-
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from condensa.attention import AttentionConfig, attend
+from condensa.attention import AttentionConfig
 from condensa.attention.gqa import repeat_kv
-from condensa.errors import ModelInputError
-from condensa.model.causal_inputs import causal_inputs, updated_cache
-from condensa.model.gpt2 import ModelOutput, check_input_ids
-from condensa.model.kv_cache import KVCache
+from condensa.model.causal_lm import CausalLM, self_attention
 from condensa.model.llama_config import LlamaConfig
 from condensa.model.rope import apply_rope, inverse_frequencies, rope_angles
 
@@ -74,14 +69,9 @@ class LlamaAttention(nnx.Module):
                  causal=False):
         b, t, _ = x.shape
         q, k, v = self.projections(x, cos, sin)
-        layer_kv, decode_state = kv(k, v) if kv is not None else (None, None)
-        k_all, v_all = (layer_kv.k, layer_kv.v) if layer_kv is not None else (k, v)
-        dropout = self.attn_dropout if self.attn_dropout.rate > 0 and not self.attn_dropout.deterministic else None
-        out, probs = attend(
-            q, k_all, v_all,
-            visible=visible, scale=self.scale, layer_idx=self.layer_idx,
-            config=attention, thresholds=thresholds, probs_dropout=dropout, need_probs=need_probs, causal=causal,
-            decode_state=decode_state,
+        out, probs, layer_kv = self_attention(
+            q, k, v, kv=kv, dropout=self.attn_dropout, visible=visible, scale=self.scale, layer_idx=self.layer_idx,
+            attention=attention, thresholds=thresholds, need_probs=need_probs, causal=causal,
         )
         return self.o_proj(out.reshape(b, t, self.n_head * self.head_dim)), probs, layer_kv
 
@@ -117,8 +107,9 @@ class LlamaDecoderLayer(nnx.Module):
         return x, probs, new_kv
 
 
-class Llama(nnx.Module):
-    """A LLaMA-family causal language model. Call it with token ids [B, T], exactly like `GPT2`."""
+class Llama(CausalLM):
+    """A LLaMA-family causal language model. Call it with token ids [B, T], exactly like `GPT2`
+    (`CausalLM.__call__`); its KV cache holds the Hkv key/value heads."""
 
     def __init__(
         self,
@@ -129,10 +120,7 @@ class Llama(nnx.Module):
         remat: bool = False,
         rngs: nnx.Rngs,
     ):
-        self.config = config
-        self.dtype = jnp.dtype(dtype)
-        self.attention = attention or AttentionConfig()
-        self.remat = remat
+        super().__init__(config, dtype=dtype, attention=attention, remat=remat)
         self.embed_tokens = nnx.Embed(config.vocab_size, config.hidden_size, dtype=dtype,
                                       embedding_init=nnx.initializers.normal(config.initializer_range), rngs=rngs)
         # LLaMA has no embedding dropout (rate 0); the module carries the train/eval switch that
@@ -143,57 +131,18 @@ class Llama(nnx.Module):
         self.lm_head = None if config.tie_word_embeddings else _linear(
             config.hidden_size, config.vocab_size, bias=False, config=config, dtype=dtype, rngs=rngs)
 
-    def init_cache(self, batch: int, max_len: int | None = None, *, tile_size: int | None = None) -> KVCache:
-        """An empty KV cache (Hkv heads) for `batch` sequences of up to `max_len` (default n_positions)
-        tokens. `tile_size`: keep per-tile key sums for the decode tile gate (its `block_k`)."""
-        c = self.config
-        max_len = max_len or c.n_positions
-        if max_len > c.n_positions:
-            raise ModelInputError(
-                f"a cache of {max_len} tokens exceeds n_positions={c.n_positions}; "
-                "generate fewer tokens or use a shorter prompt."
-            )
-        return KVCache.empty(n_layer=c.n_layer, batch=batch, max_len=max_len, n_head=c.n_kv_head,
-                             head_dim=c.head_dim, dtype=self.dtype, tile_size=tile_size)
-
     def _rope(self, positions):
         return rope_angles(positions, inverse_frequencies(self.config.head_dim, self.config.rope_parameters))
 
-    def __call__(
-        self,
-        input_ids: jax.Array,
-        *,
-        attention_mask: jax.Array | None = None,
-        cache: KVCache | None = None,
-        return_attention: bool = False,
-        attention: AttentionConfig | None = None,
-        thresholds=None,
-    ) -> ModelOutput:
-        """Logits for `input_ids` [B, T]; arguments as `GPT2.__call__` (padding mask, KV cache,
-        attention probabilities per query head [B, H, Tq, Tk], an attention rule for this call)."""
-        check_input_ids(input_ids, self.config, offset=0 if cache is None else cache.index)
-        attention = attention or self.attention
-        inputs = causal_inputs(input_ids, attention_mask, cache)
-        cos, sin = self._rope(inputs.positions)
-        x = self.drop(self.embed_tokens(input_ids))
-        all_probs, new_layers = [], []
-        for i, block in enumerate(self.layers):
-            kv = None if cache is None else functools.partial(inputs.cache_write, i)
+    def _embed(self, input_ids, positions):
+        return self.drop(self.embed_tokens(input_ids)), self._rope(positions)  # every layer takes (cos, sin)
 
-            def run_block(block, x, kv=kv):
-                return block(x, cos, sin, visible=inputs.visible, attention=attention, thresholds=thresholds, kv=kv,
-                             need_probs=return_attention, causal=inputs.plain_causal)
+    def _blocks(self):
+        return self.layers
 
-            # Rematerialise per block so training memory stays O(one block's activations).
-            x, probs, layer_kv = (nnx.remat(run_block) if self.remat else run_block)(block, x)
-            if return_attention:
-                all_probs.append(probs)
-            if cache is not None:
-                new_layers.append(layer_kv)
+    def _logits(self, x):
         x = self.norm(x)
-        logits = (self.embed_tokens.attend(x) if self.lm_head is None else self.lm_head(x)).astype(jnp.float32)
-        new_cache = None if cache is None else updated_cache(cache, new_layers, inputs)
-        return ModelOutput(logits, tuple(all_probs) if return_attention else None, new_cache)
+        return self.embed_tokens.attend(x) if self.lm_head is None else self.lm_head(x)
 
     def walk_layers(self, ids: jax.Array, attention: AttentionConfig, thresholds, per_layer) -> list:
         """Calibration's view of the network (`condensa.sparsity.calibrate.walk_layers`): for each layer,

@@ -13,11 +13,10 @@ never branch on the family.
 from __future__ import annotations
 
 import dataclasses
-import json
-from pathlib import Path
 from typing import Any
 
-from condensa.errors import CheckpointError, ConfigError, did_you_mean
+from condensa.errors import ConfigError
+from condensa.model.hf_config import HFConfig
 
 MODEL_TYPES = ("llama", "mistral", "qwen2")
 ROPE_TYPES = ("default", "linear", "llama3")
@@ -82,7 +81,7 @@ def _canonical_rope_scaling(value):
 
 
 @dataclasses.dataclass(frozen=True)
-class LlamaConfig:
+class LlamaConfig(HFConfig):
     """The shape and numerics of a LLaMA-family network. Field names match `transformers.LlamaConfig`.
 
     `rope_scaling` holds the HF dict (`{"rope_type": "llama3", "factor": 8.0, ...}`) or None; it is
@@ -206,10 +205,6 @@ class LlamaConfig:
     # ---- config.json in and out ---------------------------------------------------------------------
 
     @classmethod
-    def field_names(cls) -> tuple[str, ...]:
-        return tuple(f.name for f in dataclasses.fields(cls))
-
-    @classmethod
     def from_dict(cls, values: dict[str, Any], *, source: str = "config") -> "LlamaConfig":
         """Builds a config from an HF-style dict; unknown network fields are refused by name."""
         values = dict(values)
@@ -222,28 +217,8 @@ class LlamaConfig:
             values["rope_scaling"] = rope
         elif isinstance(values.get("rope_scaling"), dict) and "rope_theta" in values["rope_scaling"]:
             values.setdefault("rope_theta", values["rope_scaling"]["rope_theta"])
-        known = set(cls.field_names())
-        kwargs = dict(_TYPE_DEFAULTS[model_type])
-        for key, value in values.items():
-            if key in known:
-                kwargs[key] = value
-            elif key not in _HF_BOOKKEEPING and not key.startswith("_"):
-                raise ConfigError(
-                    f"{source}: unknown {model_type} config field {key!r}.{did_you_mean(key, known)} "
-                    f"Known fields: {', '.join(sorted(known))}."
-                )
-        return cls(**kwargs)
-
-    @classmethod
-    def from_json_file(cls, path: str | Path) -> "LlamaConfig":
-        path = Path(path)
-        try:
-            values = json.loads(path.read_text())
-        except FileNotFoundError:
-            raise CheckpointError(f"{path} does not exist; a model directory needs a config.json.") from None
-        except json.JSONDecodeError as err:
-            raise CheckpointError(f"{path} is not valid JSON ({err}); re-export the model.") from None
-        return cls.from_dict(values, source=str(path))
+        fields = cls.network_fields(values, bookkeeping=_HF_BOOKKEEPING, source=source, family=model_type)
+        return cls(**{**_TYPE_DEFAULTS[model_type], **fields})
 
     def to_hf_dict(self) -> dict[str, Any]:
         """The dict written to config.json. It carries the rope settings in both the transformers 4
@@ -257,9 +232,6 @@ class LlamaConfig:
         else:
             values.pop("use_sliding_window")
         return values
-
-    def replace(self, **changes: Any) -> "LlamaConfig":
-        return dataclasses.replace(self, **changes)
 
 
 PRESETS: dict[str, dict[str, Any]] = {

@@ -18,8 +18,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from condensa.errors import CheckpointError
 from condensa.model.llama_config import LlamaConfig
+from condensa.model.param_paths import param_at, raise_mismatches
 from condensa.model.weights import SAFETENSORS as SINGLE
 from condensa.model.weights import SAFETENSORS_INDEX as INDEX
 
@@ -55,13 +55,6 @@ def _canonical(name: str) -> str:
     if name.startswith(_PREFIX) or name.startswith("lm_head."):
         return name
     return _PREFIX + name
-
-
-def _param(state, path):
-    node = state
-    for key in path:
-        node = node[key]
-    return node
 
 
 def abstract_model(build, seed: int) -> nnx.Module:
@@ -102,7 +95,7 @@ def load_streaming(model: nnx.Module, reader, *, source: str) -> None:
         if name not in available:
             problems.append(f"missing tensor {name!r}")
             continue
-        param = _param(state, path)
+        param = param_at(state, path)
         expected = param.get_value()
         value = reader.get(available[name])
         shape = tuple(value.shape[::-1]) if transpose else tuple(value.shape)
@@ -113,12 +106,7 @@ def load_streaming(model: nnx.Module, reader, *, source: str) -> None:
         value = jnp.asarray(value, expected.dtype)
         param.set_value(value.T if transpose else value)
         del value
-    if problems:
-        listed = "\n  - ".join(problems)
-        raise CheckpointError(
-            f"{source} does not match its config.json ({len(problems)} problem(s)):\n  - {listed}\n"
-            "Check that config.json belongs to these weights, or re-export the checkpoint."
-        )
+    raise_mismatches(problems, source=source)
     nnx.update(model, state)
 
 
@@ -126,7 +114,7 @@ def iter_export_tensors(model: nnx.Module) -> Iterator[tuple[str, np.ndarray]]:
     """(HF name, float32 NumPy tensor) pairs, produced one at a time."""
     state = nnx.state(model, nnx.Param)
     for name, (path, transpose) in parameter_map(model.config).items():
-        value = np.asarray(_param(state, path).get_value(), dtype=np.float32)
+        value = np.asarray(param_at(state, path).get_value(), dtype=np.float32)
         yield name, np.ascontiguousarray(value.T if transpose else value)
 
 

@@ -8,15 +8,15 @@ head_dim and vocab_size, so callers never branch on the family.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
-from condensa.errors import CheckpointError, ConfigError, did_you_mean
+from condensa.errors import ConfigError, did_you_mean
 from condensa.model import config as gpt2_config
 from condensa.model import llama_config
 from condensa.model.config import GPT2Config
 from condensa.model.gpt2 import GPT2
+from condensa.model.hf_config import read_config_json
 from condensa.model.llama import Llama
 from condensa.model.llama_config import LlamaConfig
 
@@ -50,16 +50,8 @@ def config_from_dict(values: dict[str, Any], *, source: str = "config"):
 
 
 def config_from_json_file(path: str | Path):
-    path = Path(path)
-    try:
-        values = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise CheckpointError(f"{path} does not exist; a model directory needs a config.json.") from None
-    except json.JSONDecodeError as err:
-        raise CheckpointError(f"{path} is not valid JSON ({err}); re-export the model.") from None
-    if not isinstance(values, dict):
-        raise CheckpointError(f"{path} does not hold a JSON object; re-export the model.")
-    return config_from_dict(values, source=str(path))
+    """`config_from_dict` of the config.json at `path`."""
+    return config_from_dict(read_config_json(path), source=str(path))
 
 
 def model_class_for(config) -> type:

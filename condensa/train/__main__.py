@@ -22,17 +22,27 @@ Set CONDENSA_DISTRIBUTED=1 on every host of a multi-host run (see condensa/train
 
 from __future__ import annotations
 
+import argparse
 import os
 import sys
 
 from condensa.cli import load_config, run_main
 
 
+def build_parser() -> argparse.ArgumentParser:
+    """The command line, for --help and docs/cli.md (the keys are TrainConfig's, read by `load_config`)."""
+    parser = argparse.ArgumentParser(prog="python -m condensa.train", description=__doc__.split("\n\n", 1)[1],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("config", nargs="?", help="YAML file with TrainConfig keys (configs/*.yaml)")
+    parser.add_argument("overrides", nargs=argparse.REMAINDER, help="--section.key value pairs that override it")
+    return parser
+
+
 @run_main
 def main(argv=None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] in ("-h", "--help"):
-        print(__doc__)
+        build_parser().print_help()
         return
     path = argv.pop(0) if argv and not argv[0].startswith("--") else None
     if os.environ.get("CONDENSA_DISTRIBUTED") == "1":

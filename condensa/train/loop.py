@@ -15,14 +15,14 @@ import numpy as np
 from flax import nnx
 
 from condensa.checkpoint import Checkpointer
-from condensa.cli import progress, write_json
+from condensa.cli import progress
 from condensa.data import (
     BatchIterator, compact_vocabulary, is_local_source, load_token_stream, load_tokenizer, pack_blocks, split_blocks,
 )
 from condensa.errors import TrainingError
-from condensa.model import save_pretrained
 from condensa.train import parallel
 from condensa.train.config import TrainConfig
+from condensa.train.export import save_hf
 from condensa.train.metrics_log import MetricsLog
 from condensa.train.output_folder import check_compatible, write_config
 from condensa.train.setup import build_model, build_optimizer, learning_rate
@@ -51,8 +51,13 @@ def _tokenizer(name: str):
     return load_tokenizer(name)
 
 
+def load_run_tokenizer(cfg: TrainConfig):
+    """The run's tokenizer (data.tokenizer, or data.fallback_tokenizer when that path is missing)."""
+    return _tokenizer(_with_fallback(cfg.data.tokenizer, cfg.data.fallback_tokenizer, "tokenizer"))
+
+
 def load_data(cfg: TrainConfig) -> Data:
-    tokenizer = _tokenizer(_with_fallback(cfg.data.tokenizer, cfg.data.fallback_tokenizer, "tokenizer"))
+    tokenizer = load_run_tokenizer(cfg)
     stream = load_token_stream(
         _with_fallback(cfg.data.source, cfg.data.fallback_source, "source"), tokenizer, cache_dir=cfg.data.cache_dir, split=cfg.data.split, text_field=cfg.data.text_field
     )
@@ -150,10 +155,6 @@ def train(cfg: TrainConfig) -> dict[str, float]:
 
     if cfg.train.export:
         model, _ = nnx.merge(graphdef, jax.device_get(state))
-        if data.kept_ids is None:
-            save_pretrained(model, model_config, out / "hf", tokenizer=data.tokenizer)
-        else:  # model ids are not tokenizer ids: ship the map instead of a tokenizer that would mislead
-            save_pretrained(model, model_config, out / "hf")
-            write_json(out / "hf" / "vocab_map.json", {"tokenizer_id_of_model_id": data.kept_ids.tolist(),
-                                                        "other_tokens_id": int(data.vocab_size - 1)})
+        save_hf(model, model_config, out / "hf", tokenizer=data.tokenizer, kept_ids=data.kept_ids,
+                vocab_size=data.vocab_size)
     return last

@@ -36,7 +36,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from condensa.cli import parse_config_args, append_jsonl, config_to_dict, progress, run_main, write_json
+from condensa.cli import config_parser, parse_config_args, append_jsonl, config_to_dict, progress, run_main, write_json
 from condensa.errors import ConfigError
 from condensa.eval.bench.timing import correctness_summary
 from condensa.kernels.toptheta_decode import compact, default_num_splits, kept_tiles, tile_budgets, toptheta_decode
@@ -507,17 +507,24 @@ def summary_table(records: list[dict]) -> str:
     return "\n".join(lines)
 
 
+PARSER = dict(  # the command line, shared by main() and build_parser()
+    prog="python -m condensa.eval.bench decode",
+    description="Time decode attention on a GPU: condensa's Pallas Top-θ decode kernel (dense, Top-θ, "
+                "tile-gated) against XLA, cuDNN and JAX's Pallas decode kernel, after a correctness check, "
+                "with the achieved bandwidth against the device's copy bandwidth. Options are "
+                "DecodeBenchConfig fields, given in a YAML file and/or as --field value overrides "
+                "(lists as [a,b]).",
+)
+
+
+def build_parser():
+    """This tool's argparse parser (for --help and docs/cli.md)."""
+    return config_parser(DecodeBenchConfig, **PARSER)
+
+
 @run_main
 def main(argv: Sequence[str] | None = None) -> None:
-    run(parse_config_args(
-        argv, DecodeBenchConfig,
-        prog="python -m condensa.eval.bench decode",
-        description="Time decode attention on a GPU: condensa's Pallas Top-θ decode kernel (dense, Top-θ, "
-                    "tile-gated) against XLA, cuDNN and JAX's Pallas decode kernel, after a correctness check, "
-                    "with the achieved bandwidth against the device's copy bandwidth. Options are "
-                    "DecodeBenchConfig fields, given in a YAML file and/or as --field value overrides "
-                    "(lists as [a,b]).",
-    ))
+    run(parse_config_args(argv, DecodeBenchConfig, **PARSER))
 
 
 if __name__ == "__main__":

@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from condensa.cli import parse_config_args, append_jsonl, config_to_dict, progress, run_main, write_json
+from condensa.cli import config_parser, parse_config_args, append_jsonl, config_to_dict, progress, run_main, write_json
 from condensa.errors import ConfigError
 from condensa.eval.bench.timing import correctness_summary, environment, measure
 from condensa.kernels import gate_scores, toptheta_prefill, toptheta_prefill_reference
@@ -415,16 +415,23 @@ def summary_table(records: list[dict]) -> str:
     return "\n".join(lines)
 
 
+PARSER = dict(  # the command line, shared by main() and build_parser()
+    prog="python -m condensa.eval.bench prefill",
+    description="Time prefill attention on a GPU: condensa's Pallas Top-θ kernel (dense, Top-θ, "
+                "tile-gated) against cuDNN, JAX's Pallas flash attention and dense XLA, after a "
+                "correctness check. Options are PrefillBenchConfig fields, given in a YAML file "
+                "and/or as --field value overrides (lists as [a,b]).",
+)
+
+
+def build_parser():
+    """This tool's argparse parser (for --help and docs/cli.md)."""
+    return config_parser(PrefillBenchConfig, **PARSER)
+
+
 @run_main
 def main(argv: Sequence[str] | None = None) -> None:
-    run(parse_config_args(
-        argv, PrefillBenchConfig,
-        prog="python -m condensa.eval.bench prefill",
-        description="Time prefill attention on a GPU: condensa's Pallas Top-θ kernel (dense, Top-θ, "
-                    "tile-gated) against cuDNN, JAX's Pallas flash attention and dense XLA, after a "
-                    "correctness check. Options are PrefillBenchConfig fields, given in a YAML file "
-                    "and/or as --field value overrides (lists as [a,b]).",
-    ))
+    run(parse_config_args(argv, PrefillBenchConfig, **PARSER))
 
 
 if __name__ == "__main__":

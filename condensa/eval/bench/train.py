@@ -35,7 +35,7 @@ from condensa.eval.bench.timing import environment, header, measure, peak_flops
 LOSSES = ("topk", "tile", "gate")
 
 
-def _parser() -> argparse.ArgumentParser:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m condensa.eval.bench train", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter, add_help=True)
     p.add_argument("--model-config", default="gpt2-small")
@@ -123,7 +123,7 @@ def bench_setting(args, setting: str, peak: float | None) -> dict:
 
 @run_main
 def main(argv=None) -> None:
-    args = _parser().parse_args(argv)
+    args = build_parser().parse_args(argv)
     env = environment()
     peak = args.peak_tflops * 1e12 if args.peak_tflops else peak_flops(env["device"])
     results = [bench_setting(args, s.strip(), peak) for s in args.settings.split(",") if s.strip()]

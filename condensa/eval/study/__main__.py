@@ -49,25 +49,35 @@ def _merge_json(path: Path, update: dict) -> None:
     write_json(path, current)
 
 
-@run_main
-def main(argv=None) -> None:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] in ("-h", "--help"):
-        print(__doc__)
-        return
-    path = argv.pop(0) if not argv[0].startswith("--") else None
+def parse_command_line(argv: list[str]):
+    """`(config, stages, models, report_dir, config_path)` from the command line, checked: unknown
+    stages, models and config keys are refused before anything runs."""
+    from condensa.eval.study import config as study_config
+
+    argv = list(argv)
+    path = argv.pop(0) if argv and not argv[0].startswith("--") else None
     stages = (_pop(argv, "--stages") or ",".join(STAGES)).split(",")
     unknown = [s for s in stages if s not in STAGES]
     if unknown:
         raise ConfigError(f"unknown stage(s) {', '.join(unknown)}; choose from {', '.join(STAGES)}.")
     models_arg = _pop(argv, "--models")
     report_dir = _pop(argv, "--report_dir")
+    cfg = load_config(study_config.StudyConfig, path, argv)
+    models = study_config.check_models(cfg, models_arg.split(",") if models_arg else cfg.model_names())
+    return cfg, stages, models, report_dir, path
+
+
+@run_main
+def main(argv=None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(__doc__)
+        return
+    cfg, stages, models, report_dir, path = parse_command_line(argv)
 
     from condensa.eval.bench.timing import environment
     from condensa.eval.study import config as study_config
 
-    cfg = load_config(study_config.StudyConfig, path, argv)
-    models = study_config.check_models(cfg, models_arg.split(",") if models_arg else cfg.model_names())
     results = Path(cfg.out) / "results"
     results.mkdir(parents=True, exist_ok=True)
     write_json(results / "config.json", study_config.as_dict(cfg))

@@ -223,6 +223,9 @@ def _timing_md(timing: dict) -> str:
             out.append(f"| decode attention, all layers | {rule} | {num(1e3 * e['kernel_s'], 3)} | "
                        f"{num(e['speedup_vs_best_dense'])}× | {pct(e['k_fraction'])} | {pct(e['v_fraction'])} | "
                        f"{num(e['max_rel_error'], 4)} |")
+        for rule, e in t.get("ppl_parity", {}).items():
+            out.append(f"| perplexity on held-out corpus text | {rule}: kernel {num(e['kernel'], 3)}, reference "
+                       f"{num(e['reference'], 3)} | | | | | {num(e['rel_diff'], 5)} |")
         out.append("")
     return "\n".join(out)
 

@@ -57,6 +57,20 @@ def thresholds_for(config: StudyConfig, name: str, k: int, f: float | None):
     return Thresholds.load(path)
 
 
+def ppl_parity(model, tokens, rules: dict, *, batch: int) -> dict:
+    """Perplexity of the model running the kernels against the reference op, same rule and
+    thresholds, in the model's compute dtype: the kernels must not change what the model predicts."""
+    from condensa.eval.perplexity import perplexity
+
+    out = {}
+    for rule, (attention, thresholds) in rules.items():
+        kernel = perplexity(model, tokens, attention=attention, thresholds=thresholds, batch_size=batch)["ppl"]
+        reference = perplexity(model, tokens, attention=dataclasses.replace(attention, backend="reference"),
+                               thresholds=thresholds, batch_size=batch)["ppl"]
+        out[rule] = {"kernel": kernel, "reference": reference, "rel_diff": abs(kernel / reference - 1.0)}
+    return out
+
+
 def layer_qkv(model, ids) -> list[tuple[jax.Array, jax.Array, jax.Array]]:
     """Each layer's (q, k, v) [B, T, H, D] under dense attention. The model keeps q, k, v inside its
     attention call, so this walks the blocks itself, with the model's own modules."""
@@ -144,8 +158,9 @@ def time_model(config: StudyConfig, name: str, evaluation: dict) -> dict:
     # ---- attention alone, per layer, on the model's own q, k, v ---------------------------------
     qkv = jax.jit(lambda st, x: layer_qkv(nnx.merge(graphdef, st), x))(state, ids)
     scale = model.h[0].attn.scale
+    implementation = "cudnn" if jax.default_backend() == "gpu" else None  # XLA where there is no cuDNN (CPU smoke runs)
     cudnn = jax.jit(lambda q, k, v: jax.nn.dot_product_attention(q, k, v, scale=scale, is_causal=True,
-                                                                 implementation="cudnn"))
+                                                                 implementation=implementation))
     prefill = {"cudnn_s": 0.0, "rules": {}}
     for layer, (q, k, v) in enumerate(qkv):
         prefill["cudnn_s"] += measure(lambda: cudnn(q, k, v), warmup=settings.warmup, repeats=settings.repeats)["median_s"]
@@ -205,5 +220,6 @@ def time_model(config: StudyConfig, name: str, evaluation: dict) -> dict:
         acc["speedup_vs_best_dense"] = best / acc["kernel_s"] if best else None
         decode["rules"][rule] = acc
     result["decode_attention"] = decode
+    result["ppl_parity"] = ppl_parity(model, held_out(config)["corpus"], rules, batch=b)
     result.update(batch=b, seq_len=t, heads=model_config.n_head, head_dim=model_config.n_embd // model_config.n_head)
     return result
