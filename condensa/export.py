@@ -1,11 +1,12 @@
-"""python -m condensa.export: a training checkpoint -> a Hugging Face GPT-2 directory.
+"""python -m condensa.export: a training checkpoint -> a Hugging Face directory (GPT-2 or LLaMA family).
 
     python -m condensa.export runs/quickstart --out runs/quickstart/hf-export \
         --thresholds runs/thresholds/thresholds.safetensors --verify
 
 Reads a checkpoint of a `python -m condensa.train` run (the newest one that reads back intact, or
 --step N) and writes OUT/config.json + model.safetensors + the tokenizer, which
-`transformers.GPT2LMHeadModel.from_pretrained(OUT)` and `condensa.load_pretrained(OUT)` load.
+`transformers.AutoModelForCausalLM.from_pretrained(OUT)` (GPT2LMHeadModel, LlamaForCausalLM, ...) and
+`condensa.load_pretrained(OUT)` load.
 --thresholds copies a thresholds file into OUT/thresholds.safetensors after checking that it fits
 the model. --verify reloads OUT in transformers (PyTorch, CPU) and fails unless its logits match
 condensa's on a few real tokens. OUT/export.json records the settings, the step and the check.
@@ -32,7 +33,7 @@ class ExportConfig:
     out: str = ""  # the HF directory to write; default RUN/hf-step<N>
     step: int | None = None  # default: the newest checkpoint that reads back intact
     thresholds: str | None = None  # a file from python -m condensa.calibrate, copied next to the weights
-    verify: bool = False  # compare logits with transformers' GPT2LMHeadModel (needs torch)
+    verify: bool = False  # compare logits with transformers (AutoModelForCausalLM: GPT2LMHeadModel, LlamaForCausalLM, ...; needs torch)
     tolerance: float = 1e-4  # --verify fails when max |logit difference| is larger
 
     def __post_init__(self) -> None:
