@@ -39,6 +39,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton  # masked loads (they also run in interpret mode)
 
@@ -188,13 +189,15 @@ def _launch(meta, tiles, theta_row, q, k, v, opts: DecodeOptions):
 
 
 @functools.lru_cache(maxsize=64)
-def tile_budgets(n_tiles: int, tile_budget: float | None) -> jax.Array | None:
+def tile_budgets(n_tiles: int, tile_budget: float | None) -> np.ndarray | None:
     """m = max(1, ceil(f * t_count)) for t_count = 1..n_tiles (rounded to 9 decimals first, as
     condensa.attention.tiles does, so that 0.1 * 30 counts as 3). Passed to the jitted wrapper as
-    data, so a new budget does not recompile; cached, so a decode step does not rebuild it."""
+    data, so a new budget does not recompile; cached, so a decode step does not rebuild it. A NumPy
+    array, not a jax one: created inside a jit trace, a jax array would be that trace's tracer, and
+    the cache would hand it to later traces (an UnexpectedTracerError)."""
     if tile_budget is None:
         return None
-    return jnp.asarray([max(1, math.ceil(round(tile_budget * (i + 1), 9))) for i in range(n_tiles)], jnp.int32)
+    return np.asarray([max(1, math.ceil(round(tile_budget * (i + 1), 9))) for i in range(n_tiles)], np.int32)
 
 
 def kept_tiles(q, k_tile_mean, lengths, starts, *, n_tiles, scale, block_k, tile_theta_decode, sink_tiles,
