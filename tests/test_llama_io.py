@@ -165,3 +165,18 @@ def test_bad_llama_configs_say_what_to_do(change, message):
     values = {**dict(model_type="llama", hidden_size=64, num_attention_heads=8, num_key_value_heads=2), **change}
     with pytest.raises(ConfigError, match=message):
         config_from_dict(values)
+
+
+def test_bad_llama_preset_overrides_and_sizes_are_clear_errors():
+    from condensa.errors import ConfigError
+    from condensa.model import LlamaConfig
+    from condensa.model.llama_config import LlamaConfig as Direct
+    from condensa.model.registry import preset
+
+    assert LlamaConfig is Direct
+    with pytest.raises(ConfigError, match="not fields of the LLaMA config"):
+        preset("llama-tiny", n_layer=4)  # GPT-2's name for num_hidden_layers
+    with pytest.raises(ConfigError, match="must be positive"):
+        LlamaConfig(num_key_value_heads=0)
+    with pytest.raises(ConfigError, match="rope_parameters must be an object"):
+        LlamaConfig.from_dict({"model_type": "llama", "rope_parameters": 10000.0})

@@ -20,7 +20,7 @@ def study(tmp_path_factory):
     require_shared(SHARED_DATA)
     out = tmp_path_factory.mktemp("study")
     cmd = [sys.executable, "-m", "condensa.eval.study", str(REPO / "configs/study-tiny.yaml"), "--stages",
-           "train,evaluate,report", "--out", str(out), "--calibration.ks", "[8]", "--calibration.gate_k", "8", "--pretrain.train.steps", "20",
+           "train,evaluate,report", "--out", str(out), "--calibration.ks", "[8]", "--calibration.gate_k", "8", "--timing.k", "8", "--pretrain.train.steps", "20",
            "--pretrain.data.cache_dir", str(out / "tokens")]
     done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -34,7 +34,7 @@ def test_stages_write_json_and_report(study):
     assert train["tile"]["losses"]["tile"] == 2.0 and train["base"]["losses"]["tile"] == 0.0
     for name in ("base", "tile"):
         ev = json.loads((results / f"evaluate_{name}.json").read_text())
-        assert set(ev) == {"corpus", "wikitext"}
+        assert set(ev) == {"corpus", "wikitext", "model_sha256"} and len(ev["model_sha256"]) == 64
         labels = {r["label"] for r in ev["corpus"]["rows"]}
         assert {"top-k", "Top-θ", "Top-θ + SDC+VMC", "gate f=0.25 + Top-θ"} <= labels
         assert not any(r["compensation"] != "none" for r in ev["wikitext"]["rows"])  # (b) needs no compensation
@@ -63,7 +63,9 @@ def test_markdown_follows_the_json(study, tmp_path):
 
 
 def test_unknown_stage_and_model_are_clear_errors(tmp_path):
-    for extra, message in ((["--stages", "trian"], "unknown stage"), (["--models", "nope"], "unknown study model")):
+    for extra, message in ((["--stages", "trian"], "unknown stage"), (["--models", "nope"], "unknown study model"),
+                           (["--calibration.gate_k", "999"], "must be one of calibration.ks"),
+                           (["--timing.models", "[base,tlie]"], "unknown study model")):
         done = subprocess.run([sys.executable, "-m", "condensa.eval.study", str(REPO / "configs/study-tiny.yaml"),
                                "--out", str(tmp_path), *extra], cwd=REPO, capture_output=True, text=True, timeout=120)
         assert done.returncode == 2 and message in done.stderr

@@ -213,6 +213,7 @@ class SweepSettings:
     decode_prompt: int = 0  # prompt tokens for the decoding V-row measurement (0: half the context)
     decode_steps: int = 16  # decoding steps (0: skip the V-row measurement)
     gate_ks: Sequence[int] | None = None  # gated rules only at these k (None: at every k)
+    calibration_batch_size: int | None = None  # blocks per calibration step (None: batch_size)
 
 
 def run_sweep(
@@ -271,7 +272,8 @@ def run_sweep(
             thresholds[key] = cached_thresholds(
                 cache_dir / name, calibration_key(model_file, recipe), model, attention,
                 lambda: calibrate(model, calibration_blocks, k=v.k, sigma_add=settings.sigma_add, gate=gate,
-                                  batch_size=settings.batch_size, data=calibration_source),
+                                  batch_size=settings.calibration_batch_size or settings.batch_size,
+                                  data=calibration_source),
             )
             files[name.removesuffix(".safetensors")] = str(cache_dir / name)
         return thresholds[key]

@@ -84,8 +84,8 @@ class GPT2Config(HFConfig):
         model_type = values.get("model_type", "gpt2")
         if model_type != "gpt2":
             raise ConfigError(
-                f"{source} describes a {model_type!r} model, but condensa loads GPT-2 "
-                "(model_type 'gpt2') only. Point it at a GPT-2 checkpoint."
+                f"{source} describes a {model_type!r} model, not GPT-2; read it with condensa.load_pretrained "
+                "or condensa.model.registry.config_from_json_file, which pick the model family."
             )
         return cls(**cls.network_fields(values, bookkeeping=_HF_BOOKKEEPING, source=source, family="GPT-2"))
 

@@ -110,6 +110,9 @@ def save_pretrained(model, config, path: str | os.PathLike, tokenizer=None, *,
     if isinstance(config, GPT2Config):
         tensors = export_tensors(model)
         _atomic_write(path / "model.safetensors", lambda p: save_file(tensors, p, metadata={"format": "pt"}))
+        # readers prefer a shard index: one left by an earlier sharded save would shadow this file
+        for stale in [path / SAFETENSORS_INDEX, *path.glob("model-*-of-*.safetensors")]:
+            stale.unlink(missing_ok=True)
     else:
         from condensa.model.llama_convert import iter_export_tensors, write_shards
 

@@ -116,6 +116,11 @@ class LlamaConfig(HFConfig):
         if self.model_type not in MODEL_TYPES:
             raise ConfigError(f"model_type {self.model_type!r} is not a LLaMA-family type; use one of "
                               f"{', '.join(MODEL_TYPES)}.")
+        sizes = {"num_attention_heads": self.num_attention_heads, "hidden_size": self.hidden_size,
+                 "num_key_value_heads": 1 if self.num_key_value_heads is None else self.num_key_value_heads}
+        bad = [f"{name}={value}" for name, value in sizes.items() if value < 1]
+        if bad:
+            raise ConfigError(f"{', '.join(bad)}: these sizes must be positive integers.")
         if self.num_key_value_heads is None:
             object.__setattr__(self, "num_key_value_heads", self.num_attention_heads)
         if self.head_dim is None:
@@ -212,6 +217,9 @@ class LlamaConfig(HFConfig):
         if model_type not in MODEL_TYPES:
             raise ConfigError(f"{source} describes a {model_type!r} model, not one of {', '.join(MODEL_TYPES)}.")
         rope = values.pop("rope_parameters", None)
+        if rope is not None and not isinstance(rope, dict):
+            raise ConfigError(f"{source}: rope_parameters must be an object such as "
+                              '{"rope_type": "default", "rope_theta": 10000.0}; got ' + f"{rope!r}.")
         if rope is not None:  # transformers 5: theta and scaling in one dict (it wins over the old fields)
             values["rope_theta"] = rope.get("rope_theta", values.get("rope_theta", cls.rope_theta))
             values["rope_scaling"] = rope

@@ -71,6 +71,13 @@ def preset_names() -> tuple[str, ...]:
 def preset(name: str, **overrides: Any):
     """A named model shape from either family (`tiny`, `gpt2-small`, ..., `llama-tiny`), with field overrides."""
     if name in llama_config.PRESETS:
+        unknown = sorted(set(overrides) - set(LlamaConfig.field_names()))
+        if unknown:
+            raise ConfigError(
+                f"model_overrides {', '.join(unknown)} are not fields of the LLaMA config of preset {name!r}."
+                f"{did_you_mean(unknown[0], LlamaConfig.field_names())} LLaMA presets take HF names "
+                "(num_hidden_layers, hidden_size, num_attention_heads, num_key_value_heads, max_position_embeddings, ...)."
+            )
         return LlamaConfig(**{**llama_config.PRESETS[name], **overrides})
     if name in gpt2_config.PRESETS:
         return gpt2_config.preset(name, **overrides)

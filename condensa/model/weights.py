@@ -14,6 +14,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+from safetensors import SafetensorError
 
 from condensa.errors import CheckpointError
 
@@ -74,7 +75,10 @@ class CheckpointReader:
             if handle.get_slice(name).get_dtype() == "BF16":  # NumPy has no bfloat16: read it with JAX
                 return self._handle(self._files[name], framework="flax").get_tensor(name)
             return handle.get_tensor(name)
-        except Exception as err:  # safetensors raises SafetensorError / OSError for truncated data
+        except KeyError:
+            raise CheckpointError(f"{self.directory} maps {name} to {self._files[name]}, which does not contain it; "
+                                  "the index and its shards do not belong together: download the checkpoint again.") from None
+        except (SafetensorError, OSError, ValueError) as err:  # what truncated or garbled data raises
             raise CheckpointError(f"{self.directory / self._files[name]} is truncated or corrupt ({err}); "
                                   "download or export the checkpoint again.") from None
 

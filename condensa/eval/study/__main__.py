@@ -64,6 +64,8 @@ def parse_command_line(argv: list[str]):
     report_dir = _pop(argv, "--report_dir")
     cfg = load_config(study_config.StudyConfig, path, argv)
     models = study_config.check_models(cfg, models_arg.split(",") if models_arg else cfg.model_names())
+    study_config.check_models(cfg, list(cfg.evaluation.models))
+    study_config.check_models(cfg, list(cfg.timing.models))
     return cfg, stages, models, report_dir, path
 
 
@@ -92,9 +94,10 @@ def main(argv=None) -> None:
     if "evaluate" in stages:
         from condensa.eval.study import evaluation
 
-        for name in cfg.evaluation.models or models:
-            if name not in models:
-                continue
+        selected = [n for n in (cfg.evaluation.models or models) if n in models]
+        if not selected:
+            say("evaluate: none of --models is in evaluation.models; nothing to evaluate")
+        for name in selected:
             write_json(results / f"evaluate_{name}.json", evaluation.evaluate_model(cfg, name))
             evaluation.plot_model(cfg, name, results / "figures")
             say(f"{name}: evaluated")

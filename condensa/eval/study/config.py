@@ -54,6 +54,15 @@ class StudyConfig:
     evaluation: EvaluationSettings = EvaluationSettings()
     timing: TimingSettings = TimingSettings()
 
+    def __post_init__(self) -> None:
+        cal = self.calibration
+        if cal.gate_k not in cal.ks:
+            raise ConfigError(f"calibration.gate_k={cal.gate_k} must be one of calibration.ks {list(cal.ks)}: gated rules "
+                              "are evaluated at that k only, so with another value no gated rule would be measured.")
+        if self.timing.k != cal.gate_k:
+            raise ConfigError(f"timing.k={self.timing.k} must equal calibration.gate_k={cal.gate_k}: the timed gate "
+                              "budget is chosen from the gated rules measured at that k.")
+
     def model_names(self) -> list[str]:
         return [BASE, *self.finetunes]
 

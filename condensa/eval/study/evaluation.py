@@ -22,6 +22,7 @@ def sweep_settings(config: StudyConfig, compensations: tuple[str, ...]):
         ks=cal.ks, tile_budgets=[None, *cal.tile_budgets], compensations=compensations, tile=cal.tile,
         sink_tiles=cal.sink_tiles, sigma_add=cal.sigma_add, batch_size=config.evaluation.batch_size,
         metric_blocks=config.evaluation.metric_blocks, decode_steps=0, gate_ks=[cal.gate_k],
+        calibration_batch_size=cal.batch_size,
     )
 
 
@@ -41,7 +42,15 @@ def evaluate_model(config: StudyConfig, name: str, progress=None) -> dict:
             model, held_out(config)[split], blocks, sweep_settings(config, compensations), cache_dir=cache,
             model_file=hf / "model.safetensors", calibration_source="corpus training blocks", progress=progress,
         )
+    results["model_sha256"] = weights_sha256(hf)
     return results
+
+
+def weights_sha256(hf: Path) -> str:
+    """The evaluated weights' fingerprint, so the timing stage can tell whether it times the same copy."""
+    import hashlib
+
+    return hashlib.sha256((hf / "model.safetensors").read_bytes()).hexdigest()
 
 
 def plot_model(config: StudyConfig, name: str, figures: Path) -> list[Path]:

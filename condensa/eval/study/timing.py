@@ -2,7 +2,8 @@
 
 For each timed model the gate budget is the smallest f whose perplexity cost on held-out corpus
 text was within `timing.max_delta_ppl` at k = `timing.k` (from stage 4), so the speed is the
-speed of a rule whose accuracy was measured. Three measurements, each checked before it is timed:
+speed of a rule whose accuracy was measured. Three measurements, each with its error against the
+reference op recorded (whole-model prefill is not timed when that check fails):
 - whole-model prefill (logits of `batch` full-context sequences): dense, where `attend` runs cuDNN,
   against the Pallas kernels with Top-θ and with gate + Top-θ;
 - attention alone: each layer's prefill on the model's own q, k, v (captured from real text),
@@ -14,6 +15,7 @@ speed of a rule whose accuracy was measured. Three measurements, each checked be
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from pathlib import Path
 
 import jax
@@ -22,6 +24,7 @@ import numpy as np
 from flax import nnx
 
 from condensa.attention import AttentionConfig
+from condensa.errors import ConfigError
 from condensa.eval.study.config import StudyConfig
 
 
@@ -128,7 +131,17 @@ def time_model(config: StudyConfig, name: str, evaluation: dict) -> dict:
                             sdc="calibrated" if comp else "none", vmc=comp),
             thresholds_for(config, name, settings.k, f))
 
-    model, model_config = load_pretrained(ensure_model(config, name), dtype=jnp.bfloat16)
+    hf = ensure_model(config, name)
+    model, model_config = load_pretrained(hf, dtype=jnp.bfloat16)
+    if model_config.model_type != "gpt2":
+        raise ConfigError("the study's timing stage walks GPT-2 blocks to capture q, k, v; use a GPT-2 stand-in "
+                          f"(this one is {model_config.model_type!r}).")
+    from condensa.eval.study.evaluation import weights_sha256
+
+    result["same_weights_as_evaluated"] = weights_sha256(hf) == evaluation.get("model_sha256")
+    if not result["same_weights_as_evaluated"]:
+        warnings.warn(f"{name}: the weights timed are a retrained copy, not the evaluated ones (GPU training is not "
+                      "bitwise reproducible); the gate budget was chosen on the evaluated copy.", stacklevel=2)
     t, b = model_config.n_positions, settings.batch
     tokens = held_out(config)["corpus"]
     tokens = np.resize(tokens, b * t)  # repeats text only if the held-out split is shorter than one batch
@@ -141,7 +154,6 @@ def time_model(config: StudyConfig, name: str, evaluation: dict) -> dict:
 
     # ---- whole-model prefill -------------------------------------------------------------------
     dense_fn = forward(AttentionConfig(), None)
-    dense_logits = dense_fn()
     whole = {"dense_cudnn": {**measure(dense_fn, warmup=settings.warmup, repeats=settings.repeats)}}
     for rule, (attention, thresholds) in rules.items():
         ref = forward(dataclasses.replace(attention, backend="reference"), thresholds)()
@@ -152,7 +164,6 @@ def time_model(config: StudyConfig, name: str, evaluation: dict) -> dict:
             entry.update(measure(fn, warmup=settings.warmup, repeats=settings.repeats))
             entry["speedup_vs_dense"] = whole["dense_cudnn"]["median_s"] / entry["median_s"]
         whole[rule] = entry
-    del dense_logits
     result["prefill_model"] = whole
 
     # ---- attention alone, per layer, on the model's own q, k, v ---------------------------------
