@@ -86,18 +86,23 @@ def _vmc(config, layer_idx: int) -> bool:
     return bool(config.vmc and config.mode != "dense" and not config.is_dense_layer(layer_idx))
 
 
+def _rule_args(config, layer, layer_idx: int, n: int) -> dict:
+    """The arguments both kernels take alike: θ and Δ̄ for rows of up to n keys, SDC's γ, VMC, and
+    the gate's sink tiles and budget (the gate's own table and tile sizes differ per kernel)."""
+    theta, sdc = element_tables(config, layer, layer_idx, n) if layer is not None else (None, None)
+    return dict(theta=theta, sdc_delta=sdc, sdc_gamma=config.gamma, vmc=_vmc(config, layer_idx),
+                sink_tiles=config.sink_tiles, tile_budget=config.tile_budget if _is_gated(config, layer_idx) else None)
+
+
 def prefill_kernel_args(config, layer, layer_idx: int, t: int) -> dict:
     """The keyword arguments of `toptheta_prefill` that carry this layer's rule at T = t (also used
     by benchmarks that call the kernel on a model's own q, k, v)."""
-    theta, sdc = element_tables(config, layer, layer_idx, t) if layer is not None else (None, None)
-    gated = _is_gated(config, layer_idx)
-    return dict(
-        theta=theta, sdc_delta=sdc, sdc_gamma=config.gamma, vmc=_vmc(config, layer_idx),
-        tile_theta=gate_table(layer.tile_theta, -(-t // config.block_q)) if gated else None,
-        sink_tiles=config.sink_tiles, tile_budget=config.tile_budget if gated else None,
-        # the gate is calibrated on its own tiles; without it the kernel's tuned 128 x 128 tiles win
-        **(dict(block_q=config.block_q, block_k=config.block_k) if gated else {}),
-    )
+    args = _rule_args(config, layer, layer_idx, t)
+    if not _is_gated(config, layer_idx):
+        return dict(args, tile_theta=None)  # without the gate the kernel's tuned 128 x 128 tiles win
+    # the gate is calibrated on its own tiles
+    return dict(args, tile_theta=gate_table(layer.tile_theta, -(-t // config.block_q)), block_q=config.block_q,
+                block_k=config.block_k)
 
 
 def _prefill(q, k, v, *, scale, layer_idx, config, layer):
@@ -109,14 +114,11 @@ def _prefill(q, k, v, *, scale, layer_idx, config, layer):
 def decode_kernel_args(config, layer, layer_idx: int, s: int) -> dict:
     """The keyword arguments of `toptheta_decode` that carry this layer's rule for a cache of s
     slots (besides the cache state: lengths, starts, v_mean, k_tile_mean)."""
-    theta, sdc = element_tables(config, layer, layer_idx, s) if layer is not None else (None, None)
-    gated = _is_gated(config, layer_idx)
-    return dict(
-        theta=theta, sdc_delta=sdc, sdc_gamma=config.gamma, vmc=_vmc(config, layer_idx),
-        tile_theta_decode=gate_table(layer.tile_theta_decode, -(-s // config.block_k)) if gated else None,
-        sink_tiles=config.sink_tiles, tile_budget=config.tile_budget if gated else None,
-        **(dict(block_k=config.block_k) if gated else {}),
-    )
+    args = _rule_args(config, layer, layer_idx, s)
+    if not _is_gated(config, layer_idx):
+        return dict(args, tile_theta_decode=None)
+    return dict(args, tile_theta_decode=gate_table(layer.tile_theta_decode, -(-s // config.block_k)),
+                block_k=config.block_k)
 
 
 def _decode(q, k, v, *, scale, layer_idx, config, layer, state):

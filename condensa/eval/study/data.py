@@ -14,18 +14,22 @@ from condensa.errors import DataError
 from condensa.eval.study.config import BASE, StudyConfig
 
 
-_LOADED: dict[str, object] = {}
+_CACHE: dict[tuple, object] = {}
+
+
+def _cached(key: tuple, compute):
+    """Per-process memo: every stage and model reads the same text, and tokenizing it takes seconds."""
+    if key not in _CACHE:
+        _CACHE[key] = compute()
+    return _CACHE[key]
 
 
 def _split(config: StudyConfig):
-    """The pretraining run's data (cached per process: tokenizing the corpus takes seconds)."""
+    """The pretraining run's data."""
     from condensa.train.loop import load_data
 
     train_config = config.train_config(BASE)
-    key = repr(train_config.data)
-    if key not in _LOADED:
-        _LOADED[key] = load_data(train_config)
-    return _LOADED[key]
+    return _cached(("split", repr(train_config.data)), lambda: load_data(train_config))
 
 
 def tokenizer(config: StudyConfig):
@@ -43,6 +47,11 @@ def calibration_blocks(config: StudyConfig) -> np.ndarray:
 def held_out(config: StudyConfig) -> dict[str, np.ndarray]:
     """{"corpus": the validation split's tokens, "wikitext": WikiText-2 test}, each at most
     `evaluation.max_tokens` tokens (1-D)."""
+    key = ("held_out", repr(config.train_config(BASE).data), config.evaluation.wikitext, config.evaluation.max_tokens)
+    return _cached(key, lambda: _read_held_out(config))
+
+
+def _read_held_out(config: StudyConfig) -> dict[str, np.ndarray]:
     limit = config.evaluation.max_tokens
     corpus = np.asarray(_split(config).validation, np.int32)[:, :-1].reshape(-1)[:limit]
     path = Path(config.evaluation.wikitext).expanduser()
