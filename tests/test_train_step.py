@@ -9,7 +9,7 @@ from flax import nnx
 
 from condensa.train import parallel
 from condensa.train.setup import build_model, build_optimizer
-from condensa.train.step import make_train_step
+from condensa.train.step import FlatState, make_train_step
 from tests.train_helpers import tiny_config
 
 
@@ -23,12 +23,12 @@ def test_accumulated_step_equals_one_big_batch(tmp_path):
         model, _ = build_model(cfg, 256)
         graphdef, state = nnx.split((model, build_optimizer(model, cfg.optimizer, cfg.train.steps)))
         shardings = parallel.state_shardings(state, mesh)
-        state = jax.device_put(state, shardings)
+        state = FlatState.of(jax.device_put(state, shardings))
         step = make_train_step(graphdef, cfg.loss, state_shardings=shardings)
         micro = parallel.put_batch(batch.reshape(accum, 8 // accum, 33), parallel.batch_sharding(mesh))
         for i in range(2):
             state, metrics = step(state, micro, jnp.int32(i))
-        results.append((nnx.state(nnx.merge(graphdef, state)[0], nnx.Param), metrics))
+        results.append((nnx.state(nnx.merge(graphdef, state.state)[0], nnx.Param), metrics))
     (p1, m1), (p2, m2) = results
     np.testing.assert_allclose(float(m1["loss"]), float(m2["loss"]), rtol=1e-6)
     for a, b in zip(jax.tree.leaves(p1), jax.tree.leaves(p2)):

@@ -20,6 +20,8 @@ import numpy as np
 from flax import nnx
 
 from condensa.attention import AttentionConfig, attend
+from condensa.attention.gqa import repeat_kv
+from condensa.attention.inputs import AttentionInputs
 from condensa.errors import ModelInputError
 from condensa.model.causal_inputs import causal_inputs, updated_cache
 from condensa.model.kv_cache import KVCache
@@ -27,7 +29,8 @@ from condensa.model.kv_cache import KVCache
 
 class ModelOutput(NamedTuple):
     logits: jax.Array  # [B, T, vocab] float32
-    attentions: tuple[jax.Array, ...] | None  # per layer [B, H, Tq, Tk] float32, when requested
+    # per layer [B, H, Tq, Tk] float32 with return_attention=True; `AttentionInputs` with "inputs"
+    attentions: tuple | None
     cache: KVCache | None  # the updated cache, when one was passed in
 
 
@@ -74,7 +77,7 @@ class CausalLM(nnx.Module):
         *,
         attention_mask: jax.Array | None = None,
         cache: KVCache | None = None,
-        return_attention: bool = False,
+        return_attention: bool | str = False,
         attention: AttentionConfig | None = None,
         thresholds=None,
     ) -> ModelOutput:
@@ -83,8 +86,10 @@ class CausalLM(nnx.Module):
         attention_mask: [B, T], 1 for real tokens and 0 for padding (left or right). Position ids
         count real tokens only, as in HF. cache: a `KVCache`; the tokens are appended at its
         `index` and the updated cache is returned. return_attention: also return each layer's
-        attention probabilities, per query head [B, H, Tq, Tk]. attention / thresholds: override
-        the model's attention rule for this call.
+        attention probabilities, per query head [B, H, Tq, Tk]; or, with "inputs", each layer's
+        `AttentionInputs` (q and k), leaving attention itself on its fused path (for losses that
+        recompute what they need in a kernel). attention / thresholds: override the model's
+        attention rule for this call.
         """
         check_input_ids(input_ids, self.config, offset=0 if cache is None else cache.index)
         attention = attention or self.attention
@@ -110,9 +115,11 @@ class CausalLM(nnx.Module):
 
 
 def self_attention(q, k, v, *, kv, dropout: nnx.Dropout, visible, scale: float, layer_idx: int,
-                   attention: AttentionConfig, thresholds, need_probs: bool, causal: bool):
+                   attention: AttentionConfig, thresholds, need_probs: bool | str, causal: bool):
     """One layer's attention from its projections q [B, T, H, D] and k, v [B, T, Hkv, D].
 
+    `need_probs`: True (return the probabilities), False (nothing), or "inputs" (return the layer's
+    `AttentionInputs` and let attention run as if no probabilities were needed).
     `kv` is the layer's cache writer (`CausalInputs.cache_write` bound to the layer) or None without
     a cache: it stores k and v and returns the full cached K/V plus the `DecodeState` that decode
     kernels read. `dropout` reaches `attend` only when it would drop something (training, rate > 0),
@@ -125,9 +132,11 @@ def self_attention(q, k, v, *, kv, dropout: nnx.Dropout, visible, scale: float, 
     out, probs = attend(
         q, k_all, v_all,
         visible=visible, scale=scale, layer_idx=layer_idx,
-        config=attention, thresholds=thresholds, probs_dropout=probs_dropout, need_probs=need_probs, causal=causal,
-        decode_state=decode_state,
+        config=attention, thresholds=thresholds, probs_dropout=probs_dropout, need_probs=need_probs != "inputs" and bool(need_probs),
+        causal=causal, decode_state=decode_state,
     )
+    if need_probs == "inputs":
+        return out, AttentionInputs(q, repeat_kv(k_all, q.shape[2]), scale), layer_kv
     return out, probs, layer_kv
 
 

@@ -26,6 +26,7 @@ from condensa.model.causal_lm import (  # noqa: F401
     self_attention,
 )
 from condensa.model.config import GPT2Config
+from condensa.model.output_layer import vocab_logits
 
 _ACTIVATIONS = {
     "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
@@ -124,4 +125,4 @@ class GPT2(CausalLM):
         return self.h
 
     def _logits(self, x):
-        return self.wte.attend(self.ln_f(x))  # lm_head is tied to wte
+        return vocab_logits(self.ln_f(x), self.wte.embedding[...], self.dtype)  # lm_head is tied to wte

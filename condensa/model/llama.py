@@ -21,6 +21,7 @@ from condensa.attention import AttentionConfig
 from condensa.attention.gqa import repeat_kv
 from condensa.model.causal_lm import CausalLM, self_attention
 from condensa.model.llama_config import LlamaConfig
+from condensa.model.output_layer import vocab_logits
 from condensa.model.rope import apply_rope, inverse_frequencies, rope_angles
 
 
@@ -142,7 +143,9 @@ class Llama(CausalLM):
 
     def _logits(self, x):
         x = self.norm(x)
-        return self.embed_tokens.attend(x) if self.lm_head is None else self.lm_head(x)
+        if self.lm_head is None:
+            return vocab_logits(x, self.embed_tokens.embedding[...], self.dtype)
+        return self.lm_head(x)
 
     def walk_layers(self, ids: jax.Array, attention: AttentionConfig, thresholds, per_layer) -> list:
         """Calibration's view of the network (`condensa.sparsity.calibrate.walk_layers`): for each layer,

@@ -66,8 +66,13 @@ def oracle_tile_mass(probs: jax.Array, block: int, f: float, sink_tiles: int = 1
     The structure is the mandatory tiles (diagonal + sinks) plus the m_b = max(1, ceil(f·(b+1)))
     optional tiles with the largest true mass M_bt.
     """
-    n = _check_tiles(probs.shape[-1], block)
-    masses = tile_masses(probs, block, block)  # [B, H, nq, nk]
+    _check_tiles(probs.shape[-1], block)
+    return oracle_mass_of_tiles(tile_masses(probs, block, block), block, f, sink_tiles)
+
+
+def oracle_mass_of_tiles(masses: jax.Array, block: int, f: float, sink_tiles: int = 1) -> jax.Array:
+    """`oracle_tile_mass` from the tile masses M_bt [B, H, n, n] (square tiles of `block`)."""
+    n = masses.shape[-1]
     mandatory = jnp.asarray(mandatory_tiles(n, n, block, block, sink_tiles))
     optional = jnp.asarray(optional_tiles(n, n, block, block, sink_tiles))
     budgets = jnp.asarray(tile_budgets(n, f))
@@ -105,16 +110,24 @@ def gate_loss(probs: jax.Array, block: int, tau: float = 1.0, sink_tiles: int = 
     not the mass bend towards whatever the scores say. Query tiles with fewer than two optional
     tiles have nothing to rank and are left out.
     """
-    n = _check_tiles(probs.shape[-1], block)
+    _check_tiles(probs.shape[-1], block)
+    return gate_cross_entropy(tile_masses(probs, block, block), pooled_scores_from_probs(probs, block), block, tau,
+                              sink_tiles)
+
+
+def gate_cross_entropy(masses: jax.Array, scores: jax.Array, block: int, tau: float = 1.0,
+                       sink_tiles: int = 1) -> jax.Array:
+    """`gate_loss` from the tile masses and the pooled gate scores (both [B, H, n, n]); the scores
+    matter up to a constant per query tile."""
+    n = masses.shape[-1]
     optional = optional_tiles(n, n, block, block, sink_tiles)
     rows = optional.sum(axis=-1) >= 2
     if not rows.any():
         return jnp.zeros((), jnp.float32)
     optional = jnp.asarray(optional)
-    masses = jax.lax.stop_gradient(jnp.where(optional, tile_masses(probs, block, block), 0.0))
+    masses = jax.lax.stop_gradient(jnp.where(optional, masses, 0.0))
     target = masses / jnp.maximum(masses.sum(axis=-1, keepdims=True), 1e-9)
-    scores = jnp.where(optional, pooled_scores_from_probs(probs, block) / tau, -jnp.inf)
-    log_q = jax.nn.log_softmax(scores, axis=-1)
+    log_q = jax.nn.log_softmax(jnp.where(optional, scores / tau, -jnp.inf), axis=-1)
     ce = -jnp.where(optional, target * log_q, 0.0).sum(axis=-1)  # [B, H, nq]
     return jnp.mean(ce[..., rows])
 

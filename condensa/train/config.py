@@ -71,6 +71,11 @@ class LossConfig:
     gate: GateLoss = GateLoss()
     tile_size: int = 64  # b_q = b_k for the tile and gate losses and metrics
     sink_tiles: int = 1
+    # How the losses get what they need: "reference" takes the probabilities from the model (its
+    # reference attention op); "pallas" recomputes the masses from q and k in a fused kernel while
+    # attention keeps its fused path (condensa.kernels.attention_masses); "auto" is pallas on a GPU
+    # where it applies (dense attention, padded length <= 2048) and reference elsewhere.
+    kernel: Literal["auto", "pallas", "reference"] = "auto"
 
     @property
     def active(self) -> bool:

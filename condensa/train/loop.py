@@ -26,7 +26,7 @@ from condensa.train.export import save_hf
 from condensa.train.metrics_log import MetricsLog
 from condensa.train.output_folder import check_compatible, write_config
 from condensa.train.setup import build_model, build_optimizer, learning_rate
-from condensa.train.step import make_eval_step, make_train_step
+from condensa.train.step import FlatState, make_eval_step, make_train_step
 
 
 @dataclasses.dataclass
@@ -108,12 +108,14 @@ def train(cfg: TrainConfig) -> dict[str, float]:
         loader.restore(record["data"])
         log.truncate_after(start)
     write_config(out, cfg)
+    flat = FlatState.of(state)
+    del state  # the loop carries `flat`; `flat.state` rebuilds the nnx.State when one is needed
 
     def evaluate(step: int) -> dict[str, float]:
         sums: dict[str, float] = {}
         batches = _eval_batches(data, cfg)
         for batch in batches:
-            for k, v in _host(eval_step(state, jax.device_put(batch, eval_sharding))).items():
+            for k, v in _host(eval_step(flat, jax.device_put(batch, eval_sharding))).items():
                 sums[k] = sums.get(k, 0.0) + v / len(batches)
         sums["val_ppl"] = math.exp(min(sums["val_loss"], 50.0))
         log.write({"kind": "eval", "step": step, **sums})
@@ -124,18 +126,36 @@ def train(cfg: TrainConfig) -> dict[str, float]:
     last = {}
     bar = progress(total=cfg.train.steps, initial=start, desc="train", unit="step")
     tick, ticked = time.perf_counter(), start
+
+    def checked(done: int, metrics) -> dict[str, float]:
+        metrics = _host(metrics)
+        if not math.isfinite(metrics["loss"]):
+            raise TrainingError(
+                f"the loss became {metrics['loss']} at step {done}; training stopped and nothing from that step "
+                f"was saved (last checkpoint: step {max(checkpoints.steps(), default=0)}). Lower optimizer.lr "
+                "or the loss weights, or turn on optimizer.grad_clip."
+            )
+        return metrics
+
+    def next_batch():
+        return parallel.put_batch(next(loader).reshape(accum, cfg.train.batch_size, cfg.data.seq_len + 1), batch_sharding)
+
+    # Step s+1 is dispatched before step s's metrics are read, so the host's work (reading them,
+    # the next batch, the call itself) overlaps the device's. A step whose state is evaluated or
+    # saved has its metrics read first, so nothing after a NaN is ever written.
+    pending = None if start >= cfg.train.steps else train_step(flat, next_batch(), jnp.int32(start))
     try:
         for step in range(start, cfg.train.steps):
-            batch = next(loader).reshape(accum, cfg.train.batch_size, cfg.data.seq_len + 1)
-            state, metrics = train_step(state, parallel.put_batch(batch, batch_sharding), jnp.int32(step))
-            metrics = _host(metrics)
+            flat, pending_metrics = pending
             done = step + 1
-            if not math.isfinite(metrics["loss"]):
-                raise TrainingError(
-                    f"the loss became {metrics['loss']} at step {done}; training stopped and nothing from that step "
-                    f"was saved (last checkpoint: step {max(checkpoints.steps(), default=0)}). Lower optimizer.lr "
-                    "or the loss weights, or turn on optimizer.grad_clip."
-                )
+            saves = done % cfg.checkpoint.every == 0 or done == cfg.train.steps
+            evaluates = cfg.train.eval_batches > 0 and (done % cfg.train.eval_every == 0 or done == cfg.train.steps)
+            if done < cfg.train.steps and not (saves or evaluates):
+                pending = train_step(flat, next_batch(), jnp.int32(done))
+                metrics = checked(done, pending_metrics)
+            else:
+                metrics = checked(done, pending_metrics)
+                pending = None
             if done % cfg.train.log_every == 0 or done == cfg.train.steps:
                 now = time.perf_counter()
                 rate = tokens_per_step * (done - ticked) / max(now - tick, 1e-9)
@@ -143,10 +163,12 @@ def train(cfg: TrainConfig) -> dict[str, float]:
                 log.write({"kind": "train", "step": done, "lr": float(lr(step)), "tokens_per_s": rate, **metrics})
                 bar.set_postfix(loss=f"{metrics['lm_loss']:.3f}", ppl=f"{math.exp(min(metrics['lm_loss'], 50)):.1f}",
                                 L_conc=f"{metrics['L_conc']:.3f}", tok_s=f"{rate:,.0f}")
-            if cfg.train.eval_batches > 0 and (done % cfg.train.eval_every == 0 or done == cfg.train.steps):
+            if evaluates:
                 last = evaluate(done)
-            if done % cfg.checkpoint.every == 0 or done == cfg.train.steps:
-                checkpoints.save(done, state, {"data": loader.state()})
+            if saves:
+                checkpoints.save(done, flat.state, {"data": loader.state()})
+            if pending is None and done < cfg.train.steps:
+                pending = train_step(flat, next_batch(), jnp.int32(done))
             bar.update(1)
     finally:
         bar.close()
@@ -154,7 +176,7 @@ def train(cfg: TrainConfig) -> dict[str, float]:
         log.close()
 
     if cfg.train.export:
-        model, _ = nnx.merge(graphdef, jax.device_get(state))
+        model, _ = nnx.merge(graphdef, jax.device_get(flat.state))
         save_hf(model, model_config, out / "hf", tokenizer=data.tokenizer, kept_ids=data.kept_ids,
                 vocab_size=data.vocab_size)
     return last

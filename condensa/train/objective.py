@@ -8,7 +8,11 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from condensa.attention import is_plain_dense
+from condensa.errors import ConfigError
+from condensa.kernels.attention_masses import MAX_LENGTH, fits
 from condensa.sparsity import loss as conc
+from condensa.sparsity import loss_from_qk
 from condensa.train.config import LossConfig
 
 
@@ -33,14 +37,33 @@ def concentration_terms(probs, cfg: LossConfig) -> dict[str, jax.Array]:
     return terms
 
 
+def uses_mass_kernel(model, cfg: LossConfig, seq_len: int) -> bool:
+    """Whether the losses run on the fused mass kernel (`LossConfig.kernel`). It computes dense
+    softmax masses, so it applies only where the model's attention is plain dense in every layer."""
+    if not cfg.active or cfg.kernel == "reference":
+        return False
+    blockers = []
+    if not all(is_plain_dense(model.attention, i) for i in range(model.config.n_layer)):
+        blockers.append(f"the model's attention is not plain dense (mode={model.attention.mode!r})")
+    tile = cfg.tile_size if (cfg.tile.weight > 0 or cfg.gate.weight > 0) else loss_from_qk.TOPK_TILE
+    if not fits(seq_len, tile):
+        blockers.append(f"data.seq_len={seq_len} pads past the kernel's {MAX_LENGTH} positions")
+    if cfg.kernel == "pallas" and blockers:
+        raise ConfigError(f"loss.kernel=pallas cannot run here: {'; '.join(blockers)}. Use loss.kernel reference "
+                          "(or auto, which picks it in such cases).")
+    return not blockers and (cfg.kernel == "pallas" or jax.default_backend() == "gpu")
+
+
 def objective(model, batch: jax.Array, cfg: LossConfig, step) -> tuple[jax.Array, dict[str, jax.Array]]:
     """(total loss, metrics) for a batch of blocks [B, T + 1]; all in float32."""
     inputs, targets = batch[:, :-1], batch[:, 1:]
-    out = model(inputs, return_attention=cfg.active)
+    fused = uses_mass_kernel(model, cfg, inputs.shape[1])
+    out = model(inputs, return_attention="inputs" if fused else cfg.active)
     lm = optax.softmax_cross_entropy_with_integer_labels(out.logits, targets).mean()
     total, metrics = lm, {"lm_loss": lm}
     conc_total = jnp.float32(0.0)
-    for name, value in concentration_terms(out.attentions, cfg).items():
+    terms = loss_from_qk.concentration_terms(out.attentions, cfg) if fused else concentration_terms(out.attentions, cfg)
+    for name, value in terms.items():
         term = getattr(cfg, name)
         conc_total = conc_total + ramp(term.weight, term.warmup_steps, step) * value
         metrics[f"L_{name}"] = value

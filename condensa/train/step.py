@@ -2,7 +2,9 @@
 
 A functional step (split outside, merge inside) keeps the jitted function free of Python objects,
 so the state can be donated and sharded like any pytree; the `data` axis of the batch is what the
-mesh splits (see `condensa.train.parallel`).
+mesh splits (see `condensa.train.parallel`). The steps take and return a `FlatState`: rebuilding
+an `nnx.State` from a jitted call's outputs costs milliseconds of Python per step (about 5 ms for
+GPT-2 small's 521 arrays), which is a fifth of the device step and serialises with it.
 """
 
 from __future__ import annotations
@@ -17,6 +19,32 @@ from flax import nnx
 from condensa.sparsity import loss as conc
 from condensa.train.config import LossConfig
 from condensa.train.objective import objective
+
+
+@jax.tree_util.register_pytree_node_class
+class FlatState:
+    """A state pytree kept as its leaves and treedef: flattening and rebuilding it are one list,
+    not a walk over NNX's nested state. `.state` rebuilds the `nnx.State` (for checkpoints,
+    evaluation and export, which run rarely)."""
+
+    def __init__(self, leaves, treedef):
+        self.leaves, self.treedef = list(leaves), treedef
+
+    @classmethod
+    def of(cls, tree) -> "FlatState":
+        leaves, treedef = jax.tree.flatten(tree)
+        return cls(leaves, treedef)
+
+    @property
+    def state(self):
+        return jax.tree.unflatten(self.treedef, self.leaves)
+
+    def tree_flatten(self):
+        return self.leaves, self.treedef
+
+    @classmethod
+    def tree_unflatten(cls, treedef, leaves):
+        return cls(leaves, treedef)
 
 
 _norm = optax.tree.norm if hasattr(optax, "tree") and hasattr(optax.tree, "norm") else optax.global_norm
@@ -34,8 +62,9 @@ def _grads(model, batch, cfg: LossConfig, step):
 
 
 def make_train_step(graphdef, cfg: LossConfig, *, state_shardings=None):
-    """The jitted train step. Runs with the same model structure, loss config and shardings share
-    one compiled function (runs started from one process: sweeps, resumes, tests)."""
+    """The jitted train step `(FlatState, batches, step) -> (FlatState, metrics)`. Runs with the
+    same model structure, loss config and shardings share one compiled function (runs started
+    from one process: sweeps, resumes, tests)."""
     leaves, treedef = jax.tree.flatten(state_shardings) if state_shardings is not None else ((), None)
     return _train_step(graphdef, cfg, tuple(leaves), treedef)
 
@@ -46,8 +75,8 @@ def _train_step(graphdef, cfg: LossConfig, sharding_leaves: tuple, sharding_tree
     over `accum` micro-batches whose gradients are averaged (accumulation by hand in a `scan`,
     so the optimizer and its schedule count real updates only)."""
 
-    def train_step(state, batches, step):
-        model, optimizer = nnx.merge(graphdef, state)
+    def train_step(flat: FlatState, batches, step):
+        model, optimizer = nnx.merge(graphdef, flat.state)
         if batches.shape[0] == 1:
             grads, metrics = _grads(model, batches[0], cfg, step)
         else:
@@ -69,15 +98,15 @@ def _train_step(graphdef, cfg: LossConfig, sharding_leaves: tuple, sharding_tree
             metrics = jax.tree.map(jnp.mean, metrics)
         optimizer.update(model, grads)
         metrics = {**metrics, "grad_norm": _norm(grads)}
-        return nnx.state((model, optimizer)), metrics
+        return FlatState.of(nnx.state((model, optimizer))), metrics
 
-    state_shardings = None if sharding_treedef is None else jax.tree.unflatten(sharding_treedef, sharding_leaves)
+    state_shardings = None if sharding_treedef is None else FlatState(sharding_leaves, sharding_treedef)
     out_shardings = None if state_shardings is None else (state_shardings, None)
     return jax.jit(train_step, donate_argnums=0, out_shardings=out_shardings)
 
 
 def make_eval_step(graphdef, cfg: LossConfig, k: int, seq_len: int):
-    """`eval_step(state, batch [B, T+1]) -> metrics`: validation loss and sparsity metrics of the
+    """`eval_step(FlatState, batch [B, T+1]) -> metrics`: validation loss and sparsity metrics of the
     dense model (dropout off). Tile metrics need seq_len to be a multiple of loss.tile_size.
     The loss weights do not matter here, so runs that differ only in them share one compile."""
     return _eval_step(graphdef, cfg.tile_size, cfg.tile.f, cfg.sink_tiles, k, seq_len % cfg.tile_size == 0)
@@ -86,8 +115,8 @@ def make_eval_step(graphdef, cfg: LossConfig, k: int, seq_len: int):
 @functools.lru_cache(maxsize=16)
 def _eval_step(graphdef, tile_size: int, f: float, sink_tiles: int, k: int, with_tiles: bool):
 
-    def eval_step(state, batch):
-        model, _ = nnx.merge(graphdef, state)
+    def eval_step(flat: FlatState, batch):
+        model, _ = nnx.merge(graphdef, flat.state)
         model.eval()
         inputs, targets = batch[:, :-1], batch[:, 1:]
         out = model(inputs, return_attention=True)

@@ -16,7 +16,11 @@ Options:
   --weight W            λ for each active loss (0.5)    --k K              (64)
   --tile-size N (64)    --f F (0.125)                   --remat true|false (true)
   --warmup N (3)        --repeats N (10)                --peak-tflops X    (from the device kind)
+  --steps-per-repeat N  steps dispatched back to back per timed repeat, as the training loop
+                        does (5); the step time is the repeat's time over N
   --out PATH            also write the results as JSON
+  --profile DIR         also capture a profiler trace of 3 steps per setting under DIR and print
+                        the device ops that take the most time (--profile-top N, default 25)
 """
 
 from __future__ import annotations
@@ -50,8 +54,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--remat", default="true", choices=["true", "false"])
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--repeats", type=int, default=10)
+    p.add_argument("--steps-per-repeat", type=int, default=5)
     p.add_argument("--peak-tflops", type=float, default=None)
     p.add_argument("--out", default=None)
+    p.add_argument("--profile", default=None)
+    p.add_argument("--profile-top", type=int, default=25)
     return p
 
 
@@ -79,22 +86,63 @@ def _train_config(args, setting: str):
     return load_config(TrainConfig, None, overrides)
 
 
+def _check_loss_kernel(graphdef, flat_state, batch, loss_cfg) -> dict:
+    """The losses and the gradient through the fused mass kernel against the reference path
+    (probabilities from the reference attention op), on one batch, before anything is timed."""
+    import dataclasses
+
+    from flax import nnx
+
+    from condensa.train.objective import objective, uses_mass_kernel
+
+    model, _ = nnx.merge(graphdef, flat_state.state)
+    model.eval()
+    results = {}
+    for kernel in ("reference", "pallas"):
+        cfg = dataclasses.replace(loss_cfg, kernel=kernel)
+
+        @nnx.jit
+        def value_and_grad(m, b):
+            return nnx.value_and_grad(lambda m: objective(m, b, cfg, 10**6), has_aux=True)(m)
+
+        (_, metrics), grads = value_and_grad(model, batch)
+        results[kernel] = ({k: float(v) for k, v in jax.device_get(metrics).items()}, grads)
+    if not uses_mass_kernel(model, dataclasses.replace(loss_cfg, kernel="auto"), batch.shape[1] - 1):
+        print("note: loss.kernel=auto would not pick the fused kernel here; the timed step uses the reference path")
+    (ref_m, ref_g), (ker_m, ker_g) = results["reference"], results["pallas"]
+    diff = jax.tree.map(lambda a, b: jnp.sum(jnp.square(a - b)), ref_g, ker_g)
+    norm = jax.tree.map(lambda a: jnp.sum(jnp.square(a)), ref_g)
+    grad_rel = float(jnp.sqrt(sum(jax.tree.leaves(diff)) / sum(jax.tree.leaves(norm))))
+    out = {"grad_rel_diff": grad_rel}
+    for name in ("L_topk", "L_tile", "L_gate"):
+        if name in ref_m:
+            out[name] = {"reference": ref_m[name], "pallas": ker_m[name],
+                         "rel_diff": abs(ref_m[name] - ker_m[name]) / max(abs(ref_m[name]), 1e-12)}
+    print(f"loss kernel check: {out}")
+    worst = max([v["rel_diff"] for v in out.values() if isinstance(v, dict)] + [0.0])
+    if not (worst < 2e-2 and grad_rel < 5e-2):
+        raise RuntimeError(f"the fused loss kernel disagrees with the reference path: {out}; not timing it")
+    return out
+
+
 def bench_setting(args, setting: str, peak: float | None) -> dict:
     from flax import nnx
 
     from condensa.train.setup import build_model, build_optimizer
-    from condensa.train.step import make_train_step
+    from condensa.train.step import FlatState, make_train_step
 
     cfg = _train_config(args, setting)
     model, config = build_model(cfg, 50257)
     optimizer = build_optimizer(model, cfg.optimizer, total_steps=1000)
     graphdef, state = nnx.split((model, optimizer))
+    state = FlatState.of(state)
     del model, optimizer
     step_fn = make_train_step(graphdef, cfg.loss)
     rng = np.random.default_rng(0)
     batches = [jnp.asarray(rng.integers(0, config.vocab_size, (1, args.batch_size, args.seq_len + 1)), jnp.int32)
                for _ in range(4)]  # rotate a few batches so nothing is served from a cache of one input
 
+    kernel_check = _check_loss_kernel(graphdef, state, batches[0][0], cfg.loss) if cfg.loss.active else None
     state, metrics = step_fn(state, batches[0], jnp.int32(0))
     first = {k: float(v) for k, v in jax.device_get(metrics).items()}
     if not (math.isfinite(first["loss"]) and abs(first["lm_loss"] - math.log(config.vocab_size)) < 1.0):
@@ -107,10 +155,17 @@ def bench_setting(args, setting: str, peak: float | None) -> dict:
         box["state"], m = step_fn(box["state"], batches[box["i"] % len(batches)], jnp.int32(box["i"]))
         return m["loss"]
 
-    timing = measure(run_once, warmup=args.warmup, repeats=args.repeats)
+    timing = measure(run_once, warmup=args.warmup, repeats=args.repeats, calls_per_repeat=args.steps_per_repeat)
     final = float(jax.device_get(run_once()))
     if not math.isfinite(final):
         raise RuntimeError(f"{setting}: loss became {final} while timing")
+    profile = None
+    if args.profile:
+        from condensa.eval.bench import profile as prof
+
+        trace = prof.capture(run_once, f"{args.profile}/{setting}", calls=3)
+        profile = prof.device_time_by_name(trace)
+        print(f"\n### profile: {setting}\n" + "\n".join(prof.summary_lines(profile, calls=3, top=args.profile_top)))
     tokens = args.batch_size * args.seq_len
     tokens_per_s = tokens / timing["median_s"]
     flops = model_flops_per_token(config, args.seq_len) * tokens_per_s
@@ -118,6 +173,8 @@ def bench_setting(args, setting: str, peak: float | None) -> dict:
         "setting": setting, "tokens_per_s": tokens_per_s, "step_ms": 1e3 * timing["median_s"],
         "model_tflops": flops / 1e12, "mfu": flops / peak if peak else None,
         "first_loss": first["lm_loss"], "L_conc_first": first["L_conc"], **timing,
+        **({"profile_us_per_3_calls": profile} if profile is not None else {}),
+        **({"kernel_check": kernel_check} if kernel_check is not None else {}),
     }
 
 

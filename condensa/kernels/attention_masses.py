@@ -1,0 +1,255 @@
+"""Per-row tile masses of causal softmax attention, fused, with their gradient: what the
+concentration losses need, without writing [B, H, T, T] probabilities.
+
+`row_tile_masses(q, k)` returns R [B, H, T, n_tiles], R[i, t] = Σ_{j in key tile t, j <= i} p_ij,
+where p is the causal softmax of `scale · q kᵀ`. With `top_k`, only each row's k largest scores
+count (the kept set of the top-k loss), so Σ_t R[i, t] is the row's top-k mass. From R:
+- the tile loss's tile masses M_bt are R averaged over the rows of query tile b;
+- the top-k loss's mass is Σ_t R[i, t].
+
+Why a kernel: the reference losses take the probabilities from the model, which forces the
+reference attention op (float32 [B, H, T, T] written and read many times, forward and backward).
+On the H100 that made the tile loss cost 47% of the training throughput of GPT-2 small and the
+top-k loss 73% (docs/benchmarks.md). Here the model's attention stays on the fused cuDNN path and
+the loss recomputes the scores block by block: one program holds BQ whole rows (so the row's
+softmax and its k-th largest score need no second pass), and nothing bigger than R leaves it.
+
+The k-th largest score is found by bisection between the row's smallest visible score and its
+maximum, `bisect_steps` (24) times: the kept set is every score >= the final lower bound, which is
+the exact top k plus any score within (max − min) · 2⁻²⁴ below the k-th (none, short of near-ties
+in fp32). The saved threshold sits midway between the smallest kept and the largest dropped score.
+Rows with at most k visible keys keep them all (the loss leaves those rows out).
+
+Gradient (with w_ij = 1 for kept elements, G = ∂L/∂R, c_i = Σ_t G[i, t] R[i, t]):
+  ∂L/∂a_ij = p_ij (w_ij G[i, t(j)] − c_i),  dq = scale · (∂L/∂a) k,  dk = scale · (∂L/∂a)ᵀ q.
+As in the reference loss, the kept set itself carries no gradient. dq comes from a row kernel like
+the forward; dk from a kernel per key tile that walks the query blocks at and below the diagonal.
+
+Rows are whole in registers, so the padded length is limited (`MAX_LENGTH`); longer sequences use
+the reference path (`fits`). Block shapes in Triton must be powers of two, so the length is padded
+to `tile` times a power of two; the padding is masked by causality (a padded key is visible only
+to padded rows, which are cut off).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+
+from condensa.errors import ConfigError
+from condensa.kernels.backend import resolve_backend
+
+MAX_LENGTH = 2048  # padded sequence length up to which whole rows fit a program's registers
+BISECT_STEPS = 24
+
+
+@dataclasses.dataclass(frozen=True)
+class MassOptions:
+    """Everything static about one call (hashable: it keys the compilation cache)."""
+
+    scale: float
+    tile: int = 64
+    top_k: int | None = None
+    bisect_steps: int = BISECT_STEPS
+    block_q: int = 16  # rows per program in the row kernels
+    block_q_dk: int = 64  # query rows per step of the dk kernel's walk
+    num_warps: int = 8
+    backend: str = "interpret"
+
+
+def padded_length(t: int, tile: int) -> int:
+    """`tile` times the next power of two of ceil(t / tile) (Triton blocks are powers of two)."""
+    tiles = -(-t // tile)
+    return tile * (1 << max(0, (tiles - 1).bit_length()))
+
+
+def fits(t: int, tile: int) -> bool:
+    """Whether sequences of length t run in this kernel (else the reference loss path is used)."""
+    return padded_length(t, tile) <= MAX_LENGTH
+
+
+def _dot(a, b, contract, precision):
+    return jax.lax.dot_general(a, b, (contract, ((), ())), precision=precision, preferred_element_type=jnp.float32)
+
+
+def _row_scores(q, k, row0, scale, precision):
+    """Scaled scores of a block of rows against every key, -inf where not causally visible."""
+    s = _dot(q, k, ((1,), (1,)), precision) * scale
+    rows = row0 + jax.lax.broadcasted_iota(jnp.int32, s.shape, 0)
+    cols = jax.lax.broadcasted_iota(jnp.int32, s.shape, 1)
+    return jnp.where(cols <= rows, s, -jnp.inf), cols <= rows
+
+
+def _kth_threshold(s, visible, top_k: int, steps: int):
+    """A threshold between each row's kept and dropped scores (-inf for rows with at most k
+    visible keys): every score >= it is kept.
+
+    Bisection brackets the k-th largest score s_(k) within (max − min) · 2^-steps from below; the
+    threshold returned is then the midpoint between the smallest score kept and the largest one
+    dropped, so the backward kernels, which recompute the scores in other block shapes (and may
+    round them an ulp differently), draw the same line.
+    """
+    hi = jnp.max(s, axis=1)
+    lo = jnp.min(jnp.where(visible, s, jnp.inf), axis=1)
+
+    def bisect(_, bounds):
+        lo, hi = bounds
+        mid = 0.5 * (lo + hi)
+        enough = jnp.sum((s >= mid[:, None]).astype(jnp.int32), axis=1) >= top_k
+        return jnp.where(enough, mid, lo), jnp.where(enough, hi, mid)
+
+    lo, _ = jax.lax.fori_loop(0, steps, bisect, (lo, hi))
+    kept = s >= lo[:, None]
+    smallest_kept = jnp.min(jnp.where(kept, s, jnp.inf), axis=1)
+    largest_dropped = jnp.max(jnp.where(kept, -jnp.inf, s), axis=1)
+    thr = jnp.where(largest_dropped == -jnp.inf, smallest_kept, 0.5 * (smallest_kept + largest_dropped))
+    n_visible = jnp.sum(visible.astype(jnp.int32), axis=1)
+    return jnp.where(n_visible > top_k, thr, -jnp.inf)
+
+
+def _forward_kernel(q_ref, k_ref, r_ref, lse_ref, thr_ref, *, opts: MassOptions, n_tiles: int, precision):
+    row0 = pl.program_id(0) * opts.block_q
+    s, visible = _row_scores(q_ref[...], k_ref[...], row0, opts.scale, precision)
+    m = jnp.max(s, axis=1)
+    e = jnp.exp(s - m[:, None])
+    l = jnp.sum(e, axis=1)
+    p = e / l[:, None]
+    if opts.top_k is not None:
+        thr = _kth_threshold(s, visible, opts.top_k, opts.bisect_steps)
+        p = jnp.where(s >= thr[:, None], p, 0.0)
+    else:
+        thr = jnp.full((opts.block_q,), -jnp.inf, jnp.float32)
+    r_ref[...] = jnp.sum(p.reshape(opts.block_q, n_tiles, opts.tile), axis=2)
+    lse_ref[...] = m + jnp.log(l)
+    thr_ref[...] = thr
+
+
+def _dq_kernel(q_ref, k_ref, lse_ref, thr_ref, c_ref, g_ref, dq_ref, *, opts: MassOptions, n_tiles: int, precision):
+    row0 = pl.program_id(0) * opts.block_q
+    k = k_ref[...]
+    s, _ = _row_scores(q_ref[...], k, row0, opts.scale, precision)
+    p = jnp.exp(s - lse_ref[...][:, None])
+    g = jnp.broadcast_to(g_ref[...][:, :, None], (opts.block_q, n_tiles, opts.tile)).reshape(s.shape)
+    ds = p * (jnp.where(s >= thr_ref[...][:, None], g, 0.0) - c_ref[...][:, None])
+    dq_ref[...] = (_dot(ds.astype(k.dtype), k, ((1,), (0,)), precision) * opts.scale).astype(dq_ref.dtype)
+
+
+def _dk_kernel(q_ref, k_ref, lse_ref, thr_ref, c_ref, g_ref, dk_ref, *, opts: MassOptions, length: int, precision):
+    kb = pl.program_id(0)
+    bq, tile = opts.block_q_dk, opts.tile
+    k = k_ref[...]
+    cols = kb * tile + jax.lax.broadcasted_iota(jnp.int32, (bq, tile), 1)
+
+    def step(j, acc):
+        rows_at = pl.ds(j * bq, bq)
+        q = q_ref[rows_at, :]
+        s = _dot(q, k, ((1,), (1,)), precision) * opts.scale
+        rows = j * bq + jax.lax.broadcasted_iota(jnp.int32, (bq, tile), 0)
+        visible = cols <= rows
+        p = jnp.where(visible, jnp.exp(s - lse_ref[rows_at][:, None]), 0.0)
+        kept = visible & (s >= thr_ref[rows_at][:, None])
+        ds = p * (jnp.where(kept, g_ref[rows_at][:, None], 0.0) - c_ref[rows_at][:, None])
+        return acc + _dot(ds.astype(q.dtype), q, ((0,), (0,)), precision)
+
+    first = (kb * tile) // bq  # query blocks above the diagonal see none of this tile's keys
+    acc = jax.lax.fori_loop(first, length // bq, step, jnp.zeros(k.shape, jnp.float32))
+    dk_ref[...] = (acc * opts.scale).astype(dk_ref.dtype)
+
+
+def _call(kernel, grid, in_specs, out_specs, out_shape, opts: MassOptions, name: str):
+    kwargs = {}
+    if opts.backend == "triton":
+        from jax.experimental.pallas import triton as pltriton
+
+        kwargs["compiler_params"] = pltriton.CompilerParams(num_warps=opts.num_warps, num_stages=1)
+    return pl.pallas_call(kernel, grid=grid, in_specs=in_specs, out_specs=out_specs, out_shape=out_shape,
+                          interpret=opts.backend == "interpret", name=name, **kwargs)
+
+
+def _precision(dtype):
+    return jax.lax.Precision.HIGHEST if dtype == jnp.float32 else None
+
+
+def _specs(tp: int, d: int, block: int):
+    rows = pl.BlockSpec((None, block, None, d), lambda i, b, h: (b, i, h, 0))
+    whole = pl.BlockSpec((None, tp, None, d), lambda i, b, h: (b, 0, h, 0))
+    per_row = pl.BlockSpec((None, None, block), lambda i, b, h: (b, h, i))
+    return rows, whole, per_row
+
+
+def _forward(q, k, opts: MassOptions):
+    """(R, lse, thr) on padded inputs q, k [B, Tp, H, D]."""
+    b, tp, h, d = q.shape
+    n_tiles = tp // opts.tile
+    rows, whole, per_row = _specs(tp, d, opts.block_q)
+    tiles = pl.BlockSpec((None, None, opts.block_q, n_tiles), lambda i, b_, h_: (b_, h_, i, 0))
+    kernel = functools.partial(_forward_kernel, opts=opts, n_tiles=n_tiles, precision=_precision(q.dtype))
+    return _call(kernel, (tp // opts.block_q, b, h), [rows, whole], [tiles, per_row, per_row],
+                 [jax.ShapeDtypeStruct((b, h, tp, n_tiles), jnp.float32),
+                  jax.ShapeDtypeStruct((b, h, tp), jnp.float32), jax.ShapeDtypeStruct((b, h, tp), jnp.float32)],
+                 opts, "attention_masses_fwd")(q, k)
+
+
+def _backward(q, k, lse, thr, c, g, opts: MassOptions):
+    b, tp, h, d = q.shape
+    n_tiles = tp // opts.tile
+    precision = _precision(q.dtype)
+    rows, whole, per_row = _specs(tp, d, opts.block_q)
+    tiles = pl.BlockSpec((None, None, opts.block_q, n_tiles), lambda i, b_, h_: (b_, h_, i, 0))
+    dq = _call(functools.partial(_dq_kernel, opts=opts, n_tiles=n_tiles, precision=precision),
+               (tp // opts.block_q, b, h), [rows, whole, per_row, per_row, per_row, tiles], rows,
+               jax.ShapeDtypeStruct(q.shape, q.dtype), opts, "attention_masses_dq")(q, k, lse, thr, c, g)
+    key_tile = pl.BlockSpec((None, opts.tile, None, d), lambda i, b_, h_: (b_, i, h_, 0))
+    all_rows = pl.BlockSpec((None, None, tp), lambda i, b_, h_: (b_, h_, 0))
+    column = pl.BlockSpec((None, None, None, tp), lambda i, b_, h_: (b_, h_, i, 0))
+    g_t = jnp.swapaxes(g, -1, -2)  # [B, H, n_tiles, Tp]: key tile t's column of G is one contiguous row
+    dk = _call(functools.partial(_dk_kernel, opts=opts, length=tp, precision=precision),
+               (n_tiles, b, h), [whole, key_tile, all_rows, all_rows, all_rows, column], key_tile,
+               jax.ShapeDtypeStruct(k.shape, k.dtype), opts, "attention_masses_dk")(q, k, lse, thr, c, g_t)
+    return dq, dk
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _masses(q, k, opts: MassOptions):
+    return _forward(q, k, opts)[0]
+
+
+def _masses_fwd(q, k, opts):
+    r, lse, thr = _forward(q, k, opts)
+    return r, (q, k, r, lse, thr)
+
+
+def _masses_bwd(opts, residuals, g):
+    q, k, r, lse, thr = residuals
+    c = jnp.sum(g * r, axis=-1)
+    return _backward(q, k, lse, thr, c, g, opts)
+
+
+_masses.defvjp(_masses_fwd, _masses_bwd)
+
+
+def row_tile_masses(q: jax.Array, k: jax.Array, *, scale: float, tile: int = 64, top_k: int | None = None,
+                    backend: str | None = None, block_q: int = 16, block_q_dk: int = 64,
+                    num_warps: int = 8) -> jax.Array:
+    """R [B, H, T, ceil(T / tile)] float32 (see the module docstring), differentiable in q and k.
+
+    q, k: [B, T, H, D] (k already repeated to q's heads under GQA), any float dtype; the scores are
+    accumulated in float32. `top_k`: count only each row's k largest scores.
+    """
+    b, t, h, d = q.shape
+    if k.shape != q.shape:
+        raise ConfigError(f"row_tile_masses needs k shaped like q {tuple(q.shape)}; got {tuple(k.shape)}.")
+    tp = padded_length(t, tile)
+    if tp > MAX_LENGTH:
+        raise ConfigError(f"sequence length {t} pads to {tp} > {MAX_LENGTH}, too long for the fused loss kernel; "
+                          "use the reference loss path (loss.kernel reference).")
+    block_q, block_q_dk = min(block_q, tp), min(block_q_dk, tp)
+    opts = MassOptions(scale=float(scale), tile=tile, top_k=top_k, block_q=block_q, block_q_dk=block_q_dk,
+                       num_warps=num_warps, backend=resolve_backend(backend))
+    pad = [(0, 0), (0, tp - t), (0, 0), (0, 0)]
+    r = _masses(jnp.pad(q, pad), jnp.pad(k, pad), opts)
+    return r[:, :, :t, : -(-t // tile)]

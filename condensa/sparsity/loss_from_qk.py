@@ -1,0 +1,77 @@
+"""The concentration losses computed from each layer's q and k by the fused mass kernel.
+
+Same losses, same values and gradients as `condensa.sparsity.loss` on the probabilities (tested
+against it), but the model's attention keeps its fused path and no [B, H, T, T] array is written:
+see `condensa.kernels.attention_masses` for why and how. The gate loss's pooled scores
+`scale · q̄_b · k̄_t` equal the tile means of the logits that `pooled_scores_from_probs` recovers
+from p, so they are taken from q and k directly.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from condensa.attention.inputs import AttentionInputs
+from condensa.attention.tiles import pooled_gate_scores
+from condensa.kernels.attention_masses import row_tile_masses
+from condensa.sparsity.loss import _check_tiles, gate_cross_entropy, mean_over_layers, oracle_mass_of_tiles
+
+TOPK_TILE = 64  # the top-k loss sums R over all tiles, so its tile size only shapes the kernel
+
+
+def topk_loss(x: AttentionInputs, k: int, *, backend: str | None = None) -> jax.Array:
+    """`loss.topk_loss` of this layer: mean over heads and rows with more than k keys of the mass
+    outside each row's k largest scores."""
+    t = x.q.shape[1]
+    counted = np.arange(t) + 1 > k
+    if not counted.any():
+        return jnp.zeros((), jnp.float32)
+    top = row_tile_masses(x.q, x.k, scale=x.scale, tile=TOPK_TILE, top_k=k, backend=backend).sum(axis=-1)
+    return jnp.mean(1.0 - top[..., counted])
+
+
+def tile_masses(x: AttentionInputs, block: int, *, backend: str | None = None) -> jax.Array:
+    """M_bt [B, H, n, n]: the row tile masses averaged over each query tile's rows."""
+    b, t, h, _ = x.q.shape
+    n = _check_tiles(t, block)
+    r = row_tile_masses(x.q, x.k, scale=x.scale, tile=block, backend=backend)  # [B, H, T, n]
+    return r.reshape(b, h, n, block, n).mean(axis=3)
+
+
+def tile_loss_from_masses(masses: jax.Array, block: int, f: float, sink_tiles: int = 1) -> jax.Array:
+    return jnp.mean(1.0 - oracle_mass_of_tiles(masses, block, f, sink_tiles))
+
+
+def gate_loss_from_masses(x: AttentionInputs, masses: jax.Array, block: int, tau: float = 1.0,
+                          sink_tiles: int = 1) -> jax.Array:
+    scores = pooled_gate_scores(x.q, x.k, x.scale, block, block)
+    return gate_cross_entropy(masses, scores, block, tau, sink_tiles)
+
+
+def concentration_terms(inputs, cfg, *, backend: str | None = None) -> dict[str, jax.Array]:
+    """The active losses' values (unweighted, averaged over their layers) from per-layer
+    `AttentionInputs`; `cfg` is a `LossConfig`. The tile and gate losses share one mass kernel
+    call per layer."""
+    terms = {}
+    if cfg.topk.weight > 0:
+        terms["topk"] = mean_over_layers(lambda x: topk_loss(x, cfg.topk.k, backend=backend), inputs, cfg.topk.layers)
+    masses = {}
+
+    def layer_masses(layer: int) -> jax.Array:
+        if layer not in masses:
+            masses[layer] = tile_masses(inputs[layer], cfg.tile_size, backend=backend)
+        return masses[layer]
+
+    def per_layer(fn):
+        return [lambda i=i: fn(i) for i in range(len(inputs))]
+
+    if cfg.tile.weight > 0:
+        fns = per_layer(lambda i: tile_loss_from_masses(layer_masses(i), cfg.tile_size, cfg.tile.f, cfg.sink_tiles))
+        terms["tile"] = mean_over_layers(lambda fn: fn(), fns, cfg.tile.layers)
+    if cfg.gate.weight > 0:
+        fns = per_layer(lambda i: gate_loss_from_masses(inputs[i], layer_masses(i), cfg.tile_size, cfg.gate.tau,
+                                                        cfg.sink_tiles))
+        terms["gate"] = mean_over_layers(lambda fn: fn(), fns, cfg.gate.layers)
+    return terms
