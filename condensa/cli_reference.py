@@ -53,6 +53,8 @@ TOOLS = (
          "a dense and a sparse attention map side by side (the README picture)"),
     Tool("python -m condensa.eval.bench train", "condensa.eval.bench.train", None,
          "training throughput and MFU"),
+    Tool("python -m condensa.eval.bench masses", "condensa.eval.bench.masses", None,
+         "the fused kernel behind the concentration losses"),
     Tool("python -m condensa.eval.bench prefill", "condensa.eval.bench.prefill",
          "condensa.eval.bench.prefill:PrefillBenchConfig", "prefill attention kernels against cuDNN"),
     Tool("python -m condensa.eval.bench decode", "condensa.eval.bench.decode",

@@ -22,11 +22,10 @@ Rows with at most k visible keys keep them all (the loss leaves those rows out).
 
 Gradient (with w_ij = 1 for kept elements, G = ∂L/∂R, c_i = Σ_t G[i, t] R[i, t]):
   ∂L/∂a_ij = p_ij (w_ij G[i, t(j)] − c_i),  dq = scale · (∂L/∂a) k,  dk = scale · (∂L/∂a)ᵀ q.
-As in the reference loss, the kept set itself carries no gradient. dq comes from a row kernel like
-the forward; dk from a kernel per key tile that walks the query blocks at and below the diagonal.
+As in the reference loss, the kept set itself carries no gradient.
 
-Rows are whole in registers, so the padded length is limited (`MAX_LENGTH`); longer sequences use
-the reference path (`fits`). Block shapes in Triton must be powers of two, so the length is padded
+The top-k forward holds whole rows in registers, so the padded length is limited (`MAX_LENGTH`);
+longer sequences use the reference path (`fits`). Block shapes in Triton must be powers of two, so the length is padded
 to `tile` times a power of two; the padding is masked by causality (a padded key is visible only
 to padded rows, which are cut off).
 """
@@ -55,9 +54,9 @@ class MassOptions:
     tile: int = 64
     top_k: int | None = None
     bisect_steps: int = BISECT_STEPS
-    block_q: int = 16  # rows per program in the row kernels
+    block_q: int = 16  # rows per program in the whole-row forward (top-k only)
     block_q_dk: int = 64  # query rows per step of the dk kernel's walk
-    num_warps: int = 8
+    num_warps: int = 4
     backend: str = "interpret"
 
 
@@ -128,14 +127,57 @@ def _forward_kernel(q_ref, k_ref, r_ref, lse_ref, thr_ref, *, opts: MassOptions,
     thr_ref[...] = thr
 
 
+def _forward_stream_kernel(q_ref, k_ref, r_ref, lse_ref, thr_ref, *, opts: MassOptions, n_tiles: int,
+                           precision):
+    """Without a top-k cut: one query tile per program, one pass over the key tiles up to the
+    diagonal. Each tile's row sums are kept relative to the running max at that tile and rescaled
+    to the final softmax at the end, so the scores are computed once."""
+    tile = opts.tile
+    qb = pl.program_id(0)
+    q = q_ref[...]
+    which = jax.lax.broadcasted_iota(jnp.int32, (tile, n_tiles), 1)
+    rows = qb * tile + jax.lax.broadcasted_iota(jnp.int32, (tile, tile), 0)
+
+    def step(t, carry):
+        m, l, sums, maxes = carry
+        s = _dot(q, k_ref[pl.ds(t * tile, tile), :], ((1,), (1,)), precision) * opts.scale
+        cols = t * tile + jax.lax.broadcasted_iota(jnp.int32, (tile, tile), 1)
+        s = jnp.where(cols <= rows, s, -jnp.inf)
+        m_new = jnp.maximum(m, jnp.max(s, axis=1))
+        tile_sum = jnp.sum(jnp.exp(s - m_new[:, None]), axis=1)
+        l = l * jnp.exp(m - m_new) + tile_sum
+        here = which == t
+        return m_new, l, jnp.where(here, tile_sum[:, None], sums), jnp.where(here, m_new[:, None], maxes)
+
+    init = (jnp.full((tile,), -jnp.inf, jnp.float32), jnp.zeros((tile,), jnp.float32),
+            jnp.zeros((tile, n_tiles), jnp.float32), jnp.full((tile, n_tiles), -jnp.inf, jnp.float32))
+    m, l, sums, maxes = jax.lax.fori_loop(0, qb + 1, step, init)
+    r_ref[...] = sums * jnp.exp(maxes - m[:, None]) / l[:, None]
+    lse_ref[...] = m + jnp.log(l)
+    thr_ref[...] = jnp.full((tile,), -jnp.inf, jnp.float32)
+
+
 def _dq_kernel(q_ref, k_ref, lse_ref, thr_ref, c_ref, g_ref, dq_ref, *, opts: MassOptions, n_tiles: int, precision):
-    row0 = pl.program_id(0) * opts.block_q
-    k = k_ref[...]
-    s, _ = _row_scores(q_ref[...], k, row0, opts.scale, precision)
-    p = jnp.exp(s - lse_ref[...][:, None])
-    g = jnp.broadcast_to(g_ref[...][:, :, None], (opts.block_q, n_tiles, opts.tile)).reshape(s.shape)
-    ds = p * (jnp.where(s >= thr_ref[...][:, None], g, 0.0) - c_ref[...][:, None])
-    dq_ref[...] = (_dot(ds.astype(k.dtype), k, ((1,), (0,)), precision) * opts.scale).astype(dq_ref.dtype)
+    """One query tile per program, walking the key tiles up to the diagonal."""
+    tile = opts.tile
+    qb = pl.program_id(0)
+    q = q_ref[...]
+    lse, thr, c, g = lse_ref[...][:, None], thr_ref[...][:, None], c_ref[...][:, None], g_ref[...]
+    which = jax.lax.broadcasted_iota(jnp.int32, (tile, n_tiles), 1)
+    rows = qb * tile + jax.lax.broadcasted_iota(jnp.int32, (tile, tile), 0)
+
+    def step(t, acc):
+        k = k_ref[pl.ds(t * tile, tile), :]
+        s = _dot(q, k, ((1,), (1,)), precision) * opts.scale
+        cols = t * tile + jax.lax.broadcasted_iota(jnp.int32, (tile, tile), 1)
+        visible = cols <= rows
+        p = jnp.where(visible, jnp.exp(s - lse), 0.0)
+        g_t = jnp.sum(jnp.where(which == t, g, 0.0), axis=1)[:, None]
+        ds = p * (jnp.where(s >= thr, g_t, 0.0) - c)
+        return acc + _dot(ds.astype(k.dtype), k, ((1,), (0,)), precision)
+
+    acc = jax.lax.fori_loop(0, qb + 1, step, jnp.zeros(q.shape, jnp.float32))
+    dq_ref[...] = (acc * opts.scale).astype(dq_ref.dtype)
 
 
 def _dk_kernel(q_ref, k_ref, lse_ref, thr_ref, c_ref, g_ref, dk_ref, *, opts: MassOptions, length: int, precision):
@@ -182,13 +224,16 @@ def _specs(tp: int, d: int, block: int):
 
 
 def _forward(q, k, opts: MassOptions):
-    """(R, lse, thr) on padded inputs q, k [B, Tp, H, D]."""
+    """(R, lse, thr) on padded inputs q, k [B, Tp, H, D]: whole rows per program with a top-k cut
+    (the k-th score needs the row), one query tile per program without."""
     b, tp, h, d = q.shape
     n_tiles = tp // opts.tile
-    rows, whole, per_row = _specs(tp, d, opts.block_q)
-    tiles = pl.BlockSpec((None, None, opts.block_q, n_tiles), lambda i, b_, h_: (b_, h_, i, 0))
-    kernel = functools.partial(_forward_kernel, opts=opts, n_tiles=n_tiles, precision=_precision(q.dtype))
-    return _call(kernel, (tp // opts.block_q, b, h), [rows, whole], [tiles, per_row, per_row],
+    block = opts.block_q if opts.top_k is not None else opts.tile
+    rows, whole, per_row = _specs(tp, d, block)
+    tiles = pl.BlockSpec((None, None, block, n_tiles), lambda i, b_, h_: (b_, h_, i, 0))
+    body = _forward_kernel if opts.top_k is not None else _forward_stream_kernel
+    kernel = functools.partial(body, opts=opts, n_tiles=n_tiles, precision=_precision(q.dtype))
+    return _call(kernel, (tp // block, b, h), [rows, whole], [tiles, per_row, per_row],
                  [jax.ShapeDtypeStruct((b, h, tp, n_tiles), jnp.float32),
                   jax.ShapeDtypeStruct((b, h, tp), jnp.float32), jax.ShapeDtypeStruct((b, h, tp), jnp.float32)],
                  opts, "attention_masses_fwd")(q, k)
@@ -198,10 +243,10 @@ def _backward(q, k, lse, thr, c, g, opts: MassOptions):
     b, tp, h, d = q.shape
     n_tiles = tp // opts.tile
     precision = _precision(q.dtype)
-    rows, whole, per_row = _specs(tp, d, opts.block_q)
-    tiles = pl.BlockSpec((None, None, opts.block_q, n_tiles), lambda i, b_, h_: (b_, h_, i, 0))
+    rows, whole, per_row = _specs(tp, d, opts.tile)
+    tiles = pl.BlockSpec((None, None, opts.tile, n_tiles), lambda i, b_, h_: (b_, h_, i, 0))
     dq = _call(functools.partial(_dq_kernel, opts=opts, n_tiles=n_tiles, precision=precision),
-               (tp // opts.block_q, b, h), [rows, whole, per_row, per_row, per_row, tiles], rows,
+               (n_tiles, b, h), [rows, whole, per_row, per_row, per_row, tiles], rows,
                jax.ShapeDtypeStruct(q.shape, q.dtype), opts, "attention_masses_dq")(q, k, lse, thr, c, g)
     key_tile = pl.BlockSpec((None, opts.tile, None, d), lambda i, b_, h_: (b_, i, h_, 0))
     all_rows = pl.BlockSpec((None, None, tp), lambda i, b_, h_: (b_, h_, 0))
@@ -234,7 +279,7 @@ _masses.defvjp(_masses_fwd, _masses_bwd)
 
 def row_tile_masses(q: jax.Array, k: jax.Array, *, scale: float, tile: int = 64, top_k: int | None = None,
                     backend: str | None = None, block_q: int = 16, block_q_dk: int = 64,
-                    num_warps: int = 8) -> jax.Array:
+                    num_warps: int = 4) -> jax.Array:
     """R [B, H, T, ceil(T / tile)] float32 (see the module docstring), differentiable in q and k.
 
     q, k: [B, T, H, D] (k already repeated to q's heads under GQA), any float dtype; the scores are

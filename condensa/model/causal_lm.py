@@ -53,8 +53,9 @@ class CausalLM(nnx.Module):
         """The blocks, in order."""
         raise NotImplementedError
 
-    def _logits(self, x: jax.Array) -> jax.Array:
-        """Logits [B, T, vocab] from the last block's output (the final norm included)."""
+    def _logits(self, x: jax.Array, keep_padding: bool = False) -> jax.Array:
+        """Logits [B, T, vocab] from the last block's output (the final norm included); with
+        `keep_padding`, over the padded vocabulary if the output layer pads it (see `__call__`)."""
         raise NotImplementedError
 
     def init_cache(self, batch: int, max_len: int | None = None, *, tile_size: int | None = None) -> KVCache:
@@ -80,6 +81,7 @@ class CausalLM(nnx.Module):
         return_attention: bool | str = False,
         attention: AttentionConfig | None = None,
         thresholds=None,
+        padded_vocab: bool = False,
     ) -> ModelOutput:
         """Logits for `input_ids` [B, T].
 
@@ -89,7 +91,9 @@ class CausalLM(nnx.Module):
         attention probabilities, per query head [B, H, Tq, Tk]; or, with "inputs", each layer's
         `AttentionInputs` (q and k), leaving attention itself on its fused path (for losses that
         recompute what they need in a kernel). attention / thresholds: override the model's
-        attention rule for this call.
+        attention rule for this call. padded_vocab: logits may come over the vocabulary padded to a
+        multiple of 128 (`condensa.model.output_layer`), the extra columns at the lowest float;
+        for training losses, whose backward pass then needs no pad of the logits' gradient.
         """
         check_input_ids(input_ids, self.config, offset=0 if cache is None else cache.index)
         attention = attention or self.attention
@@ -109,7 +113,7 @@ class CausalLM(nnx.Module):
                 all_probs.append(probs)
             if cache is not None:
                 new_layers.append(layer_kv)
-        logits = self._logits(x).astype(jnp.float32)
+        logits = self._logits(x, padded_vocab).astype(jnp.float32)
         new_cache = None if cache is None else updated_cache(cache, new_layers, inputs)
         return ModelOutput(logits, tuple(all_probs) if return_attention else None, new_cache)
 

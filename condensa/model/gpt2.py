@@ -124,5 +124,6 @@ class GPT2(CausalLM):
     def _blocks(self):
         return self.h
 
-    def _logits(self, x):
-        return vocab_logits(self.ln_f(x), self.wte.embedding[...], self.dtype)  # lm_head is tied to wte
+    def _logits(self, x, keep_padding=False):
+        # lm_head is tied to wte
+        return vocab_logits(self.ln_f(x), self.wte.embedding[...], self.dtype, keep_padding=keep_padding)

@@ -141,11 +141,11 @@ class Llama(CausalLM):
     def _blocks(self):
         return self.layers
 
-    def _logits(self, x):
+    def _logits(self, x, keep_padding=False):
         x = self.norm(x)
         if self.lm_head is None:
-            return vocab_logits(x, self.embed_tokens.embedding[...], self.dtype)
-        return self.lm_head(x)
+            return vocab_logits(x, self.embed_tokens.embedding[...], self.dtype, keep_padding=keep_padding)
+        return self.lm_head(x)  # untied: never padded
 
     def walk_layers(self, ids: jax.Array, attention: AttentionConfig, thresholds, per_layer) -> list:
         """Calibration's view of the network (`condensa.sparsity.calibrate.walk_layers`): for each layer,

@@ -58,7 +58,7 @@ def objective(model, batch: jax.Array, cfg: LossConfig, step) -> tuple[jax.Array
     """(total loss, metrics) for a batch of blocks [B, T + 1]; all in float32."""
     inputs, targets = batch[:, :-1], batch[:, 1:]
     fused = uses_mass_kernel(model, cfg, inputs.shape[1])
-    out = model(inputs, return_attention="inputs" if fused else cfg.active)
+    out = model(inputs, return_attention="inputs" if fused else cfg.active, padded_vocab=True)
     lm = optax.softmax_cross_entropy_with_integer_labels(out.logits, targets).mean()
     total, metrics = lm, {"lm_loss": lm}
     conc_total = jnp.float32(0.0)

@@ -4,6 +4,7 @@ Benchmarks (each has its own --help):
   train     training throughput (tokens/s, MFU) of GPT-2 with and without the concentration loss
   prefill   sparse prefill attention kernels against dense attention
   decode    sparse decode attention kernels against dense attention
+  masses    the fused kernel behind the concentration losses, against the path it replaces
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ BENCHMARKS = {
     "train": "condensa.eval.bench.train",
     "prefill": "condensa.eval.bench.prefill",
     "decode": "condensa.eval.bench.decode",
+    "masses": "condensa.eval.bench.masses",
 }
 
 

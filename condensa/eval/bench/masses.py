@@ -1,0 +1,118 @@
+"""python -m condensa.eval.bench masses [options]
+
+Forward + backward time of the fused mass kernel (`condensa.kernels.attention_masses`) that the
+concentration losses use during training, for several block settings, against the reference
+path it replaces (probabilities from the reference attention op, then the loss) and against
+cuDNN attention's own forward + backward on the same q, k, v, in one process. Before timing, each
+setting's gradient is compared with the reference's on fresh random inputs.
+
+Options:
+  --batch B (8)  --heads H (12)  --seq-len T (1024)  --head-dim D (64)  --dtype (bfloat16)
+  --top-k K      count only the k largest scores per row (the top-k loss); default: none (tile loss)
+  --tile N (64)  --configs LIST  block_q/block_q_dk/num_warps triples (16/64/4,16/64/8,16/32/4)
+  --warmup N (3) --repeats N (20) --out PATH
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from condensa.cli import run_main, write_json
+from condensa.eval.bench.timing import environment, header, measure
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m condensa.eval.bench masses", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--heads", type=int, default=12)
+    p.add_argument("--seq-len", type=int, default=1024)
+    p.add_argument("--head-dim", type=int, default=64)
+    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
+    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--tile", type=int, default=64)
+    p.add_argument("--configs", default="16/64/4,16/64/8,16/32/4")
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--repeats", type=int, default=20)
+    p.add_argument("--out", default=None)
+    return p
+
+
+def _reference_masses(q, k, scale, tile, top_k):
+    from condensa.attention.dense import attention_scores, masked_softmax
+
+    t = q.shape[1]
+    visible = jnp.tril(jnp.ones((t, t), bool))
+    s = attention_scores(q, k, scale)
+    p = masked_softmax(s, visible)
+    if top_k:
+        kth = jax.lax.stop_gradient(jax.lax.top_k(jnp.where(visible, s, -jnp.inf), top_k)[0][..., -1:])
+        p = jnp.where(s >= kth, p, 0.0)
+    return p.reshape(*p.shape[:-1], t // tile, tile).sum(-1)
+
+
+@run_main
+def main(argv=None) -> None:
+    from condensa.kernels.attention_masses import row_tile_masses
+
+    args = build_parser().parse_args(argv)
+    env = environment()
+    dtype = jnp.dtype(args.dtype)
+    shape = (args.batch, args.seq_len, args.heads, args.head_dim)
+    scale = args.head_dim ** -0.5
+    rng = np.random.default_rng(0)
+
+    def draw():
+        q, k, v = (jnp.asarray(rng.normal(size=shape), dtype) for _ in range(3))
+        w = jnp.asarray(rng.normal(size=(args.batch, args.heads, args.seq_len, args.seq_len // args.tile)), jnp.float32)
+        return q, k, v, w
+
+    def grad_fn(masses):
+        return jax.jit(jax.grad(lambda q, k, w: jnp.sum(masses(q, k) * w), (0, 1)))
+
+    reference = grad_fn(lambda q, k: _reference_masses(q, k, scale, args.tile, args.top_k))
+    cudnn = jax.jit(jax.grad(lambda q, k, v: jnp.sum(jax.nn.dot_product_attention(
+        q, k, v, scale=scale, is_causal=True, implementation="cudnn" if jax.default_backend() == "gpu" else None)
+        .astype(jnp.float32)), (0, 1, 2)))
+    sets = [draw() for _ in range(3)]  # rotated, so no input is served from a cache of one
+    results = []
+
+    def timed(name, fn, takes_v=False):
+        box = {"i": 0}
+
+        def run_once():
+            box["i"] += 1
+            q, k, v, w = sets[box["i"] % len(sets)]
+            return fn(q, k, v) if takes_v else fn(q, k, w)
+
+        r = {"name": name, **measure(run_once, warmup=args.warmup, repeats=args.repeats)}
+        results.append(r)
+        return r
+
+    timed("cudnn attention fwd+bwd", cudnn, takes_v=True)
+    timed("reference masses fwd+bwd", reference)
+    for spec in args.configs.split(","):
+        bq, bq_dk, warps = (int(x) for x in spec.split("/"))
+        fused = grad_fn(lambda q, k, bq=bq, bq_dk=bq_dk, warps=warps: row_tile_masses(
+            q, k, scale=scale, tile=args.tile, top_k=args.top_k, block_q=bq, block_q_dk=bq_dk, num_warps=warps))
+        q, k, _, w = draw()  # fresh inputs for the check
+        got, want = fused(q, k, w), reference(q, k, w)
+        rel = max(float(jnp.linalg.norm((a - b).astype(jnp.float32)) / jnp.linalg.norm(b.astype(jnp.float32)))
+                  for a, b in zip(got, want))
+        r = timed(f"fused {spec}", fused)
+        r["grad_rel_error"] = rel
+    base = results[0]["median_s"]
+    print(f"B={args.batch} H={args.heads} T={args.seq_len} D={args.head_dim} {args.dtype} top_k={args.top_k} "
+          f"tile={args.tile}")
+    print("| path | fwd+bwd (ms) | × cuDNN attention | grad rel. error |")
+    print("| --- | ---: | ---: | ---: |")
+    for r in results:
+        err = f"{r['grad_rel_error']:.1e}" if "grad_rel_error" in r else ""
+        print(f"| {r['name']} | {1e3 * r['median_s']:.3f} | {r['median_s'] / base:.2f} | {err} |")
+    print(header(env))
+    if args.out:
+        write_json(args.out, {"environment": env, "args": vars(args), "results": results})
