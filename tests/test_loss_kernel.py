@@ -142,5 +142,9 @@ def test_kernel_refuses_sparse_attention_clearly():
 def test_kernel_refuses_sequences_past_its_length_clearly():
     model = _tiny_gpt2()
     cfg = LossConfig(topk=TopkLoss(weight=0.5, k=4), kernel="pallas")
-    with pytest.raises(ConfigError, match="2048 positions"):
+    with pytest.raises(ConfigError, match="2048 positions with a top-k cut"):
         uses_mass_kernel(model, cfg, 4096)
+    tile = LossConfig(tile=TileLoss(weight=0.5), tile_size=64, kernel="pallas")
+    assert uses_mass_kernel(model, tile, 4096)  # the tile loss streams: only its tile count is limited
+    with pytest.raises(ConfigError, match="64 tiles of 64"):
+        uses_mass_kernel(model, tile, 8192)

@@ -24,8 +24,9 @@ Gradient (with w_ij = 1 for kept elements, G = ∂L/∂R, c_i = Σ_t G[i, t] R[i
   ∂L/∂a_ij = p_ij (w_ij G[i, t(j)] − c_i),  dq = scale · (∂L/∂a) k,  dk = scale · (∂L/∂a)ᵀ q.
 As in the reference loss, the kept set itself carries no gradient.
 
-The top-k forward holds whole rows in registers, so the padded length is limited (`MAX_LENGTH`);
-longer sequences use the reference path (`fits`). Block shapes in Triton must be powers of two, so the length is padded
+The threshold kernel holds whole rows in registers, so with a top-k cut the padded length is
+limited (`MAX_LENGTH`); without one, each program keeps [tile, n_tiles] sums in registers, so the
+tile count is (`MAX_TILES`). Longer sequences use the reference path (`fits`). Block shapes in Triton must be powers of two, so the length is padded
 to `tile` times a power of two; the padding is masked by causality (a padded key is visible only
 to padded rows, which are cut off).
 """
@@ -42,7 +43,8 @@ from jax.experimental import pallas as pl
 from condensa.errors import ConfigError
 from condensa.kernels.backend import resolve_backend
 
-MAX_LENGTH = 2048  # padded sequence length up to which whole rows fit a program's registers
+MAX_LENGTH = 2048  # with a top-k cut: padded length up to which whole rows fit a program's registers
+MAX_TILES = 64  # without: key tiles per row whose running sums fit a program's registers
 BISECT_STEPS = 24
 
 
@@ -54,7 +56,7 @@ class MassOptions:
     tile: int = 64
     top_k: int | None = None
     bisect_steps: int = BISECT_STEPS
-    block_q: int = 16  # rows per program in the whole-row forward (top-k only)
+    block_q: int = 16  # rows per program in the whole-row threshold kernel (top-k only)
     block_q_dk: int = 64  # query rows per step of the dk kernel's walk
     num_warps: int = 4
     backend: str = "interpret"
@@ -66,9 +68,16 @@ def padded_length(t: int, tile: int) -> int:
     return tile * (1 << max(0, (tiles - 1).bit_length()))
 
 
-def fits(t: int, tile: int) -> bool:
+def fits(t: int, tile: int, top_k: int | None = None) -> bool:
     """Whether sequences of length t run in this kernel (else the reference loss path is used)."""
-    return padded_length(t, tile) <= MAX_LENGTH
+    tp = padded_length(t, tile)
+    return tp <= MAX_LENGTH if top_k is not None else tp // tile <= MAX_TILES
+
+
+def limit_text(tile: int, top_k: int | None = None) -> str:
+    """The length limit of `fits`, in words."""
+    return (f"{MAX_LENGTH} positions with a top-k cut" if top_k is not None
+            else f"{MAX_TILES} tiles of {tile} ({MAX_TILES * tile} positions)")
 
 
 def _dot(a, b, contract, precision):
@@ -110,28 +119,24 @@ def _kth_threshold(s, visible, top_k: int, steps: int):
     return jnp.where(n_visible > top_k, thr, -jnp.inf)
 
 
-def _forward_kernel(q_ref, k_ref, r_ref, lse_ref, thr_ref, *, opts: MassOptions, n_tiles: int, precision):
-    row0 = pl.program_id(0) * opts.block_q
+def _threshold_kernel(q_ref, k_ref, thr_ref, *, opts: MassOptions, first_row: int, precision):
+    """With a top-k cut: BQ whole rows per program, only to find each row's threshold."""
+    row0 = first_row + pl.program_id(0) * opts.block_q
     s, visible = _row_scores(q_ref[...], k_ref[...], row0, opts.scale, precision)
-    m = jnp.max(s, axis=1)
-    e = jnp.exp(s - m[:, None])
-    l = jnp.sum(e, axis=1)
-    p = e / l[:, None]
+    thr_ref[...] = _kth_threshold(s, visible, opts.top_k, opts.bisect_steps)
+
+
+def _forward_stream_kernel(*refs, opts: MassOptions, n_tiles: int, precision):
+    """One query tile per program, one pass over the key tiles up to the diagonal. Each tile's
+    (kept) row sums are kept relative to the running max at that tile and rescaled to the final
+    softmax at the end, so the scores are computed once. With a top-k cut the thresholds come in
+    from `_threshold_kernel`; the softmax's denominator still runs over every visible key."""
     if opts.top_k is not None:
-        thr = _kth_threshold(s, visible, opts.top_k, opts.bisect_steps)
-        p = jnp.where(s >= thr[:, None], p, 0.0)
+        q_ref, k_ref, thr_ref, r_ref, lse_ref = refs
+        thr = thr_ref[...][:, None]
     else:
-        thr = jnp.full((opts.block_q,), -jnp.inf, jnp.float32)
-    r_ref[...] = jnp.sum(p.reshape(opts.block_q, n_tiles, opts.tile), axis=2)
-    lse_ref[...] = m + jnp.log(l)
-    thr_ref[...] = thr
-
-
-def _forward_stream_kernel(q_ref, k_ref, r_ref, lse_ref, thr_ref, *, opts: MassOptions, n_tiles: int,
-                           precision):
-    """Without a top-k cut: one query tile per program, one pass over the key tiles up to the
-    diagonal. Each tile's row sums are kept relative to the running max at that tile and rescaled
-    to the final softmax at the end, so the scores are computed once."""
+        q_ref, k_ref, r_ref, lse_ref = refs
+        thr = None
     tile = opts.tile
     qb = pl.program_id(0)
     q = q_ref[...]
@@ -144,8 +149,9 @@ def _forward_stream_kernel(q_ref, k_ref, r_ref, lse_ref, thr_ref, *, opts: MassO
         cols = t * tile + jax.lax.broadcasted_iota(jnp.int32, (tile, tile), 1)
         s = jnp.where(cols <= rows, s, -jnp.inf)
         m_new = jnp.maximum(m, jnp.max(s, axis=1))
-        tile_sum = jnp.sum(jnp.exp(s - m_new[:, None]), axis=1)
-        l = l * jnp.exp(m - m_new) + tile_sum
+        e = jnp.exp(s - m_new[:, None])
+        l = l * jnp.exp(m - m_new) + jnp.sum(e, axis=1)
+        tile_sum = jnp.sum(e if thr is None else jnp.where(s >= thr, e, 0.0), axis=1)
         here = which == t
         return m_new, l, jnp.where(here, tile_sum[:, None], sums), jnp.where(here, m_new[:, None], maxes)
 
@@ -154,7 +160,6 @@ def _forward_stream_kernel(q_ref, k_ref, r_ref, lse_ref, thr_ref, *, opts: MassO
     m, l, sums, maxes = jax.lax.fori_loop(0, qb + 1, step, init)
     r_ref[...] = sums * jnp.exp(maxes - m[:, None]) / l[:, None]
     lse_ref[...] = m + jnp.log(l)
-    thr_ref[...] = jnp.full((tile,), -jnp.inf, jnp.float32)
 
 
 def _dq_kernel(q_ref, k_ref, lse_ref, thr_ref, c_ref, g_ref, dq_ref, *, opts: MassOptions, n_tiles: int, precision):
@@ -223,20 +228,48 @@ def _specs(tp: int, d: int, block: int):
     return rows, whole, per_row
 
 
+def _thresholds(q, k, opts: MassOptions):
+    """Each row's top-k threshold [B, H, Tp], in causal segments: rows [0, L0) against keys
+    [0, L0), then rows [L, 2L) against keys [0, 2L) for L = L0, 2 L0, ... (lengths stay powers of
+    two), so about a third of the non-causal work of whole rows is not done."""
+    b, tp, h, d = q.shape
+    bq = opts.block_q
+    precision = _precision(q.dtype)
+    parts, start, end = [], 0, min(tp, max(bq, opts.tile))
+    while start < tp:
+        first = start // bq
+        rows = pl.BlockSpec((None, bq, None, d), lambda i, b_, h_, first=first: (b_, first + i, h_, 0))
+        keys = pl.BlockSpec((None, end, None, d), lambda i, b_, h_: (b_, 0, h_, 0))
+        out = pl.BlockSpec((None, None, bq), lambda i, b_, h_: (b_, h_, i))
+        kernel = functools.partial(_threshold_kernel, opts=opts, first_row=start, precision=precision)
+        parts.append(_call(kernel, ((end - start) // bq, b, h), [rows, keys], out,
+                           jax.ShapeDtypeStruct((b, h, end - start), jnp.float32), opts,
+                           "attention_masses_threshold")(q, k))
+        start, end = end, 2 * end
+    return jnp.concatenate(parts, axis=-1)
+
+
 def _forward(q, k, opts: MassOptions):
-    """(R, lse, thr) on padded inputs q, k [B, Tp, H, D]: whole rows per program with a top-k cut
-    (the k-th score needs the row), one query tile per program without."""
+    """(R, lse, thr) on padded inputs q, k [B, Tp, H, D]. With a top-k cut, a first kernel finds
+    each row's threshold from whole rows (the k-th largest score needs the row); the masses are
+    then summed one query tile per program over the causal key tiles only."""
     b, tp, h, d = q.shape
     n_tiles = tp // opts.tile
-    block = opts.block_q if opts.top_k is not None else opts.tile
-    rows, whole, per_row = _specs(tp, d, block)
-    tiles = pl.BlockSpec((None, None, block, n_tiles), lambda i, b_, h_: (b_, h_, i, 0))
-    body = _forward_kernel if opts.top_k is not None else _forward_stream_kernel
-    kernel = functools.partial(body, opts=opts, n_tiles=n_tiles, precision=_precision(q.dtype))
-    return _call(kernel, (tp // block, b, h), [rows, whole], [tiles, per_row, per_row],
-                 [jax.ShapeDtypeStruct((b, h, tp, n_tiles), jnp.float32),
-                  jax.ShapeDtypeStruct((b, h, tp), jnp.float32), jax.ShapeDtypeStruct((b, h, tp), jnp.float32)],
-                 opts, "attention_masses_fwd")(q, k)
+    precision = _precision(q.dtype)
+    per_row_shape = jax.ShapeDtypeStruct((b, h, tp), jnp.float32)
+    inputs = [q, k]
+    rows, whole, per_row = _specs(tp, d, opts.tile)
+    in_specs = [rows, whole]
+    if opts.top_k is not None:
+        inputs.append(_thresholds(q, k, opts))
+        in_specs.append(per_row)
+    thr = inputs[2] if opts.top_k is not None else jnp.full((b, h, tp), -jnp.inf, jnp.float32)
+    tiles = pl.BlockSpec((None, None, opts.tile, n_tiles), lambda i, b_, h_: (b_, h_, i, 0))
+    kernel = functools.partial(_forward_stream_kernel, opts=opts, n_tiles=n_tiles, precision=precision)
+    r, lse = _call(kernel, (n_tiles, b, h), in_specs, [tiles, per_row],
+                   [jax.ShapeDtypeStruct((b, h, tp, n_tiles), jnp.float32), per_row_shape],
+                   opts, "attention_masses_fwd")(*inputs)
+    return r, lse, thr
 
 
 def _backward(q, k, lse, thr, c, g, opts: MassOptions):
@@ -279,7 +312,7 @@ _masses.defvjp(_masses_fwd, _masses_bwd)
 
 def row_tile_masses(q: jax.Array, k: jax.Array, *, scale: float, tile: int = 64, top_k: int | None = None,
                     backend: str | None = None, block_q: int = 16, block_q_dk: int = 64,
-                    num_warps: int = 4) -> jax.Array:
+                    num_warps: int = 4, bisect_steps: int = BISECT_STEPS) -> jax.Array:
     """R [B, H, T, ceil(T / tile)] float32 (see the module docstring), differentiable in q and k.
 
     q, k: [B, T, H, D] (k already repeated to q's heads under GQA), any float dtype; the scores are
@@ -289,12 +322,12 @@ def row_tile_masses(q: jax.Array, k: jax.Array, *, scale: float, tile: int = 64,
     if k.shape != q.shape:
         raise ConfigError(f"row_tile_masses needs k shaped like q {tuple(q.shape)}; got {tuple(k.shape)}.")
     tp = padded_length(t, tile)
-    if tp > MAX_LENGTH:
-        raise ConfigError(f"sequence length {t} pads to {tp} > {MAX_LENGTH}, too long for the fused loss kernel; "
+    if not fits(t, tile, top_k):
+        raise ConfigError(f"sequence length {t} pads to {tp}, past the fused loss kernel's {limit_text(tile, top_k)}; "
                           "use the reference loss path (loss.kernel reference).")
     block_q, block_q_dk = min(block_q, tp), min(block_q_dk, tp)
     opts = MassOptions(scale=float(scale), tile=tile, top_k=top_k, block_q=block_q, block_q_dk=block_q_dk,
-                       num_warps=num_warps, backend=resolve_backend(backend))
+                       num_warps=num_warps, bisect_steps=bisect_steps, backend=resolve_backend(backend))
     pad = [(0, 0), (0, tp - t), (0, 0), (0, 0)]
     r = _masses(jnp.pad(q, pad), jnp.pad(k, pad), opts)
     return r[:, :, :t, : -(-t // tile)]

@@ -74,7 +74,8 @@ class LossConfig:
     # How the losses get what they need: "reference" takes the probabilities from the model (its
     # reference attention op); "pallas" recomputes the masses from q and k in a fused kernel while
     # attention keeps its fused path (condensa.kernels.attention_masses); "auto" is pallas on a GPU
-    # where it applies (dense attention, padded length <= 2048) and reference elsewhere.
+    # where it applies (dense attention; padded length <= 2048 for topk, <= 64 tiles for tile/gate)
+    # and reference elsewhere.
     kernel: Literal["auto", "pallas", "reference"] = "auto"
 
     @property

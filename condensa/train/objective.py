@@ -10,7 +10,7 @@ import optax
 
 from condensa.attention import is_plain_dense
 from condensa.errors import ConfigError
-from condensa.kernels.attention_masses import MAX_LENGTH, fits
+from condensa.kernels.attention_masses import fits, limit_text
 from condensa.sparsity import loss as conc
 from condensa.sparsity import loss_from_qk
 from condensa.train.config import LossConfig
@@ -45,9 +45,12 @@ def uses_mass_kernel(model, cfg: LossConfig, seq_len: int) -> bool:
     blockers = []
     if not all(is_plain_dense(model.attention, i) for i in range(model.config.n_layer)):
         blockers.append(f"the model's attention is not plain dense (mode={model.attention.mode!r})")
-    tile = cfg.tile_size if (cfg.tile.weight > 0 or cfg.gate.weight > 0) else loss_from_qk.TOPK_TILE
-    if not fits(seq_len, tile):
-        blockers.append(f"data.seq_len={seq_len} pads past the kernel's {MAX_LENGTH} positions")
+    calls = [(loss_from_qk.TOPK_TILE, cfg.topk.k)] if cfg.topk.weight > 0 else []
+    if cfg.tile.weight > 0 or cfg.gate.weight > 0:
+        calls.append((cfg.tile_size, None))
+    for tile, top_k in calls:
+        if not fits(seq_len, tile, top_k):
+            blockers.append(f"data.seq_len={seq_len} is past the kernel's {limit_text(tile, top_k)}")
     if cfg.kernel == "pallas" and blockers:
         raise ConfigError(f"loss.kernel=pallas cannot run here: {'; '.join(blockers)}. Use loss.kernel reference "
                           "(or auto, which picks it in such cases).")

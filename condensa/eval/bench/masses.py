@@ -9,7 +9,7 @@ setting's gradient is compared with the reference's on fresh random inputs.
 Options:
   --batch B (8)  --heads H (12)  --seq-len T (1024)  --head-dim D (64)  --dtype (bfloat16)
   --top-k K      count only the k largest scores per row (the top-k loss); default: none (tile loss)
-  --tile N (64)  --configs LIST  block_q/block_q_dk/num_warps triples (16/64/4,16/64/8,16/32/4)
+  --tile N (64)  --configs LIST  block_q/block_q_dk/num_warps[/bisect_steps] (16/64/4,16/64/8,16/32/4)
   --warmup N (3) --repeats N (20) --out PATH
 """
 
@@ -96,9 +96,11 @@ def main(argv=None) -> None:
     timed("cudnn attention fwd+bwd", cudnn, takes_v=True)
     timed("reference masses fwd+bwd", reference)
     for spec in args.configs.split(","):
-        bq, bq_dk, warps = (int(x) for x in spec.split("/"))
-        fused = grad_fn(lambda q, k, bq=bq, bq_dk=bq_dk, warps=warps: row_tile_masses(
-            q, k, scale=scale, tile=args.tile, top_k=args.top_k, block_q=bq, block_q_dk=bq_dk, num_warps=warps))
+        bq, bq_dk, warps, *steps = (int(x) for x in spec.split("/"))
+        extra = {"bisect_steps": steps[0]} if steps else {}
+        fused = grad_fn(lambda q, k, bq=bq, bq_dk=bq_dk, warps=warps, extra=extra: row_tile_masses(
+            q, k, scale=scale, tile=args.tile, top_k=args.top_k, block_q=bq, block_q_dk=bq_dk, num_warps=warps,
+            **extra))
         q, k, _, w = draw()  # fresh inputs for the check
         got, want = fused(q, k, w), reference(q, k, w)
         rel = max(float(jnp.linalg.norm((a - b).astype(jnp.float32)) / jnp.linalg.norm(b.astype(jnp.float32)))
