@@ -148,3 +148,19 @@ def test_kernel_refuses_sequences_past_its_length_clearly():
     assert uses_mass_kernel(model, tile, 4096)  # the tile loss streams: only its tile count is limited
     with pytest.raises(ConfigError, match="64 tiles of 64"):
         uses_mass_kernel(model, tile, 8192)
+
+
+def test_model_returns_attention_inputs_that_give_its_probabilities():
+    """`return_attention="inputs"` hands back q and k whose causal softmax is the model's own
+    attention, and leaves the logits unchanged; an unknown value is refused."""
+    from condensa.errors import ModelInputError
+
+    model = _tiny_gpt2()
+    ids = jnp.asarray(np.random.default_rng(5).integers(0, 97, (2, 16)), jnp.int32)
+    with_probs = model(ids, return_attention=True)
+    with_inputs = model(ids, return_attention="inputs")
+    np.testing.assert_allclose(np.asarray(with_inputs.logits), np.asarray(with_probs.logits), rtol=1e-5, atol=1e-5)
+    for x, probs in zip(with_inputs.attentions, with_probs.attentions):
+        np.testing.assert_allclose(np.asarray(_probs(x.q, x.k, x.scale)), np.asarray(probs), atol=1e-6)
+    with pytest.raises(ModelInputError, match="'inputs'"):
+        model(ids, return_attention="qk")

@@ -96,6 +96,8 @@ class CausalLM(nnx.Module):
         for training losses, whose backward pass then needs no pad of the logits' gradient.
         """
         check_input_ids(input_ids, self.config, offset=0 if cache is None else cache.index)
+        if isinstance(return_attention, str) and return_attention != "inputs":
+            raise ModelInputError(f"return_attention is True, False or 'inputs'; got {return_attention!r}.")
         attention = attention or self.attention
         inputs = causal_inputs(input_ids, attention_mask, cache)
         x, block_args = self._embed(input_ids, inputs.positions)

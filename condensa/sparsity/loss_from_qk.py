@@ -57,21 +57,20 @@ def concentration_terms(inputs, cfg, *, backend: str | None = None) -> dict[str,
     terms = {}
     if cfg.topk.weight > 0:
         terms["topk"] = mean_over_layers(lambda x: topk_loss(x, cfg.topk.k, backend=backend), inputs, cfg.topk.layers)
-    masses = {}
+    masses: dict[int, jax.Array] = {}
 
     def layer_masses(layer: int) -> jax.Array:
         if layer not in masses:
             masses[layer] = tile_masses(inputs[layer], cfg.tile_size, backend=backend)
         return masses[layer]
 
-    def per_layer(fn):
-        return [lambda i=i: fn(i) for i in range(len(inputs))]
-
+    layers = list(range(len(inputs)))  # `mean_over_layers` then hands each loss a layer index
     if cfg.tile.weight > 0:
-        fns = per_layer(lambda i: tile_loss_from_masses(layer_masses(i), cfg.tile_size, cfg.tile.f, cfg.sink_tiles))
-        terms["tile"] = mean_over_layers(lambda fn: fn(), fns, cfg.tile.layers)
+        terms["tile"] = mean_over_layers(
+            lambda i: tile_loss_from_masses(layer_masses(i), cfg.tile_size, cfg.tile.f, cfg.sink_tiles),
+            layers, cfg.tile.layers)
     if cfg.gate.weight > 0:
-        fns = per_layer(lambda i: gate_loss_from_masses(inputs[i], layer_masses(i), cfg.tile_size, cfg.gate.tau,
-                                                        cfg.sink_tiles))
-        terms["gate"] = mean_over_layers(lambda fn: fn(), fns, cfg.gate.layers)
+        terms["gate"] = mean_over_layers(
+            lambda i: gate_loss_from_masses(inputs[i], layer_masses(i), cfg.tile_size, cfg.gate.tau, cfg.sink_tiles),
+            layers, cfg.gate.layers)
     return terms
