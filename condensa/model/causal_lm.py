@@ -28,7 +28,7 @@ from condensa.model.kv_cache import KVCache
 
 
 class ModelOutput(NamedTuple):
-    logits: jax.Array  # [B, T, vocab] float32
+    logits: jax.Array  # [B, T, vocab] float32 (see `loss_logits` for the training form)
     # per layer [B, H, Tq, Tk] float32 with return_attention=True; `AttentionInputs` with "inputs"
     attentions: tuple | None
     cache: KVCache | None  # the updated cache, when one was passed in
@@ -81,7 +81,7 @@ class CausalLM(nnx.Module):
         return_attention: bool | str = False,
         attention: AttentionConfig | None = None,
         thresholds=None,
-        padded_vocab: bool = False,
+        loss_logits: bool = False,
     ) -> ModelOutput:
         """Logits for `input_ids` [B, T].
 
@@ -91,9 +91,10 @@ class CausalLM(nnx.Module):
         attention probabilities, per query head [B, H, Tq, Tk]; or, with "inputs", each layer's
         `AttentionInputs` (q and k), leaving attention itself on its fused path (for losses that
         recompute what they need in a kernel). attention / thresholds: override the model's
-        attention rule for this call. padded_vocab: logits may come over the vocabulary padded to a
-        multiple of 128 (`condensa.model.output_layer`), the extra columns at the lowest float;
-        for training losses, whose backward pass then needs no pad of the logits' gradient.
+        attention rule for this call. loss_logits: logits shaped for a training loss, which saves
+        two passes over the largest array of a training step: they may come over the vocabulary
+        padded to a multiple of 128 (`condensa.model.output_layer`; the extra columns at −1e9),
+        and stay in the compute dtype (`condensa.train.cross_entropy` upcasts as it reads them).
         """
         check_input_ids(input_ids, self.config, offset=0 if cache is None else cache.index)
         if isinstance(return_attention, str) and return_attention != "inputs":
@@ -115,7 +116,9 @@ class CausalLM(nnx.Module):
                 all_probs.append(probs)
             if cache is not None:
                 new_layers.append(layer_kv)
-        logits = self._logits(x, padded_vocab).astype(jnp.float32)
+        logits = self._logits(x, loss_logits)
+        if not loss_logits:
+            logits = logits.astype(jnp.float32)
         new_cache = None if cache is None else updated_cache(cache, new_layers, inputs)
         return ModelOutput(logits, tuple(all_probs) if return_attention else None, new_cache)
 

@@ -6,7 +6,6 @@ import functools
 
 import jax
 import jax.numpy as jnp
-import optax
 
 from condensa.attention import is_plain_dense
 from condensa.errors import ConfigError
@@ -14,6 +13,7 @@ from condensa.kernels.attention_masses import fits, limit_text
 from condensa.sparsity import loss as conc
 from condensa.sparsity import loss_from_qk
 from condensa.train.config import LossConfig
+from condensa.train.cross_entropy import cross_entropy
 
 
 def ramp(weight: float, warmup_steps: int, step) -> jax.Array:
@@ -61,8 +61,8 @@ def objective(model, batch: jax.Array, cfg: LossConfig, step) -> tuple[jax.Array
     """(total loss, metrics) for a batch of blocks [B, T + 1]; all in float32."""
     inputs, targets = batch[:, :-1], batch[:, 1:]
     fused = uses_mass_kernel(model, cfg, inputs.shape[1])
-    out = model(inputs, return_attention="inputs" if fused else cfg.active, padded_vocab=True)
-    lm = optax.softmax_cross_entropy_with_integer_labels(out.logits, targets).mean()
+    out = model(inputs, return_attention="inputs" if fused else cfg.active, loss_logits=True)
+    lm = cross_entropy(out.logits, targets)
     total, metrics = lm, {"lm_loss": lm}
     conc_total = jnp.float32(0.0)
     terms = loss_from_qk.concentration_terms(out.attentions, cfg) if fused else concentration_terms(out.attentions, cfg)
