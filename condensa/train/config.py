@@ -73,9 +73,9 @@ class LossConfig:
     sink_tiles: int = 1
     # How the losses get what they need: "reference" takes the probabilities from the model (its
     # reference attention op); "pallas" recomputes the masses from q and k in a fused kernel while
-    # attention keeps its fused path (condensa.kernels.attention_masses); "auto" is pallas on a GPU
-    # where it applies (dense attention; padded length <= 2048 for topk, <= 64 tiles for tile/gate)
-    # and reference elsewhere.
+    # attention keeps its fused path (condensa.kernels.attention_masses); "auto" is pallas on a
+    # single GPU where it applies (dense attention; padded length <= 2048 for topk, <= 64 tiles for
+    # tile/gate) and reference elsewhere (CPU, several devices).
     kernel: Literal["auto", "pallas", "reference"] = "auto"
 
     @property

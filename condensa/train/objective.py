@@ -39,7 +39,10 @@ def concentration_terms(probs, cfg: LossConfig) -> dict[str, jax.Array]:
 
 def uses_mass_kernel(model, cfg: LossConfig, seq_len: int) -> bool:
     """Whether the losses run on the fused mass kernel (`LossConfig.kernel`). It computes dense
-    softmax masses, so it applies only where the model's attention is plain dense in every layer."""
+    softmax masses, so it applies only where the model's attention is plain dense in every layer.
+    `auto` also keeps to one device: XLA cannot partition a Pallas call over a mesh, so with
+    several devices it would gather every device's q and k first (wrapping the kernel in
+    `shard_map` over the data axis is the way to lift this)."""
     if not cfg.active or cfg.kernel == "reference":
         return False
     blockers = []
@@ -54,7 +57,7 @@ def uses_mass_kernel(model, cfg: LossConfig, seq_len: int) -> bool:
     if cfg.kernel == "pallas" and blockers:
         raise ConfigError(f"loss.kernel=pallas cannot run here: {'; '.join(blockers)}. Use loss.kernel reference "
                           "(or auto, which picks it in such cases).")
-    return not blockers and (cfg.kernel == "pallas" or jax.default_backend() == "gpu")
+    return not blockers and (cfg.kernel == "pallas" or (jax.default_backend() == "gpu" and jax.device_count() == 1))
 
 
 def objective(model, batch: jax.Array, cfg: LossConfig, step) -> tuple[jax.Array, dict[str, jax.Array]]:
