@@ -56,7 +56,7 @@ def _rel(a, b):
     return float(jnp.linalg.norm(a - b) / (jnp.linalg.norm(b) + 1e-4))
 
 
-@pytest.mark.parametrize("t,tile,top_k", [(64, 16, None), (48, 16, 8), (40, 8, 5), (32, 32, 20)])
+@pytest.mark.parametrize("t,tile,top_k", [(64, 16, None), (40, 8, 5), (32, 32, 20)])
 def test_row_tile_masses_match_brute_force(t, tile, top_k):
     q, k = _qk(t, t)
     weights = jnp.asarray(np.random.default_rng(1).normal(size=(2, 2, t, -(-t // tile))), jnp.float32)
