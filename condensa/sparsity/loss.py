@@ -51,7 +51,13 @@ def topk_row_mass(probs: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
 
 def topk_loss(probs: jax.Array, k: int) -> jax.Array:
     """Mean over heads and rows with n_i > k of (1 − top-k mass): the mass outside the k largest."""
-    top, counted = topk_row_mass(probs, k)
+    return topk_loss_of_row_mass(topk_row_mass(probs, k)[0], k)
+
+
+def topk_loss_of_row_mass(top: jax.Array, k: int) -> jax.Array:
+    """`topk_loss` from each causal prefill row's top-k mass [B, H, T]: rows with at most k keys
+    keep everything and are left out."""
+    counted = np.arange(top.shape[-1]) + 1 > k
     if not counted.any():
         return jnp.zeros((), jnp.float32)
     return jnp.mean(1.0 - top[..., counted])
@@ -83,7 +89,13 @@ def oracle_mass_of_tiles(masses: jax.Array, block: int, f: float, sink_tiles: in
 
 def tile_loss(probs: jax.Array, block: int, f: float, sink_tiles: int = 1) -> jax.Array:
     """Mean over heads and query tiles of (1 − mass in the oracle's gate structure)."""
-    return jnp.mean(1.0 - oracle_tile_mass(probs, block, f, sink_tiles))
+    _check_tiles(probs.shape[-1], block)
+    return tile_loss_of_masses(tile_masses(probs, block, block), block, f, sink_tiles)
+
+
+def tile_loss_of_masses(masses: jax.Array, block: int, f: float, sink_tiles: int = 1) -> jax.Array:
+    """`tile_loss` from the tile masses M_bt [B, H, n, n]."""
+    return jnp.mean(1.0 - oracle_mass_of_tiles(masses, block, f, sink_tiles))
 
 
 # ---- gate ------------------------------------------------------------------------------------------

@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from condensa.attention.inputs import AttentionInputs
 from condensa.attention.tiles import pooled_gate_scores
 from condensa.kernels.attention_masses import row_tile_masses
-from condensa.sparsity.loss import _check_tiles, gate_cross_entropy, mean_over_layers, oracle_mass_of_tiles
+from condensa.sparsity.loss import (
+    _check_tiles, gate_cross_entropy, mean_over_layers, tile_loss_of_masses, topk_loss_of_row_mass,
+)
 
 TOPK_TILE = 64  # the top-k loss sums R over all tiles, so its tile size only shapes the kernel
 
@@ -24,12 +25,8 @@ TOPK_TILE = 64  # the top-k loss sums R over all tiles, so its tile size only sh
 def topk_loss(x: AttentionInputs, k: int, *, backend: str | None = None) -> jax.Array:
     """`loss.topk_loss` of this layer: mean over heads and rows with more than k keys of the mass
     outside each row's k largest scores."""
-    t = x.q.shape[1]
-    counted = np.arange(t) + 1 > k
-    if not counted.any():
-        return jnp.zeros((), jnp.float32)
     top = row_tile_masses(x.q, x.k, scale=x.scale, tile=TOPK_TILE, top_k=k, backend=backend).sum(axis=-1)
-    return jnp.mean(1.0 - top[..., counted])
+    return topk_loss_of_row_mass(top, k)
 
 
 def tile_masses(x: AttentionInputs, block: int, *, backend: str | None = None) -> jax.Array:
@@ -38,10 +35,6 @@ def tile_masses(x: AttentionInputs, block: int, *, backend: str | None = None) -
     n = _check_tiles(t, block)
     r = row_tile_masses(x.q, x.k, scale=x.scale, tile=block, backend=backend)  # [B, H, T, n]
     return r.reshape(b, h, n, block, n).mean(axis=3)
-
-
-def tile_loss_from_masses(masses: jax.Array, block: int, f: float, sink_tiles: int = 1) -> jax.Array:
-    return jnp.mean(1.0 - oracle_mass_of_tiles(masses, block, f, sink_tiles))
 
 
 def gate_loss_from_masses(x: AttentionInputs, masses: jax.Array, block: int, tau: float = 1.0,
@@ -67,7 +60,7 @@ def concentration_terms(inputs, cfg, *, backend: str | None = None) -> dict[str,
     layers = list(range(len(inputs)))  # `mean_over_layers` then hands each loss a layer index
     if cfg.tile.weight > 0:
         terms["tile"] = mean_over_layers(
-            lambda i: tile_loss_from_masses(layer_masses(i), cfg.tile_size, cfg.tile.f, cfg.sink_tiles),
+            lambda i: tile_loss_of_masses(layer_masses(i), cfg.tile_size, cfg.tile.f, cfg.sink_tiles),
             layers, cfg.tile.layers)
     if cfg.gate.weight > 0:
         terms["gate"] = mean_over_layers(
