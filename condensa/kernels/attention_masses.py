@@ -221,11 +221,14 @@ def _precision(dtype):
     return jax.lax.Precision.HIGHEST if dtype == jnp.float32 else None
 
 
-def _specs(tp: int, d: int, block: int):
+def _specs(tp: int, d: int, block: int, n_tiles: int = 1):
+    """BlockSpecs over a (row block, batch, head) grid: the block's rows of q, every row of k,
+    one value per row, and the block's rows of R [B, H, Tp, n_tiles]."""
     rows = pl.BlockSpec((None, block, None, d), lambda i, b, h: (b, i, h, 0))
     whole = pl.BlockSpec((None, tp, None, d), lambda i, b, h: (b, 0, h, 0))
     per_row = pl.BlockSpec((None, None, block), lambda i, b, h: (b, h, i))
-    return rows, whole, per_row
+    tiles = pl.BlockSpec((None, None, block, n_tiles), lambda i, b, h: (b, h, i, 0))
+    return rows, whole, per_row, tiles
 
 
 def _thresholds(q, k, opts: MassOptions):
@@ -257,14 +260,13 @@ def _forward(q, k, opts: MassOptions):
     n_tiles = tp // opts.tile
     precision = _precision(q.dtype)
     per_row_shape = jax.ShapeDtypeStruct((b, h, tp), jnp.float32)
-    inputs = [q, k]
-    rows, whole, per_row = _specs(tp, d, opts.tile)
-    in_specs = [rows, whole]
+    rows, whole, per_row, tiles = _specs(tp, d, opts.tile, n_tiles)
     if opts.top_k is not None:
-        inputs.append(_thresholds(q, k, opts))
-        in_specs.append(per_row)
-    thr = inputs[2] if opts.top_k is not None else jnp.full((b, h, tp), -jnp.inf, jnp.float32)
-    tiles = pl.BlockSpec((None, None, opts.tile, n_tiles), lambda i, b_, h_: (b_, h_, i, 0))
+        thr = _thresholds(q, k, opts)
+        inputs, in_specs = [q, k, thr], [rows, whole, per_row]
+    else:
+        thr = jnp.full((b, h, tp), -jnp.inf, jnp.float32)
+        inputs, in_specs = [q, k], [rows, whole]
     kernel = functools.partial(_forward_stream_kernel, opts=opts, n_tiles=n_tiles, precision=precision)
     r, lse = _call(kernel, (n_tiles, b, h), in_specs, [tiles, per_row],
                    [jax.ShapeDtypeStruct((b, h, tp, n_tiles), jnp.float32), per_row_shape],
@@ -276,8 +278,7 @@ def _backward(q, k, lse, thr, c, g, opts: MassOptions):
     b, tp, h, d = q.shape
     n_tiles = tp // opts.tile
     precision = _precision(q.dtype)
-    rows, whole, per_row = _specs(tp, d, opts.tile)
-    tiles = pl.BlockSpec((None, None, opts.tile, n_tiles), lambda i, b_, h_: (b_, h_, i, 0))
+    rows, whole, per_row, tiles = _specs(tp, d, opts.tile, n_tiles)
     dq = _call(functools.partial(_dq_kernel, opts=opts, n_tiles=n_tiles, precision=precision),
                (n_tiles, b, h), [rows, whole, per_row, per_row, per_row, tiles], rows,
                jax.ShapeDtypeStruct(q.shape, q.dtype), opts, "attention_masses_dq")(q, k, lse, thr, c, g)
