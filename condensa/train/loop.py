@@ -150,12 +150,10 @@ def train(cfg: TrainConfig) -> dict[str, float]:
             done = step + 1
             saves = done % cfg.checkpoint.every == 0 or done == cfg.train.steps
             evaluates = cfg.train.eval_batches > 0 and (done % cfg.train.eval_every == 0 or done == cfg.train.steps)
-            if done < cfg.train.steps and not (saves or evaluates):
-                pending = train_step(flat, next_batch(), jnp.int32(done))
-                metrics = checked(done, pending_metrics)
-            else:
-                metrics = checked(done, pending_metrics)
-                pending = None
+            # Dispatch the next step now unless this step's state is still needed (it is donated).
+            dispatch_now = done < cfg.train.steps and not (saves or evaluates)
+            pending = train_step(flat, next_batch(), jnp.int32(done)) if dispatch_now else None
+            metrics = checked(done, pending_metrics)
             if done % cfg.train.log_every == 0 or done == cfg.train.steps:
                 now = time.perf_counter()
                 rate = tokens_per_step * (done - ticked) / max(now - tick, 1e-9)
