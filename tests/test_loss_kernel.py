@@ -18,6 +18,7 @@ from condensa.attention import AttentionConfig
 from condensa.attention.dense import attention_scores, masked_softmax
 from condensa.attention.inputs import AttentionInputs
 from condensa.errors import ConfigError
+from condensa.kernels import attention_masses
 from condensa.kernels.attention_masses import padded_length, row_tile_masses
 from condensa.sparsity import loss as conc
 from condensa.sparsity import loss_from_qk
@@ -56,8 +57,11 @@ def _rel(a, b):
     return float(jnp.linalg.norm(a - b) / (jnp.linalg.norm(b) + 1e-4))
 
 
-@pytest.mark.parametrize("t,tile,top_k", [(64, 16, None), (40, 8, 5), (32, 32, 20)])
-def test_row_tile_masses_match_brute_force(t, tile, top_k):
+@pytest.mark.parametrize("t,tile,top_k,group", [(64, 16, None, 256), (40, 8, 5, 256), (32, 32, 20, 256),
+                                               (60, 16, 5, 16)])
+def test_row_tile_masses_match_brute_force(t, tile, top_k, group, monkeypatch):
+    """group 16: the threshold kernel runs 4 causal row groups, scoring 1 to 4 chunks of keys."""
+    monkeypatch.setattr(attention_masses, "THRESHOLD_GROUP", group)
     q, k = _qk(t, t)
     weights = jnp.asarray(np.random.default_rng(1).normal(size=(2, 2, t, -(-t // tile))), jnp.float32)
 
@@ -74,6 +78,21 @@ def test_row_tile_masses_match_brute_force(t, tile, top_k):
     g_want = jax.grad(lambda q, k: jnp.sum(brute(q, k) * weights), (0, 1))(q, k)
     for a, b in zip(g_got, g_want):
         assert _rel(a, b) < 1e-4  # float32 rounding, amplified where R is near 1
+
+
+def test_ties_at_the_kth_score_keep_every_tied_key():
+    """Integer scores tie at the k-th largest, so no lower bound keeps exactly k and the bisection
+    cannot stop early; it must still end, and keep every key tied with the k-th (as the reference
+    does: s >= s_(k))."""
+    rng = np.random.default_rng(3)
+    q, k = (jnp.asarray(rng.integers(-1, 2, size=(1, 48, 2, 8)), jnp.float32) for _ in range(2))
+    t, top_k = 48, 6
+    s = jnp.where(jnp.tril(jnp.ones((t, t), bool)), attention_scores(q, k, 1.0), -jnp.inf)
+    kth = jax.lax.top_k(s, top_k)[0][..., -1:]
+    kept = jnp.sum(s >= kth, axis=-1)[..., top_k:]  # rows with more than k visible keys
+    assert int(jnp.max(kept)) > top_k  # the case under test: some row has ties past k
+    got = row_tile_masses(q, k, scale=1.0, tile=16, top_k=top_k, block_q=16)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(_row_tile_masses_brute(q, k, 1.0, 16, top_k)), atol=2e-6)
 
 
 def test_padding_is_to_a_power_of_two_of_tiles():

@@ -9,8 +9,10 @@ setting's gradient is compared with the reference's on fresh random inputs.
 Options:
   --batch B (8)  --heads H (12)  --seq-len T (1024)  --head-dim D (64)  --dtype (bfloat16)
   --top-k K      count only the k largest scores per row (the top-k loss); default: none (tile loss)
-  --tile N (64)  --configs LIST  block_q/block_q_dk/num_warps[/bisect_steps] (16/64/4,16/64/8,16/32/4)
+  --tile N (64)  --configs LIST  block_q/block_q_dk/num_warps[/num_stages[/bisect_steps]] (16/64/4,16/64/8,16/32/4)
   --warmup N (3) --repeats N (20) --out PATH
+  --profile DIR  also capture a profiler trace of each fused setting under DIR and print its kernels'
+                 device time (run with XLA_FLAGS=--xla_gpu_enable_command_buffer= for one row per kernel)
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--repeats", type=int, default=20)
     p.add_argument("--out", default=None)
+    p.add_argument("--profile", default=None)
     return p
 
 
@@ -96,8 +99,8 @@ def main(argv=None) -> None:
     timed("cudnn attention fwd+bwd", cudnn, takes_v=True)
     timed("reference masses fwd+bwd", reference)
     for spec in args.configs.split(","):
-        bq, bq_dk, warps, *steps = (int(x) for x in spec.split("/"))
-        extra = {"bisect_steps": steps[0]} if steps else {}
+        bq, bq_dk, warps, *rest = (int(x) for x in spec.split("/"))
+        extra = dict(zip(("num_stages", "bisect_steps"), rest))
         fused = grad_fn(lambda q, k, bq=bq, bq_dk=bq_dk, warps=warps, extra=extra: row_tile_masses(
             q, k, scale=scale, tile=args.tile, top_k=args.top_k, block_q=bq, block_q_dk=bq_dk, num_warps=warps,
             **extra))
@@ -107,6 +110,12 @@ def main(argv=None) -> None:
                   for a, b in zip(got, want))
         r = timed(f"fused {spec}", fused)
         r["grad_rel_error"] = rel
+        if args.profile:
+            from condensa.eval.bench import profile as prof
+
+            trace = prof.capture(lambda: fused(q, k, w), f"{args.profile}/{spec.replace('/', '_')}", calls=3)
+            r["profile_us"] = prof.device_time_by_name(trace)
+            print(f"\n### profile: fused {spec}\n" + "\n".join(prof.summary_lines(r["profile_us"], calls=3, top=12)))
     base = results[0]["median_s"]
     print(f"B={args.batch} H={args.heads} T={args.seq_len} D={args.head_dim} {args.dtype} top_k={args.top_k} "
           f"tile={args.tile}")
