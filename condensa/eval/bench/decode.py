@@ -9,6 +9,8 @@ One new query per sequence against a full KV cache [B, S, H, D]. It checks corre
 lengths, the kernel's partial outputs poisoned with NaN before each run), measures the copy
 bandwidth of the device, then times every method (warm-up, then the median over repeats of a few
 back-to-back calls; small caches rotate over several copies so that L2 does not hold them).
+condensa's call is timed under jax.jit, as a model's jitted decode step runs it (`--jit false`
+times the eager call, which also pays the wrapper's Python every time).
 
 No calibrated thresholds exist for these synthetic caches, so the benchmark derives them from its
 own structured inputs the way calibration would (mean + σ_add·std over the batch): θ from the
@@ -38,7 +40,7 @@ import numpy as np
 
 from condensa.cli import config_parser, parse_config_args, append_jsonl, config_to_dict, progress, run_main, write_json
 from condensa.errors import ConfigError
-from condensa.eval.bench.timing import correctness_summary
+from condensa.eval.bench.timing import correctness_summary, jit_with_options
 from condensa.kernels.toptheta_decode import compact, default_num_splits, kept_tiles, tile_budgets, toptheta_decode
 
 
@@ -72,6 +74,7 @@ class DecodeBenchConfig:
     check_tol: float = 2e-2
     time_budget_s: float = 0.0  # stop starting new shapes after this long (0: no limit)
     tune: bool = False  # at the first shape, also time the gate pre-pass alone and other warps/splits
+    jit: bool = True  # time condensa's call under jax.jit, as a model's decode step runs it (False: eager)
 
 
 # ---- inputs and thresholds ------------------------------------------------------------------
@@ -356,16 +359,19 @@ def time_shape(cfg: DecodeBenchConfig, b: int, s: int, d: int, dtype, copy_bw: f
         if budget is not None:
             args.update(tile_theta_decode=gate, sink_tiles=cfg.sink_tiles, tile_budget=budget)
         compensated = extra.pop("compensated", False)
+        jitted = extra.pop("jitted", cfg.jit)
         if compensated:
             args.update(sdc_delta=sdc, vmc=True)
 
-        def call(st):
-            more = dict(args)
-            if budget is not None:
-                more["k_tile_mean"] = st["k_bar"]
-            if compensated:
-                more["v_mean"] = st["v_mean"]
-            return toptheta_decode(st["q"], st["k"], st["v"], lengths, **{**kw, **(options or {})}, **more)
+        per_copy = (["k_tile_mean"] if budget is not None else []) + (["v_mean"] if compensated else [])
+        fixed = {**kw, **(options or {}), **args}
+        fast = jit_with_options(toptheta_decode, **fixed)  # one compilation for every copy of the inputs
+
+        def call(st, jitted=False):
+            more = {name: st["k_bar" if name == "k_tile_mean" else "v_mean"] for name in per_copy}
+            if jitted:
+                return fast(st["q"], st["k"], st["v"], lengths, **more)
+            return toptheta_decode(st["q"], st["k"], st["v"], lengths, **fixed, **more)
 
         try:
             _, stats = call(st0)
@@ -380,7 +386,7 @@ def time_shape(cfg: DecodeBenchConfig, b: int, s: int, d: int, dtype, copy_bw: f
             print(json.dumps(rec), flush=True)
             records.append(rec)
             return
-        record(name, [lambda st=st: call(st)[0] for st in sets], moved_bytes=moved, k_fraction=k_frac,
+        record(name, [lambda st=st: call(st, jitted=jitted)[0] for st in sets], moved_bytes=moved, k_fraction=k_frac,
                v_fraction=v_frac, v_row_fraction=v_row_frac, budget=budget, **(options or {}))
 
     kernel("condensa_dense", None)
@@ -392,6 +398,7 @@ def time_shape(cfg: DecodeBenchConfig, b: int, s: int, d: int, dtype, copy_bw: f
     if tune:
         auto = default_num_splits(b * h, s // cfg.block_k)
         other = "blocks" if cfg.skip_v == "rows" else "rows"
+        kernel(f"tune_top{cfg.k_top}_gate{f:g}_{'eager' if cfg.jit else 'jit'}", f, theta=True, jitted=not cfg.jit)
         kernel(f"tune_top{cfg.k_top}_gate{f:g}_skipv_{other}", f, theta=True, options=dict(skip_v=other))
         kernel(f"tune_top{cfg.k_top}_skipv_{other}", None, theta=True, options=dict(skip_v=other))
         for warps, splits in ((2, auto), (8, auto), (4, max(1, auto // 2)), (4, 2 * auto), (4, 1)):

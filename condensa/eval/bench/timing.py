@@ -74,3 +74,18 @@ def correctness_summary(records: list[dict], describe) -> list[str]:
     worst = max(checks, key=lambda r: r["rel_error"])
     return ["", f"correctness: {sum(r['ok'] for r in checks)}/{len(checks)} checks within tolerance; "
                 f"worst rel. error {worst['rel_error']:.2e} ({describe(worst)})"]
+
+
+def jit_with_options(fn: Callable, **options: Any) -> Callable:
+    """`fn` as one jitted call, with `options` split by kind: array options become traced keyword
+    arguments of every call, everything else is fixed at trace time.
+
+    Why: a kernel wrapper called eagerly pays its Python (argument checks, building its options,
+    dispatching several small ops) on every call. Inside a model's jitted step that cost is paid
+    once, at trace time, so timing the eager call overstates what a user's step takes; for a
+    decode step of a few tens of µs it dominated (docs/benchmarks.md). Returns
+    `call(*args, **more_arrays)`; calls with arrays of the same shapes share one compilation."""
+    arrays = {name: value for name, value in options.items() if isinstance(value, jax.Array)}
+    fixed = {name: value for name, value in options.items() if name not in arrays}
+    jitted = jax.jit(lambda args, kwargs: fn(*args, **kwargs, **fixed))
+    return lambda *args, **more: jitted(args, {**arrays, **more})
