@@ -240,7 +240,9 @@ def _numpy_counts(q, k, lengths, k_bar, gate_theta, theta, scale):
     return k_blocks, v_blocks, v_rows
 
 
-def test_loaded_block_counts_match_numpy():
+@pytest.mark.parametrize("skip_v", ["rows", "blocks"])
+def test_loaded_block_counts_match_numpy(skip_v):
+    """rows: the V rows read are the survivors; blocks: whole blocks of the tiles holding one."""
     b, s, d = 3, 160, 64
     lengths = [160, 97, 33]
     scale = 1 / 8
@@ -252,8 +254,10 @@ def test_loaded_block_counts_match_numpy():
     got, stats = toptheta_decode(jnp.asarray(q), jnp.asarray(k), jnp.asarray(v), jnp.asarray(lengths), theta=theta,
                                  k_tile_mean=jnp.asarray(k_bar), tile_theta_decode=gate_theta, sink_tiles=SINK,
                                  tile_budget=BUDGET, block_k=BK, num_splits=3, backend="interpret",
-                                 poison_output=True)
+                                 poison_output=True, skip_v=skip_v)
     k_blocks, v_blocks, v_rows = _numpy_counts(q, k, lengths, k_bar, gate_theta, theta, scale)
+    if skip_v == "blocks":
+        v_rows = v_blocks * BK
     assert (int(stats.k_loaded), int(stats.v_loaded), int(stats.v_rows)) == (k_blocks, v_blocks, v_rows)
     assert int(stats.visible) == H * (10 + 7 + 3)
     assert v_blocks < k_blocks < int(stats.visible)  # the gate and θ both pruned something

@@ -10,7 +10,9 @@ lengths, the kernel's partial outputs poisoned with NaN before each run), measur
 bandwidth of the device, then times every method (warm-up, then the median over repeats of a few
 back-to-back calls; small caches rotate over several copies so that L2 does not hold them).
 condensa's call is timed under jax.jit, as a model's jitted decode step runs it (`--jit false`
-times the eager call, which also pays the wrapper's Python every time).
+times the eager call, which also pays the wrapper's Python every time). With `--layers N`, every
+method runs as one jitted call over N caches in turn, as a model's decode step runs its layers, so
+the per-call dispatch is paid once per step and not once per layer; times are then per layer.
 
 No calibrated thresholds exist for these synthetic caches, so the benchmark derives them from its
 own structured inputs the way calibration would (mean + σ_add·std over the batch): θ from the
@@ -63,7 +65,7 @@ class DecodeBenchConfig:
     num_splits: int = 0  # 0: the kernel's default (enough programs to fill the GPU)
     num_warps: int = 4
     num_stages: int = 2
-    skip_v: str = "rows"  # "rows": read only surviving V rows (masked loads); "blocks": whole V blocks
+    skip_v: str = "blocks"  # "blocks": whole V blocks of tiles with a survivor; "rows": only surviving V rows
     baselines: list[str] = dataclasses.field(default_factory=lambda: ["xla", "cudnn", "pallas_decode"])
     warmup: int = 3
     repeats: int = 15
@@ -75,6 +77,7 @@ class DecodeBenchConfig:
     time_budget_s: float = 0.0  # stop starting new shapes after this long (0: no limit)
     tune: bool = False  # at the first shape, also time the gate pre-pass alone and other warps/splits
     jit: bool = True  # time condensa's call under jax.jit, as a model's decode step runs it (False: eager)
+    layers: int = 1  # > 1: one jitted call runs this many decode attentions on their own caches (times per layer)
 
 
 # ---- inputs and thresholds ------------------------------------------------------------------
@@ -310,7 +313,8 @@ def time_shape(cfg: DecodeBenchConfig, b: int, s: int, d: int, dtype, copy_bw: f
     scale = 1.0 / math.sqrt(d)
     itemsize = jnp.dtype(dtype).itemsize
     kv_bytes = 2 * b * s * h * d * itemsize
-    copies = int(max(1, min(16, math.ceil(cfg.rotate_bytes / kv_bytes))))
+    layers = cfg.layers
+    copies = layers if layers > 1 else int(max(1, min(16, math.ceil(cfg.rotate_bytes / kv_bytes))))
     lengths = jnp.full((b,), s, jnp.int32)
     sets = []
     for c in range(copies):
@@ -318,13 +322,21 @@ def time_shape(cfg: DecodeBenchConfig, b: int, s: int, d: int, dtype, copy_bw: f
                                    retrieval_tiles=cfg.retrieval_tiles)
         k_bar, v_mean = tile_state(k, v, lengths, cfg.block_k)
         sets.append(dict(q=q, k=k, v=v, k_bar=k_bar, v_mean=v_mean))
-    base = dict(kind="time", batch=b, seq_len=s, head_dim=d, heads=h, copies=copies, dense_bytes=kv_bytes)
+    base = dict(kind="time", batch=b, seq_len=s, head_dim=d, heads=h, copies=copies, layers=layers,
+                dense_bytes=kv_bytes)
     records = []
 
-    def record(name, fns, moved_bytes=None, **info):
+    def record(name, per_set, moved_bytes=None, **info):
+        """Times `per_set(st)` (one decode attention on one cache). With `layers` > 1, one jitted call
+        runs it on every cache in turn, as a model's decode step runs its layers; the time is per layer."""
         rec = dict(base, method=name, **info)
         try:
-            sec = median_seconds(fns, cfg.warmup, cfg.repeats, cfg.inner)
+            if layers > 1:
+                step = jax.jit(lambda all_sets: [per_set(st) for st in all_sets])
+                fns = [lambda: step(sets)]
+            else:
+                fns = [lambda st=st: per_set(st) for st in sets]
+            sec = median_seconds(fns, cfg.warmup, cfg.repeats, cfg.inner) / layers
             moved = kv_bytes if moved_bytes is None else moved_bytes
             rec.update(us=sec * 1e6, bandwidth_gbs=moved / sec / 1e9, bandwidth_frac=moved / sec / copy_bw,
                        dense_equiv_gbs=kv_bytes / sec / 1e9)
@@ -339,8 +351,7 @@ def time_shape(cfg: DecodeBenchConfig, b: int, s: int, d: int, dtype, copy_bw: f
         for st in sets:
             st["k_t"], st["v_t"] = head_major(st["k"]), head_major(st["v"])
     for name, fn in baselines.items():
-        record(name, [lambda st=st, fn=fn: fn(st["q"], st["k"], st["v"], st.get("k_t"), st.get("v_t"), lengths)
-                      for st in sets])
+        record(name, lambda st, fn=fn: fn(st["q"], st["k"], st["v"], st.get("k_t"), st.get("v_t"), lengths))
     for st in sets:
         st.pop("k_t", None), st.pop("v_t", None)
 
@@ -386,7 +397,7 @@ def time_shape(cfg: DecodeBenchConfig, b: int, s: int, d: int, dtype, copy_bw: f
             print(json.dumps(rec), flush=True)
             records.append(rec)
             return
-        record(name, [lambda st=st: call(st, jitted=jitted)[0] for st in sets], moved_bytes=moved, k_fraction=k_frac,
+        record(name, lambda st: call(st, jitted=jitted)[0], moved_bytes=moved, k_fraction=k_frac,
                v_fraction=v_frac, v_row_fraction=v_row_frac, budget=budget, **(options or {}))
 
     kernel("condensa_dense", None)
@@ -398,15 +409,15 @@ def time_shape(cfg: DecodeBenchConfig, b: int, s: int, d: int, dtype, copy_bw: f
     if tune:
         auto = default_num_splits(b * h, s // cfg.block_k)
         other = "blocks" if cfg.skip_v == "rows" else "rows"
-        kernel(f"tune_top{cfg.k_top}_gate{f:g}_{'eager' if cfg.jit else 'jit'}", f, theta=True, jitted=not cfg.jit)
+        if layers == 1:  # with layers, every call runs inside the step's jit
+            kernel(f"tune_top{cfg.k_top}_gate{f:g}_{'eager' if cfg.jit else 'jit'}", f, theta=True, jitted=not cfg.jit)
         kernel(f"tune_top{cfg.k_top}_gate{f:g}_skipv_{other}", f, theta=True, options=dict(skip_v=other))
         kernel(f"tune_top{cfg.k_top}_skipv_{other}", None, theta=True, options=dict(skip_v=other))
         for warps, splits in ((2, auto), (8, auto), (4, max(1, auto // 2)), (4, 2 * auto), (4, 1)):
             kernel(f"tune_top{cfg.k_top}_gate{f:g}_w{warps}_s{splits}", f, theta=True,
                    options=dict(num_warps=warps, num_splits=splits))
         kernel(f"tune_dense_w8_s{auto}", None, options=dict(num_warps=8, num_splits=auto))
-        record(f"gate_prepass_only_gate{f:g}", [lambda st=st: _prepass(st, lengths, scale, cfg, f) for st in sets],
-               moved_bytes=state_bytes)
+        record(f"gate_prepass_only_gate{f:g}", lambda st: _prepass(st, lengths, scale, cfg, f), moved_bytes=state_bytes)
     return records
 
 
