@@ -58,9 +58,10 @@ def _rel(a, b):
 
 
 @pytest.mark.parametrize("t,tile,top_k,group", [(64, 16, None, 256), (40, 8, 5, 256), (32, 32, 20, 256),
-                                               (60, 16, 5, 16)])
+                                               (60, 16, 5, 16), (100, 48, 8, 256)])
 def test_row_tile_masses_match_brute_force(t, tile, top_k, group, monkeypatch):
-    """group 16: the threshold kernel runs 4 causal row groups, scoring 1 to 4 chunks of keys."""
+    """group 16: the threshold kernel runs 4 causal row groups, scoring 1 to 4 chunks of keys.
+    tile 48: the padded length (192) is no multiple of 256, so the groups shrink to 64 rows."""
     monkeypatch.setattr(attention_masses, "THRESHOLD_GROUP", group)
     q, k = _qk(t, t)
     weights = jnp.asarray(np.random.default_rng(1).normal(size=(2, 2, t, -(-t // tile))), jnp.float32)
@@ -93,6 +94,15 @@ def test_ties_at_the_kth_score_keep_every_tied_key():
     assert int(jnp.max(kept)) > top_k  # the case under test: some row has ties past k
     got = row_tile_masses(q, k, scale=1.0, tile=16, top_k=top_k, block_q=16)
     np.testing.assert_allclose(np.asarray(got), np.asarray(_row_tile_masses_brute(q, k, 1.0, 16, top_k)), atol=2e-6)
+
+
+def test_kernel_runs_with_float64_enabled():
+    """Under JAX_ENABLE_X64 the bisection's loop carry must stay float32 (Python-float constants
+    would turn the counts float64 and break the loop)."""
+    q, k = _qk(2, 40)
+    with jax.enable_x64(True):
+        got = row_tile_masses(q, k, scale=0.6, tile=8, top_k=5, block_q=16, block_q_dk=16)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(_row_tile_masses_brute(q, k, 0.6, 8, 5)), atol=2e-6)
 
 
 def test_padding_is_to_a_power_of_two_of_tiles():

@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -64,7 +65,8 @@ class MassOptions:
     block_q: int = 16  # rows per program in the whole-row threshold kernel (top-k only)
     block_q_dk: int = 64  # query rows per step of the dk kernel's walk
     num_warps: int = 4
-    num_stages: int = 3  # Triton pipelining depth of the key/query walks (3 vs 1: dk 0.094 → 0.076 ms, H100)
+    num_stages: int = 3  # Triton pipelining depth; the key/query walks gain (3 vs 1: dk 0.094 → 0.076 ms, H100)
+    rows: int = 0  # real (unpadded) rows: padded rows past them need no threshold
     backend: str = "interpret"
 
 
@@ -111,13 +113,15 @@ def _row_reduce(pieces, reduce, combine):
     return out
 
 
-def _kth_threshold(pieces, n_visible, top_k: int, steps: int):
+def _kth_threshold(pieces, n_visible, needs, top_k: int, steps: int):
     """A threshold between each row's kept and dropped scores (-inf for rows with at most k
     visible keys): every score >= it is kept. The row's scores are `pieces` (see `_row_scores`),
-    -inf at the keys the row cannot see.
+    -inf at the keys the row cannot see; `needs` marks the rows that want a threshold (real rows with
+    more than k visible keys).
 
-    Bisection keeps count(s >= lo) >= k > count(s >= hi) and stops once every row that needs a
-    threshold has count(s >= lo) == k exactly, or after `steps`. The counts are float32 sums of
+    Bisection keeps count(s >= lo) >= k, moves `hi` down to any midpoint that keeps fewer than k,
+    and stops once every row that needs a threshold has count(s >= lo) == k exactly, or after
+    `steps`. The counts are float32 sums of
     1.0/0.0 (exact below 2^24; 11% faster on the H100 than int32 sums). The threshold returned is
     the midpoint between the smallest score kept and the largest one dropped, so the backward
     kernels, which recompute the scores in other block shapes (and may round them an ulp
@@ -125,14 +129,14 @@ def _kth_threshold(pieces, n_visible, top_k: int, steps: int):
     """
     hi = _row_reduce(pieces, jnp.max, jnp.maximum)
     lo = _row_reduce([jnp.where(s == -jnp.inf, jnp.inf, s) for s in pieces], jnp.min, jnp.minimum)
-    needs = n_visible > top_k
+    one, zero = jnp.float32(1), jnp.float32(0)  # float32 even under JAX_ENABLE_X64 (the loop carry's type)
 
     def count(v):
-        return _row_reduce([jnp.where(s >= v[:, None], 1.0, 0.0) for s in pieces], jnp.sum, jnp.add)
+        return _row_reduce([jnp.where(s >= v[:, None], one, zero) for s in pieces], jnp.sum, jnp.add)
 
     def unresolved(state):
         i, _, _, kept = state
-        return (i < steps) & (jnp.sum(jnp.where(needs & (kept != top_k), 1.0, 0.0)) > 0)
+        return (i < steps) & (jnp.sum(jnp.where(needs & (kept != top_k), one, zero)) > 0)
 
     def bisect(state):
         i, lo, hi, kept = state
@@ -155,8 +159,12 @@ def _threshold_kernel(q_ref, k_ref, thr_ref, *, opts: MassOptions, first_row: in
     to find each row's threshold."""
     row0 = first_row + pl.program_id(0) * opts.block_q
     pieces = _row_scores(q_ref[...], k_ref, row0, chunks, chunk, opts.scale, precision)
-    n_visible = row0 + 1 + jax.lax.broadcasted_iota(jnp.int32, (opts.block_q,), 0)  # keys 0..row
-    thr_ref[...] = _kth_threshold(pieces, n_visible, opts.top_k, opts.bisect_steps)
+    row = row0 + jax.lax.broadcasted_iota(jnp.int32, (opts.block_q,), 0)
+    n_visible = row + 1  # keys 0..row
+    # A padded row (zero q: all its scores tie at 0) would never keep exactly k and hold its block's
+    # bisection to the step limit; it is cut off from R anyway.
+    needs = (n_visible > opts.top_k) & (row < opts.rows)
+    thr_ref[...] = _kth_threshold(pieces, n_visible, needs, opts.top_k, opts.bisect_steps)
 
 
 def _forward_stream_kernel(*refs, opts: MassOptions, n_tiles: int, precision):
@@ -265,11 +273,12 @@ def _specs(tp: int, d: int, block: int, n_tiles: int = 1):
 
 
 def _thresholds(q, k, opts: MassOptions):
-    """Each row's top-k threshold [B, H, Tp], in causal row groups of G = THRESHOLD_GROUP rows:
-    rows [r, r + G) score keys [0, r + G) only, in chunks of G. With n groups, 1/n of the non-causal
-    work of whole rows is left (a quarter at T = 1024); the chunks keep each staged block of K small."""
+    """Each row's top-k threshold [B, H, Tp], in causal row groups of G rows (`threshold_group`):
+    rows [r, r + G) score keys [0, r + G) only. With n groups, 1/n of the non-causal work of whole
+    rows is left (a quarter at T = 1024). The keys are loaded in chunks of G, since r + G is not a
+    power of two (Triton's block shapes must be)."""
     b, tp, h, d = q.shape
-    bq, group = opts.block_q, min(THRESHOLD_GROUP, tp)
+    bq, group = opts.block_q, threshold_group(tp)
     precision = _precision(q.dtype)
     keys = pl.BlockSpec((None, tp, None, d), lambda i, b_, h_: (b_, 0, h_, 0))
     out = pl.BlockSpec((None, None, bq), lambda i, b_, h_: (b_, h_, i))
@@ -283,6 +292,13 @@ def _thresholds(q, k, opts: MassOptions):
                            jax.ShapeDtypeStruct((b, h, group), jnp.float32), opts,
                            "attention_masses_threshold")(q, k))
     return jnp.concatenate(parts, axis=-1)
+
+
+def threshold_group(tp: int) -> int:
+    """Rows per causal group of the threshold kernel at padded length tp: THRESHOLD_GROUP, or the
+    largest divisor of tp that divides it too (tp = tile · 2^n with a tile that may not be a power
+    of two)."""
+    return math.gcd(THRESHOLD_GROUP, tp)
 
 
 def _forward(q, k, opts: MassOptions):
@@ -359,9 +375,9 @@ def row_tile_masses(q: jax.Array, k: jax.Array, *, scale: float, tile: int = 64,
     if not fits(t, tile, top_k):
         raise ConfigError(f"sequence length {t} pads to {tp}, past the fused loss kernel's {limit_text(tile, top_k)}; "
                           "use the reference loss path (loss.kernel reference).")
-    block_q, block_q_dk = min(block_q, tp), min(block_q_dk, tp)
+    block_q, block_q_dk = min(block_q, threshold_group(tp)), min(block_q_dk, tp)
     opts = MassOptions(scale=float(scale), tile=tile, top_k=top_k, block_q=block_q, block_q_dk=block_q_dk,
-                       num_warps=num_warps, num_stages=num_stages, bisect_steps=bisect_steps,
+                       num_warps=num_warps, num_stages=num_stages, bisect_steps=bisect_steps, rows=t,
                        backend=resolve_backend(backend))
     pad = [(0, 0), (0, tp - t), (0, 0), (0, 0)]
     r = _masses(jnp.pad(q, pad), jnp.pad(k, pad), opts)

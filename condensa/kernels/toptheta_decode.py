@@ -27,8 +27,8 @@ Tq times; decoding uses Tq = 1).
 
 Grouped-query attention: the cache may hold Hkv = H / G heads. The program of query head h reads
 KV head h // G through the BlockSpec index map (and the gate scores the tile means of that head),
-so the cache is never repeated. Each query head still loads only its own surviving V rows; the
-V rows a whole KV group needs (the union over its query heads) are measured by
+so the cache is never repeated. Each query head still loads V only for its own survivors (their
+blocks, or with `skip_v="rows"` the rows alone); the V rows a whole KV group needs (the union over its query heads) are measured by
 `condensa.sparsity.metrics.v_rows_fraction(..., n_kv_head=Hkv)`.
 """
 

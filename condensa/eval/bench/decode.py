@@ -78,6 +78,7 @@ class DecodeBenchConfig:
     tune: bool = False  # at the first shape, also time the gate pre-pass alone and other warps/splits
     jit: bool = True  # time condensa's call under jax.jit, as a model's decode step runs it (False: eager)
     layers: int = 1  # > 1: one jitted call runs this many decode attentions on their own caches (times per layer)
+    #                  N caches and their head-major copies must fit: 2 N x the cache (B 32, S 16k, hd 128, N 12: 77 GB)
 
 
 # ---- inputs and thresholds ------------------------------------------------------------------
@@ -376,13 +377,19 @@ def time_shape(cfg: DecodeBenchConfig, b: int, s: int, d: int, dtype, copy_bw: f
 
         per_copy = (["k_tile_mean"] if budget is not None else []) + (["v_mean"] if compensated else [])
         fixed = {**kw, **(options or {}), **args}
-        fast = jit_with_options(toptheta_decode, **fixed)  # one compilation for every copy of the inputs
+        # One compilation for every copy of the inputs; the output only, so that the stats' reductions
+        # are not timed (inside a --layers step XLA drops them too).
+        fast = jit_with_options(lambda *a, **o: toptheta_decode(*a, **o)[0], **fixed)
 
-        def call(st, jitted=False):
+        def call(st):
             more = {name: st["k_bar" if name == "k_tile_mean" else "v_mean"] for name in per_copy}
-            if jitted:
-                return fast(st["q"], st["k"], st["v"], lengths, **more)
             return toptheta_decode(st["q"], st["k"], st["v"], lengths, **fixed, **more)
+
+        def output(st):
+            if not jitted:
+                return call(st)[0]
+            more = {name: st["k_bar" if name == "k_tile_mean" else "v_mean"] for name in per_copy}
+            return fast(st["q"], st["k"], st["v"], lengths, **more)
 
         try:
             _, stats = call(st0)
@@ -397,7 +404,7 @@ def time_shape(cfg: DecodeBenchConfig, b: int, s: int, d: int, dtype, copy_bw: f
             print(json.dumps(rec), flush=True)
             records.append(rec)
             return
-        record(name, lambda st: call(st, jitted=jitted)[0], moved_bytes=moved, k_fraction=k_frac,
+        record(name, output, moved_bytes=moved, k_fraction=k_frac,
                v_fraction=v_frac, v_row_fraction=v_row_frac, budget=budget, **(options or {}))
 
     kernel("condensa_dense", None)
@@ -450,6 +457,11 @@ def run(cfg: DecodeBenchConfig) -> list[dict]:
             raise ConfigError(f"seq_lens must be multiples of block_k={cfg.block_k} with at least 4 tiles; got {s}.")
     if not cfg.budgets:
         raise ConfigError("budgets must name at least one tile budget f, e.g. --budgets [0.125].")
+    if cfg.layers < 1:
+        raise ConfigError(f"layers must be >= 1 (caches timed in one jitted step); got {cfg.layers}.")
+    if cfg.layers > 1 and not cfg.jit:
+        raise ConfigError("--layers N times N calls inside one jitted step, so nothing runs eagerly there; "
+                          "drop --jit false, or use --layers 1 to time eager calls.")
     if jax.default_backend() != "gpu":
         print(f"warning: JAX runs on {jax.default_backend()!r}; timings are not meaningful there.", file=sys.stderr)
     started = time.perf_counter()

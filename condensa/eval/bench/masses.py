@@ -10,6 +10,7 @@ Options:
   --batch B (8)  --heads H (12)  --seq-len T (1024)  --head-dim D (64)  --dtype (bfloat16)
   --top-k K      count only the k largest scores per row (the top-k loss); default: none (tile loss)
   --tile N (64)  --configs LIST  block_q/block_q_dk/num_warps[/num_stages[/bisect_steps]] (16/64/4,16/64/8,16/32/4)
+                 (before 2026-11-23 the 4th field was bisect_steps; num_stages defaults to 3)
   --warmup N (3) --repeats N (20) --out PATH
   --profile DIR  also capture a profiler trace of each fused setting under DIR and print its kernels'
                  device time (run with XLA_FLAGS=--xla_gpu_enable_command_buffer= for one row per kernel)

@@ -77,8 +77,9 @@ def correctness_summary(records: list[dict], describe) -> list[str]:
 
 
 def jit_with_options(fn: Callable, **options: Any) -> Callable:
-    """`fn` as one jitted call, with `options` split by kind: array options become traced keyword
-    arguments of every call, everything else is fixed at trace time.
+    """`fn` as one jitted call, with `options` split by kind: `jax.Array` options become traced
+    keyword arguments of every call; everything else, NumPy arrays included, is fixed at trace time
+    (baked in as constants).
 
     Why: a kernel wrapper called eagerly pays its Python (argument checks, building its options,
     dispatching several small ops) on every call. Inside a model's jitted step that cost is paid
