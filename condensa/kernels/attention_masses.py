@@ -66,7 +66,7 @@ class MassOptions:
     block_q_dk: int = 64  # query rows per step of the dk kernel's walk
     num_warps: int = 4
     num_stages: int = 3  # Triton pipelining depth; the key/query walks gain (3 vs 1: dk 0.094 → 0.076 ms, H100)
-    rows: int = 0  # real (unpadded) rows: padded rows past them need no threshold
+    rows: int | None = None  # real (unpadded) rows; padded rows past them need no threshold. None: all real
     backend: str = "interpret"
 
 
@@ -121,9 +121,8 @@ def _kth_threshold(pieces, n_visible, needs, top_k: int, steps: int):
 
     Bisection keeps count(s >= lo) >= k, moves `hi` down to any midpoint that keeps fewer than k,
     and stops once every row that needs a threshold has count(s >= lo) == k exactly, or after
-    `steps`. The counts are float32 sums of
-    1.0/0.0 (exact below 2^24; 11% faster on the H100 than int32 sums). The threshold returned is
-    the midpoint between the smallest score kept and the largest one dropped, so the backward
+    `steps`. The counts are float32 sums of 1.0/0.0 (exact below 2^24; 11% faster on the H100 than
+    int32 sums). The threshold returned is the midpoint between the smallest score kept and the largest one dropped, so the backward
     kernels, which recompute the scores in other block shapes (and may round them an ulp
     differently), draw the same line.
     """
@@ -163,7 +162,9 @@ def _threshold_kernel(q_ref, k_ref, thr_ref, *, opts: MassOptions, first_row: in
     n_visible = row + 1  # keys 0..row
     # A padded row (zero q: all its scores tie at 0) would never keep exactly k and hold its block's
     # bisection to the step limit; it is cut off from R anyway.
-    needs = (n_visible > opts.top_k) & (row < opts.rows)
+    needs = n_visible > opts.top_k
+    if opts.rows is not None:
+        needs = needs & (row < opts.rows)
     thr_ref[...] = _kth_threshold(pieces, n_visible, needs, opts.top_k, opts.bisect_steps)
 
 
@@ -272,6 +273,13 @@ def _specs(tp: int, d: int, block: int, n_tiles: int = 1):
     return rows, whole, per_row, tiles
 
 
+def threshold_group(tp: int) -> int:
+    """Rows per causal group of the threshold kernel at padded length tp: THRESHOLD_GROUP, or the
+    largest divisor of tp that divides it too (tp = tile · 2^n with a tile that may not be a power
+    of two)."""
+    return math.gcd(THRESHOLD_GROUP, tp)
+
+
 def _thresholds(q, k, opts: MassOptions):
     """Each row's top-k threshold [B, H, Tp], in causal row groups of G rows (`threshold_group`):
     rows [r, r + G) score keys [0, r + G) only. With n groups, 1/n of the non-causal work of whole
@@ -292,13 +300,6 @@ def _thresholds(q, k, opts: MassOptions):
                            jax.ShapeDtypeStruct((b, h, group), jnp.float32), opts,
                            "attention_masses_threshold")(q, k))
     return jnp.concatenate(parts, axis=-1)
-
-
-def threshold_group(tp: int) -> int:
-    """Rows per causal group of the threshold kernel at padded length tp: THRESHOLD_GROUP, or the
-    largest divisor of tp that divides it too (tp = tile · 2^n with a tile that may not be a power
-    of two)."""
-    return math.gcd(THRESHOLD_GROUP, tp)
 
 
 def _forward(q, k, opts: MassOptions):

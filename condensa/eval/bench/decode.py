@@ -381,15 +381,16 @@ def time_shape(cfg: DecodeBenchConfig, b: int, s: int, d: int, dtype, copy_bw: f
         # are not timed (inside a --layers step XLA drops them too).
         fast = jit_with_options(lambda *a, **o: toptheta_decode(*a, **o)[0], **fixed)
 
+        def copy_arrays(st):
+            return {name: st["k_bar" if name == "k_tile_mean" else "v_mean"] for name in per_copy}
+
         def call(st):
-            more = {name: st["k_bar" if name == "k_tile_mean" else "v_mean"] for name in per_copy}
-            return toptheta_decode(st["q"], st["k"], st["v"], lengths, **fixed, **more)
+            return toptheta_decode(st["q"], st["k"], st["v"], lengths, **fixed, **copy_arrays(st))
 
         def output(st):
             if not jitted:
                 return call(st)[0]
-            more = {name: st["k_bar" if name == "k_tile_mean" else "v_mean"] for name in per_copy}
-            return fast(st["q"], st["k"], st["v"], lengths, **more)
+            return fast(st["q"], st["k"], st["v"], lengths, **copy_arrays(st))
 
         try:
             _, stats = call(st0)
