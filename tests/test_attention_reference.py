@@ -379,6 +379,7 @@ def test_decode_gate_matches_numpy():
     (dict(block_q=0), "tile sizes"),
     (dict(sink_tiles=-1), "sink_tiles"),
     (dict(backend="cuda"), "backend"),
+    (dict(decode_gate_rows=True), "needs tile_gate"),
 ])
 def test_config_errors(kwargs, match):
     with pytest.raises(ConfigError, match=match):

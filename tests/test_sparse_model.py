@@ -101,3 +101,36 @@ def test_tile_gate_in_the_model_prunes_tiles_and_decodes(model, thresholds):
     assert tiles_used[..., causal_tiles].mean() < 1.0  # some causal tile was skipped
     out = generate(model, ids[:, :16], max_new_tokens=8, attention=attention, thresholds=thresholds)
     assert out.shape == (2, 24) and (out >= 0).all() and (out < 99).all()
+
+
+def test_decode_gate_rows_equal_token_by_token_decoding(model, thresholds):
+    """`decode_gate_rows` gates each row of a full sequence as its decoding step would, so one
+    forward pass gives the logits of decoding every token against the cache (prompt of one token,
+    so every step runs the single-query decode gate)."""
+    gate = dict(tile_gate=True, block_q=8, block_k=8, tile_budget=0.25)
+    attention = AttentionConfig(mode="toptheta", k=4, sdc="calibrated", vmc=True, **gate)
+    ids = np.random.default_rng(6).integers(0, 98, size=(2, T))
+    rows_logits, probs, _ = forward(model, ids, attention=attention.replace(decode_gate_rows=True), thresholds=thresholds)
+    # the decode gate really drops tiles: some row of the last query tile has no mass in tile 1 or 2
+    p = np.asarray(probs[1])[:, :, 24:]
+    dropped = (p[..., 8:16].sum(-1) == 0) | (p[..., 16:24].sum(-1) == 0)
+    assert dropped.any()
+    # ... and the prefill gate (query tiles) would give other logits, so the comparison below can fail
+    prefill_logits, _, _ = forward(model, ids, attention=attention, thresholds=thresholds)
+    assert np.abs(np.asarray(prefill_logits) - np.asarray(rows_logits)).max() > 1e-3
+
+    cache = model.init_cache(2, T)
+    steps = []
+    for t in range(T):
+        logits, _, cache = forward(model, ids[:, t:t + 1], attention=attention, thresholds=thresholds, cache=cache)
+        steps.append(np.asarray(logits[:, -1]))
+    np.testing.assert_allclose(np.asarray(rows_logits), np.stack(steps, axis=1), atol=2e-4, rtol=1e-4)
+
+
+def test_decode_gate_rows_needs_the_whole_sequence(model, thresholds):
+    from condensa.errors import ConfigError
+
+    attention = AttentionConfig(mode="dense", tile_gate=True, block_q=8, block_k=8, decode_gate_rows=True)
+    cache = model.init_cache(1, T)
+    with pytest.raises(ConfigError, match="whole sequence"):
+        forward(model, np.zeros((1, 4), np.int64), attention=attention, thresholds=thresholds, cache=cache)

@@ -79,6 +79,9 @@ class AttentionConfig:
     dense_layers: layers that always run dense attention.
     tile_gate with block_q, block_k, tile_budget (f) and sink_tiles: the tile gate in front of the
       element rule (needs calibrated tile thresholds).
+    decode_gate_rows: with the gate, gate every query row of a full sequence as its decoding step
+      would (single query against Θ_dec), in one pass: the perplexity decoding would give
+      (reference backend).
     """
 
     mode: str = "dense"
@@ -94,6 +97,7 @@ class AttentionConfig:
     block_k: int = 128
     tile_budget: float = 0.125
     sink_tiles: int = 1
+    decode_gate_rows: bool = False
     backend: str = "reference"
 
     def __post_init__(self) -> None:
@@ -118,6 +122,8 @@ class AttentionConfig:
             raise ConfigError(f"tile_budget f must be in (0, 1]; got {self.tile_budget}.")
         if self.sink_tiles < 0:
             raise ConfigError(f"sink_tiles must be >= 0; got {self.sink_tiles}.")
+        if self.decode_gate_rows and not self.tile_gate:
+            raise ConfigError("decode_gate_rows gates rows as decoding does, so it needs tile_gate=True.")
 
     def k_for(self, layer: int) -> int:
         """k_l: the per-layer override from `layer_k`, else `k`."""

@@ -4,7 +4,7 @@ The prefill kernel covers causal prefill with no padding, and the decode kernel 
 sequence against the KV cache, both for dense attention and pre-softmax Top-θ (SDC none or
 calibrated, VMC, the tile gate). Everything else (prompts written into a cache, padded prefill,
 top-k, post-softmax placement, exact / exp-threshold SDC, callers that need the probabilities,
-attention dropout) runs the reference op, which gives the same numbers by construction.
+attention dropout, rows gated as decoding steps) runs the reference op, which gives the same numbers by construction.
 """
 
 from __future__ import annotations
@@ -22,8 +22,9 @@ def _element_rule_supported(config, layer_idx: int) -> bool:
 
 
 def kernel_applies(config, layer_idx: int, *, causal: bool, need_probs: bool, dropout) -> bool:
-    """Whether the prefill kernel implements this call exactly."""
-    if not causal or need_probs or dropout is not None:
+    """Whether the prefill kernel implements this call exactly (rows gated as decoding steps are
+    not: the prefill kernel gates query tiles)."""
+    if not causal or need_probs or dropout is not None or (config.decode_gate_rows and _is_gated(config, layer_idx)):
         return False
     return _element_rule_supported(config, layer_idx)
 

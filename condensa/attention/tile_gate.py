@@ -6,6 +6,9 @@ tile t with `scale * q̄_b · k̄_t > Θ[h, b]`. Decode: the single query is its
 When a query tile has no more optional tiles than its budget m_b, it keeps them all (the tile
 analogue of "rows with n <= k stay dense"); the calibration never sees those tiles either.
 
+`decode_gate_rows` gates every row of a full sequence as its decoding step would, in one pass
+(teacher-forced decoding), so that perplexity can measure the decode gate's cost.
+
 Geometry is in key slots: prefill assumes the queries sit at slots 0..Tq-1 (no cache, or a
 prompt written into an empty cache); decoding reads the query's slot from `visible`.
 """
@@ -16,6 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from condensa.errors import ConfigError
 from condensa.attention.tiles import (
     expand_tiles, mandatory_tiles, optional_tiles, pooled_gate_scores, tile_budgets, tile_count, tile_means,
 )
@@ -69,11 +73,57 @@ def decode_kept_tiles(
     return kept[:, :, None, :]
 
 
+def decode_gate_scores(q: jax.Array, k: jax.Array, scale: float, block_k: int) -> jax.Array:
+    """Single-query gate scores `scale * q_i · k̄_t` for every query row as a decoding query:
+    float32 [B, H, T, nk]. Only full tiles before the query's own are optional, so full-tile means
+    are what the KV cache holds for them."""
+    return jnp.einsum("bihd,bthd->bhit", q.astype(jnp.float32), tile_means(k, block_k)) * jnp.float32(scale)
+
+
+def decode_gate_layout(t: int, block_k: int, tile_budget: float, sink_tiles: int) -> tuple[np.ndarray, np.ndarray]:
+    """For query positions i < t decoding: bool [t, nk] optional key tiles and the budget m_i [t]
+    (the query sees i // block_k + 1 key tiles, so it uses the budget of that tile count)."""
+    nk = tile_count(t, block_k)
+    last = np.arange(t) // block_k
+    tiles = np.arange(nk)[None, :]
+    optional = (tiles < last[:, None]) & (tiles >= np.minimum(sink_tiles, last)[:, None])
+    return optional, tile_budgets(nk, tile_budget)[last]
+
+
+def decode_rows_kept_tiles(
+    q: jax.Array, k: jax.Array, *, scale: float, tile_theta_decode: jax.Array, block_k: int, tile_budget: float,
+    sink_tiles: int,
+) -> jax.Array:
+    """bool [B, H, T, nk]: the key tiles each query row i keeps when it is gated as the decoding
+    step at slot i gates it (`decode_kept_tiles`), for all rows in one pass. This is teacher-forced
+    decoding's attention without the T sequential steps, so perplexity can measure the decode gate.
+    The queries sit at slots 0..T-1 of q and k (no cache, no padding)."""
+    t = q.shape[1]
+    optional, budgets = decode_gate_layout(t, block_k, tile_budget, sink_tiles)  # [T, nk], [T]
+    last = np.arange(t) // block_k
+    tiles = np.arange(optional.shape[-1])[None, :]
+    mandatory = (tiles == last[:, None]) | (tiles < np.minimum(sink_tiles, last)[:, None])
+    keep_all = optional.sum(axis=-1) <= budgets  # [T]: rows with nothing to choose keep every tile
+    rows = np.minimum(last, tile_theta_decode.shape[-1] - 1)
+    theta = jnp.asarray(tile_theta_decode, jnp.float32)[:, rows]  # [H, T]
+    chosen = (decode_gate_scores(q, k, scale, block_k) > theta[None, :, :, None]) | keep_all[:, None]
+    return mandatory | (optional & chosen)
+
+
 def gate_mask(
     q: jax.Array, k: jax.Array, visible: jax.Array, *, scale: float, layer, config
 ) -> jax.Array:
     """Elements [B, H, Tq, Tk] that lie in kept tiles and are visible. `layer`: a LayerThresholds."""
     tq, tk = q.shape[1], k.shape[1]
+    if config.decode_gate_rows and tq > 1:
+        if tq != tk:
+            raise ConfigError(f"decode_gate_rows gates {tq} queries as decoding steps from slot 0, but there are {tk} "
+                              "keys; it needs the whole sequence at once (no KV cache).")
+        tiles = decode_rows_kept_tiles(
+            q, k, scale=scale, tile_theta_decode=layer.tile_theta_decode, block_k=config.block_k,
+            tile_budget=config.tile_budget, sink_tiles=config.sink_tiles,
+        )
+        return visible & expand_tiles(tiles, 1, config.block_k, tq, tk)
     if tq == 1:
         tiles = decode_kept_tiles(
             q, k, scale=scale, visible=visible, tile_theta_decode=layer.tile_theta_decode,

@@ -29,8 +29,9 @@ from condensa.attention.dense import attention_scores
 from condensa.attention.rows import masked_max
 from condensa.errors import ConfigError, DataError
 from condensa.sparsity.thresholds import Thresholds, fill_uncalibrated, model_fingerprint
+from condensa.attention.tile_gate import decode_gate_layout, decode_gate_scores
 from condensa.attention.tiles import (
-    expand_tiles, optional_tiles, pooled_gate_scores, tile_budgets, tile_count, tile_means, top_m_tiles,
+    expand_tiles, optional_tiles, pooled_gate_scores, tile_budgets, tile_count, top_m_tiles,
 )
 
 
@@ -83,13 +84,6 @@ def _kth_largest(values: jax.Array, allowed: jax.Array, kth: jax.Array | int) ->
     return jnp.where(jnp.isfinite(picked) & (kth < size), picked, jnp.nan)
 
 
-def decode_gate_scores(q: jax.Array, k: jax.Array, scale: float, block_k: int) -> jax.Array:
-    """Single-query gate scores `scale * q_i · k̄_t` for every query row as a decoding query:
-    float32 [B, H, T, nk]. Only full tiles before the query's own are optional, so full-tile means
-    are what the KV cache holds for them."""
-    return jnp.einsum("bihd,bthd->bhit", q.astype(jnp.float32), tile_means(k, block_k)) * jnp.float32(scale)
-
-
 def layer_row_statistics(q, k, scale, *, k_l: int, placement: str, gate: GateSpec | None) -> dict[str, jax.Array]:
     """Per-row calibration samples of one layer (NaN where a row gives no sample):
     theta [B, H, T], delta [B, H, T] and, with a gate, tile [B, H, nq] and decode [B, H, T]."""
@@ -123,16 +117,6 @@ def layer_row_statistics(q, k, scale, *, k_l: int, placement: str, gate: GateSpe
     dropped = jnp.broadcast_to(visible, scores.shape) & ~kept
     out["delta"] = jnp.exp(jnp.where(dropped, scores - m, -jnp.inf)).sum(axis=-1)
     return out
-
-
-def decode_gate_layout(t: int, block_k: int, tile_budget: float, sink_tiles: int) -> tuple[np.ndarray, np.ndarray]:
-    """For query positions i < t decoding: bool [t, nk] optional key tiles and the budget m_i [t]
-    (the query sees i // block_k + 1 key tiles, so it uses the budget of that tile count)."""
-    nk = tile_count(t, block_k)
-    last = np.arange(t) // block_k
-    tiles = np.arange(nk)[None, :]
-    optional = (tiles < last[:, None]) & (tiles >= np.minimum(sink_tiles, last)[:, None])
-    return optional, tile_budgets(nk, tile_budget)[last]
 
 
 # ---- running statistics on the host ----------------------------------------------------------------
