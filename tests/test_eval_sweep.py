@@ -147,13 +147,23 @@ def test_rerun_reuses_cached_thresholds_and_measures_decoding(sweep, trained_mod
     cached = again / "thresholds" / f"k{KS[0]}-f{BUDGET:g}.safetensors"
     stamp = cached.stat().st_mtime_ns
     code = run_sweep_cli(sweep_args(trained_model_dir, again, "--ks", str(KS[0]), "--tile_budgets", str(BUDGET),
-                                    "--compensations", "none", "--decode_steps", "4"))
+                                    "--compensations", "none", "--decode_steps", "4", "--gate_alone", "true",
+                                    "--decode_gate", "true"))
     assert code == 0
     assert cached.stat().st_mtime_ns == stamp
     results = json.loads((again / "results.json").read_text())
     for row in results["rows"]:
         assert 0 < row["decode_v_rows_fraction"] < 1
         assert 0 <= row["decode_token_agreement"] <= 1
+    labels = {row["label"]: row for row in results["rows"]}
+    alone, gated = labels[f"gate f={BUDGET:g} alone"], labels[f"gate f={BUDGET:g} + Top-θ"]
+    decode_alone, decode_gated = labels[f"decode gate f={BUDGET:g} alone"], labels[f"decode gate f={BUDGET:g} + Top-θ"]
+    # the gate alone keeps whole tiles: more per row than Top-θ inside the same tiles
+    assert alone["kept_per_row"] > gated["kept_per_row"] and alone["tile_kept_fraction"] < 1
+    # rows gated as decoding steps count the key tiles a step reads (1 x tile): some are dropped
+    for row in (decode_alone, decode_gated):
+        assert row["decode_gate"] and 0 < row["tile_kept_fraction"] < 1 and np.isfinite(row["ppl"])
+    assert decode_alone["ppl"] != alone["ppl"]  # another rule, not the prefill gate again
 
 
 def test_bad_input(trained_model_dir, tmp_path, capsys):

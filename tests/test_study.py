@@ -36,8 +36,10 @@ def test_stages_write_json_and_report(study):
         ev = json.loads((results / f"evaluate_{name}.json").read_text())
         assert set(ev) == {"corpus", "wikitext", "model_sha256"} and len(ev["model_sha256"]) == 64
         labels = {r["label"] for r in ev["corpus"]["rows"]}
-        assert {"top-k", "Top-θ", "Top-θ + SDC+VMC", "gate f=0.25 + Top-θ"} <= labels
+        assert {"top-k", "Top-θ", "Top-θ + SDC+VMC", "gate f=0.25 + Top-θ", "gate f=0.25 alone",
+                "decode gate f=0.25 alone", "decode gate f=0.25 + Top-θ"} <= labels
         assert not any(r["compensation"] != "none" for r in ev["wikitext"]["rows"])  # (b) needs no compensation
+        assert not any(r["method"] == "dense" or r["decode_gate"] for r in ev["wikitext"]["rows"])
     md = (study / "report" / "results.md").read_text()
     assert "## Answers" in md and (study / "report" / "img" / "study" / "ppl_vs_kept_corpus.png").is_file()
 
@@ -69,3 +71,42 @@ def test_unknown_stage_and_model_are_clear_errors(tmp_path):
         done = subprocess.run([sys.executable, "-m", "condensa.eval.study", str(REPO / "configs/study-tiny.yaml"),
                                "--out", str(tmp_path), *extra], cwd=REPO, capture_output=True, text=True, timeout=120)
         assert done.returncode == 2 and message in done.stderr
+
+
+def _row(method, f, delta, compensation="none", decode=False, k=16):
+    return {"method": method, "k": k, "tile_budget": f, "compensation": compensation, "decode_gate": decode,
+            "delta_ppl_rel": delta, "kept_fraction": 0.1, "tile_kept_fraction": 0.2}
+
+
+def test_timed_budget_is_the_smallest_within_the_limit():
+    """by="rule": the gated Top-θ rule's own cost decides; by="gate": the gate alone's, timed with
+    the better compensation at that budget; decode rows are chosen apart from prefill rows."""
+    from condensa.errors import ConfigError
+    from condensa.eval.study.timing import choose_budget
+
+    rows = [_row("toptheta", None, 0.002),
+            _row("toptheta", 0.25, 0.008), _row("toptheta", 0.25, 0.006, "sdc+vmc"),
+            _row("toptheta", 0.125, 0.03), _row("toptheta", 0.125, 0.02, "sdc+vmc"),
+            _row("dense", 0.25, 0.001), _row("dense", 0.125, 0.004), _row("dense", 0.0625, 0.02),
+            _row("toptheta", 0.0625, 0.05), _row("toptheta", 0.0625, 0.04, "sdc+vmc"),
+            _row("dense", 0.25, 0.03, decode=True), _row("dense", 0.125, 0.05, decode=True),
+            _row("toptheta", 0.25, 0.04, decode=True), _row("toptheta", 0.125, 0.06, decode=True)]
+    evaluation = {"corpus": {"rows": rows}}
+    by_rule = choose_budget(evaluation, 16, 0.01)
+    assert (by_rule["tile_budget"], by_rule["compensation"], by_rule["within_limit"]) == (0.25, "sdc+vmc", True)
+    by_gate = choose_budget(evaluation, 16, 0.01, by="gate")
+    assert (by_gate["tile_budget"], by_gate["compensation"], by_gate["gate_delta_ppl_rel"]) == (0.125, "sdc+vmc", 0.004)
+    assert by_gate["within_limit"] and by_gate["method"] == "toptheta"
+    # nothing within 1% while decoding: the cheapest decode-gate budget, marked
+    decode = choose_budget(evaluation, 16, 0.01, by="gate", decode=True)
+    assert (decode["tile_budget"], decode["within_limit"], decode["decode_gate"]) == (0.25, False, True)
+    assert choose_budget(evaluation, 16, 0.05, by="gate", decode=True)["tile_budget"] == 0.125
+    with pytest.raises(ConfigError, match="gate_alone"):
+        choose_budget({"corpus": {"rows": [r for r in rows if r["method"] != "dense"]}}, 16, 0.01, by="gate")
+
+
+def test_budget_by_gate_needs_the_gate_alone_rules(tmp_path):
+    done = subprocess.run([sys.executable, "-m", "condensa.eval.study", str(REPO / "configs/study-tiny.yaml"),
+                           "--out", str(tmp_path), "--timing.budget_by", "gate", "--evaluation.gate_alone", "false"],
+                          cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and "evaluation.gate_alone: true" in done.stderr

@@ -33,26 +33,32 @@ COMPENSATIONS = {"none": dict(sdc="none", vmc=False), "sdc+vmc": dict(sdc="calib
 
 @dataclasses.dataclass(frozen=True)
 class Variant:
-    """One attention rule of the sweep: top-k (exact), Top-θ, or gate + Top-θ."""
+    """One attention rule of the sweep: top-k (exact), Top-θ, gate + Top-θ, or the gate alone
+    (method "dense": dense inside the kept tiles, so its cost is the gate's own). `decode_gate`
+    gates every row as its decoding step would (`AttentionConfig.decode_gate_rows`)."""
 
-    method: str  # "topk" | "toptheta"
+    method: str  # "topk" | "toptheta" | "dense" (gate alone)
     k: int
     tile_budget: float | None = None  # None: no tile gate
     compensation: str = "none"
+    decode_gate: bool = False
 
     @property
     def label(self) -> str:
         """The legend name of this rule at any k (one plot line per label)."""
+        gate = None if self.tile_budget is None else f"{'decode gate' if self.decode_gate else 'gate'} f={self.tile_budget:g}"
+        if self.method == "dense":
+            return f"{gate} alone"
         rule = "top-k" if self.method == "topk" else "Top-θ"
-        if self.tile_budget is not None:
-            rule = f"gate f={self.tile_budget:g} + {rule}"
+        if gate is not None:
+            rule = f"{gate} + {rule}"
         return rule + (" + SDC+VMC" if self.compensation != "none" else "")
 
     def attention(self, tile: int, sink_tiles: int) -> AttentionConfig:
         gate = self.tile_budget is not None
         return AttentionConfig(
             mode=self.method, k=self.k, tile_gate=gate, block_q=tile, block_k=tile,
-            tile_budget=self.tile_budget if gate else 0.125, sink_tiles=sink_tiles,
+            tile_budget=self.tile_budget if gate else 0.125, sink_tiles=sink_tiles, decode_gate_rows=self.decode_gate,
             **COMPENSATIONS[self.compensation],
         )
 
@@ -77,20 +83,27 @@ def parse_tile_budgets(values: Sequence[Any]) -> list[float | None]:
 
 
 def variants(ks: Sequence[int], tile_budgets: Sequence[float | None], compensations: Sequence[str],
-             gate_ks: Sequence[int] | None = None) -> list[Variant]:
+             gate_ks: Sequence[int] | None = None, *, gate_alone: bool = False, decode_gate: bool = False) -> list[Variant]:
     """Top-k at every k (without a gate: it is the oracle the others approximate), then Top-θ and
     gate + Top-θ with each compensation. `gate_ks` limits the gated rules to those k (a study grid
-    that crosses every k with every budget costs more than it tells)."""
+    that crosses every k with every budget costs more than it tells). `gate_alone` adds the gate
+    with dense tiles at every budget (the gate's own perplexity cost); `decode_gate` adds every
+    gated rule again with rows gated as decoding gates them."""
     unknown = [c for c in compensations if c not in COMPENSATIONS]
     if unknown or not compensations:
         raise ConfigError(f"compensation variants must be among {', '.join(COMPENSATIONS)}; got {list(compensations)}.")
+    gate_modes = (False, True) if decode_gate else (False,)
     out = []
     for k in ks:
         out.append(Variant("topk", k))
         for f in tile_budgets:
             if f is not None and gate_ks is not None and k not in gate_ks:
                 continue
-            out.extend(Variant("toptheta", k, f, c) for c in compensations)
+            for rows in gate_modes if f is not None else (False,):
+                out.extend(Variant("toptheta", k, f, c, rows) for c in compensations)
+    if gate_alone:
+        k = (gate_ks or ks)[0]  # the gate's thresholds are calibrated with those of some k; any one serves
+        out.extend(Variant("dense", k, f, "none", rows) for f in tile_budgets if f is not None for rows in gate_modes)
     return out
 
 
@@ -157,7 +170,8 @@ def sparsity_metrics(model, blocks, attention: AttentionConfig, thresholds, *, t
     """Mean over layers of the metrics of `condensa.sparsity.metrics`, plus the per-layer means.
 
     Unlike `sparsity_report`, tile fractions are measured for ungated rules too (with the sweep's
-    tile size), since "element sparsity does not empty tiles" is what the sweep should show.
+    tile size), since "element sparsity does not empty tiles" is what the sweep should show. Rows
+    gated as decoding steps count 1 x tile tiles: the key tiles a decoding step reads.
     """
     from condensa.sparsity.metrics import causal_visible, layer_metrics, nanmean
 
@@ -166,11 +180,13 @@ def sparsity_metrics(model, blocks, attention: AttentionConfig, thresholds, *, t
     probs, gate_tiles = probs_and_gate_tiles(graphdef, state, ids, thresholds, attention=attention)
     gate_tiles = gate_tiles if gate_tiles is not None else [None] * len(probs)
     geometry = attention if attention.tile_gate else AttentionConfig(block_q=tile, block_k=tile)
+    if attention.decode_gate_rows:
+        geometry = AttentionConfig(block_q=1, block_k=attention.block_k)
     visible = causal_visible(ids.shape[1])
     layers = []
     for layer, (p, d, g) in enumerate(zip(probs, dense_probs, gate_tiles)):
         metrics = layer_metrics(p, visible, k=attention.k_for(layer), dense_probs=d, gate_tiles=g, attention=geometry)
-        if not attention.tile_gate:
+        if not attention.tile_gate or attention.decode_gate_rows:
             metrics.pop("oracle_tile_mass", None)  # the oracle at an arbitrary budget says nothing here
         layers.append({name: value["mean"] for name, value in metrics.items()})
     mean = {name: nanmean([entry[name] for entry in layers]) for name in layers[0]}
@@ -186,7 +202,8 @@ def probs_and_gate_tiles(graphdef, state, ids, thresholds, *, attention):
 
     model = nnx.merge(graphdef, state)
     probs = model(ids, attention=attention, thresholds=thresholds, return_attention=True).attentions
-    tiles = gate_tiles_per_layer(model, ids, attention, thresholds) if attention.tile_gate else None
+    prefill_gate = attention.tile_gate and not attention.decode_gate_rows
+    tiles = gate_tiles_per_layer(model, ids, attention, thresholds) if prefill_gate else None
     return probs, tiles
 
 
@@ -194,6 +211,10 @@ def layer_probs(model, blocks, attention: AttentionConfig, thresholds=None) -> t
     """Per-layer attention probabilities [B, H, T, T] of `blocks` under `attention`."""
     graphdef, state = nnx.split(model)
     return probs_and_gate_tiles(graphdef, state, jnp.asarray(blocks, jnp.int32), thresholds, attention=attention)[0]
+
+
+SKIPPED_METRICS = {"mean": {"kept_fraction": float("nan"), "kept_per_row": float("nan"), "topk_mass": float("nan")},
+                   "layers": []}
 
 
 @dataclasses.dataclass
@@ -209,10 +230,13 @@ class SweepSettings:
     stride: int | None = None
     max_length: int | None = None
     batch_size: int = 8
-    metric_blocks: int = 2  # eval blocks for the element / tile metrics
+    metric_blocks: int = 2  # eval blocks for the element / tile metrics (0: skip them; they hold every layer's
+    # [B, H, T, T] probabilities at once, which long contexts cannot afford)
     decode_prompt: int = 0  # prompt tokens for the decoding V-row measurement (0: half the context)
     decode_steps: int = 16  # decoding steps (0: skip the V-row measurement)
     gate_ks: Sequence[int] | None = None  # gated rules only at these k (None: at every k)
+    gate_alone: bool = False  # also the gate with dense tiles, at every budget (the gate's own cost)
+    decode_gate: bool = False  # also every gated rule with rows gated as decoding gates them
     calibration_batch_size: int | None = None  # blocks per calibration step (None: batch_size)
 
 
@@ -242,7 +266,8 @@ def run_sweep(
     if eval_ids.size < context:
         raise ConfigError(f"the evaluation text has {eval_ids.size} tokens, fewer than one window of {context}; "
                           "give more text or a smaller --max_length.")
-    all_variants = variants(ks, settings.tile_budgets, settings.compensations, settings.gate_ks)
+    all_variants = variants(ks, settings.tile_budgets, settings.compensations, settings.gate_ks,
+                            gate_alone=settings.gate_alone, decode_gate=settings.decode_gate)
     ppl_kwargs = dict(stride=settings.stride, max_length=context, batch_size=settings.batch_size)
     n_blocks = max(1, min(settings.metric_blocks, eval_ids.size // context))
     blocks = eval_ids[: n_blocks * context].reshape(n_blocks, context)
@@ -254,7 +279,7 @@ def run_sweep(
     check_cached_thresholds(cache_dir, model)  # fail before the slow part, not halfway through
     bar = progress(total=1 + len(all_variants), desc="sweep", unit="rule") if progress else None
     dense = perplexity(model, eval_ids, **ppl_kwargs)
-    dense_probs = layer_probs(model, blocks, AttentionConfig())
+    dense_probs = layer_probs(model, blocks, AttentionConfig()) if settings.metric_blocks > 0 else None
     dense_tokens = decode_trace(model, prompt, steps, AttentionConfig(), None)["tokens"] if steps > 0 else None
     if bar is not None:
         bar.update(1)
@@ -283,10 +308,11 @@ def run_sweep(
         attention = v.attention(settings.tile, settings.sink_tiles)
         th = thresholds_for(v, attention) if attention.needs_thresholds else None
         result = perplexity(model, eval_ids, attention=attention, thresholds=th, **ppl_kwargs)
-        metrics = sparsity_metrics(model, blocks, attention, th, tile=settings.tile, dense_probs=dense_probs)
+        metrics = (sparsity_metrics(model, blocks, attention, th, tile=settings.tile, dense_probs=dense_probs)
+                   if dense_probs is not None else SKIPPED_METRICS)
         row = {
             "label": v.label, "method": v.method, "k": v.k, "tile_budget": v.tile_budget,
-            "compensation": v.compensation, "ppl": result["ppl"], "nll": result["nll"],
+            "compensation": v.compensation, "decode_gate": v.decode_gate, "ppl": result["ppl"], "nll": result["nll"],
             "delta_ppl": result["ppl"] - dense["ppl"], "delta_ppl_rel": result["ppl"] / dense["ppl"] - 1.0,
             "kept_fraction": metrics["mean"]["kept_fraction"],
             "kept_per_row": metrics["mean"]["kept_per_row"],
@@ -297,7 +323,8 @@ def run_sweep(
             "layers": metrics["layers"],
         }
         if steps > 0:
-            trace = decode_trace(model, prompt, steps, attention, th)
+            # decoding gates each step as a single query either way; the prompt is one prefill
+            trace = decode_trace(model, prompt, steps, attention.replace(decode_gate_rows=False), th)
             row["decode_v_rows_fraction"] = float(np.nanmean(trace["v_rows"]))
             row["decode_token_agreement"] = float(np.mean(trace["tokens"] == dense_tokens))
         rows.append(row)
@@ -309,7 +336,7 @@ def run_sweep(
     return {
         "dense": {"ppl": dense["ppl"], "nll": dense["nll"]}, "tokens": dense["tokens"], "windows": dense["windows"],
         "context": context, "stride": settings.stride or context, "tile": settings.tile,
-        "metric_blocks": int(n_blocks), "decode": {"prompt_tokens": int(prompt_len), "steps": int(steps)},
+        "metric_blocks": int(n_blocks) if dense_probs is not None else 0, "decode": {"prompt_tokens": int(prompt_len), "steps": int(steps)},
         "rows": rows, "compensation_effect": compensation_effect(rows), "thresholds": files,
     }
 

@@ -100,6 +100,8 @@ class SweepConfig:
     batch_size: int = 8
     metric_blocks: int = 2  # windows of evaluation text for the element / tile metrics and heatmaps
     decode_steps: int = 16  # KV-cache decoding steps for the V-row fraction (0: skip)
+    gate_alone: bool = False  # also the gate with dense tiles at every budget: the gate's own perplexity cost
+    decode_gate: bool = False  # also each gated rule with every row gated as its decoding step gates it
     heatmap_layer: int = 0
     heatmap_head: int = 0
     heatmap_k: int | None = None  # default: the middle k of the sweep
@@ -146,7 +148,8 @@ def run(cfg: SweepConfig) -> dict:
     settings = SweepSettings(
         ks=ks, tile_budgets=budgets, compensations=cfg.compensations, tile=cfg.tile, sink_tiles=cfg.sink_tiles,
         sigma_add=cfg.sigma_add, stride=cfg.stride, max_length=context, batch_size=cfg.batch_size,
-        metric_blocks=cfg.metric_blocks, decode_steps=cfg.decode_steps,
+        metric_blocks=cfg.metric_blocks, decode_steps=cfg.decode_steps, gate_alone=cfg.gate_alone,
+        decode_gate=cfg.decode_gate,
     )
     model_file = Path(cfg.model) / "model.safetensors"
     results = run_sweep(
@@ -171,7 +174,8 @@ def write_plots(cfg: SweepConfig, results: dict, model, eval_ids: np.ndarray, ou
 
     files = {"ppl_vs_kept": plots.plot_ppl_vs_kept(results, out / "ppl_vs_kept.png")}
     ks = sorted({row["k"] for row in results["rows"]})
-    budgets = list(dict.fromkeys(row["tile_budget"] for row in results["rows"] if row["method"] == "toptheta"))
+    budgets = list(dict.fromkeys(row["tile_budget"] for row in results["rows"] if row["method"] == "toptheta"
+                                 and not row.get("decode_gate")))
     first = "off" if None in budgets else f"{budgets[0]:g}"
     by_k = {k: Thresholds.load(results["thresholds"][f"k{k}-f{first}"]) for k in ks}
     files["thresholds"] = plots.plot_thresholds(by_k, out / "thresholds.png")

@@ -32,6 +32,8 @@ class EvaluationSettings:
     batch_size: int = 1
     metric_blocks: int = 1  # blocks for the element / tile metrics
     models: list[str] = dataclasses.field(default_factory=list)  # empty: every model
+    gate_alone: bool = False  # also the gate with dense tiles at every budget (its own perplexity cost)
+    decode_gate: bool = False  # also every gated rule with rows gated as decoding steps gate them
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,6 +42,7 @@ class TimingSettings:
     batch: int = 4  # sequences per prefill / decode call
     k: int = 64
     max_delta_ppl: float = 0.01  # the gate budget timed is the smallest whose cost on held-out corpus text is within this
+    budget_by: str = "rule"  # "rule": that cost is the gated Top-θ rule's; "gate": the gate alone's (evaluation.gate_alone)
     warmup: int = 3
     repeats: int = 10
 
@@ -59,6 +62,11 @@ class StudyConfig:
         if cal.gate_k not in cal.ks:
             raise ConfigError(f"calibration.gate_k={cal.gate_k} must be one of calibration.ks {list(cal.ks)}: gated rules "
                               "are evaluated at that k only, so with another value no gated rule would be measured.")
+        if self.timing.budget_by not in ("rule", "gate"):
+            raise ConfigError(f"timing.budget_by must be 'rule' or 'gate'; got {self.timing.budget_by!r}.")
+        if self.timing.budget_by == "gate" and not self.evaluation.gate_alone:
+            raise ConfigError("timing.budget_by: gate chooses the budget by the gate's own perplexity cost; set "
+                              "evaluation.gate_alone: true so that the evaluation measures it.")
         if self.timing.k != cal.gate_k:
             raise ConfigError(f"timing.k={self.timing.k} must equal calibration.gate_k={cal.gate_k}: the timed gate "
                               "budget is chosen from the gated rules measured at that k.")

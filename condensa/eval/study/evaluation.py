@@ -2,8 +2,9 @@
 rule on held-out corpus text and on WikiText-2 (perplexity and kept fractions).
 
 The rules are the sweep's (`condensa.eval.sweep`): dense, exact top-k and Top-θ (with and without
-SDC + VMC) at every k, and gate + Top-θ at every budget f at one k. WikiText-2 gets the rules
-without compensation, which is what question (b), whether the thresholds transfer, needs.
+SDC + VMC) at every k, and gate + Top-θ at every budget f at one k; with evaluation.gate_alone and
+evaluation.decode_gate, held-out corpus text also gets the gate alone and rows gated as decoding
+steps. WikiText-2 gets the rules without compensation, which is what question (b), whether the thresholds transfer, needs.
 Thresholds are calibrated once per model and (k, f) and shared by both held-out sets.
 """
 
@@ -14,7 +15,7 @@ from pathlib import Path
 from condensa.eval.study.config import StudyConfig
 
 
-def sweep_settings(config: StudyConfig, compensations: tuple[str, ...]):
+def sweep_settings(config: StudyConfig, compensations: tuple[str, ...], *, extra_rules: bool = True):
     from condensa.eval.sweep import SweepSettings
 
     cal = config.calibration
@@ -22,7 +23,8 @@ def sweep_settings(config: StudyConfig, compensations: tuple[str, ...]):
         ks=cal.ks, tile_budgets=[None, *cal.tile_budgets], compensations=compensations, tile=cal.tile,
         sink_tiles=cal.sink_tiles, sigma_add=cal.sigma_add, batch_size=config.evaluation.batch_size,
         metric_blocks=config.evaluation.metric_blocks, decode_steps=0, gate_ks=[cal.gate_k],
-        calibration_batch_size=cal.batch_size,
+        calibration_batch_size=cal.batch_size, gate_alone=extra_rules and config.evaluation.gate_alone,
+        decode_gate=extra_rules and config.evaluation.decode_gate,
     )
 
 
@@ -39,7 +41,8 @@ def evaluate_model(config: StudyConfig, name: str, progress=None) -> dict:
     results = {}
     for split, compensations in (("corpus", ("none", "sdc+vmc")), ("wikitext", ("none",))):
         results[split] = run_sweep(
-            model, held_out(config)[split], blocks, sweep_settings(config, compensations), cache_dir=cache,
+            model, held_out(config)[split], blocks, sweep_settings(config, compensations, extra_rules=split == "corpus"),
+            cache_dir=cache,
             model_file=hf / "model.safetensors", calibration_source="corpus training blocks", progress=progress,
         )
     results["model_sha256"] = weights_sha256(hf)

@@ -54,7 +54,7 @@ def answers(res: dict, limit: float | None = None) -> dict:
         for name, ev in evaluate.items():
             rows = _rows(ev, "corpus")
             toptheta = _within(rows, base_dense, limit, lambda r: r["method"] == "toptheta" and r["tile_budget"] is None)
-            tiles = _within(rows, base_dense, limit, lambda r: r["method"] == "toptheta")
+            tiles = _within(rows, base_dense, limit, lambda r: r["method"] == "toptheta" and not r.get("decode_gate"))
             best_el = min(toptheta, key=lambda r: r["kept_fraction"], default=None)
             best_tile = min(tiles, key=lambda r: r["tile_kept_fraction"], default=None)
             out["a"][name] = {
@@ -99,6 +99,8 @@ def _ratio(a, b):
 
 
 def _rule(row: dict) -> str:
+    if "label" in row:
+        return f"{row['label']}, k={row['k']}"
     rule = "top-k" if row["method"] == "topk" else "Top-θ"
     if row.get("tile_budget") is not None:
         rule = f"gate f={row['tile_budget']:g} + {rule}"
@@ -199,13 +201,25 @@ def _answers_md(ans: dict) -> str:
     return "\n".join(out)
 
 
+def _budget_md(gate: str, chosen: dict) -> str:
+    """How the timed budget was chosen and what it costs on held-out corpus text."""
+    text = (f"{gate} budget f = {chosen.get('tile_budget', 'none')} (Δppl of the timed rule "
+            f"{pct(chosen.get('delta_ppl_rel'), 2)}, compensation {chosen.get('compensation', '-')}")
+    if chosen.get("gate_delta_ppl_rel") is not None:
+        text += f"; the {gate} alone {pct(chosen['gate_delta_ppl_rel'], 2)}"
+    if chosen.get("within_limit") is False:
+        text += "; no budget was within the limit, this is the cheapest"
+    return text + ")"
+
+
 def _timing_md(timing: dict) -> str:
     out = ["## Timing details", ""]
     for name, t in timing.items():
         chosen = t.get("chosen") or {}
         out += [f"**{name}**: batch {t['batch']} × {t['seq_len']} tokens, {t['heads']} heads of {t['head_dim']}; "
-                f"k = {t['k']}; gate budget f = {chosen.get('tile_budget', 'none')} "
-                f"(Δppl {pct(chosen.get('delta_ppl_rel'), 2)} on corpus, compensation {chosen.get('compensation', '-')}).", "",
+                f"k = {t['k']}; {_budget_md('gate', chosen)}"
+                + (f"; decoding: {_budget_md('decode gate', t['chosen_decode'])}" if t.get("chosen_decode") else "")
+                + ".", "",
                 "| measurement | rule | time (ms) | vs dense | tiles / K blocks | empty tiles / V blocks | max rel. error |",
                 "| --- | --- | ---: | ---: | ---: | ---: | ---: |"]
         whole = t["prefill_model"]
@@ -253,6 +267,7 @@ def plot_ppl_vs_kept(res: dict, split: str, path: Path) -> Path | None:
         el = sorted((r for r in rows if r["method"] == "toptheta" and r["tile_budget"] is None
                      and r["compensation"] == "none"), key=lambda r: r["kept_fraction"])
         gated = sorted((r for r in rows if r["method"] == "toptheta" and r["tile_budget"] is not None
+                        and not r.get("decode_gate")
                         and r["compensation"] == "none"), key=lambda r: r["tile_kept_fraction"])
         style = "-" if name == BASE else "--"
         left.plot([r["kept_fraction"] for r in el], [r["ppl"] for r in el], style, marker="o", label=name)
