@@ -114,8 +114,13 @@ CASES = {
 }
 
 
+# the Triton-style kernel in interpret mode, and the Mosaic TPU kernel in TPU interpret mode
+KERNEL_BACKENDS = ["interpret", "tpu_interpret"]
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
 @pytest.mark.parametrize("name", list(CASES))
-def test_kernel_matches_numpy_oracle(name):
+def test_kernel_matches_numpy_oracle(name, backend):
     t, d, bq, bk, opt = CASES[name]
     q, k, v = random_qkv(len(name), t, d)
     rng = np.random.default_rng(len(name) + 1)
@@ -130,7 +135,7 @@ def test_kernel_matches_numpy_oracle(name):
     gamma = opt.get("gamma", 1.0)
     as_jnp = lambda x: None if x is None else jnp.asarray(x, jnp.float32)  # noqa: E731
     out, stats = toptheta_prefill(q, k, v, theta=as_jnp(theta), sdc_delta=as_jnp(sdc), sdc_gamma=gamma,
-                                  tile_theta=as_jnp(tile_theta), backend="interpret", poison_output=True,
+                                  tile_theta=as_jnp(tile_theta), backend=backend, poison_output=True,
                                   **kwargs)
     theta32 = None if theta is None else np.asarray(as_jnp(theta), np.float64)  # compare in float32 θ
     ref, listed, causal = prefill_oracle(q, k, v, theta=theta32, sdc_delta=sdc, gamma=gamma,
@@ -152,8 +157,8 @@ def test_dense_mode_equals_library_attention():
     assert rel_err(dense, np.asarray(expected)) < RTOL
 
 
-@pytest.mark.parametrize("skip_empty", [True, False])
-def test_tiles_below_theta_are_skipped_and_counted(skip_empty):
+@pytest.mark.parametrize("skip_empty,backend", [(True, "interpret"), (False, "interpret"), (False, "tpu_interpret")])
+def test_tiles_below_theta_are_skipped_and_counted(skip_empty, backend):
     """With a strong sink in key tile 0, every row's max comes first; a later off-diagonal tile whose
     scores all fall below θ is empty, so it must be counted and (skipped or not) not change the output."""
     t, d, bq, bk = 64, 64, 16, 16
@@ -162,7 +167,7 @@ def test_tiles_below_theta_are_skipped_and_counted(skip_empty):
     q = q + 2.0 * direction
     k = k.at[:, 0].add(40.0 * direction)
     theta = np.full((1, t), 3.5, np.float32)
-    out, stats = toptheta_prefill(q, k, v, theta=jnp.asarray(theta), block_q=bq, block_k=bk, backend="interpret",
+    out, stats = toptheta_prefill(q, k, v, theta=jnp.asarray(theta), block_q=bq, block_k=bk, backend=backend,
                                   skip_empty=skip_empty)
     ref, _, _ = prefill_oracle(q, k, v, theta=theta.astype(np.float64), block_q=bq, block_k=bk,
                                scale=1.0 / math.sqrt(d))
@@ -206,7 +211,8 @@ def test_matches_the_attention_reference_op():
     assert rel_err(out, np.asarray(ref, np.float64)) < RTOL
 
 
-def test_gradients_flow_through_kept_values():
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_gradients_flow_through_kept_values(backend):
     """jax.grad through the kernel (its custom VJP) matches a float64 finite difference of the oracle."""
     t, d, bq, bk = 32, 64, 16, 16
     q, k, v = random_qkv(8, t, d, b=1, h=2)
@@ -219,7 +225,7 @@ def test_gradients_flow_through_kept_values():
                 block_q=bq, block_k=bk)
 
     def loss(q, k, v):
-        return jnp.sum(toptheta_prefill(q, k, v, backend="interpret", **opts)[0] * w)
+        return jnp.sum(toptheta_prefill(q, k, v, backend=backend, **opts)[0] * w)
 
     grads = jax.grad(loss, argnums=(0, 1, 2))(q, k, v)
     eps = 1e-4
@@ -279,6 +285,9 @@ def test_backend_choice_and_override(monkeypatch):
     assert resolve_backend() == "interpret"
     with pytest.raises(ConfigError, match="needs a GPU"):
         resolve_backend("triton")
+    with pytest.raises(ConfigError, match="needs a TPU"):
+        resolve_backend("mosaic_tpu")
+    assert resolve_backend("tpu_interpret") == "tpu_interpret"
     with pytest.raises(ConfigError, match="unknown kernel backend"):
         resolve_backend("cuda-magic")
 
@@ -321,3 +330,22 @@ def test_bench_thresholds_and_cli_errors(tmp_path, capsys):
                 assert float(delta[h, i]) == pytest.approx(np.exp(row[8:] - row[0]).sum(), rel=1e-4)
     assert main(["--out_dir", str(tmp_path), "--dtype", "int8"]) == 2
     assert "dtype" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
+def test_tpu_kernel_takes_half_precision_inputs(dtype):
+    """bf16 / fp16 inputs with float32 statistics: the TPU kernel stays within the inputs' rounding
+    of the float64 oracle, and agrees with the Triton-style kernel on the same inputs."""
+    t, d, bq, bk = 72, 128, 32, 16
+    q, k, v = (x.astype(dtype) for x in random_qkv(21, t, d))
+    rng = np.random.default_rng(22)
+    theta = jnp.asarray(rng.normal(1.0, 0.6, (2, t)), jnp.float32)
+    tile_theta = jnp.asarray(rng.normal(0.0, 0.05, (2, -(-t // bq))), jnp.float32)
+    kwargs = dict(theta=theta, tile_theta=tile_theta, vmc=True, block_q=bq, block_k=bk)
+    out, _ = toptheta_prefill(q, k, v, backend="tpu_interpret", **kwargs)
+    other, _ = toptheta_prefill(q, k, v, backend="interpret", **kwargs)
+    ref, _, _ = prefill_oracle(q, k, v, scale=1.0 / math.sqrt(d), theta=np.asarray(theta, np.float64), vmc=True,
+                               tile_theta=np.asarray(tile_theta), block_q=bq, block_k=bk)
+    assert out.dtype == dtype
+    assert rel_err(out, ref) < 1e-2
+    assert rel_err(out, np.asarray(other, np.float64)) < 1e-2

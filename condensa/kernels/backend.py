@@ -2,8 +2,10 @@
 
 A kernel is written once with `pl.pallas_call` and `BlockSpec`s; the backend decides how it is
 compiled. On a CUDA GPU it goes through the Triton lowering (the generic `pallas_call` path;
-Mosaic GPU needs the warpgroup-style `plgpu.kernel` API, see docs/kernels.md). On CPU there is no
-compiler for Pallas, so the kernel body is evaluated by the interpreter (slow, exact: for tests).
+Mosaic GPU needs the warpgroup-style `plgpu.kernel` API, see docs/kernels.md). On a TPU the
+prefill kernel has a Mosaic TPU twin (`mosaic_tpu`, grid-axis key loop with scalar-prefetched tile
+lists); `tpu_interpret` runs that twin in Pallas' TPU interpret mode on the CPU, for tests. On CPU
+there is no compiler for Pallas, so the kernel body is evaluated by the interpreter (slow, exact).
 The override is the `backend=` argument or the environment variable `CONDENSA_KERNEL_BACKEND`.
 """
 
@@ -15,9 +17,10 @@ import jax
 
 from condensa.errors import ConfigError
 
-BACKENDS = ("triton", "interpret")
+BACKENDS = ("triton", "interpret", "mosaic_tpu", "tpu_interpret")
+TPU_BACKENDS = ("mosaic_tpu", "tpu_interpret")  # the TPU kernel, compiled or interpreted on the CPU
 ENV_VAR = "CONDENSA_KERNEL_BACKEND"
-_BY_PLATFORM = {"gpu": "triton", "cuda": "triton", "rocm": "triton", "cpu": "interpret"}
+_BY_PLATFORM = {"gpu": "triton", "cuda": "triton", "rocm": "triton", "cpu": "interpret", "tpu": "mosaic_tpu"}
 
 
 def resolve_backend(backend: str | None = None) -> str:
@@ -27,7 +30,7 @@ def resolve_backend(backend: str | None = None) -> str:
     if name == "auto":
         if platform not in _BY_PLATFORM:
             raise ConfigError(
-                f"no Pallas prefill kernel for platform {platform!r} yet (only GPU via Triton, and CPU "
+                f"no Pallas kernel for platform {platform!r} (GPU via Triton, TPU via Mosaic, CPU "
                 f"interpret mode); use attention backend 'reference' there, or set {ENV_VAR}=interpret."
             )
         return _BY_PLATFORM[platform]
@@ -36,6 +39,9 @@ def resolve_backend(backend: str | None = None) -> str:
             f"unknown kernel backend {name!r}; choose one of auto, {', '.join(BACKENDS)} "
             f"(argument backend= or ${ENV_VAR})."
         )
+    if name == "mosaic_tpu" and platform != "tpu":
+        raise ConfigError(f"kernel backend 'mosaic_tpu' needs a TPU but JAX runs on {platform!r}; use 'tpu_interpret' "
+                          "to run the TPU kernel on this machine's CPU, or 'auto'.")
     if name == "triton" and platform not in ("gpu", "cuda", "rocm"):
         raise ConfigError(
             f"kernel backend 'triton' needs a GPU but JAX runs on {platform!r}; use 'interpret' "

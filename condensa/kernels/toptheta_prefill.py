@@ -38,7 +38,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
 from condensa.errors import ConfigError
-from condensa.kernels.backend import resolve_backend
+from condensa.kernels.backend import TPU_BACKENDS, resolve_backend
 from condensa.kernels.tile_gate_prepass import compact_tile_lists, gate_scores, offdiagonal_keep
 from condensa.kernels.toptheta_reference import toptheta_prefill_reference
 
@@ -253,13 +253,18 @@ def _forward(q, k, v, theta, sdc_delta, tile_theta, opts: KernelOptions):
     if opts.vmc:  # exclusive prefix sums of V over query tiles: [B, nq, Hkv, D], float32
         tile_sums = vp.astype(jnp.float32).reshape(b, n_q, bq, hkv, d).sum(axis=2)
         v_prefix = jnp.cumsum(tile_sums, axis=1) - tile_sums
-    table = None
+    table = keep = None
     if tile_theta is not None:
         scores = gate_scores(qp, kp, scale=opts.scale, block_q=bq, block_k=bk, length=t)
         keep = offdiagonal_keep(scores, tile_theta, block_q=bq, block_k=bk, sink_tiles=opts.sink_tiles,
                                 tile_budget=opts.tile_budget)
         table = compact_tile_lists(keep)
-    out, empty = _launch(qp, kp, vp, table, theta2, sdc, v_prefix, opts)
+    if opts.backend in TPU_BACKENDS:
+        from condensa.kernels.toptheta_prefill_tpu import launch_tpu
+
+        out, empty = launch_tpu(qp, kp, vp, keep, theta2, sdc, v_prefix, opts)
+    else:
+        out, empty = _launch(qp, kp, vp, table, theta2, sdc, v_prefix, opts)
 
     # Tile counts over real query tiles; diagonal tiles that start past T are not counted.
     diag_real = jnp.minimum(ratio, -(-(t - jnp.arange(n_q) * bq) // bk))  # [nq]
@@ -340,7 +345,8 @@ def toptheta_prefill(
     `block_k` keys); None means no gate. `tile_budget` f (optional): query tiles with at most
     m_b = max(1, ceil(f (b + 1))) optional tiles keep them all, as the reference gate does. Rows
     that must stay dense (n <= k) take θ = -inf. `vmc` adds V-mean compensation. `backend`: None/'auto'
-    (by platform), 'triton' or 'interpret'. `poison_output` fills the output with NaN before the
+    (by platform), 'triton', 'interpret', 'mosaic_tpu' or 'tpu_interpret' (the TPU kernel,
+    `toptheta_prefill_tpu.py`, interpreted on the CPU). `poison_output` fills the output with NaN before the
     kernel runs (for correctness checks). `skip_empty=True` makes a visited tile with nothing
     above θ skip its exp, V load and P·V behind a `lax.cond`; the output is the same, and empty
     tiles are counted either way. It is off by default: on the H100 the branch (whose V load
