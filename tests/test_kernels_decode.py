@@ -278,6 +278,7 @@ def test_loaded_block_counts_match_numpy(skip_v):
     (dict(sdc_delta=np.zeros((H, 32), np.float32)), "needs theta"),
     (dict(q=jnp.zeros((2, 1, H, 32))), "head_dim"),
     (dict(skip_v="some"), "skip_v"),
+    (dict(backend="tpu_interpret"), "no TPU version"),
 ])
 def test_mistakes_raise_config_error(change, message):
     args = dict(q=jnp.zeros((2, 1, H, 64)), k=jnp.zeros((2, 32, H, 64)), v=jnp.zeros((2, 32, H, 64)),

@@ -94,3 +94,24 @@ def test_generation_with_the_decode_kernel_gives_the_reference_tokens(decode_set
     np.testing.assert_array_equal(kernel, reference)
     assert len(traced) == model.config.n_layer  # traced once per layer inside the compiled decode loop
     assert all((kw["tile_theta_decode"] is not None) == gate and kw["theta"] is not None for kw in traced)
+
+
+def test_the_tpu_kernel_runs_the_model_and_decoding_falls_back(setup, monkeypatch):
+    """With the TPU backend (here its interpret mode), prefill runs the Mosaic TPU kernel with the
+    reference op's perplexity, and decoding, which has no TPU kernel yet, runs the reference op."""
+    import condensa.kernels.toptheta_prefill_tpu as tpu_module
+
+    launched = []
+    original = tpu_module.launch_tpu
+    monkeypatch.setattr(tpu_module, "launch_tpu", lambda *a, **kw: launched.append(1) or original(*a, **kw))
+    monkeypatch.setenv("CONDENSA_KERNEL_BACKEND", "tpu_interpret")
+    model, thresholds, text = setup
+    # a budget no other test uses, so no function compiled for the other backend is reused
+    reference = CONFIGS["toptheta+sdc+vmc+gate"].replace(tile_budget=0.3)
+    ref = perplexity(model, text, stride=T // 2, batch_size=4, attention=reference, thresholds=thresholds)
+    ker = perplexity(model, text, stride=T // 2, batch_size=4, attention=reference.replace(backend="pallas"),
+                     thresholds=thresholds)
+    assert launched and abs(ker["ppl"] - ref["ppl"]) / ref["ppl"] <= 1e-3
+    prompt = np.random.default_rng(3).integers(0, 98, size=(1, 16))
+    tokens = condensa.generate(model, prompt, 8, attention=reference.replace(backend="pallas"), thresholds=thresholds)
+    np.testing.assert_array_equal(tokens, condensa.generate(model, prompt, 8, attention=reference, thresholds=thresholds))

@@ -46,7 +46,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton  # masked loads (they also run in interpret mode)
 
 from condensa.errors import ConfigError
-from condensa.kernels.backend import resolve_backend
+from condensa.kernels.backend import TPU_BACKENDS, resolve_backend
 
 _STAT_WIDTH = 8  # per program: survivor max m, denominator l, survivors, V blocks, best score, its slot, -, -
 
@@ -415,12 +415,16 @@ def toptheta_decode(
         raise ConfigError("sdc_delta compensates dropped elements, so it needs theta; pass theta or drop sdc_delta.")
     if skip_v not in ("rows", "blocks"):
         raise ConfigError(f"skip_v={skip_v!r} is not supported; choose 'rows' or 'blocks'.")
+    resolved = resolve_backend(backend)
+    if resolved in TPU_BACKENDS:
+        raise ConfigError(f"the decode kernel has no TPU version yet (backend {resolved!r}); decode with the attention "
+                          "backend 'reference' (AttentionConfig(backend='pallas') does so on TPUs by itself).")
     splits = num_splits or default_num_splits(b * tq * h, nk)
     if splits < 1:
         raise ConfigError(f"num_splits must be >= 1; got {num_splits}.")
     opts = DecodeOptions(
         scale=float(1.0 / math.sqrt(d) if scale is None else scale), block_k=block_k, num_splits=int(splits),
-        queries_per_seq=tq, has_theta=theta is not None, backend=resolve_backend(backend),
+        queries_per_seq=tq, has_theta=theta is not None, backend=resolved,
         num_warps=num_warps, num_stages=num_stages, skip_v=skip_v, poison_output=bool(poison_output))
     budgets = tile_budgets(nk, None if tile_theta_decode is None or tile_budget is None else float(tile_budget))
     return _decode(q, k, v, jnp.asarray(lengths), None if starts is None else jnp.asarray(starts), theta, sdc_delta,
