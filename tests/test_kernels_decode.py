@@ -135,8 +135,15 @@ CASES = [  # (head_dim, theta quantile or None, gate, sdc, vmc, splits, how V is
 ]
 
 
+# the Triton-style kernel in interpret mode, and the Mosaic TPU kernel in TPU interpret mode (which
+# reads V in whole blocks only)
+KERNEL_BACKENDS = ["interpret", "tpu_interpret"]
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
 @pytest.mark.parametrize("d,quantile,gate,sdc,vmc,splits,skip_v", CASES)
-def test_decode_matches_reference(d, quantile, gate, sdc, vmc, splits, skip_v):
+def test_decode_matches_reference(d, quantile, gate, sdc, vmc, splits, skip_v, backend):
+    skip_v = "blocks" if backend == "tpu_interpret" else skip_v
     b, s = 3, 96
     lengths = [96, 41, 70]  # ragged, none a multiple of the block except the full one
     scale = 1.0 / math.sqrt(d)
@@ -153,7 +160,7 @@ def test_decode_matches_reference(d, quantile, gate, sdc, vmc, splits, skip_v):
         jnp.asarray(q), jnp.asarray(k), jnp.asarray(v), jnp.asarray(lengths), theta=theta, sdc_delta=sdc_delta,
         vmc=vmc, v_mean=jnp.asarray(v_mean), k_tile_mean=jnp.asarray(k_bar) if gate else None,
         tile_theta_decode=gate_theta, sink_tiles=SINK, tile_budget=BUDGET, block_k=BK, num_splits=splits,
-        skip_v=skip_v, backend="interpret")
+        skip_v=skip_v, backend=backend)
     want = _reference(q, k, v, vis, scale, theta=theta, sdc_delta=sdc_delta, vmc=vmc, gate_theta=gate_theta)
     _check(got, want)
     assert int(stats.v_loaded) <= int(stats.k_loaded) <= int(stats.visible)
@@ -179,7 +186,8 @@ def test_theta_minus_inf_without_gate_equals_dense_decoding():
     assert int(stats.k_loaded) == int(stats.v_loaded) == int(stats.visible) == H * (5 + 3)
 
 
-def test_cache_not_a_multiple_of_the_block_and_left_padding():
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_cache_not_a_multiple_of_the_block_and_left_padding(backend):
     b, s, d = 2, 75, 64  # 75 slots: the wrapper pads the cache to 80
     lengths, starts = [75, 60], [0, 21]
     scale = 1 / 8
@@ -191,12 +199,13 @@ def test_cache_not_a_multiple_of_the_block_and_left_padding():
     got, _ = toptheta_decode(jnp.asarray(q), jnp.asarray(k), jnp.asarray(v), jnp.asarray(lengths),
                              starts=jnp.asarray(starts), theta=theta, k_tile_mean=jnp.asarray(k_bar),
                              tile_theta_decode=gate_theta, sink_tiles=SINK, tile_budget=BUDGET, block_k=BK,
-                             num_splits=2, backend="interpret")
+                             num_splits=2, backend=backend)
     want = _reference(q, k, v, vis, scale, theta=theta, sdc_delta=None, vmc=False, gate_theta=gate_theta)
     _check(got, want)
 
 
-def test_several_new_queries_per_sequence():
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_several_new_queries_per_sequence(backend):
     """Tq = 3 new tokens: query r sees lengths - (2 - r) keys (no gate: the reference gates Tq > 1 as prefill)."""
     b, s, d, tq = 2, 64, 64, 3
     lengths = [64, 30]
@@ -208,7 +217,7 @@ def test_several_new_queries_per_sequence():
     v_mean = _v_mean(v, vis)
     got, _ = toptheta_decode(jnp.asarray(q), jnp.asarray(k), jnp.asarray(v), jnp.asarray(lengths), theta=theta,
                              sdc_delta=sdc_delta, vmc=True, v_mean=jnp.asarray(v_mean), block_k=BK,
-                             num_splits=2, backend="interpret")
+                             num_splits=2, backend=backend)
     want = _reference(q, k, v, vis, scale, theta=theta, sdc_delta=sdc_delta, vmc=True, gate_theta=None)
     _check(got, want)
 
@@ -240,8 +249,8 @@ def _numpy_counts(q, k, lengths, k_bar, gate_theta, theta, scale):
     return k_blocks, v_blocks, v_rows
 
 
-@pytest.mark.parametrize("skip_v", ["rows", "blocks"])
-def test_loaded_block_counts_match_numpy(skip_v):
+@pytest.mark.parametrize("skip_v,backend", [("rows", "interpret"), ("blocks", "interpret"), ("blocks", "tpu_interpret")])
+def test_loaded_block_counts_match_numpy(skip_v, backend):
     """rows: the V rows read are the survivors; blocks: whole blocks of the tiles holding one."""
     b, s, d = 3, 160, 64
     lengths = [160, 97, 33]
@@ -253,7 +262,7 @@ def test_loaded_block_counts_match_numpy(skip_v):
     gate_theta = _gate_table(q, k_bar, scale, k_bar.shape[1], 0.6)
     got, stats = toptheta_decode(jnp.asarray(q), jnp.asarray(k), jnp.asarray(v), jnp.asarray(lengths), theta=theta,
                                  k_tile_mean=jnp.asarray(k_bar), tile_theta_decode=gate_theta, sink_tiles=SINK,
-                                 tile_budget=BUDGET, block_k=BK, num_splits=3, backend="interpret",
+                                 tile_budget=BUDGET, block_k=BK, num_splits=3, backend=backend,
                                  poison_output=True, skip_v=skip_v)
     k_blocks, v_blocks, v_rows = _numpy_counts(q, k, lengths, k_bar, gate_theta, theta, scale)
     if skip_v == "blocks":
@@ -278,7 +287,7 @@ def test_loaded_block_counts_match_numpy(skip_v):
     (dict(sdc_delta=np.zeros((H, 32), np.float32)), "needs theta"),
     (dict(q=jnp.zeros((2, 1, H, 32))), "head_dim"),
     (dict(skip_v="some"), "skip_v"),
-    (dict(backend="tpu_interpret"), "no TPU version"),
+    (dict(backend="tpu_interpret", skip_v="rows"), "Triton feature"),
 ])
 def test_mistakes_raise_config_error(change, message):
     args = dict(q=jnp.zeros((2, 1, H, 64)), k=jnp.zeros((2, 32, H, 64)), v=jnp.zeros((2, 32, H, 64)),

@@ -96,14 +96,19 @@ def test_generation_with_the_decode_kernel_gives_the_reference_tokens(decode_set
     assert all((kw["tile_theta_decode"] is not None) == gate and kw["theta"] is not None for kw in traced)
 
 
-def test_the_tpu_kernel_runs_the_model_and_decoding_falls_back(setup, monkeypatch):
-    """With the TPU backend (here its interpret mode), prefill runs the Mosaic TPU kernel with the
-    reference op's perplexity, and decoding, which has no TPU kernel yet, runs the reference op."""
+def test_the_tpu_kernels_run_the_model(setup, monkeypatch):
+    """With the TPU backend (here its interpret mode), prefill runs the Mosaic TPU prefill kernel
+    with the reference op's perplexity, and greedy decoding runs the TPU decode kernel with the
+    reference op's tokens."""
+    import condensa.kernels.toptheta_decode_tpu as decode_module
     import condensa.kernels.toptheta_prefill_tpu as tpu_module
 
-    launched = []
+    launched, decoded = [], []
     original = tpu_module.launch_tpu
     monkeypatch.setattr(tpu_module, "launch_tpu", lambda *a, **kw: launched.append(1) or original(*a, **kw))
+    original_decode = decode_module.launch_decode_tpu
+    monkeypatch.setattr(decode_module, "launch_decode_tpu",
+                        lambda *a, **kw: decoded.append(1) or original_decode(*a, **kw))
     monkeypatch.setenv("CONDENSA_KERNEL_BACKEND", "tpu_interpret")
     model, thresholds, text = setup
     # a budget no other test uses, so no function compiled for the other backend is reused
@@ -115,3 +120,4 @@ def test_the_tpu_kernel_runs_the_model_and_decoding_falls_back(setup, monkeypatc
     prompt = np.random.default_rng(3).integers(0, 98, size=(1, 16))
     tokens = condensa.generate(model, prompt, 8, attention=reference.replace(backend="pallas"), thresholds=thresholds)
     np.testing.assert_array_equal(tokens, condensa.generate(model, prompt, 8, attention=reference, thresholds=thresholds))
+    assert decoded  # traced inside the compiled decode loop

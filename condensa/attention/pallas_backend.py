@@ -4,7 +4,7 @@ The prefill kernel covers causal prefill with no padding, and the decode kernel 
 sequence against the KV cache, both for dense attention and pre-softmax Top-θ (SDC none or
 calibrated, VMC, the tile gate). Everything else (prompts written into a cache, padded prefill,
 top-k, post-softmax placement, exact / exp-threshold SDC, callers that need the probabilities,
-attention dropout, rows gated as decoding steps, decoding on TPUs) runs the reference op, which gives the same numbers by construction.
+attention dropout, rows gated as decoding steps) runs the reference op, which gives the same numbers by construction.
 """
 
 from __future__ import annotations
@@ -33,10 +33,6 @@ def decode_kernel_applies(config, layer_idx: int, q, decode_state, *, need_probs
     """Whether the decode kernel implements this call: one new query per sequence, with the
     cache's running sums (and its tile means when the gate is on)."""
     if decode_state is None or q.shape[1] != 1 or need_probs or dropout is not None:
-        return False
-    from condensa.kernels.backend import TPU_BACKENDS, resolve_backend
-
-    if resolve_backend() in TPU_BACKENDS:  # the decode kernel has no TPU version yet
         return False
     if _is_gated(config, layer_idx) and decode_state.k_tile_mean is None:
         return False

@@ -317,7 +317,12 @@ def _decode(q, k, v, lengths, starts, theta, sdc_delta, v_mean, k_tile_mean, til
     theta_row = (_lookup(theta, n_visible) if theta is not None
                  else jnp.full((b * tq, h), -jnp.inf, jnp.float32))
     theta_pair = jnp.stack([theta_row, jnp.zeros_like(theta_row)], axis=-1)  # [Bv, H, 2]
-    acc, stats = _launch(meta, tiles, theta_pair, qv, k, v, opts)
+    if opts.backend in TPU_BACKENDS:
+        from condensa.kernels.toptheta_decode_tpu import launch_decode_tpu
+
+        acc, stats = launch_decode_tpu(meta, tiles, theta_pair, qv, k, v, opts)
+    else:
+        acc, stats = _launch(meta, tiles, theta_pair, qv, k, v, opts)
 
     sdc = None if sdc_delta is None else sdc_gamma * _lookup(sdc_delta, n_visible)
     v_mean_v = None if v_mean is None else v_mean.astype(jnp.float32).reshape(b * tq, v_mean.shape[2], d)
@@ -381,7 +386,8 @@ def toptheta_decode(
     `num_splits`: split-K shares per (sequence, head); None picks enough to fill a large GPU.
     `skip_v`: "blocks" (default) reads whole V blocks, behind a branch, for the tiles that hold a
     survivor; "rows" reads only the V rows that hold one (masked loads, no branch).
-    `backend`: None/'auto' (by platform), 'triton' or 'interpret'. `poison_output` fills the
+    `backend`: None/'auto' (by platform), 'triton', 'interpret', 'mosaic_tpu' or 'tpu_interpret' (the
+    TPU kernel of `toptheta_decode_tpu.py`, interpreted on the CPU). `poison_output` fills the
     kernel's partial outputs with NaN before it runs (for correctness checks).
     """
     if (q.ndim != 4 or k.ndim != 4 or k.shape != v.shape or q.shape[0] != k.shape[0] or q.shape[3] != k.shape[3]
@@ -416,9 +422,9 @@ def toptheta_decode(
     if skip_v not in ("rows", "blocks"):
         raise ConfigError(f"skip_v={skip_v!r} is not supported; choose 'rows' or 'blocks'.")
     resolved = resolve_backend(backend)
-    if resolved in TPU_BACKENDS:
-        raise ConfigError(f"the decode kernel has no TPU version yet (backend {resolved!r}); decode with the attention "
-                          "backend 'reference' (AttentionConfig(backend='pallas') does so on TPUs by itself).")
+    if resolved in TPU_BACKENDS and skip_v == "rows":
+        raise ConfigError("skip_v='rows' (masked V row loads) is a Triton feature; the TPU kernel reads V in whole "
+                          "blocks: use skip_v='blocks'.")
     splits = num_splits or default_num_splits(b * tq * h, nk)
     if splits < 1:
         raise ConfigError(f"num_splits must be >= 1; got {num_splits}.")
