@@ -193,3 +193,11 @@ def test_model_returns_attention_inputs_that_give_its_probabilities():
         np.testing.assert_allclose(np.asarray(_probs(x.q, x.k, x.scale)), np.asarray(probs), atol=1e-6)
     with pytest.raises(ModelInputError, match="'inputs'"):
         model(ids, return_attention="qk")
+
+
+def test_the_loss_kernel_says_it_has_no_tpu_version():
+    from condensa.kernels.attention_masses import row_tile_masses
+
+    q = jnp.zeros((1, 32, 2, 64), jnp.float32)
+    with pytest.raises(ConfigError, match="no TPU version"):
+        row_tile_masses(q, q, scale=0.125, tile=16, backend="tpu_interpret")

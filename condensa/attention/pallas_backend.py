@@ -4,7 +4,8 @@ The prefill kernel covers causal prefill with no padding, and the decode kernel 
 sequence against the KV cache, both for dense attention and pre-softmax Top-θ (SDC none or
 calibrated, VMC, the tile gate). Everything else (prompts written into a cache, padded prefill,
 top-k, post-softmax placement, exact / exp-threshold SDC, callers that need the probabilities,
-attention dropout, rows gated as decoding steps) runs the reference op, which gives the same numbers by construction.
+attention dropout, rows gated as decoding steps) runs the reference op, which gives the same
+numbers by construction.
 """
 
 from __future__ import annotations

@@ -46,7 +46,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
 from condensa.errors import ConfigError
-from condensa.kernels.backend import resolve_backend
+from condensa.kernels.backend import TPU_BACKENDS, resolve_backend
 
 MAX_LENGTH = 2048  # with a top-k cut: padded length up to which whole rows fit a program's registers
 MAX_TILES = 64  # without: key tiles per row whose running sums fit a program's registers
@@ -376,10 +376,14 @@ def row_tile_masses(q: jax.Array, k: jax.Array, *, scale: float, tile: int = 64,
     if not fits(t, tile, top_k):
         raise ConfigError(f"sequence length {t} pads to {tp}, past the fused loss kernel's {limit_text(tile, top_k)}; "
                           "use the reference loss path (loss.kernel reference).")
+    resolved = resolve_backend(backend)
+    if resolved in TPU_BACKENDS:
+        raise ConfigError("the fused loss kernel has no TPU version; train with the reference loss path "
+                          "(loss.kernel reference, which loss.kernel auto picks on a TPU).")
     block_q, block_q_dk = min(block_q, threshold_group(tp)), min(block_q_dk, tp)
     opts = MassOptions(scale=float(scale), tile=tile, top_k=top_k, block_q=block_q, block_q_dk=block_q_dk,
                        num_warps=num_warps, num_stages=num_stages, bisect_steps=bisect_steps, rows=t,
-                       backend=resolve_backend(backend))
+                       backend=resolved)
     pad = [(0, 0), (0, tp - t), (0, 0), (0, 0)]
     r = _masses(jnp.pad(q, pad), jnp.pad(k, pad), opts)
     return r[:, :, :t, : -(-t // tile)]

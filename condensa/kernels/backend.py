@@ -3,8 +3,9 @@
 A kernel is written once with `pl.pallas_call` and `BlockSpec`s; the backend decides how it is
 compiled. On a CUDA GPU it goes through the Triton lowering (the generic `pallas_call` path;
 Mosaic GPU needs the warpgroup-style `plgpu.kernel` API, see docs/kernels.md). On a TPU the
-prefill kernel has a Mosaic TPU twin (`mosaic_tpu`, grid-axis key loop with scalar-prefetched tile
-lists); `tpu_interpret` runs that twin in Pallas' TPU interpret mode on the CPU, for tests. On CPU
+prefill and decode kernels have Mosaic TPU twins (`mosaic_tpu`: scalar-prefetched tile lists,
+VMEM state, explicit DMAs); `tpu_interpret` runs them in Pallas' TPU interpret mode on the CPU, for
+tests. The training-loss kernel has no TPU twin. On CPU
 there is no compiler for Pallas, so the kernel body is evaluated by the interpreter (slow, exact).
 The override is the `backend=` argument or the environment variable `CONDENSA_KERNEL_BACKEND`.
 """
@@ -18,7 +19,7 @@ import jax
 from condensa.errors import ConfigError
 
 BACKENDS = ("triton", "interpret", "mosaic_tpu", "tpu_interpret")
-TPU_BACKENDS = ("mosaic_tpu", "tpu_interpret")  # the TPU kernel, compiled or interpreted on the CPU
+TPU_BACKENDS = ("mosaic_tpu", "tpu_interpret")  # the TPU twins, compiled or interpreted on the CPU
 ENV_VAR = "CONDENSA_KERNEL_BACKEND"
 _BY_PLATFORM = {"gpu": "triton", "cuda": "triton", "rocm": "triton", "cpu": "interpret", "tpu": "mosaic_tpu"}
 

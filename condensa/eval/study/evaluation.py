@@ -4,7 +4,8 @@ rule on held-out corpus text and on WikiText-2 (perplexity and kept fractions).
 The rules are the sweep's (`condensa.eval.sweep`): dense, exact top-k and Top-θ (with and without
 SDC + VMC) at every k, and gate + Top-θ at every budget f at one k; with evaluation.gate_alone and
 evaluation.decode_gate, held-out corpus text also gets the gate alone and rows gated as decoding
-steps. WikiText-2 gets the rules without compensation, which is what question (b), whether the thresholds transfer, needs.
+steps. WikiText-2 gets the rules without compensation, which is what question (b), whether the
+thresholds transfer, needs.
 Thresholds are calibrated once per model and (k, f) and shared by both held-out sets.
 """
 
