@@ -134,3 +134,27 @@ def test_decode_gate_rows_needs_the_whole_sequence(model, thresholds):
     cache = model.init_cache(1, T)
     with pytest.raises(ConfigError, match="whole sequence"):
         forward(model, np.zeros((1, 4), np.int64), attention=attention, thresholds=thresholds, cache=cache)
+
+
+@pytest.mark.parametrize("attention", [
+    AttentionConfig(mode="topk", k=4),
+    AttentionConfig(mode="toptheta", k=4, sdc="exp-threshold", vmc=True),
+    AttentionConfig(mode="toptheta", k=4, sdc="calibrated", vmc=True, tile_gate=True, block_q=8, block_k=8,
+                    tile_budget=0.25),
+    AttentionConfig(mode="dense", tile_gate=True, block_q=8, block_k=8, tile_budget=0.25, decode_gate_rows=True),
+], ids=["topk", "toptheta-exp-sdc-vmc", "gate-toptheta-sdc-vmc", "decode-gate-rows"])
+def test_long_sequences_run_the_reference_in_row_chunks(model, thresholds, attention, monkeypatch):
+    """Past ROW_CHUNK_SCORES the reference op works through the query rows in chunks (so a 16k
+    context fits in memory); the logits are those of the one-pass op, which still returns probs."""
+    import condensa.attention as attention_module
+
+    ids = np.random.default_rng(7).integers(0, 98, size=(2, T))
+    whole, _, _ = forward(model, ids, attention=attention, thresholds=thresholds)  # with probs: one pass
+    monkeypatch.setattr(attention_module, "ROW_CHUNK_SCORES", T * T // 4)
+    assert attention_module.row_chunks(T, T) == 4
+    calls = []
+    original = attention_module.attend_in_row_chunks
+    monkeypatch.setattr(attention_module, "attend_in_row_chunks", lambda *a, **kw: calls.append(1) or original(*a, **kw))
+    chunked = model(jnp.asarray(ids), attention=attention, thresholds=thresholds).logits  # eager, no probs
+    assert calls
+    np.testing.assert_allclose(np.asarray(chunked), np.asarray(whole), atol=2e-5, rtol=1e-5)

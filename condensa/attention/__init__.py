@@ -51,15 +51,18 @@ def _layer_thresholds(config: AttentionConfig, thresholds, layer_idx: int):
     return thresholds.for_layer(layer_idx)
 
 
-def sparse_probs(q, k, *, visible, scale, layer_idx, config: AttentionConfig, thresholds=None) -> jax.Array:
+def sparse_probs(q, k, *, visible, scale, layer_idx, config: AttentionConfig, thresholds=None,
+                 allowed: jax.Array | None = None) -> jax.Array:
     """The attention probabilities [B, H, Tq, Tk] (float32) that `config` gives for this layer.
-    k may have fewer heads than q (GQA); it is broadcast to every query head."""
+    k may have fewer heads than q (GQA); it is broadcast to every query head. `allowed`: the gate's
+    element mask when the caller has computed it already (for a slice of the query rows)."""
     k = repeat_kv(k, q.shape[2])
     scores = attention_scores(q, k, scale)
     if (config.mode == "dense" and not config.tile_gate) or config.is_dense_layer(layer_idx):
         return masked_softmax(scores, visible)
     layer = _layer_thresholds(config, thresholds, layer_idx) if config.needs_thresholds else None
-    allowed = gate_mask(q, k, visible, scale=scale, layer=layer, config=config) if config.tile_gate else visible
+    if allowed is None:
+        allowed = gate_mask(q, k, visible, scale=scale, layer=layer, config=config) if config.tile_gate else visible
     if config.mode == "dense":
         return masked_softmax(scores, allowed)
     k_l = config.k_for(layer_idx)
@@ -117,12 +120,60 @@ def attend(
     if fused_ok and is_plain_dense(config, layer_idx):
         return fused_dense_attention(q, k, v, visible=visible, scale=scale, causal=causal), None
     k, v = repeat_kv(k, q.shape[2]), repeat_kv(v, q.shape[2])  # the reference op may broadcast GQA's K/V
+    chunks = row_chunks(q.shape[1], k.shape[1]) if fused_ok else 1
+    if chunks > 1:
+        return attend_in_row_chunks(q, k, v, visible=visible, scale=scale, layer_idx=layer_idx, config=config,
+                                    thresholds=thresholds, chunks=chunks), None
     probs = sparse_probs(q, k, visible=visible, scale=scale, layer_idx=layer_idx, config=config, thresholds=thresholds)
     applied = probs_dropout(probs) if probs_dropout is not None else probs
     out = weighted_values(applied, v)
     if config.vmc and config.mode != "dense" and not config.is_dense_layer(layer_idx):
         out = v_mean_compensation(out, probs, v, visible)
     return out, probs
+
+
+ROW_CHUNK_SCORES = 2**26  # float32 scores per (batch, head) that one pass of the reference op may hold
+
+
+def row_chunks(tq: int, tk: int) -> int:
+    """How many row chunks the reference op splits Tq query rows into, so that one chunk's
+    [B, H, rows, Tk] scores stay within ROW_CHUNK_SCORES per (batch, head); the count divides Tq."""
+    chunks = -(-(tq * tk) // ROW_CHUNK_SCORES)
+    while tq % chunks:
+        chunks += 1
+    return chunks
+
+
+def attend_in_row_chunks(q, k, v, *, visible, scale, layer_idx, config, thresholds, chunks: int) -> jax.Array:
+    """The reference op's output, computed `Tq / chunks` query rows at a time under `lax.map`, so only
+    one chunk's [B, H, rows, Tk] float32 arrays are alive: at T = 16k a whole layer's would need
+    about 100 GB. Every rule is row-wise once the gate's element mask is known (the prefill gate
+    pools whole query tiles), so that mask is computed first, for all rows, as bool."""
+    b, tq, h, d = q.shape
+    tk = k.shape[1]
+    rows = tq // chunks
+    visible = jnp.broadcast_to(visible, (b, visible.shape[1], tq, tk))
+    gated = config.tile_gate and not config.is_dense_layer(layer_idx)
+    allowed = visible
+    if gated:
+        layer = _layer_thresholds(config, thresholds, layer_idx)
+        allowed = gate_mask(q, k, visible, scale=scale, layer=layer, config=config)
+
+    def split(x, axis):  # [..., Tq, ...] -> [chunks, ..., rows, ...]
+        x = x.reshape(*x.shape[:axis], chunks, rows, *x.shape[axis + 1:])
+        return jnp.moveaxis(x, axis, 0)
+
+    def one_chunk(args):
+        q_c, visible_c, allowed_c = args
+        probs = sparse_probs(q_c, k, visible=visible_c, scale=scale, layer_idx=layer_idx, config=config,
+                             thresholds=thresholds, allowed=allowed_c if gated else None)
+        out = weighted_values(probs, v)
+        if config.vmc and config.mode != "dense" and not config.is_dense_layer(layer_idx):
+            out = v_mean_compensation(out, probs, v, visible_c)
+        return out
+
+    outs = jax.lax.map(one_chunk, (split(q, 1), split(visible, 2), split(allowed, 2)))  # [chunks, B, rows, H, D]
+    return jnp.moveaxis(outs, 0, 1).reshape(b, tq, h, d)
 
 
 def is_plain_dense(config: AttentionConfig, layer_idx: int) -> bool:
