@@ -55,6 +55,7 @@ def main() -> None:
     for t in (int(x) for x in args.seq_lens.split(",")):
         config = preset("tiny", n_layer=6, n_embd=384, n_head=6, n_positions=t)
         model = build_model(config, rngs=nnx.Rngs(0))
+        model.eval()  # as load_pretrained returns it: no attention dropout, so no probabilities are needed
         graphdef, state = nnx.split(model)
         ids = jax.ShapeDtypeStruct((1, t), jnp.int32)
         th = thresholds_for(config, args.tile)

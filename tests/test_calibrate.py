@@ -26,7 +26,12 @@ SIGMA_ADD = 0.3  # see test_thresholds_reproduce_k_on_held_out_text
 # ---- statistics against brute force ---------------------------------------------------------------------
 
 
-def test_row_statistics_match_numpy():
+@pytest.mark.parametrize("chunks", [1, 4])
+def test_row_statistics_match_numpy(chunks, monkeypatch):
+    """`chunks`: the element statistics taken a chunk of rows at a time, as at long T."""
+    import condensa.sparsity.calibrate as calibrate_module
+
+    monkeypatch.setattr(calibrate_module, "row_chunks", lambda tq, tk: chunks)
     t, h, d, k_l, scale = 16, 2, 4, 3, 0.7
     gate = GateSpec(4, 4, 0.25, 1)
     keys = jax.random.split(jax.random.key(0), 2)

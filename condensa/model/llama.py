@@ -160,5 +160,6 @@ class Llama(CausalLM):
             q, k, v = block.self_attn.projections(block.input_layernorm(x), cos, sin)
             h = q.shape[2]
             results.append(per_layer(layer, q, repeat_kv(k, h), repeat_kv(v, h), block.self_attn.scale))
-            x, _, _ = block(x, cos, sin, visible=visible, attention=attention, thresholds=thresholds)
+            x, _, _ = block(x, cos, sin, visible=visible, attention=attention, thresholds=thresholds, need_probs=False,
+                            causal=True)
         return results

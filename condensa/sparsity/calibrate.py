@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from condensa.attention import AttentionConfig
+from condensa.attention import AttentionConfig, row_chunks
 from condensa.attention.dense import attention_scores
 from condensa.attention.rows import masked_max
 from condensa.errors import ConfigError, DataError
@@ -68,7 +68,8 @@ def walk_layers(model, ids: jax.Array, attention: AttentionConfig, thresholds, p
         q, k, v = jnp.split(block.attn.c_attn(h), 3, axis=-1)
         q, k, v = (y.reshape(b, t, block.attn.n_head, -1) for y in (q, k, v))
         results.append(per_layer(layer, q, k, v, block.attn.scale))
-        x, _, _ = block(x, visible=visible, attention=attention, thresholds=thresholds)
+        # no probabilities needed: dense layers may run fused, sparse ones in row chunks at long T
+        x, _, _ = block(x, visible=visible, attention=attention, thresholds=thresholds, need_probs=False, causal=True)
     return results
 
 
@@ -86,12 +87,14 @@ def _kth_largest(values: jax.Array, allowed: jax.Array, kth: jax.Array | int) ->
 
 def layer_row_statistics(q, k, scale, *, k_l: int, placement: str, gate: GateSpec | None) -> dict[str, jax.Array]:
     """Per-row calibration samples of one layer (NaN where a row gives no sample):
-    theta [B, H, T], delta [B, H, T] and, with a gate, tile [B, H, nq] and decode [B, H, T]."""
-    t = q.shape[1]
-    scores = attention_scores(q, k, scale)
-    allowed = jnp.tril(jnp.ones((t, t), bool))[None, None]
-    visible = allowed
+    theta [B, H, T], delta [B, H, T] and, with a gate, tile [B, H, nq] and decode [B, H, T].
+
+    The element statistics sort whole rows of [B, H, T, T] scores, so at long T they are taken a
+    chunk of rows at a time (`row_chunks`, as the reference attention does): about 85 GB at
+    T = 16k in one pass. The gate's statistics are per tile and small."""
+    b, t, h, d = q.shape
     out = {}
+    tiles = None
     if gate is not None:
         bq, bk, f, sink = gate.block_q, gate.block_k, gate.tile_budget, gate.sink_tiles
         nq = tile_count(t, bq)
@@ -101,21 +104,40 @@ def layer_row_statistics(q, k, scale, *, k_l: int, placement: str, gate: GateSpe
         out["tile"] = _kth_largest(pooled, optional, budgets)
         dec_optional, dec_budget = decode_gate_layout(t, bk, f, sink)
         out["decode"] = _kth_largest(decode_gate_scores(q, k, scale, bk), dec_optional, dec_budget)
-        allowed = allowed & expand_tiles(top_m_tiles(pooled, bq, bk, f, sink), bq, bk, t, t)
-    allowed = jnp.broadcast_to(allowed, scores.shape)
-    m = masked_max(scores, allowed)
-    if placement == "post":
-        e = jnp.exp(jnp.where(allowed, scores - m, -jnp.inf))
-        values = e / e.sum(axis=-1, keepdims=True)
-    else:
-        values = scores
-    lengths = jnp.arange(1, t + 1)
-    theta_row = _kth_largest(values, allowed, k_l)  # NaN where fewer than k_l + 1 allowed
-    out["theta"] = jnp.where(lengths > k_l, theta_row, jnp.nan)
-    # exact top-k by comparison with the row threshold (k elements unless values tie exactly)
-    kept = allowed & ((values > theta_row[..., None]) | jnp.isnan(theta_row)[..., None])
-    dropped = jnp.broadcast_to(visible, scores.shape) & ~kept
-    out["delta"] = jnp.exp(jnp.where(dropped, scores - m, -jnp.inf)).sum(axis=-1)
+        tiles = top_m_tiles(pooled, bq, bk, f, sink)  # [B, H, nq, nk]: the exact gate's tiles
+
+    def element_statistics(args):
+        q_rows, start = args  # rows start .. start + len(q_rows) - 1
+        rows = q_rows.shape[1]
+        row_ids = start + jnp.arange(rows)
+        scores = attention_scores(q_rows, k, scale)  # [B, H, rows, T]
+        visible = (row_ids[:, None] >= jnp.arange(t)[None, :])[None, None]
+        allowed = visible
+        if tiles is not None:
+            row_tiles = jnp.take(tiles, row_ids // gate.block_q, axis=2)  # [B, H, rows, nk]
+            allowed = allowed & expand_tiles(row_tiles, 1, gate.block_k, rows, t)
+        allowed = jnp.broadcast_to(allowed, scores.shape)
+        m = masked_max(scores, allowed)
+        if placement == "post":
+            e = jnp.exp(jnp.where(allowed, scores - m, -jnp.inf))
+            values = e / e.sum(axis=-1, keepdims=True)
+        else:
+            values = scores
+        theta_row = _kth_largest(values, allowed, k_l)  # NaN where fewer than k_l + 1 allowed
+        theta = jnp.where(row_ids + 1 > k_l, theta_row, jnp.nan)
+        # exact top-k by comparison with the row threshold (k elements unless values tie exactly)
+        kept = allowed & ((values > theta_row[..., None]) | jnp.isnan(theta_row)[..., None])
+        dropped = jnp.broadcast_to(visible, scores.shape) & ~kept
+        return theta, jnp.exp(jnp.where(dropped, scores - m, -jnp.inf)).sum(axis=-1)
+
+    chunks = row_chunks(t, t)
+    if chunks == 1:
+        out["theta"], out["delta"] = element_statistics((q, 0))
+        return out
+    rows = t // chunks
+    q_chunks = jnp.moveaxis(q.reshape(b, chunks, rows, h, d), 1, 0)
+    theta, delta = jax.lax.map(element_statistics, (q_chunks, jnp.arange(chunks) * rows))  # [chunks, B, H, rows]
+    out["theta"], out["delta"] = (jnp.moveaxis(x, 0, 2).reshape(b, h, t) for x in (theta, delta))
     return out
 
 
