@@ -146,8 +146,8 @@ def row_chunks(tq: int, tk: int) -> int:
 
 def attend_in_row_chunks(q, k, v, *, visible, scale, layer_idx, config, thresholds, chunks: int) -> jax.Array:
     """The reference op's output, computed `Tq / chunks` query rows at a time under `lax.map`, so only
-    one chunk's [B, H, rows, Tk] float32 arrays are alive: at T = 16k a whole layer's would need
-    about 100 GB. Every rule is row-wise once the gate's element mask is known (the prefill gate
+    one chunk's [B, H, rows, Tk] float32 arrays are alive (one pass of the 16k study's model: about
+    24 GB of temporaries, in chunks about 5 GB; docs/benchmarks.md). Every rule is row-wise once the gate's element mask is known (the prefill gate
     pools whole query tiles), so that mask is computed first, for all rows, as bool."""
     b, tq, h, d = q.shape
     tk = k.shape[1]

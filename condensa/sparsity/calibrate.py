@@ -90,8 +90,8 @@ def layer_row_statistics(q, k, scale, *, k_l: int, placement: str, gate: GateSpe
     theta [B, H, T], delta [B, H, T] and, with a gate, tile [B, H, nq] and decode [B, H, T].
 
     The element statistics sort whole rows of [B, H, T, T] scores, so at long T they are taken a
-    chunk of rows at a time (`row_chunks`, as the reference attention does): about 85 GB at
-    T = 16k in one pass. The gate's statistics are per tile and small."""
+    chunk of rows at a time (`row_chunks`, as the reference attention does). The gate's statistics
+    are per tile and small."""
     b, t, h, d = q.shape
     out = {}
     tiles = None
