@@ -19,10 +19,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from condensa.errors import ConfigError
 from condensa.attention.tiles import (
     expand_tiles, mandatory_tiles, optional_tiles, pooled_gate_scores, tile_budgets, tile_count, tile_means,
 )
+from condensa.errors import ConfigError
 
 
 def key_validity(visible: jax.Array) -> jax.Array:

@@ -27,12 +27,12 @@ from flax import nnx
 from condensa.attention import AttentionConfig, row_chunks
 from condensa.attention.dense import attention_scores
 from condensa.attention.rows import masked_max
-from condensa.errors import ConfigError, DataError
-from condensa.sparsity.thresholds import Thresholds, fill_uncalibrated, model_fingerprint
 from condensa.attention.tile_gate import decode_gate_layout, decode_gate_scores
 from condensa.attention.tiles import (
     expand_tiles, optional_tiles, pooled_gate_scores, tile_budgets, tile_count, top_m_tiles,
 )
+from condensa.errors import ConfigError, DataError
+from condensa.sparsity.thresholds import Thresholds, fill_uncalibrated, model_fingerprint
 
 
 @dataclasses.dataclass(frozen=True)
