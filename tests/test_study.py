@@ -110,3 +110,26 @@ def test_budget_by_gate_needs_the_gate_alone_rules(tmp_path):
                            "--out", str(tmp_path), "--timing.budget_by", "gate", "--evaluation.gate_alone", "false"],
                           cwd=REPO, capture_output=True, text=True, timeout=120)
     assert done.returncode == 2 and "evaluation.gate_alone: true" in done.stderr
+
+
+def test_timing_details_show_the_budgets_and_the_prefill_grid():
+    """The report states how each budget was chosen and what it costs, and renders the grid of
+    calibrated rules from the timing JSON."""
+    from condensa.eval.study.report import _timing_md
+
+    grid = [{"label": "gate f=0.125 + Top-θ", "k": 64, "delta_ppl_rel": 0.0234, "tile_fraction": 0.21,
+             "kernel_s": 0.004, "speedup_vs_cudnn": 1.87, "max_rel_error": 0.0021}]
+    timing = {"base": {
+        "batch": 16, "seq_len": 8192, "heads": 6, "head_dim": 64, "k": 64,
+        "chosen": {"tile_budget": 0.125, "compensation": "none", "delta_ppl_rel": 0.0234, "gate_delta_ppl_rel": 0.004,
+                   "within_limit": True},
+        "chosen_decode": {"tile_budget": 0.25, "compensation": "sdc+vmc", "delta_ppl_rel": 0.05,
+                          "gate_delta_ppl_rel": 0.03, "within_limit": False},
+        "prefill_model": {"dense_cudnn": {"median_s": 0.01}},
+        "prefill_attention": {"cudnn_s": 0.0075, "rules": {}, "grid": grid},
+        "decode_attention": {"dense_s": {}, "best_dense_s": None, "rules": {}},
+    }}
+    text = _timing_md(timing)
+    assert "gate budget f = 0.125 (Δppl of the timed rule 2.34%, compensation none; the gate alone 0.40%)" in text
+    assert "decode gate budget f = 0.25" in text and "no budget was within the limit" in text
+    assert "| gate f=0.125 + Top-θ | 64 | 2.34% | 21.0% | 4.00 | 1.87× | 0.0021 |" in text

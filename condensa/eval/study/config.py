@@ -43,6 +43,7 @@ class TimingSettings:
     k: int = 64
     max_delta_ppl: float = 0.01  # the gate budget timed is the smallest whose cost on held-out corpus text is within this
     budget_by: str = "rule"  # "rule": that cost is the gated Top-θ rule's; "gate": the gate alone's (evaluation.gate_alone)
+    prefill_grid: bool = False  # also time prefill attention with every Top-θ rule the evaluation measured
     warmup: int = 3
     repeats: int = 10
 

@@ -245,6 +245,15 @@ def _timing_md(timing: dict) -> str:
             out.append(f"| perplexity on held-out corpus text | {rule}: kernel {num(e['kernel'], 3)}, reference "
                        f"{num(e['reference'], 3)} | | | | | {num(e['rel_diff'], 5)} |")
         out.append("")
+        if pre.get("grid"):
+            out += [f"Prefill attention of **{name}** with every calibrated rule, all layers, against cuDNN "
+                    f"({num(1e3 * pre['cudnn_s'])} ms), next to the rule's perplexity cost on held-out corpus text:", "",
+                    "| rule | k | Δppl | tiles computed | time (ms) | vs cuDNN | max rel. error |",
+                    "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+            for g in pre["grid"]:
+                out.append(f"| {g['label']} | {g['k']} | {pct(g['delta_ppl_rel'], 2)} | {pct(g['tile_fraction'])} | "
+                           f"{num(1e3 * g['kernel_s'])} | {num(g['speedup_vs_cudnn'])}× | {num(g['max_rel_error'], 4)} |")
+            out.append("")
     return "\n".join(out)
 
 

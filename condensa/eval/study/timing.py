@@ -131,17 +131,64 @@ def relative_error(out, ref) -> float:
     return float(np.linalg.norm(out - ref) / np.linalg.norm(ref)) if np.all(np.isfinite(out)) else float("inf")
 
 
+def time_prefill_rule(attention, thresholds, qkv, scale, settings, cudnn_s: float) -> dict:
+    """One rule's prefill attention over every layer's q, k, v: the kernel's time summed over layers
+    (as the model's jitted forward runs it), its tile counts, and its error against the reference
+    op on the first sequence of each layer (the output is NaN-poisoned before the checked call)."""
+    from condensa.attention import _layer_thresholds
+    from condensa.attention.pallas_backend import prefill_kernel_args
+    from condensa.eval.bench.timing import jit_with_options, measure
+    from condensa.kernels import toptheta_prefill
+
+    t = qkv[0][0].shape[1]
+    acc = {"kernel_s": 0.0, "causal": 0, "listed": 0, "empty": 0, "max_rel_error": 0.0}
+    for layer, (q, k, v) in enumerate(qkv):
+        kwargs = prefill_kernel_args(attention, _layer_thresholds(attention, thresholds, layer), layer, t)
+        out, stats = toptheta_prefill(q, k, v, scale=scale, poison_output=True, **kwargs)
+        ref = reference_attention(q[:1], k[:1], v[:1], scale=scale, layer=layer, attention=attention,
+                                  thresholds=thresholds)
+        acc["max_rel_error"] = max(acc["max_rel_error"], relative_error(out[:1], ref))
+        # As the model's jitted forward runs it; the output only (the stats' counts are not timed).
+        fast = jit_with_options(lambda *a, **o: toptheta_prefill(*a, **o)[0], scale=scale, **kwargs)
+        acc["kernel_s"] += measure(lambda: fast(q, k, v), warmup=settings.warmup, repeats=settings.repeats)["median_s"]
+        for field in ("causal", "listed", "empty"):
+            acc[field] += int(getattr(stats, field))
+    acc["tile_fraction"] = acc["listed"] / max(acc["causal"], 1)
+    acc["empty_fraction"] = acc["empty"] / max(acc["listed"], 1)
+    acc["speedup_vs_cudnn"] = cudnn_s / acc["kernel_s"]
+    return acc
+
+
+def prefill_grid(config: StudyConfig, name: str, evaluation: dict, qkv, scale, settings, cudnn_s: float) -> list[dict]:
+    """Prefill attention with every calibrated rule the evaluation measured: Top-θ at each k, and
+    gate + Top-θ at each budget at the gated k (with and without SDC + VMC), each with its Δppl on
+    held-out corpus text next to its speed and tile fraction (the issue's table, on real q, k, v
+    and thresholds instead of synthetic ones)."""
+    cal = config.calibration
+    out = []
+    for row in evaluation["corpus"]["rows"]:
+        if row["method"] != "toptheta" or row.get("decode_gate"):
+            continue
+        f, comp = row["tile_budget"], row["compensation"] != "none"
+        attention = AttentionConfig(mode="toptheta", k=row["k"], backend="pallas", tile_gate=f is not None,
+                                    block_q=cal.tile, block_k=cal.tile, tile_budget=f or 0.125,
+                                    sink_tiles=cal.sink_tiles, sdc="calibrated" if comp else "none", vmc=comp)
+        timed = time_prefill_rule(attention, thresholds_for(config, name, row["k"], f), qkv, scale, settings, cudnn_s)
+        out.append({"label": row["label"], "k": row["k"], "tile_budget": f, "compensation": row["compensation"],
+                    "delta_ppl_rel": row["delta_ppl_rel"], **timed})
+    return out
+
+
 DECODE_CALLS = 10  # decode calls dispatched back to back per timed repeat, as a generation loop runs them
 
 
 def time_model(config: StudyConfig, name: str, evaluation: dict) -> dict:
     from condensa.attention import _layer_thresholds
-    from condensa.attention.pallas_backend import decode_kernel_args, prefill_kernel_args
+    from condensa.attention.pallas_backend import decode_kernel_args
     from condensa.eval.bench.decode import DecodeBenchConfig, dense_baselines, head_major, tile_state
     from condensa.eval.bench.timing import jit_with_options, measure
     from condensa.eval.study.data import held_out
     from condensa.eval.study.training import ensure_model
-    from condensa.kernels import toptheta_prefill
     from condensa.kernels.toptheta_decode import toptheta_decode
     from condensa.model import load_pretrained
 
@@ -210,23 +257,9 @@ def time_model(config: StudyConfig, name: str, evaluation: dict) -> dict:
     for layer, (q, k, v) in enumerate(qkv):
         prefill["cudnn_s"] += measure(lambda: cudnn(q, k, v), warmup=settings.warmup, repeats=settings.repeats)["median_s"]
     for rule, (attention, thresholds) in rules.items():
-        acc = {"kernel_s": 0.0, "causal": 0, "listed": 0, "empty": 0, "max_rel_error": 0.0}
-        for layer, (q, k, v) in enumerate(qkv):
-            kwargs = prefill_kernel_args(attention, _layer_thresholds(attention, thresholds, layer), layer, t)
-            out, stats = toptheta_prefill(q, k, v, scale=scale, poison_output=True, **kwargs)
-            ref = reference_attention(q[:1], k[:1], v[:1], scale=scale, layer=layer, attention=attention,
-                                      thresholds=thresholds)
-            acc["max_rel_error"] = max(acc["max_rel_error"], relative_error(out[:1], ref))
-            # As the model's jitted forward runs it; the output only (the stats' counts are not timed).
-            fast = jit_with_options(lambda *a, **o: toptheta_prefill(*a, **o)[0], scale=scale, **kwargs)
-            acc["kernel_s"] += measure(lambda: fast(q, k, v), warmup=settings.warmup,
-                                       repeats=settings.repeats)["median_s"]
-            for field in ("causal", "listed", "empty"):
-                acc[field] += int(getattr(stats, field))
-        acc["tile_fraction"] = acc["listed"] / max(acc["causal"], 1)
-        acc["empty_fraction"] = acc["empty"] / max(acc["listed"], 1)
-        acc["speedup_vs_cudnn"] = prefill["cudnn_s"] / acc["kernel_s"]
-        prefill["rules"][rule] = acc
+        prefill["rules"][rule] = time_prefill_rule(attention, thresholds, qkv, scale, settings, prefill["cudnn_s"])
+    if settings.prefill_grid:
+        prefill["grid"] = prefill_grid(config, name, evaluation, qkv, scale, settings, prefill["cudnn_s"])
     result["prefill_attention"] = prefill
 
     # ---- decoding: the last position against the full cache ---------------------------------
