@@ -16,7 +16,7 @@ from condensa.attention.config import AttentionConfig
 from condensa.attention import pallas_backend as _pallas_backend
 from condensa.attention.dense import attention_scores, masked_softmax, weighted_values
 from condensa.attention.gqa import repeat_kv
-from condensa.attention.rows import lookup_by_length, row_lengths
+from condensa.attention.rows import join_rows, lookup_by_length, row_lengths, split_rows
 from condensa.attention.tile_gate import gate_mask
 from condensa.attention.topk import topk_probs
 from condensa.attention.toptheta import toptheta_post_probs, toptheta_pre_probs, v_mean_compensation
@@ -124,7 +124,14 @@ def attend(
     if chunks > 1:
         return attend_in_row_chunks(q, k, v, visible=visible, scale=scale, layer_idx=layer_idx, config=config,
                                     thresholds=thresholds, chunks=chunks), None
-    probs = sparse_probs(q, k, visible=visible, scale=scale, layer_idx=layer_idx, config=config, thresholds=thresholds)
+    return _reference_pass(q, k, v, visible=visible, scale=scale, layer_idx=layer_idx, config=config,
+                           thresholds=thresholds, probs_dropout=probs_dropout)
+
+
+def _reference_pass(q, k, v, *, visible, scale, layer_idx, config, thresholds, probs_dropout=None, allowed=None):
+    """The reference op in one pass: `(out, probs)` for these query rows (`allowed`: see `sparse_probs`)."""
+    probs = sparse_probs(q, k, visible=visible, scale=scale, layer_idx=layer_idx, config=config,
+                         thresholds=thresholds, allowed=allowed)
     applied = probs_dropout(probs) if probs_dropout is not None else probs
     out = weighted_values(applied, v)
     if config.vmc and config.mode != "dense" and not config.is_dense_layer(layer_idx):
@@ -147,33 +154,24 @@ def row_chunks(tq: int, tk: int) -> int:
 def attend_in_row_chunks(q, k, v, *, visible, scale, layer_idx, config, thresholds, chunks: int) -> jax.Array:
     """The reference op's output, computed `Tq / chunks` query rows at a time under `lax.map`, so only
     one chunk's [B, H, rows, Tk] float32 arrays are alive (one pass of the 16k study's model: about
-    24 GB of temporaries, in chunks about 5 GB; docs/benchmarks.md). Every rule is row-wise once the gate's element mask is known (the prefill gate
-    pools whole query tiles), so that mask is computed first, for all rows, as bool."""
-    b, tq, h, d = q.shape
-    tk = k.shape[1]
-    rows = tq // chunks
-    visible = jnp.broadcast_to(visible, (b, visible.shape[1], tq, tk))
+    24 GB of temporaries, in chunks about 5 GB; docs/benchmarks.md). Every rule is row-wise once
+    the gate's element mask is known (the prefill gate pools whole query tiles), so that mask is
+    computed first, for all rows, as bool."""
+    b, tq = q.shape[:2]
+    visible = jnp.broadcast_to(visible, (b, visible.shape[1], tq, k.shape[1]))
     gated = config.tile_gate and not config.is_dense_layer(layer_idx)
     allowed = visible
     if gated:
         layer = _layer_thresholds(config, thresholds, layer_idx)
         allowed = gate_mask(q, k, visible, scale=scale, layer=layer, config=config)
 
-    def split(x, axis):  # [..., Tq, ...] -> [chunks, ..., rows, ...]
-        x = x.reshape(*x.shape[:axis], chunks, rows, *x.shape[axis + 1:])
-        return jnp.moveaxis(x, axis, 0)
-
     def one_chunk(args):
         q_c, visible_c, allowed_c = args
-        probs = sparse_probs(q_c, k, visible=visible_c, scale=scale, layer_idx=layer_idx, config=config,
-                             thresholds=thresholds, allowed=allowed_c if gated else None)
-        out = weighted_values(probs, v)
-        if config.vmc and config.mode != "dense" and not config.is_dense_layer(layer_idx):
-            out = v_mean_compensation(out, probs, v, visible_c)
-        return out
+        return _reference_pass(q_c, k, v, visible=visible_c, scale=scale, layer_idx=layer_idx, config=config,
+                               thresholds=thresholds, allowed=allowed_c if gated else None)[0]
 
-    outs = jax.lax.map(one_chunk, (split(q, 1), split(visible, 2), split(allowed, 2)))  # [chunks, B, rows, H, D]
-    return jnp.moveaxis(outs, 0, 1).reshape(b, tq, h, d)
+    chunked = (split_rows(q, 1, chunks), split_rows(visible, 2, chunks), split_rows(allowed, 2, chunks))
+    return join_rows(jax.lax.map(one_chunk, chunked), 1)  # [chunks, B, rows, H, D] -> [B, Tq, H, D]
 
 
 def is_plain_dense(config: AttentionConfig, layer_idx: int) -> bool:

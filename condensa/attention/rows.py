@@ -1,4 +1,5 @@
-"""Per-row helpers shared by the sparse rules: row lengths, threshold lookup, the empty-row rule."""
+"""Per-row helpers shared by the sparse rules: row lengths, threshold lookup, the empty-row rule,
+and row chunks for the passes that work through long sequences a chunk of rows at a time."""
 
 from __future__ import annotations
 
@@ -42,3 +43,16 @@ def keep_largest_if_empty(keep: jax.Array, scores: jax.Array, allowed: jax.Array
 def safe_divide(num: jax.Array, den: jax.Array) -> jax.Array:
     """num / den with 0 where den is 0 (rows with nothing kept), so no NaN ever leaves a rule."""
     return jnp.where(den > 0, num / jnp.where(den > 0, den, 1.0), 0.0)
+
+
+def split_rows(x: jax.Array, axis: int, chunks: int) -> jax.Array:
+    """[..., T, ...] -> [chunks, ..., T / chunks, ...]: `chunks` equal row chunks along `axis`, for lax.map."""
+    x = x.reshape(*x.shape[:axis], chunks, x.shape[axis] // chunks, *x.shape[axis + 1:])
+    return jnp.moveaxis(x, axis, 0)
+
+
+def join_rows(x: jax.Array, axis: int) -> jax.Array:
+    """The inverse of `split_rows` for lax.map's stacked results: [chunks, ..., rows, ...] with the
+    rows at `axis` of each chunk -> [..., chunks * rows, ...]."""
+    x = jnp.moveaxis(x, 0, axis)
+    return x.reshape(*x.shape[:axis], -1, *x.shape[axis + 2:])

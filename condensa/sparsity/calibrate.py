@@ -26,8 +26,8 @@ from flax import nnx
 
 from condensa.attention import AttentionConfig, row_chunks
 from condensa.attention.dense import attention_scores
-from condensa.attention.rows import masked_max
-from condensa.attention.tile_gate import decode_gate_layout, decode_gate_scores
+from condensa.attention.rows import join_rows, masked_max, split_rows
+from condensa.attention.tile_gate import decode_gate_layout, decode_gate_scores, decode_rows_kept_tiles
 from condensa.attention.tiles import (
     expand_tiles, optional_tiles, pooled_gate_scores, tile_budgets, tile_count, top_m_tiles,
 )
@@ -92,7 +92,7 @@ def layer_row_statistics(q, k, scale, *, k_l: int, placement: str, gate: GateSpe
     The element statistics sort whole rows of [B, H, T, T] scores, so at long T they are taken a
     chunk of rows at a time (`row_chunks`, as the reference attention does). The gate's statistics
     are per tile and small."""
-    b, t, h, d = q.shape
+    t = q.shape[1]
     out = {}
     tiles = None
     if gate is not None:
@@ -134,10 +134,9 @@ def layer_row_statistics(q, k, scale, *, k_l: int, placement: str, gate: GateSpe
     if chunks == 1:
         out["theta"], out["delta"] = element_statistics((q, 0))
         return out
-    rows = t // chunks
-    q_chunks = jnp.moveaxis(q.reshape(b, chunks, rows, h, d), 1, 0)
-    theta, delta = jax.lax.map(element_statistics, (q_chunks, jnp.arange(chunks) * rows))  # [chunks, B, H, rows]
-    out["theta"], out["delta"] = (jnp.moveaxis(x, 0, 2).reshape(b, h, t) for x in (theta, delta))
+    starts = jnp.arange(chunks) * (t // chunks)
+    theta, delta = jax.lax.map(element_statistics, (split_rows(q, 1, chunks), starts))  # [chunks, B, H, rows]
+    out["theta"], out["delta"] = join_rows(theta, 2), join_rows(delta, 2)
     return out
 
 
@@ -414,14 +413,13 @@ def forward_probs_and_gates(graphdef, state, ids, thresholds, *, attention):
 def decode_gate_kept_counts(model, ids, attention: AttentionConfig, thresholds) -> list:
     """Per layer, int32 [B, H, T]: how many optional key tiles the decode gate would keep for each
     position if it were decoded as a single query (rows with nothing to gate keep all)."""
-    t = ids.shape[1]
-    optional, _ = decode_gate_layout(t, attention.block_k, attention.tile_budget, attention.sink_tiles)
-    last = np.minimum(np.arange(t) // attention.block_k, thresholds.tile_theta_decode.shape[-1] - 1)
+    optional, _ = decode_gate_layout(ids.shape[1], attention.block_k, attention.tile_budget, attention.sink_tiles)
 
     def per_layer(layer, q, k, v, scale):
-        scores = decode_gate_scores(q, k, scale, attention.block_k)  # [B, H, T, nk]
-        theta = jnp.asarray(thresholds.for_layer(layer).tile_theta_decode)[:, last]  # [H, T]
-        return (optional & (scores > theta[None, :, :, None])).sum(axis=-1)
+        kept = decode_rows_kept_tiles(
+            q, k, scale=scale, tile_theta_decode=thresholds.for_layer(layer).tile_theta_decode,
+            block_k=attention.block_k, tile_budget=attention.tile_budget, sink_tiles=attention.sink_tiles)
+        return (kept & optional).sum(axis=-1)
 
     return walk_layers(model, ids, attention, thresholds, per_layer)
 
