@@ -34,3 +34,23 @@ def test_accumulated_step_equals_one_big_batch(tmp_path):
     for a, b in zip(jax.tree.leaves(p1), jax.tree.leaves(p2)):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6)
     assert float(m1["L_topk"]) > 0
+
+
+def test_eval_without_attention_metrics_keeps_the_same_loss(tmp_path):
+    """eval_attention_metrics=False (long contexts) gives the loss alone, through the fused attention,
+    and that loss equals the one evaluated with the probabilities; one sequence at a time (as the
+    loop evaluates) averages to the whole batch's loss."""
+    from condensa.train.step import make_eval_step
+
+    cfg = tiny_config(tmp_path / "unused", 30)
+    model, _ = build_model(cfg, 256)
+    graphdef, state = nnx.split((model, build_optimizer(model, cfg.optimizer, cfg.train.steps)))
+    flat = FlatState.of(state)
+    batch = jnp.asarray(np.random.default_rng(1).integers(0, 256, (4, 33)), jnp.int32)
+    full = make_eval_step(graphdef, cfg.loss, cfg.loss.topk.k, 32)(flat, batch)
+    lean = make_eval_step(graphdef, cfg.loss, cfg.loss.topk.k, 32, attention_metrics=False)
+    alone = lean(flat, batch)
+    assert set(alone) == {"val_loss"} and "elements_95" in full
+    np.testing.assert_allclose(float(alone["val_loss"]), float(full["val_loss"]), rtol=1e-5)
+    per_sequence = np.mean([float(lean(flat, batch[i:i + 1])["val_loss"]) for i in range(4)])
+    np.testing.assert_allclose(per_sequence, float(full["val_loss"]), rtol=1e-5)

@@ -92,6 +92,9 @@ class TrainLoopConfig:
     remat: bool = True
     eval_every: int = 200
     eval_batches: int = 8  # 0 turns evaluation off
+    # top-k / tile masses in evaluation: they hold every layer's [H, T, T] probabilities of one
+    # sequence (38 GB at T = 16k for a 6-layer, 6-head model); false keeps the validation loss alone
+    eval_attention_metrics: bool = True
     log_every: int = 10
     export: bool = True  # write an HF directory (out/hf) at the end
 

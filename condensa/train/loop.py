@@ -93,7 +93,8 @@ def train(cfg: TrainConfig) -> dict[str, float]:
     shardings = parallel.state_shardings(state, mesh, cfg.mesh.fsdp)
     state = jax.device_put(state, shardings)
     train_step = make_train_step(graphdef, cfg.loss, state_shardings=shardings)
-    eval_step = make_eval_step(graphdef, cfg.loss, cfg.loss.topk.k, cfg.data.seq_len)
+    eval_step = make_eval_step(graphdef, cfg.loss, cfg.loss.topk.k, cfg.data.seq_len,
+                               attention_metrics=cfg.train.eval_attention_metrics)
     batch_sharding = parallel.batch_sharding(mesh)
     eval_sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
 
@@ -112,11 +113,13 @@ def train(cfg: TrainConfig) -> dict[str, float]:
     del state  # the loop carries `flat`; `flat.state` rebuilds the nnx.State when one is needed
 
     def evaluate(step: int) -> dict[str, float]:
+        # one sequence per call: the attention metrics hold [H, T, T] per layer, which for a whole
+        # batch of long sequences does not fit (42 GiB for 4 x 8192 tokens on a 6-layer model)
         sums: dict[str, float] = {}
-        batches = _eval_batches(data, cfg)
-        for batch in batches:
-            for k, v in _host(eval_step(flat, jax.device_put(batch, eval_sharding))).items():
-                sums[k] = sums.get(k, 0.0) + v / len(batches)
+        sequences = [row[None] for batch in _eval_batches(data, cfg) for row in batch]
+        for sequence in sequences:
+            for k, v in _host(eval_step(flat, jax.device_put(sequence, eval_sharding))).items():
+                sums[k] = sums.get(k, 0.0) + v / len(sequences)
         sums["val_ppl"] = math.exp(min(sums["val_loss"], 50.0))
         log.write({"kind": "eval", "step": step, **sums})
         return sums

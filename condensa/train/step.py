@@ -105,22 +105,27 @@ def _train_step(graphdef, cfg: LossConfig, sharding_leaves: tuple, sharding_tree
     return jax.jit(train_step, donate_argnums=0, out_shardings=out_shardings)
 
 
-def make_eval_step(graphdef, cfg: LossConfig, k: int, seq_len: int):
+def make_eval_step(graphdef, cfg: LossConfig, k: int, seq_len: int, *, attention_metrics: bool = True):
     """`eval_step(FlatState, batch [B, T+1]) -> metrics`: validation loss and sparsity metrics of the
     dense model (dropout off). Tile metrics need seq_len to be a multiple of loss.tile_size.
+    The metrics hold every layer's [B, H, T, T] probabilities; attention_metrics=False leaves them
+    out (the loss alone, through the fused attention), for contexts where those do not fit.
     The loss weights do not matter here, so runs that differ only in them share one compile."""
-    return _eval_step(graphdef, cfg.tile_size, cfg.tile.f, cfg.sink_tiles, k, seq_len % cfg.tile_size == 0)
+    return _eval_step(graphdef, cfg.tile_size, cfg.tile.f, cfg.sink_tiles, k, seq_len % cfg.tile_size == 0,
+                      attention_metrics)
 
 
 @functools.lru_cache(maxsize=16)
-def _eval_step(graphdef, tile_size: int, f: float, sink_tiles: int, k: int, with_tiles: bool):
+def _eval_step(graphdef, tile_size: int, f: float, sink_tiles: int, k: int, with_tiles: bool, attention_metrics: bool):
 
     def eval_step(flat: FlatState, batch):
         model, _ = nnx.merge(graphdef, flat.state)
         model.eval()
         inputs, targets = batch[:, :-1], batch[:, 1:]
-        out = model(inputs, return_attention=True)
+        out = model(inputs, return_attention=attention_metrics)
         metrics = {"val_loss": optax.softmax_cross_entropy_with_integer_labels(out.logits, targets).mean()}
+        if not attention_metrics:
+            return metrics
         probs = out.attentions
 
         def topk_mass(p):

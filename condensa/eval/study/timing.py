@@ -143,7 +143,8 @@ def time_prefill_rule(attention, thresholds, qkv, scale, settings, cudnn_s: floa
     t = qkv[0][0].shape[1]
     acc = {"kernel_s": 0.0, "causal": 0, "listed": 0, "empty": 0, "max_rel_error": 0.0}
     for layer, (q, k, v) in enumerate(qkv):
-        kwargs = prefill_kernel_args(attention, _layer_thresholds(attention, thresholds, layer), layer, t)
+        layer_table = _layer_thresholds(attention, thresholds, layer) if thresholds is not None else None  # dense
+        kwargs = prefill_kernel_args(attention, layer_table, layer, t)
         out, stats = toptheta_prefill(q, k, v, scale=scale, poison_output=True, **kwargs)
         ref = reference_attention(q[:1], k[:1], v[:1], scale=scale, layer=layer, attention=attention,
                                   thresholds=thresholds)
@@ -256,7 +257,8 @@ def time_model(config: StudyConfig, name: str, evaluation: dict) -> dict:
     prefill = {"cudnn_s": 0.0, "rules": {}}
     for layer, (q, k, v) in enumerate(qkv):
         prefill["cudnn_s"] += measure(lambda: cudnn(q, k, v), warmup=settings.warmup, repeats=settings.repeats)["median_s"]
-    for rule, (attention, thresholds) in rules.items():
+    # the kernel's dense mode (θ = −inf) first: the floor the sparse rules are measured against
+    for rule, (attention, thresholds) in {"dense kernel": (AttentionConfig(backend="pallas"), None), **rules}.items():
         prefill["rules"][rule] = time_prefill_rule(attention, thresholds, qkv, scale, settings, prefill["cudnn_s"])
     if settings.prefill_grid:
         prefill["grid"] = prefill_grid(config, name, evaluation, qkv, scale, settings, prefill["cudnn_s"])
