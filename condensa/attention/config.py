@@ -79,6 +79,9 @@ class AttentionConfig:
     dense_layers: layers that always run dense attention.
     tile_gate with block_q, block_k, tile_budget (f) and sink_tiles: the tile gate in front of the
       element rule (needs calibrated tile thresholds).
+    tile_cap: with the gate, keep at most the budget's m_b optional tiles per query tile (or
+      decoding row), the best-scored of those above Θ, so f bounds the work. Without it a
+      calibrated Θ can keep most tiles of long rows (docs/study-8k).
     decode_gate_rows: with the gate, gate every query row of a full sequence as its decoding step
       would (single query against Θ_dec), in one pass: the perplexity decoding would give
       (reference backend).
@@ -97,6 +100,7 @@ class AttentionConfig:
     block_k: int = 128
     tile_budget: float = 0.125
     sink_tiles: int = 1
+    tile_cap: bool = False
     decode_gate_rows: bool = False
     backend: str = "reference"
 
@@ -122,6 +126,8 @@ class AttentionConfig:
             raise ConfigError(f"tile_budget f must be in (0, 1]; got {self.tile_budget}.")
         if self.sink_tiles < 0:
             raise ConfigError(f"sink_tiles must be >= 0; got {self.sink_tiles}.")
+        if self.tile_cap and not self.tile_gate:
+            raise ConfigError("tile_cap caps the tile gate at its budget, so it needs tile_gate=True.")
         if self.decode_gate_rows and not self.tile_gate:
             raise ConfigError("decode_gate_rows gates rows as decoding does, so it needs tile_gate=True.")
 

@@ -93,7 +93,8 @@ def _rule_args(config, layer, layer_idx: int, n: int) -> dict:
     the gate's sink tiles and budget (the gate's own table and tile sizes differ per kernel)."""
     theta, sdc = element_tables(config, layer, layer_idx, n) if layer is not None else (None, None)
     return dict(theta=theta, sdc_delta=sdc, sdc_gamma=config.gamma, vmc=_vmc(config, layer_idx),
-                sink_tiles=config.sink_tiles, tile_budget=config.tile_budget if _is_gated(config, layer_idx) else None)
+                sink_tiles=config.sink_tiles, tile_budget=config.tile_budget if _is_gated(config, layer_idx) else None,
+                tile_cap=config.tile_cap and _is_gated(config, layer_idx))
 
 
 def prefill_kernel_args(config, layer, layer_idx: int, t: int) -> dict:

@@ -5,6 +5,8 @@ tile t with `scale * q̄_b · k̄_t > Θ[h, b]`. Decode: the single query is its
 `scale * q · k̄_t > Θ_dec[h, t_last]`, t_last being the index of the last visible key tile.
 When a query tile has no more optional tiles than its budget m_b, it keeps them all (the tile
 analogue of "rows with n <= k stay dense"); the calibration never sees those tiles either.
+With `tile_cap`, no query tile (or decoding row) keeps more than m_b optional tiles: the m_b with
+the largest gate scores among those above Θ (`cap_at_budget`, shared with the kernels' pre-pass).
 
 `decode_gate_rows` gates every row of a full sequence as its decoding step would, in one pass
 (teacher-forced decoding), so that perplexity can measure the decode gate's cost.
@@ -23,6 +25,7 @@ from condensa.attention.tiles import (
     expand_tiles, mandatory_tiles, optional_tiles, pooled_gate_scores, tile_budgets, tile_count, tile_means,
 )
 from condensa.errors import ConfigError
+from condensa.kernels.tile_gate_prepass import cap_at_budget
 
 
 def key_validity(visible: jax.Array) -> jax.Array:
@@ -32,7 +35,7 @@ def key_validity(visible: jax.Array) -> jax.Array:
 
 def prefill_kept_tiles(
     q: jax.Array, k: jax.Array, *, scale: float, key_valid: jax.Array, tile_theta: jax.Array,
-    block_q: int, block_k: int, tile_budget: float, sink_tiles: int,
+    block_q: int, block_k: int, tile_budget: float, sink_tiles: int, tile_cap: bool = False,
 ) -> jax.Array:
     """bool [B, H, nq, nk]: the key tiles each query tile keeps. tile_theta: [H, NQ]."""
     tq, tk = q.shape[1], k.shape[1]
@@ -40,16 +43,20 @@ def prefill_kept_tiles(
     scores = pooled_gate_scores(q, k, scale, block_q, block_k, key_valid)
     mandatory = mandatory_tiles(nq, nk, block_q, block_k, sink_tiles)
     optional = optional_tiles(nq, nk, block_q, block_k, sink_tiles)
-    keep_all = optional.sum(axis=-1) <= tile_budgets(nq, tile_budget)  # [nq], static
+    budgets = tile_budgets(nq, tile_budget)
+    keep_all = optional.sum(axis=-1) <= budgets  # [nq], static
     rows = np.minimum(np.arange(nq), tile_theta.shape[-1] - 1)
     theta = jnp.asarray(tile_theta, jnp.float32)[:, rows][None, :, :, None]  # [1, H, nq, 1]
-    chosen = (scores > theta) | keep_all[:, None]
+    chosen = scores > theta
+    if tile_cap:
+        chosen = cap_at_budget(chosen & optional, scores, budgets)
+    chosen = chosen | keep_all[:, None]
     return mandatory | (optional & chosen)
 
 
 def decode_kept_tiles(
     q: jax.Array, k: jax.Array, *, scale: float, visible: jax.Array, tile_theta_decode: jax.Array,
-    block_k: int, tile_budget: float, sink_tiles: int,
+    block_k: int, tile_budget: float, sink_tiles: int, tile_cap: bool = False,
 ) -> jax.Array:
     """bool [B, H, 1, nk] for one query per sequence (q [B, 1, H, D]) against the cached keys."""
     tk = k.shape[1]
@@ -68,7 +75,10 @@ def decode_kept_tiles(
     keep_all = optional.sum(axis=-1) <= budget  # [B]
     idx = jnp.minimum(last_tile, tile_theta_decode.shape[-1] - 1)
     theta = jnp.take(jnp.asarray(tile_theta_decode, jnp.float32), idx, axis=1).T  # [B, H]
-    chosen = (scores > theta[..., None]) | keep_all[:, None, None]
+    chosen = scores > theta[..., None]
+    if tile_cap:
+        chosen = cap_at_budget(chosen & optional[:, None], scores, budget[:, None])
+    chosen = chosen | keep_all[:, None, None]
     kept = mandatory[:, None] | (optional[:, None] & chosen)
     return kept[:, :, None, :]
 
@@ -92,7 +102,7 @@ def decode_gate_layout(t: int, block_k: int, tile_budget: float, sink_tiles: int
 
 def decode_rows_kept_tiles(
     q: jax.Array, k: jax.Array, *, scale: float, tile_theta_decode: jax.Array, block_k: int, tile_budget: float,
-    sink_tiles: int,
+    sink_tiles: int, tile_cap: bool = False,
 ) -> jax.Array:
     """bool [B, H, T, nk]: the key tiles each query row i keeps when it is gated as the decoding
     step at slot i gates it (`decode_kept_tiles`), for all rows in one pass. This is teacher-forced
@@ -106,8 +116,11 @@ def decode_rows_kept_tiles(
     keep_all = optional.sum(axis=-1) <= budgets  # [T]: rows with nothing to choose keep every tile
     rows = np.minimum(last, tile_theta_decode.shape[-1] - 1)
     theta = jnp.asarray(tile_theta_decode, jnp.float32)[:, rows]  # [H, T]
-    chosen = (decode_gate_scores(q, k, scale, block_k) > theta[None, :, :, None]) | keep_all[:, None]
-    return mandatory | (optional & chosen)
+    scores = decode_gate_scores(q, k, scale, block_k)
+    chosen = scores > theta[None, :, :, None]
+    if tile_cap:
+        chosen = cap_at_budget(chosen & optional, scores, budgets)
+    return mandatory | (optional & (chosen | keep_all[:, None]))
 
 
 def gate_mask(
@@ -121,17 +134,19 @@ def gate_mask(
                               "keys; it needs the whole sequence at once (no KV cache).")
         tiles = decode_rows_kept_tiles(
             q, k, scale=scale, tile_theta_decode=layer.tile_theta_decode, block_k=config.block_k,
-            tile_budget=config.tile_budget, sink_tiles=config.sink_tiles,
+            tile_budget=config.tile_budget, sink_tiles=config.sink_tiles, tile_cap=config.tile_cap,
         )
         return visible & expand_tiles(tiles, 1, config.block_k, tq, tk)
     if tq == 1:
         tiles = decode_kept_tiles(
             q, k, scale=scale, visible=visible, tile_theta_decode=layer.tile_theta_decode,
             block_k=config.block_k, tile_budget=config.tile_budget, sink_tiles=config.sink_tiles,
+            tile_cap=config.tile_cap,
         )
         return visible & expand_tiles(tiles, 1, config.block_k, 1, tk)
     tiles = prefill_kept_tiles(
         q, k, scale=scale, key_valid=key_validity(visible), tile_theta=layer.tile_theta,
         block_q=config.block_q, block_k=config.block_k, tile_budget=config.tile_budget, sink_tiles=config.sink_tiles,
+        tile_cap=config.tile_cap,
     )
     return visible & expand_tiles(tiles, config.block_q, config.block_k, tq, tk)

@@ -35,18 +35,21 @@ COMPENSATIONS = {"none": dict(sdc="none", vmc=False), "sdc+vmc": dict(sdc="calib
 class Variant:
     """One attention rule of the sweep: top-k (exact), Top-θ, gate + Top-θ, or the gate alone
     (method "dense": dense inside the kept tiles, so its cost is the gate's own). `decode_gate`
-    gates every row as its decoding step would (`AttentionConfig.decode_gate_rows`)."""
+    gates every row as its decoding step would (`AttentionConfig.decode_gate_rows`); `tile_cap` keeps
+    at most the budget's tiles (`AttentionConfig.tile_cap`)."""
 
     method: str  # "topk" | "toptheta" | "dense" (gate alone)
     k: int
     tile_budget: float | None = None  # None: no tile gate
     compensation: str = "none"
     decode_gate: bool = False
+    tile_cap: bool = False
 
     @property
     def label(self) -> str:
         """The legend name of this rule at any k (one plot line per label)."""
-        gate = None if self.tile_budget is None else f"{'decode gate' if self.decode_gate else 'gate'} f={self.tile_budget:g}"
+        kind = ("capped " if self.tile_cap else "") + ("decode gate" if self.decode_gate else "gate")
+        gate = None if self.tile_budget is None else f"{kind} f={self.tile_budget:g}"
         if self.method == "dense":
             return f"{gate} alone"
         rule = "top-k" if self.method == "topk" else "Top-θ"
@@ -59,7 +62,7 @@ class Variant:
         return AttentionConfig(
             mode=self.method, k=self.k, tile_gate=gate, block_q=tile, block_k=tile,
             tile_budget=self.tile_budget if gate else 0.125, sink_tiles=sink_tiles, decode_gate_rows=self.decode_gate,
-            **COMPENSATIONS[self.compensation],
+            tile_cap=gate and self.tile_cap, **COMPENSATIONS[self.compensation],
         )
 
 
@@ -83,12 +86,13 @@ def parse_tile_budgets(values: Sequence[Any]) -> list[float | None]:
 
 
 def variants(ks: Sequence[int], tile_budgets: Sequence[float | None], compensations: Sequence[str],
-             gate_ks: Sequence[int] | None = None, *, gate_alone: bool = False, decode_gate: bool = False) -> list[Variant]:
+             gate_ks: Sequence[int] | None = None, *, gate_alone: bool = False, decode_gate: bool = False,
+             tile_cap: bool = False) -> list[Variant]:
     """Top-k at every k (without a gate: it is the oracle the others approximate), then Top-θ and
     gate + Top-θ with each compensation. `gate_ks` limits the gated rules to those k (a study grid
     that crosses every k with every budget costs more than it tells). `gate_alone` adds the gate
     with dense tiles at every budget (the gate's own perplexity cost); `decode_gate` adds every
-    gated rule again with rows gated as decoding gates them."""
+    gated rule again with rows gated as decoding gates them. `tile_cap` caps every gate at its budget."""
     unknown = [c for c in compensations if c not in COMPENSATIONS]
     if unknown or not compensations:
         raise ConfigError(f"compensation variants must be among {', '.join(COMPENSATIONS)}; got {list(compensations)}.")
@@ -100,10 +104,11 @@ def variants(ks: Sequence[int], tile_budgets: Sequence[float | None], compensati
             if f is not None and gate_ks is not None and k not in gate_ks:
                 continue
             for rows in gate_modes if f is not None else (False,):
-                out.extend(Variant("toptheta", k, f, c, rows) for c in compensations)
+                out.extend(Variant("toptheta", k, f, c, rows, tile_cap and f is not None) for c in compensations)
     if gate_alone:
         k = (gate_ks or ks)[0]  # the gate's thresholds are calibrated with those of some k; any one serves
-        out.extend(Variant("dense", k, f, "none", rows) for f in tile_budgets if f is not None for rows in gate_modes)
+        out.extend(Variant("dense", k, f, "none", rows, tile_cap) for f in tile_budgets if f is not None
+                   for rows in gate_modes)
     return out
 
 
@@ -237,6 +242,7 @@ class SweepSettings:
     gate_ks: Sequence[int] | None = None  # gated rules only at these k (None: at every k)
     gate_alone: bool = False  # also the gate with dense tiles, at every budget (the gate's own cost)
     decode_gate: bool = False  # also every gated rule with rows gated as decoding gates them
+    tile_cap: bool = False  # every gate keeps at most its budget of tiles (AttentionConfig.tile_cap)
     calibration_batch_size: int | None = None  # blocks per calibration step (None: batch_size)
 
 
@@ -267,7 +273,8 @@ def run_sweep(
         raise ConfigError(f"the evaluation text has {eval_ids.size} tokens, fewer than one window of {context}; "
                           "give more text or a smaller --max_length.")
     all_variants = variants(ks, settings.tile_budgets, settings.compensations, settings.gate_ks,
-                            gate_alone=settings.gate_alone, decode_gate=settings.decode_gate)
+                            gate_alone=settings.gate_alone, decode_gate=settings.decode_gate,
+                            tile_cap=settings.tile_cap)
     ppl_kwargs = dict(stride=settings.stride, max_length=context, batch_size=settings.batch_size)
     n_blocks = max(1, min(settings.metric_blocks, eval_ids.size // context))
     blocks = eval_ids[: n_blocks * context].reshape(n_blocks, context)
@@ -312,7 +319,8 @@ def run_sweep(
                    if dense_probs is not None else SKIPPED_METRICS)
         row = {
             "label": v.label, "method": v.method, "k": v.k, "tile_budget": v.tile_budget,
-            "compensation": v.compensation, "decode_gate": v.decode_gate, "ppl": result["ppl"], "nll": result["nll"],
+            "compensation": v.compensation, "decode_gate": v.decode_gate, "tile_cap": v.tile_cap,
+            "ppl": result["ppl"], "nll": result["nll"],
             "delta_ppl": result["ppl"] - dense["ppl"], "delta_ppl_rel": result["ppl"] / dense["ppl"] - 1.0,
             "kept_fraction": metrics["mean"]["kept_fraction"],
             "kept_per_row": metrics["mean"]["kept_per_row"],

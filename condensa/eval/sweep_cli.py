@@ -102,6 +102,7 @@ class SweepConfig:
     decode_steps: int = 16  # KV-cache decoding steps for the V-row fraction (0: skip)
     gate_alone: bool = False  # also the gate with dense tiles at every budget: the gate's own perplexity cost
     decode_gate: bool = False  # also each gated rule with every row gated as its decoding step gates it
+    tile_cap: bool = False  # every gate keeps at most its budget of tiles, the best-scored above Θ
     heatmap_layer: int = 0
     heatmap_head: int = 0
     heatmap_k: int | None = None  # default: the middle k of the sweep
@@ -149,7 +150,7 @@ def run(cfg: SweepConfig) -> dict:
         ks=ks, tile_budgets=budgets, compensations=cfg.compensations, tile=cfg.tile, sink_tiles=cfg.sink_tiles,
         sigma_add=cfg.sigma_add, stride=cfg.stride, max_length=context, batch_size=cfg.batch_size,
         metric_blocks=cfg.metric_blocks, decode_steps=cfg.decode_steps, gate_alone=cfg.gate_alone,
-        decode_gate=cfg.decode_gate,
+        decode_gate=cfg.decode_gate, tile_cap=cfg.tile_cap,
     )
     model_file = Path(cfg.model) / "model.safetensors"
     results = run_sweep(

@@ -47,6 +47,7 @@ from jax.experimental.pallas import triton as pltriton  # masked loads (they als
 
 from condensa.errors import ConfigError
 from condensa.kernels.backend import TPU_BACKENDS, resolve_backend
+from condensa.kernels.tile_gate_prepass import cap_at_budget
 
 _STAT_WIDTH = 8  # per program: survivor max m, denominator l, survivors, V blocks, best score, its slot, -, -
 
@@ -203,13 +204,14 @@ def tile_budgets(n_tiles: int, tile_budget: float | None) -> np.ndarray | None:
 
 
 def kept_tiles(q, k_tile_mean, lengths, starts, *, n_tiles, scale, block_k, tile_theta_decode, sink_tiles,
-               budgets, queries_per_seq):
+               budgets, queries_per_seq, tile_cap=False):
     """bool [Bv, H, nk]: the key tiles each (sequence-query, head) visits.
 
     Geometry is in cache slots, as in the reference gate: the tile holding the last key (index
     `t_count - 1`) and the first `sink_tiles` tiles are mandatory, every other tile before the last
     is kept when `scale * q · k̄_t > Θ_dec[h, t_count - 1]`. With `tile_budget` f, a row with no
-    more optional tiles than `budgets[t_count - 1]` (see `tile_budgets`) keeps them all. Tiles holding no visible
+    more optional tiles than `budgets[t_count - 1]` (see `tile_budgets`) keeps them all, and with
+    `tile_cap` no row keeps more than that many (`cap_at_budget`). Tiles holding no visible
     key (all before `starts`, or past the cache length) are never visited.
     """
     nk = n_tiles
@@ -231,6 +233,8 @@ def kept_tiles(q, k_tile_mean, lengths, starts, *, n_tiles, scale, block_k, tile
     optional = (t < last) & (t >= sink_tiles)
     if budgets is not None:
         budget = jnp.asarray(budgets)[last]
+        if tile_cap:
+            chosen = cap_at_budget(chosen & optional, scores, budget[..., 0])
         chosen = chosen | (jnp.sum(optional, axis=-1, keepdims=True) <= budget)
     return in_cache & (mandatory | (optional & chosen))
 
@@ -290,9 +294,9 @@ def _combine(acc, stats, v, seq_of_row, n_visible, sdc, v_mean, vmc):
     return out
 
 
-@functools.partial(jax.jit, static_argnames=("opts", "vmc", "sink_tiles", "sdc_gamma"))
+@functools.partial(jax.jit, static_argnames=("opts", "vmc", "sink_tiles", "sdc_gamma", "tile_cap"))
 def _decode(q, k, v, lengths, starts, theta, sdc_delta, v_mean, k_tile_mean, tile_theta_decode, budgets, *,
-            sdc_gamma, opts: DecodeOptions, vmc, sink_tiles):
+            sdc_gamma, opts: DecodeOptions, vmc, sink_tiles, tile_cap=False):
     b, tq, h, d = q.shape
     lengths = lengths.astype(jnp.int32)
     starts = jnp.zeros((b,), jnp.int32) if starts is None else starts.astype(jnp.int32)
@@ -309,7 +313,7 @@ def _decode(q, k, v, lengths, starts, theta, sdc_delta, v_mean, k_tile_mean, til
 
     keep = kept_tiles(qv, k_tile_mean, lengths_v, starts_v, n_tiles=sp // bk, scale=opts.scale, block_k=bk,
                       tile_theta_decode=tile_theta_decode, sink_tiles=sink_tiles, budgets=budgets,
-                      queries_per_seq=tq)
+                      queries_per_seq=tq, tile_cap=tile_cap)
     count = jnp.sum(keep, axis=-1, dtype=jnp.int32)  # [Bv, H]
     tiles = compact(keep)
     meta = jnp.stack([count, jnp.broadcast_to(lengths_v[:, None], count.shape),
@@ -361,6 +365,7 @@ def toptheta_decode(
     tile_theta_decode: jax.Array | None = None,
     sink_tiles: int = 1,
     tile_budget: float | None = None,
+    tile_cap: bool = False,
     block_k: int = 64,
     num_splits: int | None = None,
     backend: str | None = None,
@@ -382,7 +387,8 @@ def toptheta_decode(
     incrementally in the cache state). The gate: `k_tile_mean` [B, ceil(S / block_k), Hkv, D] (the
     mean of each tile's valid keys, from the cache state) with `tile_theta_decode[h, t_count - 1]`;
     None means no gate. `tile_budget` f (optional) keeps all optional tiles of a row that has no
-    more than max(1, ceil(f t_count)) of them, as the reference gate does.
+    more than max(1, ceil(f t_count)) of them, as the reference gate does; `tile_cap` keeps at
+    most that many, the best of those above Θ_dec.
     `num_splits`: split-K shares per (sequence, head); None picks enough to fill a large GPU.
     `skip_v`: "blocks" (default) reads whole V blocks, behind a branch, for the tiles that hold a
     survivor; "rows" reads only the V rows that hold one (masked loads, no branch).
@@ -425,6 +431,8 @@ def toptheta_decode(
     if resolved in TPU_BACKENDS and skip_v == "rows":
         raise ConfigError("skip_v='rows' (masked V row loads) is a Triton feature; the TPU kernel reads V in whole "
                           "blocks: use skip_v='blocks'.")
+    if tile_cap and (tile_theta_decode is None or tile_budget is None):
+        raise ConfigError("tile_cap caps the decode gate at its budget: it needs tile_theta_decode and tile_budget.")
     splits = num_splits or default_num_splits(b * tq * h, nk)
     if splits < 1:
         raise ConfigError(f"num_splits must be >= 1; got {num_splits}.")
@@ -435,4 +443,4 @@ def toptheta_decode(
     budgets = tile_budgets(nk, None if tile_theta_decode is None or tile_budget is None else float(tile_budget))
     return _decode(q, k, v, jnp.asarray(lengths), None if starts is None else jnp.asarray(starts), theta, sdc_delta,
                    v_mean if vmc else None, k_tile_mean, tile_theta_decode, budgets, sdc_gamma=float(sdc_gamma),
-                   opts=opts, vmc=bool(vmc), sink_tiles=int(sink_tiles))
+                   opts=opts, vmc=bool(vmc), sink_tiles=int(sink_tiles), tile_cap=bool(tile_cap))

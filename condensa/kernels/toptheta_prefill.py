@@ -70,6 +70,7 @@ class KernelOptions:
     block_k: int = 128
     sink_tiles: int = 1
     tile_budget: float | None = None
+    tile_cap: bool = False
     sdc_gamma: float = 1.0
     vmc: bool = False
     backend: str = "interpret"
@@ -257,7 +258,7 @@ def _forward(q, k, v, theta, sdc_delta, tile_theta, opts: KernelOptions):
     if tile_theta is not None:
         scores = gate_scores(qp, kp, scale=opts.scale, block_q=bq, block_k=bk, length=t)
         keep = offdiagonal_keep(scores, tile_theta, block_q=bq, block_k=bk, sink_tiles=opts.sink_tiles,
-                                tile_budget=opts.tile_budget)
+                                tile_budget=opts.tile_budget, tile_cap=opts.tile_cap)
         table = compact_tile_lists(keep)
     if opts.backend in TPU_BACKENDS:
         from condensa.kernels.toptheta_prefill_tpu import launch_tpu
@@ -298,7 +299,7 @@ def _prefill_bwd(opts, residuals, cotangents):
         return toptheta_prefill_reference(
             q, k, v, scale=opts.scale, theta=theta, sdc_delta=sdc_delta, sdc_gamma=opts.sdc_gamma,
             vmc=opts.vmc, tile_theta=tile_theta, sink_tiles=opts.sink_tiles, tile_budget=opts.tile_budget,
-            block_q=opts.block_q,
+            tile_cap=opts.tile_cap, block_q=opts.block_q,
             block_k=opts.block_k)
 
     _, vjp = jax.vjp(reference, q, k, v)
@@ -326,6 +327,7 @@ def toptheta_prefill(
     tile_theta: jax.Array | None = None,
     sink_tiles: int = 1,
     tile_budget: float | None = None,
+    tile_cap: bool = False,
     block_q: int = 128,
     block_k: int = 128,
     backend: str | None = None,
@@ -343,7 +345,8 @@ def toptheta_prefill(
     means dense. `sdc_delta[h, i]`: calibrated SDC, added as `sdc_gamma * Δ̄` to the denominator.
     `tile_theta[h, b]`: the gate threshold of query tile b (tiles of `block_q` queries and
     `block_k` keys); None means no gate. `tile_budget` f (optional): query tiles with at most
-    m_b = max(1, ceil(f (b + 1))) optional tiles keep them all, as the reference gate does. Rows
+    m_b = max(1, ceil(f (b + 1))) optional tiles keep them all, as the reference gate does;
+    `tile_cap` (needs `tile_budget`) keeps at most the m_b best of the tiles above Θ. Rows
     that must stay dense (n <= k) take θ = -inf. `vmc` adds V-mean compensation. `backend`: None/'auto'
     (by platform), 'triton', 'interpret', 'mosaic_tpu' or 'tpu_interpret' (the TPU kernel,
     `toptheta_prefill_tpu.py`, interpreted on the CPU). `poison_output` fills the output with NaN before the
@@ -370,9 +373,11 @@ def toptheta_prefill(
         if table is not None and tuple(table.shape) != shape:
             raise ConfigError(f"{name} has shape {tuple(table.shape)} but this call needs {shape} "
                               f"(heads, {'query tiles' if name == 'tile_theta' else 'query rows'}).")
+    if tile_cap and (tile_theta is None or tile_budget is None):
+        raise ConfigError("tile_cap caps the gate at its budget: it needs tile_theta and tile_budget.")
     opts = KernelOptions(
         scale=float(1.0 / math.sqrt(d) if scale is None else scale), block_q=block_q, block_k=block_k,
-        sink_tiles=sink_tiles, tile_budget=None if tile_budget is None else float(tile_budget),
+        sink_tiles=sink_tiles, tile_budget=None if tile_budget is None else float(tile_budget), tile_cap=bool(tile_cap),
         sdc_gamma=float(sdc_gamma), vmc=bool(vmc), backend=resolve_backend(backend),
         num_warps=num_warps, num_stages=num_stages, heavy_first=heavy_first, skip_empty=skip_empty,
         poison_output=poison_output)

@@ -34,6 +34,7 @@ class EvaluationSettings:
     models: list[str] = dataclasses.field(default_factory=list)  # empty: every model
     gate_alone: bool = False  # also the gate with dense tiles at every budget (its own perplexity cost)
     decode_gate: bool = False  # also every gated rule with rows gated as decoding steps gate them
+    tile_cap: bool = False  # every gate keeps at most its budget of tiles (evaluated and timed alike)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,6 +45,8 @@ class TimingSettings:
     max_delta_ppl: float = 0.01  # the gate budget timed is the smallest whose cost on held-out corpus text is within this
     budget_by: str = "rule"  # "rule": that cost is the gated Top-θ rule's; "gate": the gate alone's (evaluation.gate_alone)
     prefill_grid: bool = False  # also time prefill attention with every Top-θ rule the evaluation measured
+    # the grid's compensations: each rule costs ~6 s per layer at T = 8k (compile, reference check, timing)
+    grid_compensations: list[str] = dataclasses.field(default_factory=lambda: ["none", "sdc+vmc"])
     warmup: int = 3
     repeats: int = 10
 
@@ -68,6 +71,9 @@ class StudyConfig:
         if self.timing.budget_by == "gate" and not self.evaluation.gate_alone:
             raise ConfigError("timing.budget_by: gate chooses the budget by the gate's own perplexity cost; set "
                               "evaluation.gate_alone: true so that the evaluation measures it.")
+        unknown = [c for c in self.timing.grid_compensations if c not in ("none", "sdc+vmc")]
+        if unknown:
+            raise ConfigError(f"timing.grid_compensations takes 'none' and/or 'sdc+vmc'; got {unknown}.")
         if self.timing.k != cal.gate_k:
             raise ConfigError(f"timing.k={self.timing.k} must equal calibration.gate_k={cal.gate_k}: the timed gate "
                               "budget is chosen from the gated rules measured at that k.")

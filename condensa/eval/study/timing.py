@@ -162,18 +162,19 @@ def time_prefill_rule(attention, thresholds, qkv, scale, settings, cudnn_s: floa
 
 def prefill_grid(config: StudyConfig, name: str, evaluation: dict, qkv, scale, settings, cudnn_s: float) -> list[dict]:
     """Prefill attention with every calibrated rule the evaluation measured: Top-θ at each k, and
-    gate + Top-θ at each budget at the gated k (with and without SDC + VMC), each with its Δppl on
+    gate + Top-θ at each budget at the gated k (each compensation of timing.grid_compensations), with its Δppl on
     held-out corpus text next to its speed and tile fraction (the issue's table, on real q, k, v
     and thresholds instead of synthetic ones)."""
     cal = config.calibration
     out = []
     for row in evaluation["corpus"]["rows"]:
-        if row["method"] != "toptheta" or row.get("decode_gate"):
+        if row["method"] != "toptheta" or row.get("decode_gate") or row["compensation"] not in settings.grid_compensations:
             continue
         f, comp = row["tile_budget"], row["compensation"] != "none"
         attention = AttentionConfig(mode="toptheta", k=row["k"], backend="pallas", tile_gate=f is not None,
                                     block_q=cal.tile, block_k=cal.tile, tile_budget=f or 0.125,
-                                    sink_tiles=cal.sink_tiles, sdc="calibrated" if comp else "none", vmc=comp)
+                                    sink_tiles=cal.sink_tiles, sdc="calibrated" if comp else "none", vmc=comp,
+                                    tile_cap=f is not None and bool(row.get("tile_cap")))
         timed = time_prefill_rule(attention, thresholds_for(config, name, row["k"], f), qkv, scale, settings, cudnn_s)
         out.append({"label": row["label"], "k": row["k"], "tile_budget": f, "compensation": row["compensation"],
                     "delta_ppl_rel": row["delta_ppl_rel"], **timed})
@@ -206,7 +207,7 @@ def time_model(config: StudyConfig, name: str, evaluation: dict) -> dict:
         f, comp = row["tile_budget"], row["compensation"] != "none"
         return (AttentionConfig(mode="toptheta", k=settings.k, backend="pallas", tile_gate=True, block_q=cal.tile,
                                 block_k=cal.tile, tile_budget=f, sink_tiles=cal.sink_tiles,
-                                sdc="calibrated" if comp else "none", vmc=comp),
+                                sdc="calibrated" if comp else "none", vmc=comp, tile_cap=bool(row.get("tile_cap"))),
                 thresholds_for(config, name, settings.k, f))
 
     rules = {"toptheta": toptheta, **({"gate+toptheta": gated_rule(chosen)} if chosen is not None else {})}
