@@ -137,7 +137,7 @@ def time_prefill_rule(attention, thresholds, qkv, scale, settings, cudnn_s: floa
     op on the first sequence of each layer (the output is NaN-poisoned before the checked call)."""
     from condensa.attention import _layer_thresholds
     from condensa.attention.pallas_backend import prefill_kernel_args
-    from condensa.eval.bench.timing import jit_with_options, measure
+    from condensa.eval.bench.timing import first_output, jit_with_options, measure
     from condensa.kernels import toptheta_prefill
 
     t = qkv[0][0].shape[1]
@@ -150,7 +150,7 @@ def time_prefill_rule(attention, thresholds, qkv, scale, settings, cudnn_s: floa
                                   thresholds=thresholds)
         acc["max_rel_error"] = max(acc["max_rel_error"], relative_error(out[:1], ref))
         # As the model's jitted forward runs it; the output only (the stats' counts are not timed).
-        fast = jit_with_options(lambda *a, **o: toptheta_prefill(*a, **o)[0], scale=scale, **kwargs)
+        fast = jit_with_options(first_output(toptheta_prefill), scale=scale, **kwargs)
         acc["kernel_s"] += measure(lambda: fast(q, k, v), warmup=settings.warmup, repeats=settings.repeats)["median_s"]
         for field in ("causal", "listed", "empty"):
             acc[field] += int(getattr(stats, field))
@@ -188,7 +188,7 @@ def time_model(config: StudyConfig, name: str, evaluation: dict) -> dict:
     from condensa.attention import _layer_thresholds
     from condensa.attention.pallas_backend import decode_kernel_args
     from condensa.eval.bench.decode import DecodeBenchConfig, dense_baselines, head_major, tile_state
-    from condensa.eval.bench.timing import jit_with_options, measure
+    from condensa.eval.bench.timing import first_output, jit_with_options, measure
     from condensa.eval.study.data import held_out
     from condensa.eval.study.training import ensure_model
     from condensa.kernels.toptheta_decode import toptheta_decode
@@ -295,7 +295,7 @@ def time_model(config: StudyConfig, name: str, evaluation: dict) -> dict:
             ref = reference_attention(c["q"], c["k"], c["v"], scale=scale, layer=layer, attention=attention,
                                       thresholds=thresholds)
             acc["max_rel_error"] = max(acc["max_rel_error"], relative_error(out, ref))
-            fast = jit_with_options(lambda *a, **o: toptheta_decode(*a, **o)[0], scale=scale, v_mean=c["v_mean"],
+            fast = jit_with_options(first_output(toptheta_decode), scale=scale, v_mean=c["v_mean"],
                                     k_tile_mean=c["k_bar"] if gated else None, **kwargs)
             acc["kernel_s"] += measure(lambda: fast(c["q"], c["k"], c["v"], lengths), warmup=settings.warmup,
                                        repeats=settings.repeats, calls_per_repeat=DECODE_CALLS)["median_s"]
