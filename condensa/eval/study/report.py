@@ -94,6 +94,13 @@ def answers(res: dict, limit: float | None = None) -> dict:
     return out
 
 
+def _v_loaded_md(rule: dict) -> str:
+    """The V a decode rule read: blocks, and with masked row loads the rows themselves."""
+    if rule.get("skip_v") == "rows":
+        return f"{pct(rule['v_fraction'])} (rows read {pct(rule['v_row_fraction'], 2)})"
+    return pct(rule["v_fraction"])
+
+
 def _ratio(a, b):
     return a / b if a is not None and b else None
 
@@ -239,7 +246,7 @@ def _timing_md(timing: dict) -> str:
                        f"{num(dec['best_dense_s'] / s) if s else 'n/a'}× | | | |")
         for rule, e in dec["rules"].items():
             out.append(f"| decode attention, all layers | {rule} | {num(1e3 * e['kernel_s'], 3)} | "
-                       f"{num(e['speedup_vs_best_dense'])}× | {pct(e['k_fraction'])} | {pct(e['v_fraction'])} | "
+                       f"{num(e['speedup_vs_best_dense'])}× | {pct(e['k_fraction'])} | {_v_loaded_md(e)} | "
                        f"{num(e['max_rel_error'], 4)} |")
         for rule, e in t.get("ppl_parity", {}).items():
             out.append(f"| perplexity on held-out corpus text | {rule}: kernel {num(e['kernel'], 3)}, reference "

@@ -184,14 +184,54 @@ def prefill_grid(config: StudyConfig, name: str, evaluation: dict, qkv, scale, s
 DECODE_CALLS = 10  # decode calls dispatched back to back per timed repeat, as a generation loop runs them
 
 
-def time_model(config: StudyConfig, name: str, evaluation: dict) -> dict:
+def time_decode_rule(attention, thresholds, per_layer, lengths, scale, skip_v, step_seconds, best) -> dict:
+    """One decode rule on every layer's cache: its error against the reference op, its time per
+    decode step (all layers, `step_seconds`), and the fractions of K blocks, V blocks and V rows it
+    loaded."""
     from condensa.attention import _layer_thresholds
     from condensa.attention.pallas_backend import decode_kernel_args
-    from condensa.eval.bench.decode import DecodeBenchConfig, dense_baselines, head_major, tile_state
-    from condensa.eval.bench.timing import first_output, jit_with_options, measure
+    from condensa.kernels.toptheta_decode import toptheta_decode
+
+    acc = {"skip_v": skip_v, "visible": 0, "k_loaded": 0, "v_loaded": 0, "v_rows": 0, "visible_rows": 0,
+           "max_rel_error": 0.0}
+    layer_args = []
+    for layer, c in enumerate(per_layer):
+        kwargs = decode_kernel_args(attention, _layer_thresholds(attention, thresholds, layer), layer, c["k"].shape[1])
+        kwargs.setdefault("block_k", 64)  # toptheta_decode's default, named so the V rows can be counted
+        layer_args.append(dict(kwargs, skip_v=skip_v, scale=scale))
+
+    def call(layer, c):
+        gated = layer_args[layer]["tile_theta_decode"] is not None
+        return toptheta_decode(c["q"], c["k"], c["v"], lengths, v_mean=c["v_mean"],
+                               k_tile_mean=c["k_bar"] if gated else None, **layer_args[layer])
+
+    for layer, c in enumerate(per_layer):
+        out, stats = call(layer, c)
+        ref = reference_attention(c["q"], c["k"], c["v"], scale=scale, layer=layer, attention=attention,
+                                  thresholds=thresholds)
+        acc["max_rel_error"] = max(acc["max_rel_error"], relative_error(out, ref))
+        for field in ("visible", "k_loaded", "v_loaded", "v_rows"):
+            acc[field] += int(getattr(stats, field))
+        acc["visible_rows"] += int(stats.visible) * layer_args[layer]["block_k"]
+    acc["kernel_s"] = step_seconds(lambda layer, c: call(layer, c)[0])
+    acc["k_fraction"] = acc["k_loaded"] / max(acc["visible"], 1)
+    acc["v_fraction"] = acc["v_loaded"] / max(acc["visible"], 1)
+    acc["v_row_fraction"] = acc["v_rows"] / max(acc["visible_rows"], 1)
+    acc["speedup_vs_best_dense"] = best / acc["kernel_s"] if best else None
+    return acc
+
+
+def time_model(config: StudyConfig, name: str, evaluation: dict) -> dict:
+    from condensa.eval.bench.decode import (
+        DecodeBenchConfig,
+        dense_baselines,
+        head_major,
+        tile_state,
+    )
+    from condensa.eval.bench.timing import measure
     from condensa.eval.study.data import held_out
     from condensa.eval.study.training import ensure_model
-    from condensa.kernels.toptheta_decode import toptheta_decode
+    from condensa.kernels.backend import TPU_BACKENDS, resolve_backend
     from condensa.model import load_pretrained
 
     settings, cal = config.timing, config.calibration
@@ -273,38 +313,32 @@ def time_model(config: StudyConfig, name: str, evaluation: dict) -> dict:
     for q, k, v in qkv:
         k_bar, v_mean = tile_state(k, v, lengths, cal.tile)
         per_layer.append(dict(q=q[:, -1:], k=k, v=v, k_t=head_major(k), v_t=head_major(v), k_bar=k_bar, v_mean=v_mean))
+
+    def step_seconds(per_layer_call):
+        """Seconds per decode step: one jitted call runs `per_layer_call(layer, cache)` on every
+        layer in turn, as a model's decode step does, so the host dispatches once per step and the
+        kernel's small XLA ops (gate scores, compaction, combine) run back to back on the device."""
+        step = jax.jit(lambda caches: [per_layer_call(i, c) for i, c in enumerate(caches)])
+        return measure(lambda: step(per_layer), warmup=settings.warmup, repeats=settings.repeats,
+                       calls_per_repeat=DECODE_CALLS)["median_s"]
+
     for base, fn in baselines.items():
         try:
-            decode["dense_s"][base] = sum(
-                measure(lambda c=c: fn(c["q"], c["k"], c["v"], c["k_t"], c["v_t"], lengths), warmup=settings.warmup,
-                        repeats=settings.repeats, calls_per_repeat=DECODE_CALLS)["median_s"] for c in per_layer)
+            decode["dense_s"][base] = step_seconds(
+                lambda i, c, fn=fn: fn(c["q"], c["k"], c["v"], c["k_t"], c["v_t"], lengths))
         except Exception as err:  # a baseline that does not run on this platform is reported, not fatal
             decode["dense_s"][base] = None
             decode.setdefault("errors", {})[base] = f"{type(err).__name__}: {str(err)[:200]}"
     best = min((s for s in decode["dense_s"].values() if s), default=None)
     decode["best_dense_s"] = best
     for rule, (attention, thresholds) in decode_rules.items():
-        acc = {"kernel_s": 0.0, "visible": 0, "k_loaded": 0, "v_loaded": 0, "v_rows": 0, "max_rel_error": 0.0}
-        for layer, c in enumerate(per_layer):
-            kwargs = decode_kernel_args(attention, _layer_thresholds(attention, thresholds, layer), layer, t)
-            gated = kwargs["tile_theta_decode"] is not None
-            call = lambda c=c, kwargs=kwargs, gated=gated: toptheta_decode(  # noqa: E731
-                c["q"], c["k"], c["v"], lengths, scale=scale, v_mean=c["v_mean"],
-                k_tile_mean=c["k_bar"] if gated else None, **kwargs)
-            out, stats = call()
-            ref = reference_attention(c["q"], c["k"], c["v"], scale=scale, layer=layer, attention=attention,
-                                      thresholds=thresholds)
-            acc["max_rel_error"] = max(acc["max_rel_error"], relative_error(out, ref))
-            fast = jit_with_options(first_output(toptheta_decode), scale=scale, v_mean=c["v_mean"],
-                                    k_tile_mean=c["k_bar"] if gated else None, **kwargs)
-            acc["kernel_s"] += measure(lambda: fast(c["q"], c["k"], c["v"], lengths), warmup=settings.warmup,
-                                       repeats=settings.repeats, calls_per_repeat=DECODE_CALLS)["median_s"]
-            for field in ("visible", "k_loaded", "v_loaded", "v_rows"):
-                acc[field] += int(getattr(stats, field))
-        acc["k_fraction"] = acc["k_loaded"] / max(acc["visible"], 1)
-        acc["v_fraction"] = acc["v_loaded"] / max(acc["visible"], 1)
-        acc["speedup_vs_best_dense"] = best / acc["kernel_s"] if best else None
-        decode["rules"][rule] = acc
+        # Both ways of skipping V: whole blocks behind a branch (the default), and only the
+        # surviving rows with masked loads (Triton only), which wins where survivors spread over
+        # many blocks.
+        for skip_v in ("blocks",) if resolve_backend(None) in TPU_BACKENDS else ("blocks", "rows"):
+            label = rule if skip_v == "blocks" else f"{rule} (V rows)"
+            decode["rules"][label] = time_decode_rule(attention, thresholds, per_layer, lengths, scale, skip_v,
+                                                     step_seconds, best)
     result["decode_attention"] = decode
     result["ppl_parity"] = ppl_parity(model, held_out(config)["corpus"], rules, batch=1)
     result.update(batch=b, seq_len=t, heads=model_config.n_head, head_dim=model_config.n_embd // model_config.n_head)
