@@ -186,8 +186,11 @@ def test_theta_minus_inf_without_gate_equals_dense_decoding():
     assert int(stats.k_loaded) == int(stats.v_loaded) == int(stats.visible) == H * (5 + 3)
 
 
+@pytest.mark.parametrize("gate", [True, False])
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)
-def test_cache_not_a_multiple_of_the_block_and_left_padding(backend):
+def test_cache_not_a_multiple_of_the_block_and_left_padding(backend, gate):
+    """Without the gate the tile list is a range built elementwise (`contiguous_tiles`); with it,
+    the compacted gate list: both must start at the first visible tile."""
     b, s, d = 2, 75, 64  # 75 slots: the wrapper pads the cache to 80
     lengths, starts = [75, 60], [0, 21]
     scale = 1 / 8
@@ -195,11 +198,11 @@ def test_cache_not_a_multiple_of_the_block_and_left_padding(backend):
     vis = _visible(lengths, s, starts=starts)
     theta = _theta_table(q, k, vis, scale, 0.85)
     k_bar = _tile_means(k, vis[:, 0, 0], BK)
-    gate_theta = _gate_table(q, k_bar, scale, k_bar.shape[1], 0.4)
+    gate_theta = _gate_table(q, k_bar, scale, k_bar.shape[1], 0.4) if gate else None
     got, _ = toptheta_decode(jnp.asarray(q), jnp.asarray(k), jnp.asarray(v), jnp.asarray(lengths),
-                             starts=jnp.asarray(starts), theta=theta, k_tile_mean=jnp.asarray(k_bar),
-                             tile_theta_decode=gate_theta, sink_tiles=SINK, tile_budget=BUDGET, block_k=BK,
-                             num_splits=2, backend=backend)
+                             starts=jnp.asarray(starts), theta=theta, k_tile_mean=jnp.asarray(k_bar) if gate else None,
+                             tile_theta_decode=gate_theta, sink_tiles=SINK, tile_budget=BUDGET if gate else None,
+                             block_k=BK, num_splits=2, backend=backend)
     want = _reference(q, k, v, vis, scale, theta=theta, sdc_delta=None, vmc=False, gate_theta=gate_theta)
     _check(got, want)
 
@@ -297,3 +300,19 @@ def test_mistakes_raise_config_error(change, message):
     args.update(change)
     with pytest.raises(ConfigError, match=message):
         toptheta_decode(**args)
+
+
+def test_ungated_tile_list_is_the_visible_range():
+    """`contiguous_tiles` lists what the gate-free `kept_tiles` keeps, compacted, for ragged lengths
+    and left padding (the entries past each row's count are never read, so not compared)."""
+    from condensa.kernels.toptheta_decode import compact, contiguous_tiles, kept_tiles
+
+    lengths, starts, nk, bk = jnp.asarray([80, 60, 17, 1]), jnp.asarray([0, 21, 16, 0]), 5, BK
+    tiles, count = contiguous_tiles(lengths, starts, heads=H, n_tiles=nk, block_k=bk)
+    keep = kept_tiles(jnp.zeros((4, H, 64)), None, lengths, starts, n_tiles=nk, scale=1.0, block_k=bk,
+                      tile_theta_decode=None, sink_tiles=SINK, budgets=None, queries_per_seq=1)
+    want_tiles, want_count = np.asarray(compact(keep)), np.asarray(keep).sum(-1)
+    np.testing.assert_array_equal(np.asarray(count), want_count)
+    assert tiles.shape == want_tiles.shape
+    for row, n in np.ndindex(*want_count.shape):
+        np.testing.assert_array_equal(np.asarray(tiles)[row, n, :want_count[row, n]], want_tiles[row, n, :want_count[row, n]])

@@ -14,11 +14,11 @@ visited; the lists below hold only the off-diagonal (fully visible) tiles the ga
 
 from __future__ import annotations
 
-import math
-
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from condensa.attention.tiles import tile_budgets
 
 
 def pooled_tiles(x: jax.Array, tile: int, length: int) -> jax.Array:
@@ -83,7 +83,7 @@ def offdiagonal_keep(
     chosen = scores > tile_theta.astype(jnp.float32)[None, :, :, None]
     if tile_budget is not None:
         optional = np.maximum(0, np.arange(nq) * ratio - sink_tiles)
-        budget = np.asarray([max(1, math.ceil(round(tile_budget * (b + 1), 9))) for b in range(nq)])
+        budget = tile_budgets(nq, tile_budget)
         if tile_cap:
             chosen = cap_at_budget(chosen & off_diagonal & ~sink, scores, budget)
         chosen = chosen | (optional <= budget)[:, None]

@@ -6,10 +6,12 @@ keeps, `s_t = scale * q · k̄_t`, against the decode gate threshold `Θ_dec[h, 
 the first `sink_tiles` tiles and the tile holding the last key, and writes a compacted list of the
 tiles to visit (the `MaskInfo.data_next` pattern of JAX's splash attention). The kernel then loads
 K only for listed tiles, applies the element rule `a > θ` inside them, and loads V only for the
-tiles that hold a surviving element: whole V blocks behind a branch (`skip_v="blocks"`, the
-default), or only the surviving V rows with masked loads (`skip_v="rows"`). Timed as a model's
-decode step runs it (12 layers in one jitted call, B 8, S 16k on the H100), blocks were as fast as
-rows under the gate and 1.2× faster without it, where every K tile is read (docs/benchmarks.md).
+tiles that hold a surviving element: only the surviving V rows with masked loads
+(`skip_v="rows"`, the default on GPU), or whole V blocks behind a branch (`skip_v="blocks"`, the
+TPU kernel's only mode). On trained models (docs/study-8k, docs/study-16k: S = 8k and 16k, batch
+8-16, one jitted step over 6 layers on the H100) rows were faster in all 8 rule × model cases,
+1.03-1.37× over blocks: real survivors spread over 5-47% of the V blocks but 0.3-4.5% of the rows.
+Blocks win only where survivors cluster in a few blocks (the synthetic caches of `bench decode`).
 
 Split-K (flash-decoding): the list of one (sequence, head) is cut into `num_splits` equal shares,
 one program each, so a long cache or a small batch still fills the GPU; the partial results
@@ -45,6 +47,7 @@ import numpy as np
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton  # masked loads (they also run in interpret mode)
 
+from condensa.attention.tiles import tile_budgets as budgets_per_tile_count
 from condensa.errors import ConfigError
 from condensa.kernels.backend import TPU_BACKENDS, resolve_backend
 from condensa.kernels.tile_gate_prepass import cap_at_budget
@@ -193,14 +196,14 @@ def _launch(meta, tiles, theta_row, q, k, v, opts: DecodeOptions):
 
 @functools.lru_cache(maxsize=64)
 def tile_budgets(n_tiles: int, tile_budget: float | None) -> np.ndarray | None:
-    """m = max(1, ceil(f * t_count)) for t_count = 1..n_tiles (rounded to 9 decimals first, as
-    condensa.attention.tiles does, so that 0.1 * 30 counts as 3). Passed to the jitted wrapper as
+    """m = max(1, ceil(f * t_count)) for t_count = 1..n_tiles (`condensa.attention.tiles.tile_budgets`,
+    the reference gate's budgets), or None without a budget. Passed to the jitted wrapper as
     data, so a new budget does not recompile; cached, so a decode step does not rebuild it. A NumPy
     array, not a jax one: created inside a jit trace, a jax array would be that trace's tracer, and
     the cache would hand it to later traces (an UnexpectedTracerError)."""
     if tile_budget is None:
         return None
-    return np.asarray([max(1, math.ceil(round(tile_budget * (i + 1), 9))) for i in range(n_tiles)], np.int32)
+    return budgets_per_tile_count(n_tiles, tile_budget)
 
 
 def kept_tiles(q, k_tile_mean, lengths, starts, *, n_tiles, scale, block_k, tile_theta_decode, sink_tiles,
@@ -250,8 +253,25 @@ def compact(keep):
     dest = jnp.where(keep, slot, nk)
     idx = jnp.broadcast_to(jnp.arange(nk, dtype=jnp.int32), keep.shape)
     table = jnp.put_along_axis(jnp.zeros((*lead, nk + 1), jnp.int32), dest, idx, axis=-1, inplace=False)
-    width = max(2, 1 << (nk - 1).bit_length())
-    return jnp.pad(table[..., :nk], [(0, 0)] * len(lead) + [(0, width - nk)])
+    return jnp.pad(table[..., :nk], [(0, 0)] * len(lead) + [(0, _list_width(nk) - nk)])
+
+
+def contiguous_tiles(lengths, starts, *, heads: int, n_tiles: int, block_k: int):
+    """(tiles int32 [Bv, H, W], count int32 [Bv, H]) without a gate: every row visits its visible
+    tiles in order, so its list is a range, built elementwise. The same list as
+    `compact(kept_tiles(...))`, without the cumulative sum and scatter, which cost a few µs each
+    in every decode step. Entries past `count` are never read."""
+    first, last = starts // block_k, (lengths - 1) // block_k  # [Bv]
+    tiles = jnp.minimum(first[:, None] + jnp.arange(_list_width(n_tiles), dtype=jnp.int32)[None, :], n_tiles - 1)
+    count = (last - first + 1).astype(jnp.int32)
+    bv = lengths.shape[0]
+    return (jnp.broadcast_to(tiles[:, None, :], (bv, heads, tiles.shape[-1])),
+            jnp.broadcast_to(count[:, None], (bv, heads)))
+
+
+def _list_width(n_tiles: int) -> int:
+    """Columns of a tile list: a power of two (Triton block shapes must be) of at least n_tiles."""
+    return max(2, 1 << (n_tiles - 1).bit_length())
 
 
 def _lookup(table, n):
@@ -311,11 +331,14 @@ def _decode(q, k, v, lengths, starts, theta, sdc_delta, v_mean, k_tile_mean, til
     starts_v = jnp.repeat(starts, tq).astype(jnp.int32)
     n_visible = lengths_v - starts_v
 
-    keep = kept_tiles(qv, k_tile_mean, lengths_v, starts_v, n_tiles=sp // bk, scale=opts.scale, block_k=bk,
-                      tile_theta_decode=tile_theta_decode, sink_tiles=sink_tiles, budgets=budgets,
-                      queries_per_seq=tq, tile_cap=tile_cap)
-    count = jnp.sum(keep, axis=-1, dtype=jnp.int32)  # [Bv, H]
-    tiles = compact(keep)
+    if tile_theta_decode is None:
+        tiles, count = contiguous_tiles(lengths_v, starts_v, heads=h, n_tiles=sp // bk, block_k=bk)
+    else:
+        keep = kept_tiles(qv, k_tile_mean, lengths_v, starts_v, n_tiles=sp // bk, scale=opts.scale, block_k=bk,
+                          tile_theta_decode=tile_theta_decode, sink_tiles=sink_tiles, budgets=budgets,
+                          queries_per_seq=tq, tile_cap=tile_cap)
+        count = jnp.sum(keep, axis=-1, dtype=jnp.int32)  # [Bv, H]
+        tiles = compact(keep)
     meta = jnp.stack([count, jnp.broadcast_to(lengths_v[:, None], count.shape),
                       jnp.broadcast_to(starts_v[:, None], count.shape), jnp.zeros_like(count)], axis=-1)
     theta_row = (_lookup(theta, n_visible) if theta is not None
@@ -371,7 +394,7 @@ def toptheta_decode(
     backend: str | None = None,
     num_warps: int = 4,
     num_stages: int = 2,
-    skip_v: str = "blocks",
+    skip_v: str = "auto",
     poison_output: bool = False,
 ) -> tuple[jax.Array, DecodeStats]:
     """Top-θ attention of Tq new queries per sequence against a KV cache: `(out [B, Tq, H, D], stats)`.
@@ -390,8 +413,9 @@ def toptheta_decode(
     more than max(1, ceil(f t_count)) of them, as the reference gate does; `tile_cap` keeps at
     most that many, the best of those above Θ_dec.
     `num_splits`: split-K shares per (sequence, head); None picks enough to fill a large GPU.
-    `skip_v`: "blocks" (default) reads whole V blocks, behind a branch, for the tiles that hold a
-    survivor; "rows" reads only the V rows that hold one (masked loads, no branch).
+    `skip_v`: "rows" reads only the V rows that hold a survivor (masked loads, no branch);
+    "blocks" reads whole V blocks, behind a branch, for the tiles that hold one; "auto" (default)
+    is "rows" on Triton and in interpret mode, "blocks" on TPU.
     `backend`: None/'auto' (by platform), 'triton', 'interpret', 'mosaic_tpu' or 'tpu_interpret' (the
     TPU kernel of `toptheta_decode_tpu.py`, interpreted on the CPU). `poison_output` fills the
     kernel's partial outputs with NaN before it runs (for correctness checks).
@@ -425,9 +449,11 @@ def toptheta_decode(
             raise ConfigError(f"{name} must be [heads={h}, N] (indexed by row length - 1); got {tuple(table.shape)}.")
     if sdc_delta is not None and theta is None:
         raise ConfigError("sdc_delta compensates dropped elements, so it needs theta; pass theta or drop sdc_delta.")
-    if skip_v not in ("rows", "blocks"):
-        raise ConfigError(f"skip_v={skip_v!r} is not supported; choose 'rows' or 'blocks'.")
+    if skip_v not in ("rows", "blocks", "auto"):
+        raise ConfigError(f"skip_v={skip_v!r} is not supported; choose 'rows', 'blocks' or 'auto'.")
     resolved = resolve_backend(backend)
+    if skip_v == "auto":
+        skip_v = "blocks" if resolved in TPU_BACKENDS else "rows"
     if resolved in TPU_BACKENDS and skip_v == "rows":
         raise ConfigError("skip_v='rows' (masked V row loads) is a Triton feature; the TPU kernel reads V in whole "
                           "blocks: use skip_v='blocks'.")

@@ -40,6 +40,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from condensa.attention.tiles import tile_budget
 from condensa.cli import config_parser, parse_config_args, append_jsonl, config_to_dict, progress, run_main, write_json
 from condensa.errors import ConfigError
 from condensa.eval.bench.timing import correctness_summary, jit_with_options
@@ -65,7 +66,7 @@ class DecodeBenchConfig:
     num_splits: int = 0  # 0: the kernel's default (enough programs to fill the GPU)
     num_warps: int = 4
     num_stages: int = 2
-    skip_v: str = "blocks"  # "blocks": whole V blocks of tiles with a survivor; "rows": only surviving V rows
+    skip_v: str = "auto"  # "rows": only surviving V rows; "blocks": whole V blocks of tiles with a survivor; "auto": rows on GPU
     baselines: list[str] = dataclasses.field(default_factory=lambda: ["xla", "cudnn", "pallas_decode"])
     warmup: int = 3
     repeats: int = 15
@@ -161,7 +162,7 @@ def derive_thresholds(q, k, lengths, k_bar, *, scale, cfg: DecodeBenchConfig, bu
     if budget is not None:
         g = jnp.einsum("bhd,bthd->bht", q[:, 0].astype(jnp.float32), k_bar) * scale  # [B, H, nk]
         optional = g[..., cfg.sink_tiles:nk - 1]
-        m = max(1, math.ceil(round(budget * nk, 9)))
+        m = tile_budget(nk - 1, budget)  # a row with nk tiles: m = max(1, ceil(f nk))
         nth_g = jax.lax.top_k(optional, m + 1)[0][..., m]
         gate_h = jnp.mean(nth_g, 0) + cfg.sigma_add * jnp.std(nth_g, 0)
         gate = jnp.broadcast_to(gate_h[:, None], (h, nk)).astype(jnp.float32)
@@ -416,7 +417,7 @@ def time_shape(cfg: DecodeBenchConfig, b: int, s: int, d: int, dtype, copy_bw: f
     kernel(f"condensa_top{cfg.k_top}_gate{f:g}_sdc_vmc", f, theta=True, compensated=True)
     if tune:
         auto = default_num_splits(b * h, s // cfg.block_k)
-        other = "blocks" if cfg.skip_v == "rows" else "rows"
+        other = "rows" if cfg.skip_v == "blocks" else "blocks"  # "auto" is rows on the GPU
         if layers == 1:  # with layers, every call runs inside the step's jit
             kernel(f"tune_top{cfg.k_top}_gate{f:g}_{'eager' if cfg.jit else 'jit'}", f, theta=True, jitted=not cfg.jit)
         kernel(f"tune_top{cfg.k_top}_gate{f:g}_skipv_{other}", f, theta=True, options=dict(skip_v=other))
@@ -451,8 +452,8 @@ def run(cfg: DecodeBenchConfig) -> list[dict]:
     for d in cfg.head_dims:
         if d not in (64, 128):
             raise ConfigError(f"head_dims must be 64 or 128 (the kernel's); got {d}.")
-    if cfg.skip_v not in ("rows", "blocks"):
-        raise ConfigError(f"skip_v={cfg.skip_v!r} is not supported; choose 'rows' or 'blocks'.")
+    if cfg.skip_v not in ("rows", "blocks", "auto"):
+        raise ConfigError(f"skip_v={cfg.skip_v!r} is not supported; choose 'rows', 'blocks' or 'auto'.")
     for s in cfg.seq_lens:
         if s % cfg.block_k or s // cfg.block_k < 4:
             raise ConfigError(f"seq_lens must be multiples of block_k={cfg.block_k} with at least 4 tiles; got {s}.")

@@ -28,6 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from condensa.attention.tiles import tile_budget
 from condensa.cli import config_parser, parse_config_args, append_jsonl, config_to_dict, progress, run_main, write_json
 from condensa.errors import ConfigError
 from condensa.eval.bench.timing import correctness_summary, environment, measure
@@ -127,7 +128,7 @@ def tile_thresholds(q, k, scale, f: float, block_q: int, block_k: int, sink_tile
     out = np.full((h, nq), -np.inf, np.float32)
     for qt in range(nq):
         optional = scores[:, :, qt, sink_tiles: qt * ratio]
-        m_b = max(1, math.ceil(round(f * (qt + 1), 9)))
+        m_b = tile_budget(qt, f)
         if optional.shape[-1] > m_b:
             nth = -np.sort(-optional, axis=-1)[..., m_b]  # [B, H]
             out[:, qt] = nth.mean(axis=0)
