@@ -81,7 +81,7 @@ class AttentionConfig:
       element rule (needs calibrated tile thresholds).
     tile_cap: with the gate, keep at most the budget's m_b optional tiles per query tile (or
       decoding row), the best-scored of those above Θ, so f bounds the work. Without it a
-      calibrated Θ can keep most tiles of long rows (docs/study-8k).
+      calibrated Θ can keep most tiles of long rows (the first T = 8k run, docs/benchmarks.md).
     decode_gate_rows: with the gate, gate every query row of a full sequence as its decoding step
       would (single query against Θ_dec), in one pass: the perplexity decoding would give
       (reference backend).

@@ -332,11 +332,12 @@ def time_model(config: StudyConfig, name: str, evaluation: dict) -> dict:
     best = min((s for s in decode["dense_s"].values() if s), default=None)
     decode["best_dense_s"] = best
     for rule, (attention, thresholds) in decode_rules.items():
-        # Both ways of skipping V: whole blocks behind a branch (the default), and only the
-        # surviving rows with masked loads (Triton only), which wins where survivors spread over
-        # many blocks.
-        for skip_v in ("blocks",) if resolve_backend(None) in TPU_BACKENDS else ("blocks", "rows"):
-            label = rule if skip_v == "blocks" else f"{rule} (V rows)"
+        # Both ways of skipping V where both exist: the kernel's default first, under the rule's
+        # own name (only the surviving V rows, with masked loads, on the GPU), then whole V blocks
+        # behind a branch (the TPU kernel's only mode).
+        modes = ("blocks",) if resolve_backend(None) in TPU_BACKENDS else ("rows", "blocks")
+        for i, skip_v in enumerate(modes):
+            label = rule if i == 0 else f"{rule} (V {skip_v})"
             decode["rules"][label] = time_decode_rule(attention, thresholds, per_layer, lengths, scale, skip_v,
                                                      step_seconds, best)
     result["decode_attention"] = decode
