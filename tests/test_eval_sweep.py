@@ -166,6 +166,24 @@ def test_rerun_reuses_cached_thresholds_and_measures_decoding(sweep, trained_mod
     assert decode_alone["ppl"] != alone["ppl"]  # another rule, not the prefill gate again
 
 
+def test_dense_layers_reach_every_rule(sweep, trained_model_dir, tmp_path):
+    """`--dense_layers` listing every layer leaves every rule dense: each perplexity equals the
+    dense one, and the rows record the layers."""
+    import shutil
+
+    out, _ = sweep
+    again = tmp_path / "dense"
+    shutil.copytree(out / "thresholds", again / "thresholds")  # the rules' own thresholds, not re-calibrated
+    code = run_sweep_cli(sweep_args(trained_model_dir, again, "--ks", str(KS[0]), "--tile_budgets", f"off,{BUDGET}",
+                                    "--compensations", "none", "--decode_steps", "0", "--dense_layers", "[0,1]"))
+    assert code == 0
+    results = json.loads((again / "results.json").read_text())
+    assert {row["method"] for row in results["rows"]} == {"topk", "toptheta"} and len(results["rows"]) == 3
+    for row in results["rows"]:
+        assert row["dense_layers"] == [0, 1]
+        assert row["ppl"] == pytest.approx(results["dense"]["ppl"], rel=1e-6), row["label"]
+
+
 def test_bad_input(trained_model_dir, tmp_path, capsys):
     from condensa.sparsity import Thresholds
 
@@ -181,6 +199,8 @@ def test_bad_input(trained_model_dir, tmp_path, capsys):
         "thresholds of another model": (sweep_args(model, tmp_path / "e", "--ks", "16"), "calibrated for a model with"),
         "bad tile budget": (sweep_args(model, tmp_path / "f", "--ks", "16", "--tile_budgets", "off,2"), "(0, 1]"),
         "heatmap k not swept": (sweep_args(model, tmp_path / "g", "--ks", "16", "--heatmap_k", "8"), "heatmap_k"),
+        "dense layer outside the model": (sweep_args(model, tmp_path / "h", "--ks", "16", "--dense_layers", "[7]"),
+                                          "dense_layers [7]"),
     }
     (tmp_path / "empty.txt").write_text("\n  \n")
     other = Thresholds(theta=np.zeros((3, 4, 64), np.float32), sdc_delta=np.zeros((3, 4, 64), np.float32), k=16,

@@ -130,6 +130,25 @@ def test_timing_details_show_the_budgets_and_the_prefill_grid():
         "decode_attention": {"dense_s": {}, "best_dense_s": None, "rules": {}},
     }}
     text = _timing_md(timing)
+    assert "dense in every rule" not in text
+    assert "layer(s) 0 dense in every rule" in _timing_md({"base": {**timing["base"], "dense_layers": [0]}})
     assert "gate budget f = 0.125 (Δppl of the timed rule 2.34%, compensation none; the gate alone 0.40%)" in text
     assert "decode gate budget f = 0.25" in text and "no budget was within the limit" in text
     assert "| gate f=0.125 + Top-θ | 64 | 2.34% | 21.0% | 4.00 | 1.87× | 0.0021 |" in text
+
+
+def test_timing_refuses_rules_evaluated_with_other_dense_layers():
+    """The timed rules are the evaluated ones: a config whose dense_layers changed since the
+    evaluate stage is a clear error, not a silent mismatch."""
+    from condensa.cli import load_config
+    from condensa.errors import ConfigError
+    from condensa.eval.study.config import StudyConfig
+    from condensa.eval.study.timing import evaluated_dense_layers
+
+    evaluation = {"corpus": {"rows": [{"label": "Top-θ", "dense_layers": [0]}, {"label": "top-k", "dense_layers": [0]}]}}
+    config = load_config(StudyConfig, REPO / "configs/study-tiny.yaml", ["--evaluation.dense_layers", "[0]"])
+    assert evaluated_dense_layers(config, "base", evaluation) == (0,)
+    plain = load_config(StudyConfig, REPO / "configs/study-tiny.yaml", [])
+    with pytest.raises(ConfigError, match="run the evaluate stage again"):
+        evaluated_dense_layers(plain, "base", evaluation)
+    assert evaluated_dense_layers(plain, "base", {"corpus": {"rows": [{"label": "Top-θ"}]}}) == ()  # older results

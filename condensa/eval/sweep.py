@@ -57,12 +57,13 @@ class Variant:
             rule = f"{gate} + {rule}"
         return rule + (" + SDC+VMC" if self.compensation != "none" else "")
 
-    def attention(self, tile: int, sink_tiles: int) -> AttentionConfig:
+    def attention(self, tile: int, sink_tiles: int, dense_layers: Sequence[int] = ()) -> AttentionConfig:
+        """The rule as an AttentionConfig; `dense_layers` keep dense attention (no gate, no Top-θ)."""
         gate = self.tile_budget is not None
         return AttentionConfig(
             mode=self.method, k=self.k, tile_gate=gate, block_q=tile, block_k=tile,
             tile_budget=self.tile_budget if gate else 0.125, sink_tiles=sink_tiles, decode_gate_rows=self.decode_gate,
-            tile_cap=gate and self.tile_cap, **COMPENSATIONS[self.compensation],
+            tile_cap=gate and self.tile_cap, dense_layers=tuple(dense_layers), **COMPENSATIONS[self.compensation],
         )
 
 
@@ -243,6 +244,7 @@ class SweepSettings:
     gate_alone: bool = False  # also the gate with dense tiles, at every budget (the gate's own cost)
     decode_gate: bool = False  # also every gated rule with rows gated as decoding gates them
     tile_cap: bool = False  # every gate keeps at most its budget of tiles (AttentionConfig.tile_cap)
+    dense_layers: Sequence[int] = ()  # layers every rule leaves dense (AttentionConfig.dense_layers)
     calibration_batch_size: int | None = None  # blocks per calibration step (None: batch_size)
 
 
@@ -266,6 +268,10 @@ def run_sweep(
     ks = check_ks(settings.ks, context)
     if settings.stride is not None and settings.stride <= 0:
         raise ConfigError(f"--stride must be a positive number of tokens; got {settings.stride}.")
+    outside = [layer for layer in settings.dense_layers if not 0 <= int(layer) < model.config.n_layer]
+    if outside:
+        raise ConfigError(f"dense_layers {outside} are not layers of this model (0 to {model.config.n_layer - 1}); "
+                          "list the layers every rule should leave dense, e.g. [0].")
     if settings.tile < 1 or settings.tile > context:
         raise ConfigError(f"tile size {settings.tile} must be in [1, {context}] (the context).")
     eval_ids = np.asarray(eval_ids, np.int32).reshape(-1)
@@ -312,7 +318,7 @@ def run_sweep(
 
     rows = []
     for v in all_variants:
-        attention = v.attention(settings.tile, settings.sink_tiles)
+        attention = v.attention(settings.tile, settings.sink_tiles, settings.dense_layers)
         th = thresholds_for(v, attention) if attention.needs_thresholds else None
         result = perplexity(model, eval_ids, attention=attention, thresholds=th, **ppl_kwargs)
         metrics = (sparsity_metrics(model, blocks, attention, th, tile=settings.tile, dense_probs=dense_probs)
@@ -320,6 +326,7 @@ def run_sweep(
         row = {
             "label": v.label, "method": v.method, "k": v.k, "tile_budget": v.tile_budget,
             "compensation": v.compensation, "decode_gate": v.decode_gate, "tile_cap": v.tile_cap,
+            "dense_layers": sorted(attention.dense_layers),
             "ppl": result["ppl"], "nll": result["nll"],
             "delta_ppl": result["ppl"] - dense["ppl"], "delta_ppl_rel": result["ppl"] / dense["ppl"] - 1.0,
             "kept_fraction": metrics["mean"]["kept_fraction"],

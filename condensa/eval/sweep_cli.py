@@ -103,6 +103,7 @@ class SweepConfig:
     gate_alone: bool = False  # also the gate with dense tiles at every budget: the gate's own perplexity cost
     decode_gate: bool = False  # also each gated rule with every row gated as its decoding step gates it
     tile_cap: bool = False  # every gate keeps at most its budget of tiles, the best-scored above Θ
+    dense_layers: list[int] = dataclasses.field(default_factory=list)  # layers every rule leaves dense
     heatmap_layer: int = 0
     heatmap_head: int = 0
     heatmap_k: int | None = None  # default: the middle k of the sweep
@@ -150,7 +151,7 @@ def run(cfg: SweepConfig) -> dict:
         ks=ks, tile_budgets=budgets, compensations=cfg.compensations, tile=cfg.tile, sink_tiles=cfg.sink_tiles,
         sigma_add=cfg.sigma_add, stride=cfg.stride, max_length=context, batch_size=cfg.batch_size,
         metric_blocks=cfg.metric_blocks, decode_steps=cfg.decode_steps, gate_alone=cfg.gate_alone,
-        decode_gate=cfg.decode_gate, tile_cap=cfg.tile_cap,
+        decode_gate=cfg.decode_gate, tile_cap=cfg.tile_cap, dense_layers=cfg.dense_layers,
     )
     model_file = Path(cfg.model) / "model.safetensors"
     results = run_sweep(
@@ -187,7 +188,7 @@ def write_plots(cfg: SweepConfig, results: dict, model, eval_ids: np.ndarray, ou
     panels = {"dense": None}
     for v in chosen:
         key = f"k{k}-f{'off' if v.tile_budget is None else f'{v.tile_budget:g}'}"
-        panels[f"{v.label}, k={k}"] = (v.attention(cfg.tile, cfg.sink_tiles),
+        panels[f"{v.label}, k={k}"] = (v.attention(cfg.tile, cfg.sink_tiles, cfg.dense_layers),
                                        Thresholds.load(results["thresholds"][key]) if v.method == "toptheta" else None)
     files["heatmap"] = plots.plot_attention_heatmaps(
         model, blocks, panels, layer=cfg.heatmap_layer, head=cfg.heatmap_head, path=out / "heatmap.png")

@@ -35,6 +35,7 @@ class EvaluationSettings:
     gate_alone: bool = False  # also the gate with dense tiles at every budget (its own perplexity cost)
     decode_gate: bool = False  # also every gated rule with rows gated as decoding steps gate them
     tile_cap: bool = False  # every gate keeps at most its budget of tiles (evaluated and timed alike)
+    dense_layers: list[int] = dataclasses.field(default_factory=list)  # layers every rule leaves dense (evaluated and timed alike)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -26,6 +26,7 @@ def sweep_settings(config: StudyConfig, compensations: tuple[str, ...], *, extra
         metric_blocks=config.evaluation.metric_blocks, decode_steps=0, gate_ks=[cal.gate_k],
         calibration_batch_size=cal.batch_size, gate_alone=extra_rules and config.evaluation.gate_alone,
         decode_gate=extra_rules and config.evaluation.decode_gate, tile_cap=config.evaluation.tile_cap,
+        dense_layers=config.evaluation.dense_layers,
     )
 
 

@@ -162,8 +162,10 @@ def _models_table(res: dict) -> str:
 
 
 def _sweep_table(name: str, sweep: dict) -> str:
+    dense_layers = sorted({layer for r in sweep["rows"] for layer in r.get("dense_layers", ())})
+    kept_dense = f"; every rule leaves layer(s) {', '.join(map(str, dense_layers))} dense" if dense_layers else ""
     rows = [f"**{name}** (dense ppl {num(sweep['dense']['ppl'])}, {sweep['tokens']:,} tokens, context {sweep['context']}, "
-            f"tiles {sweep['tile']})", "",
+            f"tiles {sweep['tile']}{kept_dense})", "",
             "| rule | k | ppl | Δppl | kept elements | kept per row | tiles computed | gate tile mass |",
             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for r in sweep["rows"]:
@@ -226,6 +228,7 @@ def _timing_md(timing: dict) -> str:
         out += [f"**{name}**: batch {t['batch']} × {t['seq_len']} tokens, {t['heads']} heads of {t['head_dim']}; "
                 f"k = {t['k']}; {_budget_md('gate', chosen)}"
                 + (f"; decoding: {_budget_md('decode gate', t['chosen_decode'])}" if t.get("chosen_decode") else "")
+                + (f"; layer(s) {', '.join(map(str, t['dense_layers']))} dense in every rule" if t.get("dense_layers") else "")
                 + ".", "",
                 "| measurement | rule | time (ms) | vs dense | tiles / K blocks | empty tiles / V blocks | max rel. error |",
                 "| --- | --- | ---: | ---: | ---: | ---: | ---: |"]

@@ -160,6 +160,18 @@ def time_prefill_rule(attention, thresholds, qkv, scale, settings, cudnn_s: floa
     return acc
 
 
+def evaluated_dense_layers(config: StudyConfig, name: str, evaluation: dict) -> tuple[int, ...]:
+    """The layers the evaluation left dense, so that every timed rule is the rule it measured; a
+    config changed since then is an error, not a silent mismatch."""
+    measured = {tuple(r.get("dense_layers", ())) for r in evaluation["corpus"]["rows"]}
+    wanted = tuple(sorted(int(x) for x in config.evaluation.dense_layers))
+    if measured != {wanted}:
+        raise ConfigError(f"{name} was evaluated with dense_layers {sorted(measured)} but evaluation.dense_layers is "
+                          f"{list(wanted)} now; run the evaluate stage again (--stages evaluate --models {name}) "
+                          "before timing.")
+    return wanted
+
+
 def prefill_grid(config: StudyConfig, name: str, evaluation: dict, qkv, scale, settings, cudnn_s: float) -> list[dict]:
     """Prefill attention with every calibrated rule the evaluation measured: Top-θ at each k, and
     gate + Top-θ at each budget at the gated k (each compensation of timing.grid_compensations), with its Δppl on
@@ -174,7 +186,8 @@ def prefill_grid(config: StudyConfig, name: str, evaluation: dict, qkv, scale, s
         attention = AttentionConfig(mode="toptheta", k=row["k"], backend="pallas", tile_gate=f is not None,
                                     block_q=cal.tile, block_k=cal.tile, tile_budget=f or 0.125,
                                     sink_tiles=cal.sink_tiles, sdc="calibrated" if comp else "none", vmc=comp,
-                                    tile_cap=f is not None and bool(row.get("tile_cap")))
+                                    tile_cap=f is not None and bool(row.get("tile_cap")),
+                                    dense_layers=evaluated_dense_layers(config, name, evaluation))
         timed = time_prefill_rule(attention, thresholds_for(config, name, row["k"], f), qkv, scale, settings, cudnn_s)
         out.append({"label": row["label"], "k": row["k"], "tile_budget": f, "compensation": row["compensation"],
                     "delta_ppl_rel": row["delta_ppl_rel"], **timed})
@@ -241,13 +254,17 @@ def time_model(config: StudyConfig, name: str, evaluation: dict) -> dict:
                      if has_decode_rows else chosen)
     result: dict = {"model": name, "k": settings.k, "budget_by": settings.budget_by,
                     "chosen": _chosen_summary(chosen), "chosen_decode": _chosen_summary(chosen_decode)}
-    toptheta = (AttentionConfig(mode="toptheta", k=settings.k, backend="pallas"), thresholds_for(config, name, settings.k, None))
+    dense_layers = evaluated_dense_layers(config, name, evaluation)
+    result["dense_layers"] = list(dense_layers)
+    toptheta = (AttentionConfig(mode="toptheta", k=settings.k, backend="pallas", dense_layers=dense_layers),
+                thresholds_for(config, name, settings.k, None))
 
     def gated_rule(row):
         f, comp = row["tile_budget"], row["compensation"] != "none"
         return (AttentionConfig(mode="toptheta", k=settings.k, backend="pallas", tile_gate=True, block_q=cal.tile,
                                 block_k=cal.tile, tile_budget=f, sink_tiles=cal.sink_tiles,
-                                sdc="calibrated" if comp else "none", vmc=comp, tile_cap=bool(row.get("tile_cap"))),
+                                sdc="calibrated" if comp else "none", vmc=comp, tile_cap=bool(row.get("tile_cap")),
+                                dense_layers=dense_layers),
                 thresholds_for(config, name, settings.k, f))
 
     rules = {"toptheta": toptheta, **({"gate+toptheta": gated_rule(chosen)} if chosen is not None else {})}
