@@ -66,6 +66,25 @@ def test_logits_match_and_probabilities_fall_back_to_the_reference(setup):
     np.testing.assert_allclose(np.asarray(with_probs.logits), np.asarray(ref.logits), rtol=1e-5, atol=1e-5)
 
 
+def test_a_layer_left_dense_runs_the_fused_dense_path(setup, monkeypatch):
+    """`dense_layers` under the Pallas backend: the prefill kernel runs in the other layers only
+    (the dense layer takes the fused dense path, cuDNN on a GPU), and the logits stay the reference's."""
+    import jax.numpy as jnp
+
+    import condensa.kernels as kernels
+
+    model, thresholds, text = setup
+    calls = []
+    original = kernels.toptheta_prefill
+    monkeypatch.setattr(kernels, "toptheta_prefill", lambda *a, **kw: calls.append(kw) or original(*a, **kw))
+    config = CONFIGS["toptheta+sdc+vmc+gate"].replace(dense_layers=(0,))
+    ids = jnp.asarray(text[:T].reshape(1, T))
+    ref = model(ids, attention=config, thresholds=thresholds).logits
+    ker = model(ids, attention=config.replace(backend="pallas"), thresholds=thresholds).logits
+    np.testing.assert_allclose(np.asarray(ker), np.asarray(ref), rtol=1e-5, atol=1e-5)
+    assert len(calls) == model.config.n_layer - 1 and all(kw["tile_theta"] is not None for kw in calls)
+
+
 @pytest.fixture(scope="module")
 def decode_setup(tmp_path_factory):
     path = tmp_path_factory.mktemp("pallas_decode")

@@ -131,10 +131,12 @@ def relative_error(out, ref) -> float:
     return float(np.linalg.norm(out - ref) / np.linalg.norm(ref)) if np.all(np.isfinite(out)) else float("inf")
 
 
-def time_prefill_rule(attention, thresholds, qkv, scale, settings, cudnn_s: float) -> dict:
+def time_prefill_rule(attention, thresholds, qkv, scale, settings, cudnn_s: float, dense_attention) -> dict:
     """One rule's prefill attention over every layer's q, k, v: the kernel's time summed over layers
     (as the model's jitted forward runs it), its tile counts, and its error against the reference
-    op on the first sequence of each layer (the output is NaN-poisoned before the checked call)."""
+    op on the first sequence of each layer (the output is NaN-poisoned before the checked call).
+    A layer the rule leaves dense runs `dense_attention(q, k, v)` (cuDNN), as the model runs it,
+    and counts every causal tile as computed."""
     from condensa.attention import _layer_thresholds
     from condensa.attention.pallas_backend import prefill_kernel_args
     from condensa.eval.bench.timing import first_output, jit_with_options, measure
@@ -143,6 +145,13 @@ def time_prefill_rule(attention, thresholds, qkv, scale, settings, cudnn_s: floa
     t = qkv[0][0].shape[1]
     acc = {"kernel_s": 0.0, "causal": 0, "listed": 0, "empty": 0, "max_rel_error": 0.0}
     for layer, (q, k, v) in enumerate(qkv):
+        if attention.is_dense_layer(layer) and attention.mode != "dense":
+            acc["kernel_s"] += measure(lambda: dense_attention(q, k, v), warmup=settings.warmup,
+                                       repeats=settings.repeats)["median_s"]
+            _, stats = toptheta_prefill(q[:1], k[:1], v[:1], scale=scale)  # the dense mode's tile count
+            acc["causal"] += int(stats.causal) * q.shape[0]
+            acc["listed"] += int(stats.listed) * q.shape[0]
+            continue
         layer_table = _layer_thresholds(attention, thresholds, layer) if thresholds is not None else None  # dense
         kwargs = prefill_kernel_args(attention, layer_table, layer, t)
         out, stats = toptheta_prefill(q, k, v, scale=scale, poison_output=True, **kwargs)
@@ -172,7 +181,8 @@ def evaluated_dense_layers(config: StudyConfig, name: str, evaluation: dict) -> 
     return wanted
 
 
-def prefill_grid(config: StudyConfig, name: str, evaluation: dict, qkv, scale, settings, cudnn_s: float) -> list[dict]:
+def prefill_grid(config: StudyConfig, name: str, evaluation: dict, qkv, scale, settings, cudnn_s: float,
+                 dense_attention) -> list[dict]:
     """Prefill attention with every calibrated rule the evaluation measured: Top-θ at each k, and
     gate + Top-θ at each budget at the gated k (each compensation of timing.grid_compensations), with its Δppl on
     held-out corpus text next to its speed and tile fraction (the issue's table, on real q, k, v
@@ -188,7 +198,8 @@ def prefill_grid(config: StudyConfig, name: str, evaluation: dict, qkv, scale, s
                                     sink_tiles=cal.sink_tiles, sdc="calibrated" if comp else "none", vmc=comp,
                                     tile_cap=f is not None and bool(row.get("tile_cap")),
                                     dense_layers=evaluated_dense_layers(config, name, evaluation))
-        timed = time_prefill_rule(attention, thresholds_for(config, name, row["k"], f), qkv, scale, settings, cudnn_s)
+        timed = time_prefill_rule(attention, thresholds_for(config, name, row["k"], f), qkv, scale, settings, cudnn_s,
+                                  dense_attention)
         out.append({"label": row["label"], "k": row["k"], "tile_budget": f, "compensation": row["compensation"],
                     "delta_ppl_rel": row["delta_ppl_rel"], **timed})
     return out
@@ -317,9 +328,9 @@ def time_model(config: StudyConfig, name: str, evaluation: dict) -> dict:
         prefill["cudnn_s"] += measure(lambda: cudnn(q, k, v), warmup=settings.warmup, repeats=settings.repeats)["median_s"]
     # the kernel's dense mode (θ = −inf) first: the floor the sparse rules are measured against
     for rule, (attention, thresholds) in {"dense kernel": (AttentionConfig(backend="pallas"), None), **rules}.items():
-        prefill["rules"][rule] = time_prefill_rule(attention, thresholds, qkv, scale, settings, prefill["cudnn_s"])
+        prefill["rules"][rule] = time_prefill_rule(attention, thresholds, qkv, scale, settings, prefill["cudnn_s"], cudnn)
     if settings.prefill_grid:
-        prefill["grid"] = prefill_grid(config, name, evaluation, qkv, scale, settings, prefill["cudnn_s"])
+        prefill["grid"] = prefill_grid(config, name, evaluation, qkv, scale, settings, prefill["cudnn_s"], cudnn)
     result["prefill_attention"] = prefill
 
     # ---- decoding: the last position against the full cache ---------------------------------
