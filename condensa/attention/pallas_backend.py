@@ -5,8 +5,9 @@ sequence against the KV cache, both for dense attention and pre-softmax Top-θ (
 calibrated, VMC, the tile gate). Everything else (prompts written into a cache, padded prefill,
 top-k, post-softmax placement, exact / exp-threshold SDC, callers that need the probabilities,
 attention dropout, rows gated as decoding steps) runs the reference op, which gives the same
-numbers by construction. Layers the rule leaves dense (`dense_layers`) run the fused dense path of
-the reference backend (cuDNN on the GPU).
+numbers by construction. In prefill, layers the rule leaves dense (`dense_layers`) run the fused
+dense path of the reference backend (cuDNN on the GPU); in decoding they run the decode kernel's
+dense mode.
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ def decode_kernel_applies(config, layer_idx: int, q, decode_state, *, need_probs
         return False
     if _is_gated(config, layer_idx) and decode_state.k_tile_mean is None:
         return False
-    return not config.is_dense_layer(layer_idx) and _element_rule_supported(config, layer_idx)
+    return _element_rule_supported(config, layer_idx)
 
 
 def _is_gated(config, layer_idx: int) -> bool:

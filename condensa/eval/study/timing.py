@@ -136,9 +136,10 @@ def time_prefill_rule(attention, thresholds, qkv, scale, settings, cudnn_s: floa
     (as the model's jitted forward runs it), its tile counts, and its error against the reference
     op on the first sequence of each layer (the output is NaN-poisoned before the checked call).
     A layer the rule leaves dense runs `dense_attention(q, k, v)` (cuDNN), as the model runs it,
-    and counts every causal tile as computed."""
+    and counts every causal tile of the rule's tiling as computed."""
     from condensa.attention import _layer_thresholds
     from condensa.attention.pallas_backend import prefill_kernel_args
+    from condensa.attention.tiles import tile_count, visible_tiles
     from condensa.eval.bench.timing import first_output, jit_with_options, measure
     from condensa.kernels import toptheta_prefill
 
@@ -148,9 +149,10 @@ def time_prefill_rule(attention, thresholds, qkv, scale, settings, cudnn_s: floa
         if attention.is_dense_layer(layer) and attention.mode != "dense":
             acc["kernel_s"] += measure(lambda: dense_attention(q, k, v), warmup=settings.warmup,
                                        repeats=settings.repeats)["median_s"]
-            _, stats = toptheta_prefill(q[:1], k[:1], v[:1], scale=scale)  # the dense mode's tile count
-            acc["causal"] += int(stats.causal) * q.shape[0]
-            acc["listed"] += int(stats.listed) * q.shape[0]
+            bq, bk = attention.block_q, attention.block_k
+            causal = int(visible_tiles(tile_count(t, bq), tile_count(t, bk), bq, bk).sum()) * q.shape[0] * q.shape[2]
+            acc["causal"] += causal
+            acc["listed"] += causal
             continue
         layer_table = _layer_thresholds(attention, thresholds, layer) if thresholds is not None else None  # dense
         kwargs = prefill_kernel_args(attention, layer_table, layer, t)
@@ -188,6 +190,7 @@ def prefill_grid(config: StudyConfig, name: str, evaluation: dict, qkv, scale, s
     held-out corpus text next to its speed and tile fraction (the issue's table, on real q, k, v
     and thresholds instead of synthetic ones)."""
     cal = config.calibration
+    dense_layers = evaluated_dense_layers(config, name, evaluation)
     out = []
     for row in evaluation["corpus"]["rows"]:
         if row["method"] != "toptheta" or row.get("decode_gate") or row["compensation"] not in settings.grid_compensations:
@@ -197,7 +200,7 @@ def prefill_grid(config: StudyConfig, name: str, evaluation: dict, qkv, scale, s
                                     block_q=cal.tile, block_k=cal.tile, tile_budget=f or 0.125,
                                     sink_tiles=cal.sink_tiles, sdc="calibrated" if comp else "none", vmc=comp,
                                     tile_cap=f is not None and bool(row.get("tile_cap")),
-                                    dense_layers=evaluated_dense_layers(config, name, evaluation))
+                                    dense_layers=dense_layers)
         timed = time_prefill_rule(attention, thresholds_for(config, name, row["k"], f), qkv, scale, settings, cudnn_s,
                                   dense_attention)
         out.append({"label": row["label"], "k": row["k"], "tile_budget": f, "compensation": row["compensation"],
