@@ -52,6 +52,7 @@ from condensa.errors import ConfigError
 from condensa.kernels.backend import TPU_BACKENDS, resolve_backend
 from condensa.kernels.tile_gate_prepass import cap_at_budget
 
+UNGATED_BLOCK_K = 128  # see default_block_k; measured on the H100 in docs/benchmarks.md
 _STAT_WIDTH = 8  # per program: survivor max m, denominator l, survivors, V blocks, best score, its slot, -, -
 
 
@@ -85,16 +86,22 @@ class DecodeOptions:
     num_stages: int = 2
     skip_v: str = "blocks"
     poison_output: bool = False
+    contiguous: bool = False  # no gate: program tiles are a range, computed, not read from a list
 
 
 # ---- the kernel -------------------------------------------------------------------------------
 
 
-def _decode_kernel(meta_ref, tiles_ref, theta_ref, q_ref, k_ref, v_ref, *refs, scale, block_k, num_splits,
-                   has_theta, skip_v):
-    """One (sequence-query, head, split): online softmax over the survivors in this split's tiles."""
+def _decode_kernel(meta_ref, *refs, scale, block_k, num_splits, has_theta, skip_v, contiguous):
+    """One (sequence-query, head, split): online softmax over the survivors in this split's tiles.
+
+    Without a gate (`contiguous`) the i-th tile is `first + i`, computed, so no K load waits on a
+    load from the tile list (the compiler can keep several K tiles in flight)."""
+    tiles_ref = None if contiguous else refs[0]
+    theta_ref, q_ref, k_ref, v_ref = refs[int(not contiguous):][:4]
     acc_ref, stat_ref = refs[-2:]  # before them, optional NaN buffers aliased to the outputs: never read
     count, length, start = meta_ref[0], meta_ref[1], meta_ref[2]
+    first = jax.lax.div(start, block_k)
     split = pl.program_id(2)
     share = jax.lax.div(count + (num_splits - 1), num_splits)
     lo = split * share
@@ -105,7 +112,7 @@ def _decode_kernel(meta_ref, tiles_ref, theta_ref, q_ref, k_ref, v_ref, *refs, s
 
     def visit(i, carry):
         acc, m, l, kept, v_loads, best, best_slot = carry
-        tile = tiles_ref[i]
+        tile = first + i if contiguous else tiles_ref[i]
         k = k_ref[pl.ds(tile * block_k, block_k), :].astype(jnp.float32)  # [bk, D]
         cols = tile * block_k + offsets
         visible = (cols >= start) & (cols < length)
@@ -159,22 +166,23 @@ def _decode_kernel(meta_ref, tiles_ref, theta_ref, q_ref, k_ref, v_ref, *refs, s
 
 
 def _launch(meta, tiles, theta_row, q, k, v, opts: DecodeOptions):
-    """q [Bv, H, D] (Bv = B * Tq), k/v [B, S, Hkv, D] -> partial acc [Bv, H, ns, D], stats [Bv, H, ns, 8]."""
+    """q [Bv, H, D] (Bv = B * Tq), k/v [B, S, Hkv, D] -> partial acc [Bv, H, ns, D], stats [Bv, H, ns, 8].
+    `tiles` [Bv, H, W] is the list to visit, or None with `opts.contiguous` (every visible tile)."""
     bv, h, d = q.shape
     s = k.shape[1]
     ns, tq = opts.num_splits, opts.queries_per_seq
     groups = h // k.shape[2]  # GQA: query head hi reads KV head hi // groups
-    width = tiles.shape[-1]
     per_head = lambda last: pl.BlockSpec((None, None, last), lambda b, hi, j: (b, hi, 0))  # noqa: E731
     cache_spec = pl.BlockSpec((None, s, None, d), lambda b, hi, j: (b // tq, 0, hi // groups, 0))
-    in_specs = [per_head(4), per_head(width), per_head(2), per_head(d), cache_spec, cache_spec]
+    listed = [] if opts.contiguous else [tiles]
+    in_specs = [per_head(4), *(per_head(t.shape[-1]) for t in listed), per_head(2), per_head(d), cache_spec, cache_spec]
     out_specs = [pl.BlockSpec((None, None, None, d), lambda b, hi, j: (b, hi, j, 0)),
                  pl.BlockSpec((None, None, None, _STAT_WIDTH), lambda b, hi, j: (b, hi, j, 0))]
     out_shape = [jax.ShapeDtypeStruct((bv, h, ns, d), jnp.float32),
                  jax.ShapeDtypeStruct((bv, h, ns, _STAT_WIDTH), jnp.float32)]
     kernel = functools.partial(_decode_kernel, scale=opts.scale, block_k=opts.block_k, num_splits=ns,
-                               has_theta=opts.has_theta, skip_v=opts.skip_v)
-    inputs = [meta, tiles, theta_row, q, k, v]
+                               has_theta=opts.has_theta, skip_v=opts.skip_v, contiguous=opts.contiguous)
+    inputs = [meta, *listed, theta_row, q, k, v]
     aliases = {}
     if opts.poison_output:  # partials a program fails to write stay NaN, so checks see them
         for i, shape in enumerate(out_shape):
@@ -333,6 +341,8 @@ def _decode(q, k, v, lengths, starts, theta, sdc_delta, v_mean, k_tile_mean, til
 
     if tile_theta_decode is None:
         tiles, count = contiguous_tiles(lengths_v, starts_v, heads=h, n_tiles=sp // bk, block_k=bk)
+        if opts.contiguous:
+            tiles = None  # the Triton kernel computes its tiles; the TPU kernel still reads the range
     else:
         keep = kept_tiles(qv, k_tile_mean, lengths_v, starts_v, n_tiles=sp // bk, scale=opts.scale, block_k=bk,
                           tile_theta_decode=tile_theta_decode, sink_tiles=sink_tiles, budgets=budgets,
@@ -365,6 +375,13 @@ def _decode(q, k, v, lengths, starts, theta, sdc_delta, v_mean, k_tile_mean, til
     return out.reshape(b, tq, h, d).astype(v.dtype), dstats
 
 
+def default_block_k(gated: bool) -> int:
+    """Keys per tile when the caller names none. With a gate the tile is the gate's (the cache
+    state's k̄ has one mean per tile; 64 by default). Without one it is free, and a larger tile
+    keeps more K in flight per loop step: UNGATED_BLOCK_K."""
+    return 64 if gated else UNGATED_BLOCK_K
+
+
 def default_num_splits(programs: int, max_tiles: int, target_programs: int = 512) -> int:
     """Enough splits that about `target_programs` programs run (a few per SM of a large GPU),
     but never more splits than tiles a row may visit."""
@@ -389,7 +406,7 @@ def toptheta_decode(
     sink_tiles: int = 1,
     tile_budget: float | None = None,
     tile_cap: bool = False,
-    block_k: int = 64,
+    block_k: int | None = None,
     num_splits: int | None = None,
     backend: str | None = None,
     num_warps: int = 4,
@@ -412,6 +429,8 @@ def toptheta_decode(
     None means no gate. `tile_budget` f (optional) keeps all optional tiles of a row that has no
     more than max(1, ceil(f t_count)) of them, as the reference gate does; `tile_cap` keeps at
     most that many, the best of those above Θ_dec.
+    `block_k`: cache slots per tile; None: the gate's default of 64, or without a gate
+    `UNGATED_BLOCK_K` (`default_block_k`).
     `num_splits`: split-K shares per (sequence, head); None picks enough to fill a large GPU.
     `skip_v`: "rows" reads only the V rows that hold a survivor (masked loads, no branch);
     "blocks" reads whole V blocks, behind a branch, for the tiles that hold one; "auto" (default)
@@ -426,6 +445,7 @@ def toptheta_decode(
                           f"(grouped-query attention); got q {q.shape}, k {k.shape}, v {v.shape}.")
     b, tq, h, d = q.shape
     s, hkv = k.shape[1], k.shape[2]
+    block_k = default_block_k(tile_theta_decode is not None) if block_k is None else int(block_k)
     if d not in (64, 128):
         raise ConfigError(f"head_dim {d} is not supported by the decode kernel; it takes 64 or 128.")
     if block_k < 16 or block_k & (block_k - 1):
@@ -465,7 +485,8 @@ def toptheta_decode(
     opts = DecodeOptions(
         scale=float(1.0 / math.sqrt(d) if scale is None else scale), block_k=block_k, num_splits=int(splits),
         queries_per_seq=tq, has_theta=theta is not None, backend=resolved,
-        num_warps=num_warps, num_stages=num_stages, skip_v=skip_v, poison_output=bool(poison_output))
+        num_warps=num_warps, num_stages=num_stages, skip_v=skip_v, poison_output=bool(poison_output),
+        contiguous=tile_theta_decode is None and resolved not in TPU_BACKENDS)
     budgets = tile_budgets(nk, None if tile_theta_decode is None or tile_budget is None else float(tile_budget))
     return _decode(q, k, v, jnp.asarray(lengths), None if starts is None else jnp.asarray(starts), theta, sdc_delta,
                    v_mean if vmc else None, k_tile_mean, tile_theta_decode, budgets, sdc_gamma=float(sdc_gamma),

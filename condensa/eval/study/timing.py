@@ -217,14 +217,15 @@ def time_decode_rule(attention, thresholds, per_layer, lengths, scale, skip_v, s
     loaded."""
     from condensa.attention import _layer_thresholds
     from condensa.attention.pallas_backend import decode_kernel_args
-    from condensa.kernels.toptheta_decode import toptheta_decode
+    from condensa.kernels.toptheta_decode import default_block_k, toptheta_decode
 
     acc = {"skip_v": skip_v, "visible": 0, "k_loaded": 0, "v_loaded": 0, "v_rows": 0, "visible_rows": 0,
            "max_rel_error": 0.0}
     layer_args = []
     for layer, c in enumerate(per_layer):
         kwargs = decode_kernel_args(attention, _layer_thresholds(attention, thresholds, layer), layer, c["k"].shape[1])
-        kwargs.setdefault("block_k", 64)  # toptheta_decode's default, named so the V rows can be counted
+        # toptheta_decode's default, named so that the V rows can be counted
+        kwargs.setdefault("block_k", default_block_k(kwargs["tile_theta_decode"] is not None))
         layer_args.append(dict(kwargs, skip_v=skip_v, scale=scale))
 
     def call(layer, c):
