@@ -13,6 +13,11 @@ TPU kernel's only mode). On trained models (docs/study-8k, docs/study-16k: S = 8
 1.03-1.37× over blocks: real survivors spread over 5-47% of the V blocks but 0.3-4.5% of the rows.
 Blocks win only where survivors cluster in a few blocks (the synthetic caches of `bench decode`).
 
+Without a gate every row visits its visible tiles in order, so the Triton kernel computes the
+i-th tile as `first + i` and reads no list, and the tile size is free of the gate's: it defaults
+to 128 keys (`UNGATED_BLOCK_K`), which ran 1.15× faster than 64 on the H100 (docs/benchmarks.md,
+third run).
+
 Split-K (flash-decoding): the list of one (sequence, head) is cut into `num_splits` equal shares,
 one program each, so a long cache or a small batch still fills the GPU; the partial results
 (unnormalised output, survivor max m, denominator l, survivor count, the largest score and its
