@@ -55,6 +55,7 @@ from jax.experimental.pallas import triton as pltriton  # masked loads (they als
 from condensa.attention.tiles import tile_budgets as budgets_per_tile_count
 from condensa.errors import ConfigError
 from condensa.kernels.backend import TPU_BACKENDS, resolve_backend
+from condensa.kernels.decode_combine import combine_splits
 from condensa.kernels.tile_gate_prepass import cap_at_budget
 
 UNGATED_BLOCK_K = 128  # see default_block_k; measured on the H100 in docs/benchmarks.md
@@ -92,6 +93,7 @@ class DecodeOptions:
     skip_v: str = "blocks"
     poison_output: bool = False
     contiguous: bool = False  # no gate: program tiles are a range, computed, not read from a list
+    fused_combine: bool = True  # Triton/interpret: the split-K combine as one kernel (False: jax.numpy, as on TPU)
 
 
 # ---- the kernel -------------------------------------------------------------------------------
@@ -171,7 +173,8 @@ def _decode_kernel(meta_ref, *refs, scale, block_k, num_splits, has_theta, skip_
 
 
 def _launch(meta, tiles, theta_row, q, k, v, opts: DecodeOptions):
-    """q [Bv, H, D] (Bv = B * Tq), k/v [B, S, Hkv, D] -> partial acc [Bv, H, ns, D], stats [Bv, H, ns, 8].
+    """q [Bv, H, D] (Bv = B * Tq), k/v [B, S, Hkv, D] -> partial acc [Bv, H, ns_p, D], stats [Bv, H, ns_p, 8]
+    (ns_p: num_splits rounded up to a power of two; only the first num_splits rows are written).
     `tiles` [Bv, H, W] is the list to visit, or None with `opts.contiguous` (every visible tile)."""
     bv, h, d = q.shape
     s = k.shape[1]
@@ -180,11 +183,12 @@ def _launch(meta, tiles, theta_row, q, k, v, opts: DecodeOptions):
     per_head = lambda last: pl.BlockSpec((None, None, last), lambda b, hi, j: (b, hi, 0))  # noqa: E731
     cache_spec = pl.BlockSpec((None, s, None, d), lambda b, hi, j: (b // tq, 0, hi // groups, 0))
     listed = [] if opts.contiguous else [tiles]
+    ns_p = 1 << (ns - 1).bit_length()  # the combine kernel reads the partials as a power-of-two block
     in_specs = [per_head(4), *(per_head(t.shape[-1]) for t in listed), per_head(2), per_head(d), cache_spec, cache_spec]
     out_specs = [pl.BlockSpec((None, None, None, d), lambda b, hi, j: (b, hi, j, 0)),
                  pl.BlockSpec((None, None, None, _STAT_WIDTH), lambda b, hi, j: (b, hi, j, 0))]
-    out_shape = [jax.ShapeDtypeStruct((bv, h, ns, d), jnp.float32),
-                 jax.ShapeDtypeStruct((bv, h, ns, _STAT_WIDTH), jnp.float32)]
+    out_shape = [jax.ShapeDtypeStruct((bv, h, ns_p, d), jnp.float32),
+                 jax.ShapeDtypeStruct((bv, h, ns_p, _STAT_WIDTH), jnp.float32)]
     kernel = functools.partial(_decode_kernel, scale=opts.scale, block_k=opts.block_k, num_splits=ns,
                                has_theta=opts.has_theta, skip_v=opts.skip_v, contiguous=opts.contiguous)
     inputs = [meta, *listed, theta_row, q, k, v]
@@ -297,7 +301,8 @@ def _lookup(table, n):
 
 
 def _combine(acc, stats, v, seq_of_row, n_visible, sdc, v_mean, vmc):
-    """Merges the split partials (flash-decoding) and applies the calibrated SDC and VMC.
+    """Merges the split partials (flash-decoding) and applies the calibrated SDC and VMC, in
+    jax.numpy: the TPU kernel's combine (the Triton kernel's is `decode_combine.combine_splits`).
 
     A row with no survivor in any split keeps its single largest element: its V row is gathered
     here, one row per (sequence, head), instead of being carried through the kernel.
@@ -358,17 +363,21 @@ def _decode(q, k, v, lengths, starts, theta, sdc_delta, v_mean, k_tile_mean, til
                       jnp.broadcast_to(starts_v[:, None], count.shape), jnp.zeros_like(count)], axis=-1)
     theta_row = (_lookup(theta, n_visible) if theta is not None
                  else jnp.full((b * tq, h), -jnp.inf, jnp.float32))
-    theta_pair = jnp.stack([theta_row, jnp.zeros_like(theta_row)], axis=-1)  # [Bv, H, 2]
+    sdc = None if sdc_delta is None else sdc_gamma * _lookup(sdc_delta, n_visible)
+    theta_pair = jnp.stack([theta_row, jnp.zeros_like(theta_row) if sdc is None else sdc], axis=-1)  # [Bv, H, 2]
+    v_mean_v = None if v_mean is None else v_mean.astype(jnp.float32).reshape(b * tq, v_mean.shape[2], d)
     if opts.backend in TPU_BACKENDS:
         from condensa.kernels.toptheta_decode_tpu import launch_decode_tpu
 
         acc, stats = launch_decode_tpu(meta, tiles, theta_pair, qv, k, v, opts)
     else:
         acc, stats = _launch(meta, tiles, theta_pair, qv, k, v, opts)
-
-    sdc = None if sdc_delta is None else sdc_gamma * _lookup(sdc_delta, n_visible)
-    v_mean_v = None if v_mean is None else v_mean.astype(jnp.float32).reshape(b * tq, v_mean.shape[2], d)
-    out = _combine(acc, stats, v, jnp.arange(b * tq) // tq, n_visible.astype(jnp.float32), sdc, v_mean_v, vmc)
+        if opts.fused_combine:
+            out = combine_splits(meta, theta_pair, acc, stats, v, v_mean_v if vmc else None, num_splits=opts.num_splits,
+                                 queries_per_seq=tq, has_sdc=sdc is not None, interpret=opts.backend == "interpret")
+        acc, stats = acc[:, :, :opts.num_splits], stats[:, :, :opts.num_splits]
+    if opts.backend in TPU_BACKENDS or not opts.fused_combine:
+        out = _combine(acc, stats, v, jnp.arange(b * tq) // tq, n_visible.astype(jnp.float32), sdc, v_mean_v, vmc)
 
     t = jnp.arange(sp // bk)[None, :]
     visible_tiles = jnp.sum((t >= (starts_v // bk)[:, None]) & (t <= ((lengths_v - 1) // bk)[:, None]))
