@@ -103,7 +103,9 @@ def test_generation_with_the_decode_kernel_gives_the_reference_tokens(decode_set
 
     traced = []
     original = decode_module.toptheta_decode
-    monkeypatch.setattr(decode_module, "toptheta_decode", lambda *a, **kw: traced.append(kw) or original(*a, **kw))
+    slots = []
+    monkeypatch.setattr(decode_module, "toptheta_decode",
+                        lambda *a, **kw: traced.append(kw) or slots.append(a[1].shape[1]) or original(*a, **kw))
     model, thresholds = decode_setup
     config = AttentionConfig(mode="toptheta", k=6, sdc="calibrated", vmc=True, tile_gate=gate,
                              block_q=16, block_k=16, tile_budget=0.34)
@@ -113,6 +115,8 @@ def test_generation_with_the_decode_kernel_gives_the_reference_tokens(decode_set
     np.testing.assert_array_equal(kernel, reference)
     assert len(traced) == model.config.n_layer  # traced once per layer inside the compiled decode loop
     assert all((kw["tile_theta_decode"] is not None) == gate and kw["theta"] is not None for kw in traced)
+    # 16 + 64 = 80 tokens; the cache is rounded up to whole kernel tiles (128), within n_positions = 96
+    assert set(slots) == {96}
 
 
 def test_the_tpu_kernels_run_the_model(setup, monkeypatch):

@@ -8,6 +8,7 @@ the cache, and for attention rules whose decode differs from prefill.
 from __future__ import annotations
 
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -42,6 +43,18 @@ def _choose(logits, rng, sampling):
     return jax.random.categorical(rng, _filter_logits(logits, temperature, top_k, top_p)).astype(jnp.int32)
 
 
+def _cache_length(total: int, attention, n_positions: int) -> int:
+    """Slots of the KV cache: `total`, rounded up (within n_positions) to a whole number of the
+    decode kernel's tiles under the Pallas backend, since the kernel pads, so copies, a cache of
+    any other size at every step. The extra slots stay invalid."""
+    if attention.backend != "pallas":
+        return total
+    from condensa.kernels.toptheta_decode import UNGATED_BLOCK_K
+
+    align = math.lcm(attention.block_k, UNGATED_BLOCK_K)  # gated and ungated layers may share the cache
+    return min(-(-total // align) * align, n_positions)
+
+
 @functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "sampling", "eos", "use_cache", "attention"))
 def _generate(graphdef, state, ids, mask, rng, thresholds, *, max_new_tokens, sampling, eos, use_cache, attention):
     model = nnx.merge(graphdef, state)
@@ -56,7 +69,8 @@ def _generate(graphdef, state, ids, mask, rng, thresholds, *, max_new_tokens, sa
 
     if use_cache:
         tile_size = attention.block_k if attention.tile_gate else None  # the decode gate scores tile-mean keys
-        out = call(ids, attention_mask=mask, cache=model.init_cache(b, total, tile_size=tile_size))
+        cache = model.init_cache(b, _cache_length(total, attention, model.config.n_positions), tile_size=tile_size)
+        out = call(ids, attention_mask=mask, cache=cache)
         first = _choose(out.logits[:, -1], jax.random.fold_in(rng, 0), sampling)
         first, done = finish(first, jnp.zeros((b,), bool))
 
