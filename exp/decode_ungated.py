@@ -47,7 +47,7 @@ def variant_call(theta, scale, lengths, *, block_k, splits, stages, warps, conti
 
     def call(q, k, v):
         if partials_only:
-            bv, h = q.shape[0], q.shape[2]
+            h = q.shape[2]
             tiles, count = td.contiguous_tiles(lengths, jnp.zeros_like(lengths), heads=h, n_tiles=S // block_k,
                                                block_k=block_k)
             meta = jnp.stack([count, jnp.broadcast_to(lengths[:, None], count.shape), jnp.zeros_like(count),
