@@ -2,14 +2,16 @@
 6 heads of 64, bf16, one jitted step over 6 layers), against cuDNN and JAX's Pallas decode in the
 same process. `--grid settings`: the kernel's launch settings (tile size, split-K shares, pipeline
 stages, warps, and the tile list read from memory, as before `contiguous`, against computed
-tiles). `--grid combine` (default): the split-K combine as one Pallas kernel against the
-jax.numpy combine, and the decode kernel alone (its partial outputs, no combine).
+tiles). `--grid combine`: the split-K combine as one Pallas kernel against the jax.numpy
+combine, and the decode kernel alone (its partial outputs, no combine). `--grid lanes` (default):
+the per-lane walk (`lanes=True`, one reduction per tile) against the usual one, at tiles of 64 and
+128 and 4 or 8 warps.
 
 Two survivor densities: θ at the bench's k = 64 (0.4% of the V rows survive on these synthetic
 caches) and θ at k = 640, near the 4% that the trained 16k model keeps without a gate. Each
 variant's output is checked against a float32 jax.numpy Top-θ before it is timed.
 
-    PYTHONPATH=. python exp/decode_ungated.py [--grid settings|combine]   # one JSON line per variant
+    PYTHONPATH=. python exp/decode_ungated.py [--grid settings|combine|lanes]   # one JSON line per variant
 """
 from __future__ import annotations
 
@@ -38,12 +40,12 @@ def reference(q, k, v, theta_h, scale):
 
 
 def variant_call(theta, scale, lengths, *, block_k, splits, stages, warps, contiguous, fused_combine=True,
-                 partials_only=False):
+                 partials_only=False, lanes=False):
     """One decode attention with these launch settings (`contiguous=False`: the tile list read from
     memory, as the kernel ran before; `partials_only`: the decode kernel without the combine)."""
     opts = td.DecodeOptions(scale=scale, block_k=block_k, num_splits=splits, has_theta=True, backend="triton",
                             num_warps=warps, num_stages=stages, skip_v="rows", contiguous=contiguous,
-                            fused_combine=fused_combine)
+                            fused_combine=fused_combine, lanes=lanes)
 
     def call(q, k, v):
         if partials_only:
@@ -62,7 +64,7 @@ def variant_call(theta, scale, lengths, *, block_k, splits, stages, warps, conti
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--grid", default="combine", choices=["settings", "combine"])
+    parser.add_argument("--grid", default="lanes", choices=["settings", "combine", "lanes"])
     args = parser.parse_args()
     scale = 1 / math.sqrt(D)
     lengths = jnp.full((B,), S, jnp.int32)
@@ -99,7 +101,10 @@ def main():
                     for splits in (auto, 8, 16) for fused in (False, True)]
     combine_grid += [dict(block_k=128, splits=splits, stages=2, warps=4, contiguous=True, partials_only=True)
                      for splits in (auto, 16)]
-    grid = settings_grid if args.grid == "settings" else combine_grid
+    lanes_grid = [dict(block_k=bk, splits=td.default_num_splits(B * H, S // bk), stages=2, warps=warps,
+                       contiguous=True, lanes=lanes)
+                  for bk in (64, 128) for warps in (4, 8) for lanes in (False, True)]
+    grid = {"settings": settings_grid, "combine": combine_grid, "lanes": lanes_grid}[args.grid]
 
     for k_top in (64, 640):
         cfg = dataclasses.replace(base_cfg, k_top=k_top, block_k=128)

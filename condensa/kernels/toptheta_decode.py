@@ -94,12 +94,54 @@ class DecodeOptions:
     poison_output: bool = False
     contiguous: bool = False  # no gate: program tiles are a range, computed, not read from a list
     fused_combine: bool = True  # Triton/interpret: the split-K combine as one kernel (False: jax.numpy, as on TPU)
+    lanes: bool = False  # skip_v="rows" only: the per-lane walk (`_walk_by_lane`)
 
 
 # ---- the kernel -------------------------------------------------------------------------------
 
 
-def _decode_kernel(meta_ref, *refs, scale, block_k, num_splits, has_theta, skip_v, contiguous):
+def _walk_by_lane(lo, hi, tile_of, k_ref, v_ref, q, theta, start, length, *, scale, block_k):
+    """The `skip_v="rows"` walk with no reduction across a tile's key slots (lanes) but one.
+
+    Each lane keeps its own running survivor max, denominator and output row ([block_k, D]), so a
+    tile costs elementwise work and one reduction (whether it holds a survivor, for the V block
+    count) instead of five (max, slot, denominator, survivors, P·V). The lanes are merged once, at
+    the end, the way the split-K combine merges splits. Returns the loop's usual
+    (acc, m, l, kept, v_loads, best, best_slot)."""
+    d = q.shape[0]
+    neg = jnp.float32(-jnp.inf)
+    offsets = jax.lax.broadcasted_iota(jnp.int32, (block_k,), 0)
+
+    def visit(i, carry):
+        acc, m, l, kept, v_loads, best, best_col = carry
+        tile = tile_of(i)
+        k = k_ref[pl.ds(tile * block_k, block_k), :].astype(jnp.float32)  # [bk, D]
+        cols = tile * block_k + offsets
+        visible = (cols >= start) & (cols < length)
+        a = jnp.where(visible, jnp.sum(k * q[None, :], axis=1) * scale, neg)  # [bk]
+        best_col = jnp.where(a > best, cols, best_col)  # strictly greater: a lane keeps its first column
+        best = jnp.maximum(best, a)
+        keep = (a > theta) & visible
+        m_new = jnp.where(keep, jnp.maximum(m, a), m)
+        alpha = jnp.where(m_new > m, jnp.exp(m - m_new), 1.0)
+        p = jnp.where(keep, jnp.exp(a - m_new), 0.0)
+        rows = jnp.broadcast_to(keep[:, None], (block_k, d))
+        v = pltriton.load(v_ref.at[pl.ds(tile * block_k, block_k), :], mask=rows, other=0).astype(jnp.float32)
+        return (alpha[:, None] * acc + p[:, None] * v, m_new, alpha * l + p, kept + keep.astype(jnp.float32),
+                v_loads + jnp.max(keep.astype(jnp.int32)), best, best_col)
+
+    lanes = jnp.full((block_k,), neg)
+    init = (jnp.zeros((block_k, d), jnp.float32), lanes, jnp.zeros((block_k,), jnp.float32),
+            jnp.zeros((block_k,), jnp.float32), jnp.int32(0), lanes, jnp.zeros((block_k,), jnp.int32))
+    acc, m, l, kept, v_loads, best, best_col = jax.lax.fori_loop(lo, hi, visit, init)
+    m_all = jnp.max(m)
+    w = jnp.where(m > neg, jnp.exp(m - m_all), 0.0)
+    best_all = jnp.max(best)
+    slot = jnp.min(jnp.where(best == best_all, best_col, jnp.int32(2**30)))  # the first column on a tie
+    return (jnp.sum(w[:, None] * acc, axis=0), m_all, jnp.sum(w * l), jnp.sum(kept), v_loads, best_all, slot)
+
+
+def _decode_kernel(meta_ref, *refs, scale, block_k, num_splits, has_theta, skip_v, contiguous, lanes):
     """One (sequence-query, head, split): online softmax over the survivors in this split's tiles.
 
     Without a gate (`contiguous`) the i-th tile is `first + i`, computed, so no K load waits on a
@@ -162,7 +204,12 @@ def _decode_kernel(meta_ref, *refs, scale, block_k, num_splits, has_theta, skip_
     zero = jnp.float32(0.0)
     neg = jnp.float32(-jnp.inf)
     init = (jnp.zeros(q.shape, jnp.float32), neg, zero, zero, jnp.int32(0), neg, jnp.int32(0))
-    acc, m, l, kept, v_loads, best, best_slot = jax.lax.fori_loop(lo, hi, visit, init)
+    if lanes and has_theta and skip_v == "rows":
+        acc, m, l, kept, v_loads, best, best_slot = _walk_by_lane(
+            lo, hi, lambda i: first + i if contiguous else tiles_ref[i], k_ref, v_ref, q, theta, start, length,
+            scale=scale, block_k=block_k)
+    else:
+        acc, m, l, kept, v_loads, best, best_slot = jax.lax.fori_loop(lo, hi, visit, init)
     acc_ref[...] = acc
     idx = jax.lax.broadcasted_iota(jnp.int32, (_STAT_WIDTH,), 0)
     values = (m, l, kept, v_loads.astype(jnp.float32), best, best_slot.astype(jnp.float32))
@@ -190,7 +237,8 @@ def _launch(meta, tiles, theta_row, q, k, v, opts: DecodeOptions):
     out_shape = [jax.ShapeDtypeStruct((bv, h, ns_p, d), jnp.float32),
                  jax.ShapeDtypeStruct((bv, h, ns_p, _STAT_WIDTH), jnp.float32)]
     kernel = functools.partial(_decode_kernel, scale=opts.scale, block_k=opts.block_k, num_splits=ns,
-                               has_theta=opts.has_theta, skip_v=opts.skip_v, contiguous=opts.contiguous)
+                               has_theta=opts.has_theta, skip_v=opts.skip_v, contiguous=opts.contiguous,
+                               lanes=opts.lanes)
     inputs = [meta, *listed, theta_row, q, k, v]
     aliases = {}
     if opts.poison_output:  # partials a program fails to write stay NaN, so checks see them
@@ -426,6 +474,7 @@ def toptheta_decode(
     num_warps: int = 4,
     num_stages: int = 2,
     skip_v: str = "auto",
+    lanes: bool = False,
     poison_output: bool = False,
 ) -> tuple[jax.Array, DecodeStats]:
     """Top-θ attention of Tq new queries per sequence against a KV cache: `(out [B, Tq, H, D], stats)`.
@@ -448,7 +497,9 @@ def toptheta_decode(
     `num_splits`: split-K shares per (sequence, head); None picks enough to fill a large GPU.
     `skip_v`: "rows" reads only the V rows that hold a survivor (masked loads, no branch);
     "blocks" reads whole V blocks, behind a branch, for the tiles that hold one; "auto" (default)
-    is "rows" on Triton and in interpret mode, "blocks" on TPU.
+    is "rows" on Triton and in interpret mode, "blocks" on TPU. `lanes` (with "rows"): walk the tiles
+    with per-lane softmax state (`_walk_by_lane`: one reduction per tile instead of five); off by
+    default until it is timed on a GPU.
     `backend`: None/'auto' (by platform), 'triton', 'interpret', 'mosaic_tpu' or 'tpu_interpret' (the
     TPU kernel of `toptheta_decode_tpu.py`, interpreted on the CPU). `poison_output` fills the
     kernel's partial outputs with NaN before it runs (for correctness checks).
@@ -491,6 +542,9 @@ def toptheta_decode(
     if resolved in TPU_BACKENDS and skip_v == "rows":
         raise ConfigError("skip_v='rows' (masked V row loads) is a Triton feature; the TPU kernel reads V in whole "
                           "blocks: use skip_v='blocks'.")
+    if lanes and (skip_v != "rows" or theta is None):
+        raise ConfigError("lanes=True is a way to walk the tiles with skip_v='rows' and a theta; "
+                          f"got skip_v={skip_v!r}{' and no theta' if theta is None else ''}.")
     if tile_cap and (tile_theta_decode is None or tile_budget is None):
         raise ConfigError("tile_cap caps the decode gate at its budget: it needs tile_theta_decode and tile_budget.")
     splits = num_splits or default_num_splits(b * tq * h, nk)
@@ -499,7 +553,7 @@ def toptheta_decode(
     opts = DecodeOptions(
         scale=float(1.0 / math.sqrt(d) if scale is None else scale), block_k=block_k, num_splits=int(splits),
         queries_per_seq=tq, has_theta=theta is not None, backend=resolved,
-        num_warps=num_warps, num_stages=num_stages, skip_v=skip_v, poison_output=bool(poison_output),
+        num_warps=num_warps, num_stages=num_stages, skip_v=skip_v, poison_output=bool(poison_output), lanes=bool(lanes),
         contiguous=tile_theta_decode is None and resolved not in TPU_BACKENDS)
     budgets = tile_budgets(nk, None if tile_theta_decode is None or tile_budget is None else float(tile_budget))
     return _decode(q, k, v, jnp.asarray(lengths), None if starts is None else jnp.asarray(starts), theta, sdc_delta,
