@@ -49,13 +49,10 @@ def variant_call(theta, scale, lengths, *, block_k, splits, stages, warps, conti
 
     def call(q, k, v):
         if partials_only:
-            h = q.shape[2]
-            tiles, count = td.contiguous_tiles(lengths, jnp.zeros_like(lengths), heads=h, n_tiles=S // block_k,
+            starts = jnp.zeros_like(lengths)
+            tiles, count = td.contiguous_tiles(lengths, starts, heads=q.shape[2], n_tiles=S // block_k,
                                                block_k=block_k)
-            meta = jnp.stack([count, jnp.broadcast_to(lengths[:, None], count.shape), jnp.zeros_like(count),
-                              jnp.zeros_like(count)], axis=-1)
-            row = td._lookup(theta, lengths)
-            theta_pair = jnp.stack([row, jnp.zeros_like(row)], axis=-1)
+            meta, theta_pair = td.row_inputs(count, lengths, starts, td._lookup(theta, lengths))
             return td._launch(meta, None if contiguous else tiles, theta_pair, q[:, 0], k, v, opts)[0]
         return td._decode(q, k, v, lengths, None, theta, None, None, None, None, None, sdc_gamma=1.0, opts=opts,
                           vmc=False, sink_tiles=1)[0]

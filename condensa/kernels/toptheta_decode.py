@@ -100,6 +100,22 @@ class DecodeOptions:
 # ---- the kernel -------------------------------------------------------------------------------
 
 
+def _tile_scores(k_ref, tile, q, start, length, *, scale, block_k):
+    """(cols [bk], visible [bk], a [bk]) of one tile: its cache slots, which of them the row sees,
+    and their scaled scores (-inf where not visible)."""
+    k = k_ref[pl.ds(tile * block_k, block_k), :].astype(jnp.float32)  # [bk, D]
+    cols = tile * block_k + jax.lax.broadcasted_iota(jnp.int32, (block_k,), 0)
+    visible = (cols >= start) & (cols < length)
+    return cols, visible, jnp.where(visible, jnp.sum(k * q[None, :], axis=1) * scale, -jnp.inf)
+
+
+def _surviving_v_rows(v_ref, tile, keep, *, block_k):
+    """The tile's V rows [bk, D] as float32, read only where `keep` (a masked load: rows without a
+    survivor are not read and come back 0, with no branch, so the compiler can pipeline the loop)."""
+    rows = jnp.broadcast_to(keep[:, None], (block_k, v_ref.shape[-1]))
+    return pltriton.load(v_ref.at[pl.ds(tile * block_k, block_k), :], mask=rows, other=0).astype(jnp.float32)
+
+
 def _walk_by_lane(lo, hi, tile_of, k_ref, v_ref, q, theta, start, length, *, scale, block_k):
     """The `skip_v="rows"` walk with no reduction across a tile's key slots (lanes) but one.
 
@@ -110,23 +126,18 @@ def _walk_by_lane(lo, hi, tile_of, k_ref, v_ref, q, theta, start, length, *, sca
     (acc, m, l, kept, v_loads, best, best_slot)."""
     d = q.shape[0]
     neg = jnp.float32(-jnp.inf)
-    offsets = jax.lax.broadcasted_iota(jnp.int32, (block_k,), 0)
 
     def visit(i, carry):
         acc, m, l, kept, v_loads, best, best_col = carry
         tile = tile_of(i)
-        k = k_ref[pl.ds(tile * block_k, block_k), :].astype(jnp.float32)  # [bk, D]
-        cols = tile * block_k + offsets
-        visible = (cols >= start) & (cols < length)
-        a = jnp.where(visible, jnp.sum(k * q[None, :], axis=1) * scale, neg)  # [bk]
+        cols, visible, a = _tile_scores(k_ref, tile, q, start, length, scale=scale, block_k=block_k)
         best_col = jnp.where(a > best, cols, best_col)  # strictly greater: a lane keeps its first column
         best = jnp.maximum(best, a)
         keep = (a > theta) & visible
         m_new = jnp.where(keep, jnp.maximum(m, a), m)
         alpha = jnp.where(m_new > m, jnp.exp(m - m_new), 1.0)
         p = jnp.where(keep, jnp.exp(a - m_new), 0.0)
-        rows = jnp.broadcast_to(keep[:, None], (block_k, d))
-        v = pltriton.load(v_ref.at[pl.ds(tile * block_k, block_k), :], mask=rows, other=0).astype(jnp.float32)
+        v = _surviving_v_rows(v_ref, tile, keep, block_k=block_k)
         return (alpha[:, None] * acc + p[:, None] * v, m_new, alpha * l + p, kept + keep.astype(jnp.float32),
                 v_loads + jnp.max(keep.astype(jnp.int32)), best, best_col)
 
@@ -157,15 +168,14 @@ def _decode_kernel(meta_ref, *refs, scale, block_k, num_splits, has_theta, skip_
     hi = jnp.minimum(lo + share, count)
     q = q_ref[...].astype(jnp.float32)  # [D]
     theta = theta_ref[0]
-    offsets = jax.lax.broadcasted_iota(jnp.int32, (block_k,), 0)
+
+    def tile_of(i):
+        return first + i if contiguous else tiles_ref[i]
 
     def visit(i, carry):
         acc, m, l, kept, v_loads, best, best_slot = carry
-        tile = first + i if contiguous else tiles_ref[i]
-        k = k_ref[pl.ds(tile * block_k, block_k), :].astype(jnp.float32)  # [bk, D]
-        cols = tile * block_k + offsets
-        visible = (cols >= start) & (cols < length)
-        a = jnp.where(visible, jnp.sum(k * q[None, :], axis=1) * scale, -jnp.inf)  # [bk]
+        tile = tile_of(i)
+        cols, visible, a = _tile_scores(k_ref, tile, q, start, length, scale=scale, block_k=block_k)
         a_max = jnp.max(a)
         # The row's largest element and its slot (first on a tie), for a row where nothing survives.
         slot = jnp.min(jnp.where(a == a_max, cols, jnp.int32(2**30)))
@@ -173,15 +183,12 @@ def _decode_kernel(meta_ref, *refs, scale, block_k, num_splits, has_theta, skip_
         best = jnp.maximum(best, a_max)
 
         if has_theta and skip_v == "rows":
-            # A masked load reads only the V rows that hold a survivor (none, for a tile without
-            # one), with no branch, so the compiler can still pipeline the loop.
             keep = (a > theta) & visible
             found = a_max > theta
             m_new = jnp.where(found, jnp.maximum(m, a_max), m)
             alpha = jnp.where(m_new > m, jnp.exp(m - m_new), 1.0)
             p = jnp.where(keep, jnp.exp(a - m_new), 0.0)
-            rows = jnp.broadcast_to(keep[:, None], (block_k, q.shape[0]))
-            v = pltriton.load(v_ref.at[pl.ds(tile * block_k, block_k), :], mask=rows, other=0).astype(jnp.float32)
+            v = _surviving_v_rows(v_ref, tile, keep, block_k=block_k)
             pv = jnp.sum(p[:, None] * v, axis=0)
             return (alpha * acc + pv, m_new, alpha * l + jnp.sum(p), kept + jnp.sum(keep.astype(jnp.float32)),
                     v_loads + found.astype(jnp.int32), best, best_slot)
@@ -206,8 +213,7 @@ def _decode_kernel(meta_ref, *refs, scale, block_k, num_splits, has_theta, skip_
     init = (jnp.zeros(q.shape, jnp.float32), neg, zero, zero, jnp.int32(0), neg, jnp.int32(0))
     if lanes and has_theta and skip_v == "rows":
         acc, m, l, kept, v_loads, best, best_slot = _walk_by_lane(
-            lo, hi, lambda i: first + i if contiguous else tiles_ref[i], k_ref, v_ref, q, theta, start, length,
-            scale=scale, block_k=block_k)
+            lo, hi, tile_of, k_ref, v_ref, q, theta, start, length, scale=scale, block_k=block_k)
     else:
         acc, m, l, kept, v_loads, best, best_slot = jax.lax.fori_loop(lo, hi, visit, init)
     acc_ref[...] = acc
@@ -339,6 +345,16 @@ def _list_width(n_tiles: int) -> int:
     return max(2, 1 << (n_tiles - 1).bit_length())
 
 
+def row_inputs(count, lengths, starts, theta_row, sdc=None):
+    """The per-(sequence-query, head) inputs of the decode and combine kernels: meta int32
+    [Bv, H, 4] (tiles listed, cache length, first valid slot, -) and theta_pair float32 [Bv, H, 2]
+    (θ, calibrated Δ̄ or 0), from count [Bv, H], lengths / starts [Bv], θ and Δ̄ [Bv, H]."""
+    meta = jnp.stack([count, jnp.broadcast_to(lengths[:, None], count.shape),
+                      jnp.broadcast_to(starts[:, None], count.shape), jnp.zeros_like(count)], axis=-1)
+    theta_pair = jnp.stack([theta_row, jnp.zeros_like(theta_row) if sdc is None else sdc], axis=-1)
+    return meta, theta_pair
+
+
 def _lookup(table, n):
     """`table[h, n - 1]` for lengths n [Bv] -> float32 [Bv, H]; lengths past the table take its end."""
     idx = jnp.clip(n - 1, 0, table.shape[-1] - 1)
@@ -407,12 +423,10 @@ def _decode(q, k, v, lengths, starts, theta, sdc_delta, v_mean, k_tile_mean, til
                           queries_per_seq=tq, tile_cap=tile_cap)
         count = jnp.sum(keep, axis=-1, dtype=jnp.int32)  # [Bv, H]
         tiles = compact(keep)
-    meta = jnp.stack([count, jnp.broadcast_to(lengths_v[:, None], count.shape),
-                      jnp.broadcast_to(starts_v[:, None], count.shape), jnp.zeros_like(count)], axis=-1)
     theta_row = (_lookup(theta, n_visible) if theta is not None
                  else jnp.full((b * tq, h), -jnp.inf, jnp.float32))
     sdc = None if sdc_delta is None else sdc_gamma * _lookup(sdc_delta, n_visible)
-    theta_pair = jnp.stack([theta_row, jnp.zeros_like(theta_row) if sdc is None else sdc], axis=-1)  # [Bv, H, 2]
+    meta, theta_pair = row_inputs(count, lengths_v, starts_v, theta_row, sdc)
     v_mean_v = None if v_mean is None else v_mean.astype(jnp.float32).reshape(b * tq, v_mean.shape[2], d)
     if opts.backend in TPU_BACKENDS:
         from condensa.kernels.toptheta_decode_tpu import launch_decode_tpu
