@@ -3,15 +3,17 @@
 same process. `--grid settings`: the kernel's launch settings (tile size, split-K shares, pipeline
 stages, warps, and the tile list read from memory, as before `contiguous`, against computed
 tiles). `--grid combine`: the split-K combine as one Pallas kernel against the jax.numpy
-combine, and the decode kernel alone (its partial outputs, no combine). `--grid lanes` (default):
-the per-lane walk (`lanes=True`, one reduction per tile) against the usual one, at tiles of 64 and
-128 and 4 or 8 warps.
+combine, and the decode kernel alone (its partial outputs, no combine). `--grid walks` (default):
+how a program walks its tiles (`walk`: "reduce", the float32 walk with five reductions per tile;
+"lanes", per-lane softmax state; "mma", both products on tensor cores), at several tile sizes,
+warps and stages, and the dense mode (θ = None, what a layer left dense runs) with "reduce" and
+"mma".
 
 Two survivor densities: θ at the bench's k = 64 (0.4% of the V rows survive on these synthetic
 caches) and θ at k = 640, near the 4% that the trained 16k model keeps without a gate. Each
 variant's output is checked against a float32 jax.numpy Top-θ before it is timed.
 
-    PYTHONPATH=. python exp/decode_ungated.py [--grid settings|combine|lanes]   # one JSON line per variant
+    PYTHONPATH=. python exp/decode_ungated.py [--grid settings|combine|walks]   # one JSON line per variant
 """
 from __future__ import annotations
 
@@ -40,19 +42,22 @@ def reference(q, k, v, theta_h, scale):
 
 
 def variant_call(theta, scale, lengths, *, block_k, splits, stages, warps, contiguous, fused_combine=True,
-                 partials_only=False, lanes=False):
+                 partials_only=False, walk="reduce", dense=False):
     """One decode attention with these launch settings (`contiguous=False`: the tile list read from
-    memory, as the kernel ran before; `partials_only`: the decode kernel without the combine)."""
-    opts = td.DecodeOptions(scale=scale, block_k=block_k, num_splits=splits, has_theta=True, backend="triton",
+    memory, as the kernel ran before; `partials_only`: the decode kernel without the combine;
+    `dense`: no θ, the kernel's dense mode)."""
+    opts = td.DecodeOptions(scale=scale, block_k=block_k, num_splits=splits, has_theta=not dense, backend="triton",
                             num_warps=warps, num_stages=stages, skip_v="rows", contiguous=contiguous,
-                            fused_combine=fused_combine, lanes=lanes)
+                            fused_combine=fused_combine, walk=walk)
+    theta = None if dense else theta
 
     def call(q, k, v):
         if partials_only:
             starts = jnp.zeros_like(lengths)
             tiles, count = td.contiguous_tiles(lengths, starts, heads=q.shape[2], n_tiles=S // block_k,
                                                block_k=block_k)
-            meta, theta_pair = td.row_inputs(count, lengths, starts, td._lookup(theta, lengths))
+            theta_row = jnp.full(count.shape, -jnp.inf) if dense else td._lookup(theta, lengths)
+            meta, theta_pair = td.row_inputs(count, lengths, starts, theta_row)
             return td._launch(meta, None if contiguous else tiles, theta_pair, q[:, 0], k, v, opts)[0]
         return td._decode(q, k, v, lengths, None, theta, None, None, None, None, None, sdc_gamma=1.0, opts=opts,
                           vmc=False, sink_tiles=1)[0]
@@ -61,7 +66,7 @@ def variant_call(theta, scale, lengths, *, block_k, splits, stages, warps, conti
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--grid", default="lanes", choices=["settings", "combine", "lanes"])
+    parser.add_argument("--grid", default="walks", choices=["settings", "combine", "walks"])
     args = parser.parse_args()
     scale = 1 / math.sqrt(D)
     lengths = jnp.full((B,), S, jnp.int32)
@@ -98,10 +103,27 @@ def main():
                     for splits in (auto, 8, 16) for fused in (False, True)]
     combine_grid += [dict(block_k=128, splits=splits, stages=2, warps=4, contiguous=True, partials_only=True)
                      for splits in (auto, 16)]
-    lanes_grid = [dict(block_k=bk, splits=td.default_num_splits(B * H, S // bk), stages=2, warps=warps,
-                       contiguous=True, lanes=lanes)
-                  for bk in (64, 128) for warps in (4, 8) for lanes in (False, True)]
-    grid = {"settings": settings_grid, "combine": combine_grid, "lanes": lanes_grid}[args.grid]
+
+    def walk_setting(walk, bk=128, warps=4, stages=2, **extra):
+        return dict(block_k=bk, splits=td.default_num_splits(B * H, S // bk), stages=stages, warps=warps,
+                    contiguous=True, walk=walk, **extra)
+    walks_grid = [walk_setting("reduce"), walk_setting("lanes"), walk_setting("lanes", bk=64),
+                  walk_setting("mma"), walk_setting("mma", bk=64), walk_setting("mma", bk=256),
+                  walk_setting("mma", warps=8), walk_setting("mma", stages=3),
+                  walk_setting("mma", partials_only=True)]
+    grid = {"settings": settings_grid, "combine": combine_grid, "walks": walks_grid}[args.grid]
+
+    if args.grid == "walks":  # the dense mode (a layer left dense), checked against plain softmax attention
+        c0 = caches[0]
+        ref, _ = reference(c0["q"], c0["k"], c0["v"], jnp.full((H,), -jnp.inf), scale)
+        for walk in ("reduce", "mma"):
+            rec = dict(method="dense", **walk_setting(walk, dense=True))
+            call = variant_call(None, scale, lengths, **walk_setting(walk, dense=True))
+            rec["rel_error"] = relative_error(jax.jit(call)(c0["q"], c0["k"], c0["v"]), ref)
+            if rec["rel_error"] < 2e-2:
+                rec["us"] = step_us(lambda c, call=call: call(c["q"], c["k"], c["v"]))
+                rec["vs_best_dense"] = best / rec["us"]
+            print(json.dumps(rec), flush=True)
 
     for k_top in (64, 640):
         cfg = dataclasses.replace(base_cfg, k_top=k_top, block_k=128)

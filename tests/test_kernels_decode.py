@@ -140,15 +140,18 @@ CASES = [  # (head_dim, theta quantile or None, gate, sdc, vmc, splits, how V is
 KERNEL_BACKENDS = ["interpret", "tpu_interpret"]
 
 
-# the per-lane walk (lanes=True, V rows only): nothing survives (gate, SDC, VMC), and hd 128 with survivors
-LANE_CASES = [CASES[1], (128, 0.8, False, True, True, 2, "rows")]
+# the other walks (V rows only). Per lane: nothing survives (gate, SDC, VMC), and hd 128 with
+# survivors. Tensor cores: dense, survivors with the gate, SDC and VMC, and hd 128 without the gate.
+HD128_SURVIVORS = (128, 0.8, False, True, True, 2, "rows")
+WALK_CASES = [(CASES[1], "lanes"), (HD128_SURVIVORS, "lanes"),
+              (CASES[0], "mma"), (CASES[3], "mma"), (HD128_SURVIVORS, "mma")]
 
 
-@pytest.mark.parametrize("d,quantile,gate,sdc,vmc,splits,skip_v,backend,lanes",
-                         [(*case, "interpret", False) for case in CASES]
-                         + [(*CASES[i], "tpu_interpret", False) for i in (1, 2, 4, 5)]
-                         + [(*case, "interpret", True) for case in LANE_CASES])
-def test_decode_matches_reference(d, quantile, gate, sdc, vmc, splits, skip_v, backend, lanes):
+@pytest.mark.parametrize("d,quantile,gate,sdc,vmc,splits,skip_v,backend,walk",
+                         [(*case, "interpret", "reduce") for case in CASES]
+                         + [(*CASES[i], "tpu_interpret", "reduce") for i in (1, 2, 4, 5)]
+                         + [(*case, "interpret", walk) for case, walk in WALK_CASES])
+def test_decode_matches_reference(d, quantile, gate, sdc, vmc, splits, skip_v, backend, walk):
     skip_v = "blocks" if backend == "tpu_interpret" else skip_v
     b, s = 3, 96
     lengths = [96, 41, 70]  # ragged, none a multiple of the block except the full one
@@ -166,7 +169,7 @@ def test_decode_matches_reference(d, quantile, gate, sdc, vmc, splits, skip_v, b
         jnp.asarray(q), jnp.asarray(k), jnp.asarray(v), jnp.asarray(lengths), theta=theta, sdc_delta=sdc_delta,
         vmc=vmc, v_mean=jnp.asarray(v_mean), k_tile_mean=jnp.asarray(k_bar) if gate else None,
         tile_theta_decode=gate_theta, sink_tiles=SINK, tile_budget=BUDGET, block_k=BK, num_splits=splits,
-        skip_v=skip_v, lanes=lanes, backend=backend)
+        skip_v=skip_v, walk=walk, backend=backend)
     want = _reference(q, k, v, vis, scale, theta=theta, sdc_delta=sdc_delta, vmc=vmc, gate_theta=gate_theta)
     _check(got, want)
     assert int(stats.v_loaded) <= int(stats.k_loaded) <= int(stats.visible)
@@ -301,7 +304,10 @@ def test_loaded_block_counts_match_numpy(skip_v, backend):
     (dict(q=jnp.zeros((2, 1, H, 32))), "head_dim"),
     (dict(skip_v="some"), "skip_v"),
     (dict(backend="tpu_interpret", skip_v="rows"), "Triton feature"),
-    (dict(lanes=True, skip_v="blocks", theta=np.zeros((H, 32), np.float32)), "lanes=True"),
+    (dict(walk="lanes", skip_v="blocks", theta=np.zeros((H, 32), np.float32)), "walk='lanes'"),
+    (dict(walk="lanes"), "needs theta"),
+    (dict(walk="mma", backend="tpu_interpret", skip_v="blocks"), "walk='mma'"),
+    (dict(walk="sideways"), "walk='sideways'"),
 ])
 def test_mistakes_raise_config_error(change, message):
     args = dict(q=jnp.zeros((2, 1, H, 64)), k=jnp.zeros((2, 32, H, 64)), v=jnp.zeros((2, 32, H, 64)),

@@ -59,6 +59,8 @@ from condensa.kernels.decode_combine import combine_splits
 from condensa.kernels.tile_gate_prepass import cap_at_budget
 
 UNGATED_BLOCK_K = 128  # see default_block_k; measured on the H100 in docs/benchmarks.md
+WALKS = ("reduce", "lanes", "mma")  # see toptheta_decode's `walk`
+AUTO_WALK = "reduce"  # what walk="auto" picks with skip_v="rows" (Triton, interpret); TPU always reduces
 _STAT_WIDTH = 8  # per program: survivor max m, denominator l, survivors, V blocks, best score, its slot, -, -
 
 
@@ -94,26 +96,32 @@ class DecodeOptions:
     poison_output: bool = False
     contiguous: bool = False  # no gate: program tiles are a range, computed, not read from a list
     fused_combine: bool = True  # Triton/interpret: the split-K combine as one kernel (False: jax.numpy, as on TPU)
-    lanes: bool = False  # skip_v="rows" only: the per-lane walk (`_walk_by_lane`)
+    walk: str = "reduce"  # how a program walks its tiles: "reduce", "lanes" or "mma" (see toptheta_decode)
 
 
 # ---- the kernel -------------------------------------------------------------------------------
+
+
+def _tile_columns(tile, start, length, *, block_k):
+    """(cols [bk], visible [bk]): a tile's cache slots and which of them the row sees."""
+    cols = tile * block_k + jax.lax.broadcasted_iota(jnp.int32, (block_k,), 0)
+    return cols, (cols >= start) & (cols < length)
 
 
 def _tile_scores(k_ref, tile, q, start, length, *, scale, block_k):
     """(cols [bk], visible [bk], a [bk]) of one tile: its cache slots, which of them the row sees,
     and their scaled scores (-inf where not visible)."""
     k = k_ref[pl.ds(tile * block_k, block_k), :].astype(jnp.float32)  # [bk, D]
-    cols = tile * block_k + jax.lax.broadcasted_iota(jnp.int32, (block_k,), 0)
-    visible = (cols >= start) & (cols < length)
+    cols, visible = _tile_columns(tile, start, length, block_k=block_k)
     return cols, visible, jnp.where(visible, jnp.sum(k * q[None, :], axis=1) * scale, -jnp.inf)
 
 
 def _surviving_v_rows(v_ref, tile, keep, *, block_k):
-    """The tile's V rows [bk, D] as float32, read only where `keep` (a masked load: rows without a
-    survivor are not read and come back 0, with no branch, so the compiler can pipeline the loop)."""
+    """The tile's V rows [bk, D] in the cache's dtype, read only where `keep` (a masked load: rows
+    without a survivor are not read and come back 0, with no branch, so the compiler can pipeline
+    the loop)."""
     rows = jnp.broadcast_to(keep[:, None], (block_k, v_ref.shape[-1]))
-    return pltriton.load(v_ref.at[pl.ds(tile * block_k, block_k), :], mask=rows, other=0).astype(jnp.float32)
+    return pltriton.load(v_ref.at[pl.ds(tile * block_k, block_k), :], mask=rows, other=0)
 
 
 def _walk_by_lane(lo, hi, tile_of, k_ref, v_ref, q, theta, start, length, *, scale, block_k):
@@ -137,7 +145,7 @@ def _walk_by_lane(lo, hi, tile_of, k_ref, v_ref, q, theta, start, length, *, sca
         m_new = jnp.where(keep, jnp.maximum(m, a), m)
         alpha = jnp.where(m_new > m, jnp.exp(m - m_new), 1.0)
         p = jnp.where(keep, jnp.exp(a - m_new), 0.0)
-        v = _surviving_v_rows(v_ref, tile, keep, block_k=block_k)
+        v = _surviving_v_rows(v_ref, tile, keep, block_k=block_k).astype(jnp.float32)
         return (alpha[:, None] * acc + p[:, None] * v, m_new, alpha * l + p, kept + keep.astype(jnp.float32),
                 v_loads + jnp.max(keep.astype(jnp.int32)), best, best_col)
 
@@ -152,7 +160,60 @@ def _walk_by_lane(lo, hi, tile_of, k_ref, v_ref, q, theta, start, length, *, sca
     return (jnp.sum(w[:, None] * acc, axis=0), m_all, jnp.sum(w * l), jnp.sum(kept), v_loads, best_all, slot)
 
 
-def _decode_kernel(meta_ref, *refs, scale, block_k, num_splits, has_theta, skip_v, contiguous, lanes):
+_MMA_ROWS = 16  # the smallest M of a Triton dot: the query is row 0 of a 16-row operand, the rest zero
+
+
+def _walk_by_mma(lo, hi, tile_of, k_ref, v_ref, q_raw, theta, start, length, *, scale, block_k, has_theta):
+    """The `skip_v="rows"` walk (or the dense one, without θ) with both products on tensor cores.
+
+    The usual walk multiplies in float32 and reduces across the tile five times per tile (scores,
+    max, slot, denominator, P·V), which keeps it from streaming K as fast as a dense decode kernel
+    streams K and V. Here q·Kᵀ and P·V are dots of a 16-row operand whose row 0 is the query (or
+    p) and whose other rows are zero, with float32 accumulation; P is rounded to the cache's dtype
+    for its dot, as flash attention does. The denominator, survivor count and largest element stay
+    per lane ([bk]) and are reduced once, at the end, so a tile costs one reduction across lanes
+    (the survivor max the softmax needs). Returns the loop's usual
+    (acc, m, l, kept, v_loads, best, best_slot)."""
+    d = q_raw.shape[0]
+    dtype = k_ref.dtype
+    first_row = jax.lax.broadcasted_iota(jnp.int32, (_MMA_ROWS, 1), 0) == 0
+    q16 = jnp.where(first_row, q_raw[None, :], 0).astype(dtype)  # [16, D]
+    precision = jax.lax.Precision.HIGHEST if dtype == jnp.float32 else None  # no TF32 on float32 caches
+    neg = jnp.float32(-jnp.inf)
+
+    def visit(i, carry):
+        acc, m, l, kept, v_loads, best, best_col = carry
+        tile = tile_of(i)
+        k = k_ref[pl.ds(tile * block_k, block_k), :]  # [bk, D], the cache's dtype
+        s16 = jax.lax.dot_general(q16, k, (((1,), (1,)), ((), ())), precision=precision,
+                                  preferred_element_type=jnp.float32)  # [16, bk]: row 0 holds q·Kᵀ
+        cols, visible = _tile_columns(tile, start, length, block_k=block_k)
+        a = jnp.where(visible, jnp.sum(s16, axis=0) * scale, neg)
+        best_col = jnp.where(a > best, cols, best_col)  # strictly greater: a lane keeps its first column
+        best = jnp.maximum(best, a)
+        keep = (a > theta) & visible if has_theta else visible
+        top = jnp.max(jnp.where(keep, a, neg))  # the one reduction across lanes per tile
+        m_new = jnp.maximum(m, top)
+        alpha = jnp.where(m_new > m, jnp.exp(m - m_new), 1.0)
+        p = jnp.where(keep, jnp.exp(a - m_new), 0.0)
+        v = _surviving_v_rows(v_ref, tile, keep, block_k=block_k)
+        p16 = jnp.where(first_row, p[None, :], 0.0).astype(v.dtype)  # [16, bk]
+        pv = jax.lax.dot_general(p16, v, (((1,), (0,)), ((), ())), precision=precision,
+                                 preferred_element_type=jnp.float32)  # [16, D]: row 0 holds p·V
+        return (alpha * acc + pv, m_new, alpha * l + p, kept + keep.astype(jnp.float32),
+                v_loads + (top > neg).astype(jnp.int32), best, best_col)
+
+    lanes = jnp.full((block_k,), neg)
+    zeros = jnp.zeros((block_k,), jnp.float32)
+    init = (jnp.zeros((_MMA_ROWS, d), jnp.float32), neg, zeros, zeros, jnp.int32(0), lanes,
+            jnp.zeros((block_k,), jnp.int32))
+    acc, m, l, kept, v_loads, best, best_col = jax.lax.fori_loop(lo, hi, visit, init)
+    best_all = jnp.max(best)
+    slot = jnp.min(jnp.where(best == best_all, best_col, jnp.int32(2**30)))  # the first column on a tie
+    return jnp.sum(acc, axis=0), m, jnp.sum(l), jnp.sum(kept), v_loads, best_all, slot
+
+
+def _decode_kernel(meta_ref, *refs, scale, block_k, num_splits, has_theta, skip_v, contiguous, walk):
     """One (sequence-query, head, split): online softmax over the survivors in this split's tiles.
 
     Without a gate (`contiguous`) the i-th tile is `first + i`, computed, so no K load waits on a
@@ -166,7 +227,8 @@ def _decode_kernel(meta_ref, *refs, scale, block_k, num_splits, has_theta, skip_
     share = jax.lax.div(count + (num_splits - 1), num_splits)
     lo = split * share
     hi = jnp.minimum(lo + share, count)
-    q = q_ref[...].astype(jnp.float32)  # [D]
+    q_raw = q_ref[...]  # [D]
+    q = q_raw.astype(jnp.float32)
     theta = theta_ref[0]
 
     def tile_of(i):
@@ -188,7 +250,7 @@ def _decode_kernel(meta_ref, *refs, scale, block_k, num_splits, has_theta, skip_
             m_new = jnp.where(found, jnp.maximum(m, a_max), m)
             alpha = jnp.where(m_new > m, jnp.exp(m - m_new), 1.0)
             p = jnp.where(keep, jnp.exp(a - m_new), 0.0)
-            v = _surviving_v_rows(v_ref, tile, keep, block_k=block_k)
+            v = _surviving_v_rows(v_ref, tile, keep, block_k=block_k).astype(jnp.float32)
             pv = jnp.sum(p[:, None] * v, axis=0)
             return (alpha * acc + pv, m_new, alpha * l + jnp.sum(p), kept + jnp.sum(keep.astype(jnp.float32)),
                     v_loads + found.astype(jnp.int32), best, best_slot)
@@ -211,9 +273,13 @@ def _decode_kernel(meta_ref, *refs, scale, block_k, num_splits, has_theta, skip_
     zero = jnp.float32(0.0)
     neg = jnp.float32(-jnp.inf)
     init = (jnp.zeros(q.shape, jnp.float32), neg, zero, zero, jnp.int32(0), neg, jnp.int32(0))
-    if lanes and has_theta and skip_v == "rows":
+    if walk == "lanes":
         acc, m, l, kept, v_loads, best, best_slot = _walk_by_lane(
             lo, hi, tile_of, k_ref, v_ref, q, theta, start, length, scale=scale, block_k=block_k)
+    elif walk == "mma":
+        acc, m, l, kept, v_loads, best, best_slot = _walk_by_mma(
+            lo, hi, tile_of, k_ref, v_ref, q_raw, theta, start, length, scale=scale, block_k=block_k,
+            has_theta=has_theta)
     else:
         acc, m, l, kept, v_loads, best, best_slot = jax.lax.fori_loop(lo, hi, visit, init)
     acc_ref[...] = acc
@@ -244,7 +310,7 @@ def _launch(meta, tiles, theta_row, q, k, v, opts: DecodeOptions):
                  jax.ShapeDtypeStruct((bv, h, ns_p, _STAT_WIDTH), jnp.float32)]
     kernel = functools.partial(_decode_kernel, scale=opts.scale, block_k=opts.block_k, num_splits=ns,
                                has_theta=opts.has_theta, skip_v=opts.skip_v, contiguous=opts.contiguous,
-                               lanes=opts.lanes)
+                               walk=opts.walk)
     inputs = [meta, *listed, theta_row, q, k, v]
     aliases = {}
     if opts.poison_output:  # partials a program fails to write stay NaN, so checks see them
@@ -488,7 +554,7 @@ def toptheta_decode(
     num_warps: int = 4,
     num_stages: int = 2,
     skip_v: str = "auto",
-    lanes: bool = False,
+    walk: str = "auto",
     poison_output: bool = False,
 ) -> tuple[jax.Array, DecodeStats]:
     """Top-θ attention of Tq new queries per sequence against a KV cache: `(out [B, Tq, H, D], stats)`.
@@ -511,9 +577,12 @@ def toptheta_decode(
     `num_splits`: split-K shares per (sequence, head); None picks enough to fill a large GPU.
     `skip_v`: "rows" reads only the V rows that hold a survivor (masked loads, no branch);
     "blocks" reads whole V blocks, behind a branch, for the tiles that hold one; "auto" (default)
-    is "rows" on Triton and in interpret mode, "blocks" on TPU. `lanes` (with "rows"): walk the tiles
-    with per-lane softmax state (`_walk_by_lane`: one reduction per tile instead of five); off by
-    default until it is timed on a GPU.
+    is "rows" on Triton and in interpret mode, "blocks" on TPU. `walk` (Triton and interpret mode, with
+    "rows"): how a program walks its tiles; "auto" (default) is `AUTO_WALK` there and "reduce"
+    elsewhere. "reduce" scores and accumulates in float32
+    with five reductions across the tile; "lanes" keeps softmax state per key slot
+    (`_walk_by_lane`: one reduction per tile; needs theta); "mma" puts q·Kᵀ and P·V on tensor
+    cores and keeps the sums per key slot (`_walk_by_mma`: one reduction per tile; dense too).
     `backend`: None/'auto' (by platform), 'triton', 'interpret', 'mosaic_tpu' or 'tpu_interpret' (the
     TPU kernel of `toptheta_decode_tpu.py`, interpreted on the CPU). `poison_output` fills the
     kernel's partial outputs with NaN before it runs (for correctness checks).
@@ -556,9 +625,17 @@ def toptheta_decode(
     if resolved in TPU_BACKENDS and skip_v == "rows":
         raise ConfigError("skip_v='rows' (masked V row loads) is a Triton feature; the TPU kernel reads V in whole "
                           "blocks: use skip_v='blocks'.")
-    if lanes and (skip_v != "rows" or theta is None):
-        raise ConfigError("lanes=True is a way to walk the tiles with skip_v='rows' and a theta; "
-                          f"got skip_v={skip_v!r}{' and no theta' if theta is None else ''}.")
+    if walk not in (*WALKS, "auto"):
+        raise ConfigError(f"walk={walk!r} is not supported; choose 'auto' or one of {', '.join(WALKS)}.")
+    if walk == "auto":
+        usable = skip_v == "rows" and resolved not in TPU_BACKENDS and (AUTO_WALK != "lanes" or theta is not None)
+        walk = AUTO_WALK if usable else "reduce"
+    if walk != "reduce" and (skip_v != "rows" or resolved in TPU_BACKENDS):
+        raise ConfigError(f"walk={walk!r} is a way to walk the tiles with skip_v='rows' (Triton or interpret mode); "
+                          f"got skip_v={skip_v!r} on backend {resolved!r}. Use walk='reduce'.")
+    if walk == "lanes" and theta is None:
+        raise ConfigError("walk='lanes' keeps survivors per key slot, so it needs theta; use walk='mma' or 'reduce' "
+                          "for dense decoding.")
     if tile_cap and (tile_theta_decode is None or tile_budget is None):
         raise ConfigError("tile_cap caps the decode gate at its budget: it needs tile_theta_decode and tile_budget.")
     splits = num_splits or default_num_splits(b * tq * h, nk)
@@ -567,7 +644,7 @@ def toptheta_decode(
     opts = DecodeOptions(
         scale=float(1.0 / math.sqrt(d) if scale is None else scale), block_k=block_k, num_splits=int(splits),
         queries_per_seq=tq, has_theta=theta is not None, backend=resolved,
-        num_warps=num_warps, num_stages=num_stages, skip_v=skip_v, poison_output=bool(poison_output), lanes=bool(lanes),
+        num_warps=num_warps, num_stages=num_stages, skip_v=skip_v, poison_output=bool(poison_output), walk=walk,
         contiguous=tile_theta_decode is None and resolved not in TPU_BACKENDS)
     budgets = tile_budgets(nk, None if tile_theta_decode is None or tile_budget is None else float(tile_budget))
     return _decode(q, k, v, jnp.asarray(lengths), None if starts is None else jnp.asarray(starts), theta, sdc_delta,
