@@ -95,10 +95,11 @@ def decode_setup(tmp_path_factory):
     return model, thresholds
 
 
-@pytest.mark.parametrize("gate", [False, True])
-def test_generation_with_the_decode_kernel_gives_the_reference_tokens(decode_setup, gate, monkeypatch):
+@pytest.mark.parametrize("gate,dense_layers", [(False, ()), (True, ()), (False, (0,))])
+def test_generation_with_the_decode_kernel_gives_the_reference_tokens(decode_setup, gate, dense_layers, monkeypatch):
     """Greedy, 64 tokens: every decoding step runs the Pallas decode kernel (interpret mode) on the
-    KV cache and its running sums, against the reference op that recomputes them from K and V."""
+    KV cache and its running sums, against the reference op that recomputes them from K and V. A
+    layer left dense runs the kernel's dense mode (its tensor-core walk, tiles of 64)."""
     import condensa.kernels.toptheta_decode as decode_module
 
     traced = []
@@ -108,13 +109,14 @@ def test_generation_with_the_decode_kernel_gives_the_reference_tokens(decode_set
                         lambda *a, **kw: traced.append(kw) or slots.append(a[1].shape[1]) or original(*a, **kw))
     model, thresholds = decode_setup
     config = AttentionConfig(mode="toptheta", k=6, sdc="calibrated", vmc=True, tile_gate=gate,
-                             block_q=16, block_k=16, tile_budget=0.34)
+                             block_q=16, block_k=16, tile_budget=0.34, dense_layers=dense_layers)
     prompt = np.random.default_rng(2).integers(0, 98, size=(2, 16))
     reference = condensa.generate(model, prompt, 64, attention=config, thresholds=thresholds)
     kernel = condensa.generate(model, prompt, 64, attention=config.replace(backend="pallas"), thresholds=thresholds)
     np.testing.assert_array_equal(kernel, reference)
     assert len(traced) == model.config.n_layer  # traced once per layer inside the compiled decode loop
-    assert all((kw["tile_theta_decode"] is not None) == gate and kw["theta"] is not None for kw in traced)
+    assert all((kw["tile_theta_decode"] is not None) == (gate and i not in dense_layers)
+               and (kw["theta"] is None) == (i in dense_layers) for i, kw in enumerate(traced))
     # 16 + 64 = 80 tokens; the cache is rounded up to whole kernel tiles (128), within n_positions = 96
     assert set(slots) == {96}
 

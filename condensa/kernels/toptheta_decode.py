@@ -60,7 +60,8 @@ from condensa.kernels.tile_gate_prepass import cap_at_budget
 
 UNGATED_BLOCK_K = 128  # see default_block_k; measured on the H100 in docs/benchmarks.md
 WALKS = ("reduce", "lanes", "mma")  # see toptheta_decode's `walk`
-AUTO_WALK = "reduce"  # what walk="auto" picks with skip_v="rows" (Triton, interpret); TPU always reduces
+AUTO_WALK = "reduce"  # what walk="auto" picks with θ and skip_v="rows" (Triton, interpret); TPU always reduces
+DENSE_WALK, DENSE_BLOCK_K = "mma", 64  # walk="auto" and block_k=None without θ (a dense layer): see default_block_k
 _STAT_WIDTH = 8  # per program: survivor max m, denominator l, survivors, V blocks, best score, its slot, -, -
 
 
@@ -97,6 +98,7 @@ class DecodeOptions:
     contiguous: bool = False  # no gate: program tiles are a range, computed, not read from a list
     fused_combine: bool = True  # Triton/interpret: the split-K combine as one kernel (False: jax.numpy, as on TPU)
     walk: str = "reduce"  # how a program walks its tiles: "reduce", "lanes" or "mma" (see toptheta_decode)
+    heads_first: bool = False  # grid (heads, rows, splits): the heads of one key range are launched side by side
 
 
 # ---- the kernel -------------------------------------------------------------------------------
@@ -299,13 +301,16 @@ def _launch(meta, tiles, theta_row, q, k, v, opts: DecodeOptions):
     s = k.shape[1]
     ns, tq = opts.num_splits, opts.queries_per_seq
     groups = h // k.shape[2]  # GQA: query head hi reads KV head hi // groups
-    per_head = lambda last: pl.BlockSpec((None, None, last), lambda b, hi, j: (b, hi, 0))  # noqa: E731
-    cache_spec = pl.BlockSpec((None, s, None, d), lambda b, hi, j: (b // tq, 0, hi // groups, 0))
+    # The grid is (rows, heads, splits), or (heads, rows, splits) with heads_first: the Triton lowering
+    # launches axis 0 fastest, so then the heads of one (row, split) run in neighbouring programs.
+    ids = (lambda f: lambda hi, b, j: f(b, hi, j)) if opts.heads_first else (lambda f: f)  # noqa: E731
+    per_head = lambda last: pl.BlockSpec((None, None, last), ids(lambda b, hi, j: (b, hi, 0)))  # noqa: E731
+    cache_spec = pl.BlockSpec((None, s, None, d), ids(lambda b, hi, j: (b // tq, 0, hi // groups, 0)))
     listed = [] if opts.contiguous else [tiles]
     ns_p = 1 << (ns - 1).bit_length()  # the combine kernel reads the partials as a power-of-two block
     in_specs = [per_head(4), *(per_head(t.shape[-1]) for t in listed), per_head(2), per_head(d), cache_spec, cache_spec]
-    out_specs = [pl.BlockSpec((None, None, None, d), lambda b, hi, j: (b, hi, j, 0)),
-                 pl.BlockSpec((None, None, None, _STAT_WIDTH), lambda b, hi, j: (b, hi, j, 0))]
+    out_specs = [pl.BlockSpec((None, None, None, d), ids(lambda b, hi, j: (b, hi, j, 0))),
+                 pl.BlockSpec((None, None, None, _STAT_WIDTH), ids(lambda b, hi, j: (b, hi, j, 0)))]
     out_shape = [jax.ShapeDtypeStruct((bv, h, ns_p, d), jnp.float32),
                  jax.ShapeDtypeStruct((bv, h, ns_p, _STAT_WIDTH), jnp.float32)]
     kernel = functools.partial(_decode_kernel, scale=opts.scale, block_k=opts.block_k, num_splits=ns,
@@ -323,7 +328,7 @@ def _launch(meta, tiles, theta_row, q, k, v, opts: DecodeOptions):
         kwargs["compiler_params"] = pltriton.CompilerParams(num_warps=opts.num_warps,
                                                            num_stages=opts.num_stages)
     return pl.pallas_call(
-        kernel, grid=(bv, h, ns), in_specs=in_specs, out_specs=out_specs, out_shape=out_shape,
+        kernel, grid=(h, bv, ns) if opts.heads_first else (bv, h, ns), in_specs=in_specs, out_specs=out_specs, out_shape=out_shape,
         input_output_aliases=aliases, interpret=opts.backend == "interpret", name="toptheta_decode", **kwargs,
     )(*inputs)
 
@@ -517,11 +522,15 @@ def _decode(q, k, v, lengths, starts, theta, sdc_delta, v_mean, k_tile_mean, til
     return out.reshape(b, tq, h, d).astype(v.dtype), dstats
 
 
-def default_block_k(gated: bool) -> int:
+def default_block_k(gated: bool, dense: bool = False) -> int:
     """Keys per tile when the caller names none. With a gate the tile is the gate's (the cache
-    state's k̄ has one mean per tile; 64 by default). Without one it is free, and a larger tile
-    keeps more K in flight per loop step: UNGATED_BLOCK_K."""
-    return 64 if gated else UNGATED_BLOCK_K
+    state's k̄ has one mean per tile; 64 by default). Without one it is free: Top-θ reads K alone
+    and a larger tile keeps more of it in flight per loop step (UNGATED_BLOCK_K); dense decoding
+    (no θ) walks with tensor cores, fastest at DENSE_BLOCK_K (docs/benchmarks.md: 79.7 µs per layer
+    against 83.0 at 128 and 85.6-87.5 for the float32 walk, cuDNN 78.3, S = 16k, batch 8)."""
+    if gated:
+        return 64
+    return DENSE_BLOCK_K if dense else UNGATED_BLOCK_K
 
 
 def default_num_splits(programs: int, max_tiles: int, target_programs: int = 512) -> int:
@@ -573,13 +582,13 @@ def toptheta_decode(
     more than max(1, ceil(f t_count)) of them, as the reference gate does; `tile_cap` keeps at
     most that many, the best of those above Θ_dec.
     `block_k`: cache slots per tile; None: the gate's default of 64, or without a gate
-    `UNGATED_BLOCK_K` (`default_block_k`).
+    `UNGATED_BLOCK_K` with θ and `DENSE_BLOCK_K` without (`default_block_k`).
     `num_splits`: split-K shares per (sequence, head); None picks enough to fill a large GPU.
     `skip_v`: "rows" reads only the V rows that hold a survivor (masked loads, no branch);
     "blocks" reads whole V blocks, behind a branch, for the tiles that hold one; "auto" (default)
     is "rows" on Triton and in interpret mode, "blocks" on TPU. `walk` (Triton and interpret mode, with
-    "rows"): how a program walks its tiles; "auto" (default) is `AUTO_WALK` there and "reduce"
-    elsewhere. "reduce" scores and accumulates in float32
+    "rows"): how a program walks its tiles; "auto" (default) is `AUTO_WALK` there with θ,
+    `DENSE_WALK` without, and "reduce" elsewhere. "reduce" scores and accumulates in float32
     with five reductions across the tile; "lanes" keeps softmax state per key slot
     (`_walk_by_lane`: one reduction per tile; needs theta); "mma" puts q·Kᵀ and P·V on tensor
     cores and keeps the sums per key slot (`_walk_by_mma`: one reduction per tile; dense too).
@@ -593,7 +602,7 @@ def toptheta_decode(
                           f"(grouped-query attention); got q {q.shape}, k {k.shape}, v {v.shape}.")
     b, tq, h, d = q.shape
     s, hkv = k.shape[1], k.shape[2]
-    block_k = default_block_k(tile_theta_decode is not None) if block_k is None else int(block_k)
+    block_k = default_block_k(tile_theta_decode is not None, theta is None) if block_k is None else int(block_k)
     if d not in (64, 128):
         raise ConfigError(f"head_dim {d} is not supported by the decode kernel; it takes 64 or 128.")
     if block_k < 16 or block_k & (block_k - 1):
@@ -628,8 +637,9 @@ def toptheta_decode(
     if walk not in (*WALKS, "auto"):
         raise ConfigError(f"walk={walk!r} is not supported; choose 'auto' or one of {', '.join(WALKS)}.")
     if walk == "auto":
-        usable = skip_v == "rows" and resolved not in TPU_BACKENDS and (AUTO_WALK != "lanes" or theta is not None)
-        walk = AUTO_WALK if usable else "reduce"
+        walk = DENSE_WALK if theta is None else AUTO_WALK
+        if skip_v != "rows" or resolved in TPU_BACKENDS:
+            walk = "reduce"
     if walk != "reduce" and (skip_v != "rows" or resolved in TPU_BACKENDS):
         raise ConfigError(f"walk={walk!r} is a way to walk the tiles with skip_v='rows' (Triton or interpret mode); "
                           f"got skip_v={skip_v!r} on backend {resolved!r}. Use walk='reduce'.")

@@ -225,7 +225,7 @@ def time_decode_rule(attention, thresholds, per_layer, lengths, scale, skip_v, s
     for layer, c in enumerate(per_layer):
         kwargs = decode_kernel_args(attention, _layer_thresholds(attention, thresholds, layer), layer, c["k"].shape[1])
         # toptheta_decode's default, named so that the V rows can be counted
-        kwargs.setdefault("block_k", default_block_k(kwargs["tile_theta_decode"] is not None))
+        kwargs.setdefault("block_k", default_block_k(kwargs["tile_theta_decode"] is not None, kwargs["theta"] is None))
         layer_args.append(dict(kwargs, skip_v=skip_v, scale=scale))
 
     def call(layer, c):
