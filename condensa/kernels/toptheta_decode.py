@@ -18,6 +18,12 @@ i-th tile as `first + i` and reads no list, and the tile size is free of the gat
 to 128 keys (`UNGATED_BLOCK_K`), which ran 1.15× faster than 64 on the H100 (docs/benchmarks.md,
 third run).
 
+A program walks its tiles in one of three ways (`walk`): in float32 with five reductions across
+the tile per tile ("reduce", the default with θ), with q·Kᵀ and P·V on tensor cores ("mma", the
+default for dense decoding, where it runs 0.98× cuDNN against 0.91-0.93×), or with the softmax
+state kept per key slot ("lanes", slower everywhere it was timed). None of them changes how fast K
+streams, about 2 TB/s on the H100 (docs/benchmarks.md, fourth run).
+
 Split-K (flash-decoding): the list of one (sequence, head) is cut into `num_splits` equal shares,
 one program each, so a long cache or a small batch still fills the GPU; the partial results
 (unnormalised output, survivor max m, denominator l, survivor count, the largest score and its
