@@ -11,13 +11,14 @@ warps and stages, and the dense mode (θ = None, what a layer left dense runs) w
 head-major cache ([B·H, S, 1, D]: each head's keys contiguous), and the two kernels alone with
 their per-row inputs built outside the step (`prebuilt`). `--grid narrow`: one or two warps per
 program with small tiles and many splits. `--grid dense`: the dense mode alone, both walks, tiles
-of 64 / 128 / 256, twice.
+of 64 / 128 / 256, twice. `--grid branch`: the ways of skipping V (`skip_v`): surviving rows in
+every tile, surviving rows behind a branch per tile, whole blocks behind a branch.
 
 Two survivor densities: θ at the bench's k = 64 (0.4% of the V rows survive on these synthetic
 caches) and θ at k = 640, near the 4% that the trained 16k model keeps without a gate. Each
 variant's output is checked against a float32 jax.numpy Top-θ before it is timed.
 
-    PYTHONPATH=. python exp/decode_ungated.py [--grid settings|combine|walks|layout|narrow|dense]   # JSON lines
+    PYTHONPATH=. python exp/decode_ungated.py [--grid settings|combine|walks|layout|narrow|dense|branch]   # JSON lines
 """
 from __future__ import annotations
 
@@ -47,14 +48,15 @@ def reference(q, k, v, theta_h, scale):
 
 
 def variant_call(theta, scale, lengths, *, block_k, splits, stages, warps, contiguous, fused_combine=True,
-                 partials_only=False, walk="reduce", dense=False, heads_first=False, prebuilt=False):
+                 partials_only=False, walk="reduce", dense=False, heads_first=False, prebuilt=False,
+                 skip_v="rows"):
     """One decode attention with these launch settings (`contiguous=False`: the tile list read from
     memory, as the kernel ran before; `partials_only`: the decode kernel without the combine;
     `dense`: no θ, the kernel's dense mode; `heads_first`: the heads of one key range in neighbouring
     programs; `prebuilt`: the two kernels alone, with their per-row inputs (θ lookup, metadata) built
     outside the timed step)."""
     opts = td.DecodeOptions(scale=scale, block_k=block_k, num_splits=splits, has_theta=not dense, backend="triton",
-                            num_warps=warps, num_stages=stages, skip_v="rows", contiguous=contiguous,
+                            num_warps=warps, num_stages=stages, skip_v=skip_v, contiguous=contiguous,
                             fused_combine=fused_combine, walk=walk, heads_first=heads_first)
     theta = None if dense else theta
 
@@ -85,7 +87,7 @@ def variant_call(theta, scale, lengths, *, block_k, splits, stages, warps, conti
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--grid", default="walks", choices=["settings", "combine", "walks", "layout", "narrow", "dense"])
+    parser.add_argument("--grid", default="walks", choices=["settings", "combine", "walks", "layout", "narrow", "dense", "branch"])
     args = parser.parse_args()
     scale = 1 / math.sqrt(D)
     lengths = jnp.full((B,), S, jnp.int32)
@@ -138,7 +140,9 @@ def main():
                                                    ("reduce", 64, 1, 32), ("reduce", 64, 1, 64), ("reduce", 64, 2, 32),
                                                    ("reduce", 32, 2, 64), ("mma", 64, 1, 32), ("mma", 32, 1, 64))]
     grid = {"settings": settings_grid, "combine": combine_grid, "walks": walks_grid, "layout": layout_grid,
-            "narrow": narrow_grid, "dense": []}[args.grid]
+            "narrow": narrow_grid, "dense": [],
+            "branch": [walk_setting("reduce", bk=bk, skip_v=skip_v) for bk in (128, 64)
+                       for skip_v in ("rows", "rows_branch", "blocks")]}[args.grid]
     if args.grid == "layout":  # each head's cache contiguous: [B·H, S, 1, D], one head per row
         for c in caches:
             c["hm"] = (jnp.swapaxes(c["q"], 1, 2).reshape(B * H, 1, 1, D),

@@ -132,6 +132,7 @@ CASES = [  # (head_dim, theta quantile or None, gate, sdc, vmc, splits, how V is
     (64, 0.9, True, True, True, 3, "rows"),
     (128, 0.8, True, False, True, 2, "blocks"),
     (128, None, True, False, False, 2, "rows"),
+    (64, 0.8, False, True, True, 2, "rows_branch"),
 ]
 
 
@@ -265,9 +266,11 @@ def _numpy_counts(q, k, lengths, k_bar, gate_theta, theta, scale):
     return k_blocks, v_blocks, v_rows
 
 
-@pytest.mark.parametrize("skip_v,backend", [("rows", "interpret"), ("blocks", "interpret"), ("blocks", "tpu_interpret")])
+@pytest.mark.parametrize("skip_v,backend", [("rows", "interpret"), ("rows_branch", "interpret"), ("blocks", "interpret"),
+                                            ("blocks", "tpu_interpret")])
 def test_loaded_block_counts_match_numpy(skip_v, backend):
-    """rows: the V rows read are the survivors; blocks: whole blocks of the tiles holding one."""
+    """rows (and rows_branch): the V rows read are the survivors; blocks: whole blocks of the tiles
+    holding one."""
     b, s, d = 3, 160, 64
     lengths = [160, 97, 33]
     scale = 1 / 8

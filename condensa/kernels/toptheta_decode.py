@@ -11,7 +11,11 @@ tiles that hold a surviving element: only the surviving V rows with masked loads
 TPU kernel's only mode). On trained models (docs/study-8k, docs/study-16k: S = 8k and 16k, batch
 8-16, one jitted step over 6 layers on the H100) rows were faster in all 8 rule × model cases,
 1.03-1.37× over blocks: real survivors spread over 5-47% of the V blocks but 0.3-4.5% of the rows.
-Blocks win only where survivors cluster in a few blocks (the synthetic caches of `bench decode`).
+Blocks win only where survivors cluster in a few blocks (the synthetic caches of `bench decode`;
+and once on a trained model, the gated step with every layer sparse). `skip_v="rows_branch"` reads
+the surviving rows behind a branch per tile, so a tile without a survivor does no V work; it was
+fastest on synthetic caches, where 3% of the tiles hold a survivor, but not on a trained model,
+where most do (docs/benchmarks.md, fourth run).
 
 Without a gate every row visits its visible tiles in order, so the Triton kernel computes the
 i-th tile as `first + i` and reads no list, and the tile size is free of the gate's: it defaults
@@ -66,6 +70,8 @@ from condensa.kernels.tile_gate_prepass import cap_at_budget
 
 UNGATED_BLOCK_K = 128  # see default_block_k; measured on the H100 in docs/benchmarks.md
 WALKS = ("reduce", "lanes", "mma")  # see toptheta_decode's `walk`
+ROW_MODES = ("rows", "rows_branch")  # skip_v modes that read only the surviving V rows (Triton, interpret)
+AUTO_SKIP_V = "rows"  # what skip_v="auto" picks on Triton and in interpret mode (docs/benchmarks.md, fourth run)
 AUTO_WALK = "reduce"  # what walk="auto" picks with θ and skip_v="rows" (Triton, interpret); TPU always reduces
 DENSE_WALK, DENSE_BLOCK_K = "mma", 64  # walk="auto" and block_k=None without θ (a dense layer): see default_block_k
 _STAT_WIDTH = 8  # per program: survivor max m, denominator l, survivors, V blocks, best score, its slot, -, -
@@ -252,7 +258,7 @@ def _decode_kernel(meta_ref, *refs, scale, block_k, num_splits, has_theta, skip_
         best_slot = jnp.where(a_max > best, slot, best_slot)
         best = jnp.maximum(best, a_max)
 
-        if has_theta and skip_v == "rows":
+        def accumulate_rows():
             keep = (a > theta) & visible
             found = a_max > theta
             m_new = jnp.where(found, jnp.maximum(m, a_max), m)
@@ -275,8 +281,12 @@ def _decode_kernel(meta_ref, *refs, scale, block_k, num_splits, has_theta, skip_
 
         if not has_theta:
             return accumulate()
-        # skip_v == "blocks": V is read, whole, only for tiles that hold a survivor.
-        return jax.lax.cond(a_max > theta, accumulate, lambda: (acc, m, l, kept, v_loads, best, best_slot))
+        if skip_v == "rows":  # every tile: masked loads of the surviving rows, no branch
+            return accumulate_rows()
+        # "blocks" and "rows_branch": a tile without a survivor skips all V work; one with a survivor
+        # reads its whole V block, or only the surviving rows
+        return jax.lax.cond(a_max > theta, accumulate_rows if skip_v == "rows_branch" else accumulate,
+                            lambda: (acc, m, l, kept, v_loads, best, best_slot))
 
     zero = jnp.float32(0.0)
     neg = jnp.float32(-jnp.inf)
@@ -521,7 +531,7 @@ def _decode(q, k, v, lengths, starts, theta, sdc_delta, v_mean, k_tile_mean, til
     t = jnp.arange(sp // bk)[None, :]
     visible_tiles = jnp.sum((t >= (starts_v // bk)[:, None]) & (t <= ((lengths_v - 1) // bk)[:, None]))
     v_loaded = jnp.sum(stats[..., 3]).astype(jnp.int32)
-    rows_mode = opts.has_theta and opts.skip_v == "rows"
+    rows_mode = opts.has_theta and opts.skip_v in ROW_MODES
     v_rows = jnp.sum(stats[..., 2]).astype(jnp.int32) if rows_mode else v_loaded * bk
     dstats = DecodeStats(visible=(visible_tiles * h).astype(jnp.int32), k_loaded=jnp.sum(count),
                          v_loaded=v_loaded, v_rows=v_rows)
@@ -590,9 +600,10 @@ def toptheta_decode(
     `block_k`: cache slots per tile; None: the gate's default of 64, or without a gate
     `UNGATED_BLOCK_K` with θ and `DENSE_BLOCK_K` without (`default_block_k`).
     `num_splits`: split-K shares per (sequence, head); None picks enough to fill a large GPU.
-    `skip_v`: "rows" reads only the V rows that hold a survivor (masked loads, no branch);
-    "blocks" reads whole V blocks, behind a branch, for the tiles that hold one; "auto" (default)
-    is "rows" on Triton and in interpret mode, "blocks" on TPU. `walk` (Triton and interpret mode, with
+    `skip_v`: "rows" reads only the V rows that hold a survivor (masked loads, no branch, in
+    every tile); "rows_branch" does the same behind a branch, so a tile without a survivor does no
+    V work at all; "blocks" reads whole V blocks, behind a branch, for the tiles that hold one;
+    "auto" (default) is `AUTO_SKIP_V` on Triton and in interpret mode, "blocks" on TPU. `walk` (Triton and interpret mode, with
     "rows"): how a program walks its tiles; "auto" (default) is `AUTO_WALK` there with θ,
     `DENSE_WALK` without, and "reduce" elsewhere. "reduce" scores and accumulates in float32
     with five reductions across the tile; "lanes" keeps softmax state per key slot
@@ -632,21 +643,21 @@ def toptheta_decode(
             raise ConfigError(f"{name} must be [heads={h}, N] (indexed by row length - 1); got {tuple(table.shape)}.")
     if sdc_delta is not None and theta is None:
         raise ConfigError("sdc_delta compensates dropped elements, so it needs theta; pass theta or drop sdc_delta.")
-    if skip_v not in ("rows", "blocks", "auto"):
-        raise ConfigError(f"skip_v={skip_v!r} is not supported; choose 'rows', 'blocks' or 'auto'.")
+    if skip_v not in (*ROW_MODES, "blocks", "auto"):
+        raise ConfigError(f"skip_v={skip_v!r} is not supported; choose 'rows', 'rows_branch', 'blocks' or 'auto'.")
     resolved = resolve_backend(backend)
     if skip_v == "auto":
-        skip_v = "blocks" if resolved in TPU_BACKENDS else "rows"
-    if resolved in TPU_BACKENDS and skip_v == "rows":
-        raise ConfigError("skip_v='rows' (masked V row loads) is a Triton feature; the TPU kernel reads V in whole "
-                          "blocks: use skip_v='blocks'.")
+        skip_v = "blocks" if resolved in TPU_BACKENDS else AUTO_SKIP_V
+    if resolved in TPU_BACKENDS and skip_v in ROW_MODES:
+        raise ConfigError(f"skip_v={skip_v!r} (masked V row loads) is a Triton feature; the TPU kernel reads V in "
+                          "whole blocks: use skip_v='blocks'.")
     if walk not in (*WALKS, "auto"):
         raise ConfigError(f"walk={walk!r} is not supported; choose 'auto' or one of {', '.join(WALKS)}.")
+    # without θ every visible V row is read, so skip_v does not matter to the dense walk
+    other_walks_fit = resolved not in TPU_BACKENDS and (theta is None or skip_v == "rows")
     if walk == "auto":
-        walk = DENSE_WALK if theta is None else AUTO_WALK
-        if skip_v != "rows" or resolved in TPU_BACKENDS:
-            walk = "reduce"
-    if walk != "reduce" and (skip_v != "rows" or resolved in TPU_BACKENDS):
+        walk = ("reduce" if not other_walks_fit else DENSE_WALK if theta is None else AUTO_WALK)
+    if walk != "reduce" and not other_walks_fit:
         raise ConfigError(f"walk={walk!r} is a way to walk the tiles with skip_v='rows' (Triton or interpret mode); "
                           f"got skip_v={skip_v!r} on backend {resolved!r}. Use walk='reduce'.")
     if walk == "lanes" and theta is None:

@@ -260,6 +260,7 @@ def time_model(config: StudyConfig, name: str, evaluation: dict) -> dict:
     from condensa.eval.study.data import held_out
     from condensa.eval.study.training import ensure_model
     from condensa.kernels.backend import TPU_BACKENDS, resolve_backend
+    from condensa.kernels.toptheta_decode import AUTO_SKIP_V
     from condensa.model import load_pretrained
 
     settings, cal = config.timing, config.calibration
@@ -364,10 +365,12 @@ def time_model(config: StudyConfig, name: str, evaluation: dict) -> dict:
     best = min((s for s in decode["dense_s"].values() if s), default=None)
     decode["best_dense_s"] = best
     for rule, (attention, thresholds) in decode_rules.items():
-        # Both ways of skipping V where both exist: the kernel's default first, under the rule's
-        # own name (only the surviving V rows, with masked loads, on the GPU), then whole V blocks
-        # behind a branch (the TPU kernel's only mode).
-        modes = ("blocks",) if resolve_backend(None) in TPU_BACKENDS else ("rows", "blocks")
+        # Every way of skipping V the backend has: the kernel's default first, under the rule's own
+        # name, then the others (on the GPU: the surviving V rows with masked loads in every tile,
+        # the same behind a branch per tile, whole V blocks behind a branch; TPU: blocks only).
+        modes = ("blocks",)
+        if resolve_backend(None) not in TPU_BACKENDS:
+            modes = (AUTO_SKIP_V, *(m for m in ("rows", "rows_branch", "blocks") if m != AUTO_SKIP_V))
         for i, skip_v in enumerate(modes):
             label = rule if i == 0 else f"{rule} (V {skip_v})"
             decode["rules"][label] = time_decode_rule(attention, thresholds, per_layer, lengths, scale, skip_v,
