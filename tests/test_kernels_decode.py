@@ -266,8 +266,8 @@ def _numpy_counts(q, k, lengths, k_bar, gate_theta, theta, scale):
     return k_blocks, v_blocks, v_rows
 
 
-@pytest.mark.parametrize("skip_v,backend", [("rows", "interpret"), ("rows_branch", "interpret"), ("blocks", "interpret"),
-                                            ("blocks", "tpu_interpret")])
+@pytest.mark.parametrize("skip_v,backend", [("rows", "interpret"), ("rows_branch", "interpret"),
+                                            ("blocks", "interpret"), ("blocks", "tpu_interpret")])
 def test_loaded_block_counts_match_numpy(skip_v, backend):
     """rows (and rows_branch): the V rows read are the survivors; blocks: whole blocks of the tiles
     holding one."""

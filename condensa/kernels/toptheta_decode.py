@@ -344,7 +344,8 @@ def _launch(meta, tiles, theta_row, q, k, v, opts: DecodeOptions):
         kwargs["compiler_params"] = pltriton.CompilerParams(num_warps=opts.num_warps,
                                                            num_stages=opts.num_stages)
     return pl.pallas_call(
-        kernel, grid=(h, bv, ns) if opts.heads_first else (bv, h, ns), in_specs=in_specs, out_specs=out_specs, out_shape=out_shape,
+        kernel, grid=(h, bv, ns) if opts.heads_first else (bv, h, ns), in_specs=in_specs, out_specs=out_specs,
+        out_shape=out_shape,
         input_output_aliases=aliases, interpret=opts.backend == "interpret", name="toptheta_decode", **kwargs,
     )(*inputs)
 
@@ -603,12 +604,13 @@ def toptheta_decode(
     `skip_v`: "rows" reads only the V rows that hold a survivor (masked loads, no branch, in
     every tile); "rows_branch" does the same behind a branch, so a tile without a survivor does no
     V work at all; "blocks" reads whole V blocks, behind a branch, for the tiles that hold one;
-    "auto" (default) is `AUTO_SKIP_V` on Triton and in interpret mode, "blocks" on TPU. `walk` (Triton and interpret mode, with
-    "rows"): how a program walks its tiles; "auto" (default) is `AUTO_WALK` there with θ,
-    `DENSE_WALK` without, and "reduce" elsewhere. "reduce" scores and accumulates in float32
-    with five reductions across the tile; "lanes" keeps softmax state per key slot
-    (`_walk_by_lane`: one reduction per tile; needs theta); "mma" puts q·Kᵀ and P·V on tensor
-    cores and keeps the sums per key slot (`_walk_by_mma`: one reduction per tile; dense too).
+    "auto" (default) is `AUTO_SKIP_V` on Triton and in interpret mode, "blocks" on TPU.
+    `walk`: how a program walks its tiles. "reduce" scores and accumulates in float32 with five
+    reductions across the tile (every mode and backend); "mma" puts q·Kᵀ and P·V on tensor cores
+    and keeps the sums per key slot (`_walk_by_mma`: one reduction per tile); "lanes" keeps the
+    softmax state per key slot (`_walk_by_lane`; needs θ). The last two run on Triton and in
+    interpret mode, with skip_v="rows" or without θ. "auto" (default): `DENSE_WALK` without θ,
+    `AUTO_WALK` with θ and "rows", else "reduce".
     `backend`: None/'auto' (by platform), 'triton', 'interpret', 'mosaic_tpu' or 'tpu_interpret' (the
     TPU kernel of `toptheta_decode_tpu.py`, interpreted on the CPU). `poison_output` fills the
     kernel's partial outputs with NaN before it runs (for correctness checks).

@@ -66,7 +66,9 @@ class DecodeBenchConfig:
     num_splits: int = 0  # 0: the kernel's default (enough programs to fill the GPU)
     num_warps: int = 4
     num_stages: int = 2
-    skip_v: str = "auto"  # "rows": only surviving V rows; "blocks": whole V blocks of tiles with a survivor; "auto": rows on GPU
+    # "rows": only surviving V rows; "rows_branch": the same behind a branch per tile; "blocks":
+    # whole V blocks of tiles with a survivor; "auto": rows on GPU
+    skip_v: str = "auto"
     baselines: list[str] = dataclasses.field(default_factory=lambda: ["xla", "cudnn", "pallas_decode"])
     warmup: int = 3
     repeats: int = 15
@@ -452,8 +454,8 @@ def run(cfg: DecodeBenchConfig) -> list[dict]:
     for d in cfg.head_dims:
         if d not in (64, 128):
             raise ConfigError(f"head_dims must be 64 or 128 (the kernel's); got {d}.")
-    if cfg.skip_v not in ("rows", "blocks", "auto"):
-        raise ConfigError(f"skip_v={cfg.skip_v!r} is not supported; choose 'rows', 'blocks' or 'auto'.")
+    if cfg.skip_v not in ("rows", "rows_branch", "blocks", "auto"):
+        raise ConfigError(f"skip_v={cfg.skip_v!r} is not supported; choose 'rows', 'rows_branch', 'blocks' or 'auto'.")
     for s in cfg.seq_lens:
         if s % cfg.block_k or s // cfg.block_k < 4:
             raise ConfigError(f"seq_lens must be multiples of block_k={cfg.block_k} with at least 4 tiles; got {s}.")
