@@ -66,9 +66,7 @@ class DecodeBenchConfig:
     num_splits: int = 0  # 0: the kernel's default (enough programs to fill the GPU)
     num_warps: int = 4
     num_stages: int = 2
-    # "rows": only surviving V rows; "rows_branch": the same behind a branch per tile; "blocks":
-    # whole V blocks of tiles with a survivor; "auto": rows on GPU
-    skip_v: str = "auto"
+    skip_v: str = "auto"  # V read: "rows" (survivors), "rows_branch" (same, a branch per tile), "blocks"; "auto": rows
     baselines: list[str] = dataclasses.field(default_factory=lambda: ["xla", "cudnn", "pallas_decode"])
     warmup: int = 3
     repeats: int = 15
