@@ -71,6 +71,7 @@ from condensa.kernels.tile_gate_prepass import cap_at_budget
 UNGATED_BLOCK_K = 128  # see default_block_k; measured on the H100 in docs/benchmarks.md
 WALKS = ("reduce", "lanes", "mma")  # see toptheta_decode's `walk`
 ROW_MODES = ("rows", "rows_branch")  # skip_v modes that read only the surviving V rows (Triton, interpret)
+SKIP_V_MODES = (*ROW_MODES, "blocks")  # every skip_v but "auto"
 AUTO_SKIP_V = "rows"  # what skip_v="auto" picks on Triton and in interpret mode (docs/benchmarks.md, fourth run)
 AUTO_WALK = "reduce"  # what walk="auto" picks with θ and skip_v="rows" (Triton, interpret); TPU always reduces
 DENSE_WALK, DENSE_BLOCK_K = "mma", 64  # walk="auto" and block_k=None without θ (a dense layer): see default_block_k
@@ -138,6 +139,18 @@ def _surviving_v_rows(v_ref, tile, keep, *, block_k):
     return pltriton.load(v_ref.at[pl.ds(tile * block_k, block_k), :], mask=rows, other=0)
 
 
+def _largest_and_first_slot(values, slots):
+    """(largest value, the smallest slot holding it): the element a row keeps when nothing survives,
+    the first one on a tie. Used per tile by the float32 walk and to merge lanes in the others."""
+    top = jnp.max(values)
+    return top, jnp.min(jnp.where(values == top, slots, jnp.int32(2**30)))
+
+
+def _lane_best(a, cols, best, best_col):
+    """Per-lane running largest score and its column (strictly greater: a lane keeps its first)."""
+    return jnp.maximum(best, a), jnp.where(a > best, cols, best_col)
+
+
 def _walk_by_lane(lo, hi, tile_of, k_ref, v_ref, q, theta, start, length, *, scale, block_k):
     """The `skip_v="rows"` walk with no reduction across a tile's key slots (lanes) but one.
 
@@ -153,8 +166,7 @@ def _walk_by_lane(lo, hi, tile_of, k_ref, v_ref, q, theta, start, length, *, sca
         acc, m, l, kept, v_loads, best, best_col = carry
         tile = tile_of(i)
         cols, visible, a = _tile_scores(k_ref, tile, q, start, length, scale=scale, block_k=block_k)
-        best_col = jnp.where(a > best, cols, best_col)  # strictly greater: a lane keeps its first column
-        best = jnp.maximum(best, a)
+        best, best_col = _lane_best(a, cols, best, best_col)
         keep = (a > theta) & visible
         m_new = jnp.where(keep, jnp.maximum(m, a), m)
         alpha = jnp.where(m_new > m, jnp.exp(m - m_new), 1.0)
@@ -169,8 +181,7 @@ def _walk_by_lane(lo, hi, tile_of, k_ref, v_ref, q, theta, start, length, *, sca
     acc, m, l, kept, v_loads, best, best_col = jax.lax.fori_loop(lo, hi, visit, init)
     m_all = jnp.max(m)
     w = jnp.where(m > neg, jnp.exp(m - m_all), 0.0)
-    best_all = jnp.max(best)
-    slot = jnp.min(jnp.where(best == best_all, best_col, jnp.int32(2**30)))  # the first column on a tie
+    best_all, slot = _largest_and_first_slot(best, best_col)
     return (jnp.sum(w[:, None] * acc, axis=0), m_all, jnp.sum(w * l), jnp.sum(kept), v_loads, best_all, slot)
 
 
@@ -203,8 +214,7 @@ def _walk_by_mma(lo, hi, tile_of, k_ref, v_ref, q_raw, theta, start, length, *, 
                                   preferred_element_type=jnp.float32)  # [16, bk]: row 0 holds q·Kᵀ
         cols, visible = _tile_columns(tile, start, length, block_k=block_k)
         a = jnp.where(visible, jnp.sum(s16, axis=0) * scale, neg)
-        best_col = jnp.where(a > best, cols, best_col)  # strictly greater: a lane keeps its first column
-        best = jnp.maximum(best, a)
+        best, best_col = _lane_best(a, cols, best, best_col)
         keep = (a > theta) & visible if has_theta else visible
         top = jnp.max(jnp.where(keep, a, neg))  # the one reduction across lanes per tile
         m_new = jnp.maximum(m, top)
@@ -222,8 +232,7 @@ def _walk_by_mma(lo, hi, tile_of, k_ref, v_ref, q_raw, theta, start, length, *, 
     init = (jnp.zeros((_MMA_ROWS, d), jnp.float32), neg, zeros, zeros, jnp.int32(0), lanes,
             jnp.zeros((block_k,), jnp.int32))
     acc, m, l, kept, v_loads, best, best_col = jax.lax.fori_loop(lo, hi, visit, init)
-    best_all = jnp.max(best)
-    slot = jnp.min(jnp.where(best == best_all, best_col, jnp.int32(2**30)))  # the first column on a tie
+    best_all, slot = _largest_and_first_slot(best, best_col)
     return jnp.sum(acc, axis=0), m, jnp.sum(l), jnp.sum(kept), v_loads, best_all, slot
 
 
@@ -252,9 +261,7 @@ def _decode_kernel(meta_ref, *refs, scale, block_k, num_splits, has_theta, skip_
         acc, m, l, kept, v_loads, best, best_slot = carry
         tile = tile_of(i)
         cols, visible, a = _tile_scores(k_ref, tile, q, start, length, scale=scale, block_k=block_k)
-        a_max = jnp.max(a)
-        # The row's largest element and its slot (first on a tie), for a row where nothing survives.
-        slot = jnp.min(jnp.where(a == a_max, cols, jnp.int32(2**30)))
+        a_max, slot = _largest_and_first_slot(a, cols)  # for a row where nothing survives
         best_slot = jnp.where(a_max > best, slot, best_slot)
         best = jnp.maximum(best, a_max)
 
@@ -645,8 +652,8 @@ def toptheta_decode(
             raise ConfigError(f"{name} must be [heads={h}, N] (indexed by row length - 1); got {tuple(table.shape)}.")
     if sdc_delta is not None and theta is None:
         raise ConfigError("sdc_delta compensates dropped elements, so it needs theta; pass theta or drop sdc_delta.")
-    if skip_v not in (*ROW_MODES, "blocks", "auto"):
-        raise ConfigError(f"skip_v={skip_v!r} is not supported; choose 'rows', 'rows_branch', 'blocks' or 'auto'.")
+    if skip_v not in (*SKIP_V_MODES, "auto"):
+        raise ConfigError(f"skip_v={skip_v!r} is not supported; choose one of {', '.join(SKIP_V_MODES)} or 'auto'.")
     resolved = resolve_backend(backend)
     if skip_v == "auto":
         skip_v = "blocks" if resolved in TPU_BACKENDS else AUTO_SKIP_V

@@ -44,7 +44,8 @@ from condensa.attention.tiles import tile_budget
 from condensa.cli import config_parser, parse_config_args, append_jsonl, config_to_dict, progress, run_main, write_json
 from condensa.errors import ConfigError
 from condensa.eval.bench.timing import correctness_summary, jit_with_options
-from condensa.kernels.toptheta_decode import compact, default_num_splits, kept_tiles, tile_budgets, toptheta_decode
+from condensa.kernels.toptheta_decode import (SKIP_V_MODES, compact, default_num_splits, kept_tiles, tile_budgets,
+                                              toptheta_decode)
 
 
 @dataclasses.dataclass
@@ -452,8 +453,8 @@ def run(cfg: DecodeBenchConfig) -> list[dict]:
     for d in cfg.head_dims:
         if d not in (64, 128):
             raise ConfigError(f"head_dims must be 64 or 128 (the kernel's); got {d}.")
-    if cfg.skip_v not in ("rows", "rows_branch", "blocks", "auto"):
-        raise ConfigError(f"skip_v={cfg.skip_v!r} is not supported; choose 'rows', 'rows_branch', 'blocks' or 'auto'.")
+    if cfg.skip_v not in (*SKIP_V_MODES, "auto"):
+        raise ConfigError(f"skip_v={cfg.skip_v!r} is not supported; choose one of {', '.join(SKIP_V_MODES)} or 'auto'.")
     for s in cfg.seq_lens:
         if s % cfg.block_k or s // cfg.block_k < 4:
             raise ConfigError(f"seq_lens must be multiples of block_k={cfg.block_k} with at least 4 tiles; got {s}.")

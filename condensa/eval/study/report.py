@@ -96,7 +96,9 @@ def answers(res: dict, limit: float | None = None) -> dict:
 
 def _v_loaded_md(rule: dict) -> str:
     """The V a decode rule read: blocks, and with masked row loads the rows themselves."""
-    if rule.get("skip_v") in ("rows", "rows_branch"):
+    from condensa.kernels.toptheta_decode import ROW_MODES
+
+    if rule.get("skip_v") in ROW_MODES:
         return f"{pct(rule['v_fraction'])} (rows read {pct(rule['v_row_fraction'], 2)})"
     return pct(rule["v_fraction"])
 

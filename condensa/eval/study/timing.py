@@ -260,7 +260,7 @@ def time_model(config: StudyConfig, name: str, evaluation: dict) -> dict:
     from condensa.eval.study.data import held_out
     from condensa.eval.study.training import ensure_model
     from condensa.kernels.backend import TPU_BACKENDS, resolve_backend
-    from condensa.kernels.toptheta_decode import AUTO_SKIP_V
+    from condensa.kernels.toptheta_decode import AUTO_SKIP_V, SKIP_V_MODES
     from condensa.model import load_pretrained
 
     settings, cal = config.timing, config.calibration
@@ -370,7 +370,7 @@ def time_model(config: StudyConfig, name: str, evaluation: dict) -> dict:
         # the same behind a branch per tile, whole V blocks behind a branch; TPU: blocks only).
         modes = ("blocks",)
         if resolve_backend(None) not in TPU_BACKENDS:
-            modes = (AUTO_SKIP_V, *(m for m in ("rows", "rows_branch", "blocks") if m != AUTO_SKIP_V))
+            modes = (AUTO_SKIP_V, *(m for m in SKIP_V_MODES if m != AUTO_SKIP_V))
         for i, skip_v in enumerate(modes):
             label = rule if i == 0 else f"{rule} (V {skip_v})"
             decode["rules"][label] = time_decode_rule(attention, thresholds, per_layer, lengths, scale, skip_v,
