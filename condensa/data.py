@@ -19,11 +19,17 @@ from condensa.hub import is_probably_hub_id
 
 
 def load_tokenizer(name_or_path: str | os.PathLike):
-    """A fast (Rust) GPT-2 tokenizer from a directory with vocab.json + merges.txt (or
-    tokenizer.json), or from a hub id when the network allows it."""
+    """A fast (Rust) tokenizer from a directory with tokenizer.json (or GPT-2's vocab.json +
+    merges.txt), from a `.gguf` file or a named model such as `smollm2-135m` (rebuilt from the GGUF's
+    metadata), or from a hub id when the network allows it."""
     from transformers import AutoTokenizer, GPT2TokenizerFast
 
+    from condensa.model.sources import NAMED_MODELS
+
     path = Path(name_or_path).expanduser()
+    if str(name_or_path) in NAMED_MODELS or (path.is_file() and path.suffix.lower() == ".gguf") or (
+            path.is_dir() and not _has_tokenizer_files(path) and any(path.glob("*.gguf"))):
+        return _gguf_tokenizer(name_or_path)
     if path.is_dir():
         # A bare vocab.json + merges.txt (no tokenizer_config.json) does not say which class to use.
         loader = AutoTokenizer if (path / "tokenizer_config.json").is_file() else GPT2TokenizerFast
@@ -35,7 +41,7 @@ def load_tokenizer(name_or_path: str | os.PathLike):
                 "merges.txt, or tokenizer.json."
             ) from None
     if not is_probably_hub_id(str(name_or_path)):
-        raise DataError(f"tokenizer directory {path} does not exist; pass an existing directory or a hub id.")
+        raise DataError(f"tokenizer {path} does not exist; pass an existing directory, a .gguf file or a hub id.")
     try:
         return AutoTokenizer.from_pretrained(str(name_or_path), use_fast=True)
     except OSError as err:
@@ -43,6 +49,38 @@ def load_tokenizer(name_or_path: str | os.PathLike):
             f"could not fetch tokenizer {name_or_path!r} from the Hugging Face hub ({type(err).__name__}). "
             "Without network access, pass a local directory instead, e.g. ../shared/data/gpt2-tokenizer."
         ) from None
+
+
+_TOKENIZER_FILES = ("tokenizer.json", "vocab.json")
+
+
+def _has_tokenizer_files(directory: Path) -> bool:
+    return any((directory / f).is_file() for f in _TOKENIZER_FILES)
+
+
+def _gguf_tokenizer(name_or_path: str | os.PathLike):
+    from condensa.model.gguf_file import GGUFFile
+    from condensa.model.gguf_tokenizer import gguf_tokenizer
+    from condensa.model.sources import resolve_model
+
+    return gguf_tokenizer(GGUFFile(resolve_model(name_or_path, allow_patterns=[]).path))
+
+
+def model_tokenizer(model: str | os.PathLike, explicit: str | os.PathLike | None = None):
+    """The tokenizer for `--model` (`explicit`, the `--tokenizer` option, wins): the one a GGUF file
+    carries, or the one saved in the model directory (or hub snapshot)."""
+    from condensa.errors import ConfigError
+    from condensa.model.sources import resolve_model
+
+    if explicit:
+        return load_tokenizer(explicit)
+    source = resolve_model(model, allow_patterns=["*.json", "*.txt"])
+    if source.is_gguf:
+        return _gguf_tokenizer(source.path)
+    if not _has_tokenizer_files(source.path):
+        raise ConfigError(f"model directory {source.path} holds no tokenizer; pass --tokenizer DIR "
+                          "(for GPT-2 vocabularies: ../shared/data/gpt2-tokenizer).")
+    return load_tokenizer(source.path)
 
 
 def text_files(source: str | os.PathLike) -> list[Path]:

@@ -1,10 +1,14 @@
-"""python -m condensa.export: a training checkpoint -> a Hugging Face directory (GPT-2 or LLaMA family).
+"""python -m condensa.export: a training checkpoint, or any model condensa loads (a GGUF file, a
+named model), -> a Hugging Face directory (GPT-2 or LLaMA family).
 
     python -m condensa.export runs/quickstart --out runs/quickstart/hf-export \
         --thresholds runs/thresholds/thresholds.safetensors --verify
+    python -m condensa.export --model smollm2-135m --out runs/smollm2-hf --verify
 
 Reads a checkpoint of a `python -m condensa.train` run (the newest one that reads back intact, or
---step N) and writes OUT/config.json + model.safetensors + the tokenizer, which
+--step N), or with --model any model `load_pretrained` reads (a .gguf file, `smollm2-135m`, an HF
+directory or hub id; GGUF weights are written dequantised, as float32), and writes
+OUT/config.json + model.safetensors + the tokenizer, which
 `transformers.AutoModelForCausalLM.from_pretrained(OUT)` (GPT2LMHeadModel, LlamaForCausalLM, ...) and
 `condensa.load_pretrained(OUT)` load.
 --thresholds copies a thresholds file into OUT/thresholds.safetensors after checking that it fits
@@ -30,15 +34,23 @@ THRESHOLDS_FILE = "thresholds.safetensors"
 @dataclasses.dataclass(frozen=True)
 class ExportConfig:
     run: str = ""  # the training run's output folder (its --out; it holds config.yaml and checkpoints/)
-    out: str = ""  # the HF directory to write; default RUN/hf-step<N>
+    model: str = ""  # instead of a run: a model to convert (a .gguf file, smollm2-135m, an HF directory or hub id)
+    out: str = ""  # the HF directory to write; default RUN/hf-step<N> (required with --model)
     step: int | None = None  # default: the newest checkpoint that reads back intact
     thresholds: str | None = None  # a file from python -m condensa.calibrate, copied next to the weights
     verify: bool = False  # compare logits with transformers (AutoModelForCausalLM: GPT2LMHeadModel, LlamaForCausalLM, ...; needs torch)
     tolerance: float = 1e-4  # --verify fails when max |logit difference| is larger
 
     def __post_init__(self) -> None:
-        if not self.run:
-            raise ConfigError("no training run given; pass its output folder: python -m condensa.export RUN_DIR.")
+        if not self.run and not self.model:
+            raise ConfigError("nothing to export; pass a training run's output folder (python -m condensa.export "
+                              "RUN_DIR) or a model to convert (--model smollm2-135m --out DIR).")
+        if self.run and self.model:
+            raise ConfigError(f"pass a training run ({self.run}) or --model ({self.model}), not both.")
+        if self.model and not self.out:
+            raise ConfigError("--model needs --out DIR, the Hugging Face directory to write.")
+        if self.model and self.step is not None:
+            raise ConfigError("--step picks a checkpoint of a training run; it does not apply to --model.")
         if self.step is not None and self.step < 1:
             raise ConfigError(f"--step must be a checkpoint step >= 1; got {self.step}.")
         if not self.tolerance > 0:
@@ -53,8 +65,10 @@ def build_parser() -> argparse.ArgumentParser:
         argument_default=argparse.SUPPRESS,
     )
     parser.add_argument("run", nargs="?", help="output folder of the training run (holds config.yaml, checkpoints/)")
-    parser.add_argument("--config", help="YAML file with these settings (keys: run, out, step, thresholds, verify, tolerance)")
-    parser.add_argument("--out", help="HF directory to write (default: RUN/hf-step<N>)")
+    parser.add_argument("--model", help="instead of a run, a model to convert: a .gguf file (or a folder holding one), "
+                        "a named model (smollm2-135m), an HF directory or a hub id")
+    parser.add_argument("--config", help="YAML file with these settings (keys: run, model, out, step, thresholds, verify, tolerance)")
+    parser.add_argument("--out", help="HF directory to write (default: RUN/hf-step<N>; required with --model)")
     parser.add_argument("--step", type=int, help="checkpoint step to export (default: the newest good one)")
     parser.add_argument("--thresholds", help="thresholds file to validate against the model and copy into OUT")
     parser.add_argument("--verify", action="store_true",
@@ -76,9 +90,9 @@ def export(cfg: ExportConfig) -> dict:
     """Restores, validates, writes and (optionally) verifies; returns what export.json records."""
     from condensa.model.transformers_check import max_logit_difference, sample_ids
     from condensa.sparsity import Thresholds
-    from condensa.train.export import restore_run, save_hf
+    from condensa.train.export import loaded_model, restore_run, save_hf
 
-    restored = restore_run(cfg.run, cfg.step)
+    restored = restore_run(cfg.run, cfg.step) if cfg.run else loaded_model(cfg.model)
     thresholds = None
     if cfg.thresholds:
         thresholds = Thresholds.load(cfg.thresholds).validate_for(restored.config, source=cfg.thresholds)
@@ -88,9 +102,13 @@ def export(cfg: ExportConfig) -> dict:
     if thresholds is not None:
         shutil.copyfile(cfg.thresholds, out / THRESHOLDS_FILE)
     record = {"config": config_to_dict(cfg), "step": restored.step, "out": str(out)}
-    print(f"exported step {restored.step} of {cfg.run} to {out}")
+    what = f"step {restored.step} of {cfg.run}" if cfg.run else cfg.model
+    print(f"exported {what} to {out}" + ("" if restored.tokenizer is not None else " (the model has no tokenizer to copy)"))
     if cfg.verify:
         context = getattr(restored.config, "n_positions", None) or restored.config.max_position_embeddings
+        if restored.tokenizer is None:
+            raise CheckpointError(f"--verify needs a tokenizer to make its test tokens, and {cfg.model} has none; "
+                                  "export without --verify.")
         ids = sample_ids(restored.tokenizer, context, restored.kept_ids, restored.vocab_size - 1)
         diff = max_logit_difference(restored.model, out, ids)
         record["verify"] = {"max_abs_logit_diff": diff, "tokens": int(ids.size), "tolerance": cfg.tolerance}

@@ -46,15 +46,10 @@ def read_eval_text(sources: list[str], split: str) -> str:
     return text
 
 
-def tokenizer_for(model_dir: str, explicit: str | None):
-    from condensa.data import load_tokenizer
+def tokenizer_for(model: str, explicit: str | None):
+    from condensa.data import model_tokenizer
 
-    if explicit:
-        return load_tokenizer(explicit)
-    path = Path(model_dir)
-    if path.is_dir() and not any((path / f).is_file() for f in ("tokenizer.json", "vocab.json")):
-        raise ConfigError(f"{model_dir} holds no tokenizer; pass --tokenizer DIR (e.g. ../shared/data/gpt2-tokenizer).")
-    return load_tokenizer(model_dir)
+    return model_tokenizer(model, explicit)
 
 
 def run(cfg: PerplexityConfig) -> dict:

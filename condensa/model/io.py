@@ -2,7 +2,8 @@
 
 config.json's `model_type` picks the family (`condensa.model.registry`): GPT-2 checkpoints are
 small and read whole; LLaMA-family checkpoints (llama, mistral, qwen2) are read tensor by tensor
-from single or sharded files and written in shards, so a large model is never held twice.
+from single or sharded files and written in shards, so a large model is never held twice. GGUF
+files load through the same code: `gguf_convert` presents one as an HF checkpoint.
 """
 
 from __future__ import annotations
@@ -17,7 +18,6 @@ import numpy as np
 from flax import nnx
 
 from condensa.errors import CheckpointError
-from condensa.hub import resolve_model_dir
 from condensa.model.config import GPT2Config
 from condensa.model.gpt2 import GPT2
 from condensa.model.hf_convert import export_tensors, load_into
@@ -69,29 +69,63 @@ def read_weights(directory: Path) -> dict[str, np.ndarray]:
 
 
 def load_pretrained(name_or_path: str | os.PathLike, *, dtype=jnp.float32, seed: int = 0, **model_kwargs):
-    """Loads a model from a local HF directory or a hub id. Returns `(model, config)`.
+    """Loads a model and returns `(model, config)`. `name_or_path` is a local HF directory, a `.gguf`
+    file (or a folder holding one), a named model such as `smollm2-135m`, or a hub id.
 
-    config.json's `model_type` chooses the family: gpt2 (`GPT2`) or llama / mistral / qwen2
-    (`Llama`); any other type is a `ConfigError` that lists the supported ones. Parameters stay
-    float32; `dtype` is the compute dtype. Extra keyword arguments (for example
-    `attention=AttentionConfig(...)` or `remat=True`) go to the model constructor.
+    The family comes from config.json's `model_type` (or the GGUF's architecture): gpt2 (`GPT2`) or
+    llama / mistral / qwen2 (`Llama`); any other is a `ConfigError` that lists the supported ones.
+    Parameters stay float32 (GGUF tensors are dequantised to it); `dtype` is the compute dtype.
+    Extra keyword arguments (for example `attention=AttentionConfig(...)` or `remat=True`) go to the
+    model constructor.
     """
-    from condensa.model.registry import build_model, config_from_json_file
+    from condensa.model.registry import config_from_json_file
+    from condensa.model.sources import resolve_model
 
-    directory = resolve_model_dir(name_or_path, allow_patterns=_WEIGHT_FILES)
-    config = config_from_json_file(directory / "config.json")
-    if isinstance(config, GPT2Config):
-        tensors = read_weights(directory)
-        model = GPT2(config, dtype=dtype, rngs=nnx.Rngs(seed), **model_kwargs)
-        load_into(model, tensors, source=str(directory))
+    source = resolve_model(name_or_path, allow_patterns=_WEIGHT_FILES)
+    if source.is_gguf:
+        from condensa.model.gguf_convert import GGUFCheckpoint, config_values
+        from condensa.model.gguf_file import GGUFFile
+        from condensa.model.registry import config_from_dict
+
+        gguf_file = GGUFFile(source.path)
+        config = config_from_dict(config_values(gguf_file), source=str(source.path))
+        reader = GGUFCheckpoint(gguf_file, config)
     else:
-        from condensa.model.llama_convert import abstract_model, load_streaming
-
-        with CheckpointReader(directory) as reader:  # tensor by tensor: the model is never in memory twice
-            model = abstract_model(lambda: build_model(config, dtype=dtype, rngs=nnx.Rngs(seed), **model_kwargs), seed)
-            load_streaming(model, reader, source=str(directory))
+        config = config_from_json_file(source.path / "config.json")
+        reader = None if isinstance(config, GPT2Config) else CheckpointReader(source.path)
+    model = _build(config, reader, source=str(source.path), dtype=dtype, seed=seed, **model_kwargs)
     model.eval()
     return model, config
+
+
+def _build(config, reader, *, source: str, dtype, seed: int, **model_kwargs):
+    """The model of `config` with its weights from `reader` (None: a GPT-2 directory, read whole)."""
+    from condensa.model.registry import build_model
+
+    if isinstance(config, GPT2Config):
+        tensors = read_weights(Path(source)) if reader is None else _gpt2_tensors(reader, source)
+        model = GPT2(config, dtype=dtype, rngs=nnx.Rngs(seed), **model_kwargs)
+        load_into(model, tensors, source=source)
+        return model
+    from condensa.model.llama_convert import abstract_model, load_streaming
+
+    with reader:  # tensor by tensor: the model is never in memory twice
+        model = abstract_model(lambda: build_model(config, dtype=dtype, rngs=nnx.Rngs(seed), **model_kwargs), seed)
+        load_streaming(model, reader, source=source)
+    return model
+
+
+def _gpt2_tensors(reader, source: str) -> dict[str, np.ndarray]:
+    """A GGUF GPT-2's tensors. llama.cpp writes the tied output matrix as a copy of the embedding
+    (`lm_head.weight` here); condensa's GPT-2 is always tied, so a copy that differs is refused."""
+    tensors = {name: reader.get(name) for name in reader.keys()}
+    head = tensors.pop("lm_head.weight", None)
+    embedding = tensors.get("wte.weight")
+    if head is not None and embedding is not None and not (  # a copy quantised apart differs by its rounding only
+            head.shape == embedding.shape and np.linalg.norm(head - embedding) <= 0.05 * np.linalg.norm(embedding)):
+        raise CheckpointError(f"{source} has an output matrix that differs from its token embedding; condensa's "
+                              "GPT-2 ties them, as every released GPT-2 does, so this model cannot be loaded.")
+    return tensors
 
 
 def save_pretrained(model, config, path: str | os.PathLike, tokenizer=None, *,

@@ -444,15 +444,10 @@ def run_calibration(config: CalibrationConfig, *, progress=None) -> dict[str, An
     from pathlib import Path
 
     from condensa.cli import write_json
-    from condensa.data import load_tokenizer
-    from condensa.hub import resolve_model_dir
+    from condensa.data import model_tokenizer
     from condensa.model import load_pretrained
 
-    tokenizer_source = config.tokenizer or resolve_model_dir(config.model, allow_patterns=["*.json", "*.txt"])
-    if not config.tokenizer and not any((Path(tokenizer_source) / f).is_file() for f in ("tokenizer.json", "vocab.json")):
-        raise ConfigError(f"model directory {tokenizer_source} holds no tokenizer; pass --tokenizer DIR "
-                          "(for GPT-2 vocabularies: ../shared/data/gpt2-tokenizer).")
-    tokenizer = load_tokenizer(tokenizer_source)
+    tokenizer = model_tokenizer(config.model, config.tokenizer)
     model, model_config = load_pretrained(config.model)
     seq_len = config.seq_len or model_config.n_positions
     attention = config.attention()  # validates layer_k etc. before the long part

@@ -31,8 +31,8 @@ class RunModel:
 
     model: object  # condensa GPT2 in eval mode, float32 compute
     config: object  # its GPT2Config
-    step: int
-    tokenizer: object
+    step: int | None  # None for a model that comes from weights, not from a training run
+    tokenizer: object | None
     kept_ids: np.ndarray | None  # with data.vocab_limit: the tokenizer id of each model id
     vocab_size: int
     run: Path  # the run's output folder
@@ -119,6 +119,22 @@ def restore_run(path: str | Path, step: int | None = None) -> RunModel:
         f"no checkpoint in {run / CHECKPOINTS} reads back intact ({'; '.join(errors)}). "
         "The files are truncated or corrupt: train again, or restore them from a backup."
     )
+
+
+def loaded_model(name: str) -> RunModel:
+    """Any model `load_pretrained` reads (a GGUF file, a named model, an HF directory), as an export
+    source: float32 compute, its own tokenizer when it has one."""
+    from condensa.data import model_tokenizer
+    from condensa.errors import CondensaError
+    from condensa.model import load_pretrained
+
+    model, config = load_pretrained(name)
+    try:
+        tokenizer = model_tokenizer(name)
+    except CondensaError as err:  # a model without a tokenizer still converts; the CLI says so
+        warnings.warn(f"{err} Writing the model without a tokenizer.", stacklevel=2)
+        tokenizer = None
+    return RunModel(model, config, None, tokenizer, None, config.vocab_size, Path(name))
 
 
 def save_hf(model, model_config, path: str | Path, *, tokenizer, kept_ids: np.ndarray | None = None,
