@@ -42,7 +42,7 @@ def _layer_thresholds(config: AttentionConfig, thresholds, layer_idx: int):
             f"attention mode={config.mode!r} with tile_gate={config.tile_gate} needs calibrated thresholds; "
             "create them with python -m condensa.calibrate and pass thresholds=Thresholds.load(path)."
         )
-    if config.tile_gate and not thresholds.has_gate:
+    if config.gate_is_calibrated and not thresholds.has_gate:
         raise ThresholdsError("the tile gate is on but the thresholds hold no tile thresholds; "
                               "calibrate with --tile BLOCK --tile-budget F.")
     if not 0 <= layer_idx < thresholds.n_layer:
@@ -162,7 +162,7 @@ def attend_in_row_chunks(q, k, v, *, visible, scale, layer_idx, config, threshol
     gated = config.tile_gate and not config.is_dense_layer(layer_idx)
     allowed = visible
     if gated:
-        layer = _layer_thresholds(config, thresholds, layer_idx)
+        layer = _layer_thresholds(config, thresholds, layer_idx) if config.needs_thresholds else None
         allowed = gate_mask(q, k, visible, scale=scale, layer=layer, config=config)
 
     def one_chunk(args):

@@ -15,6 +15,7 @@ from condensa.errors import ConfigError, did_you_mean
 MODES = ("dense", "topk", "toptheta")
 PLACEMENTS = ("pre", "post")
 SDC_MODES = ("none", "exact", "exp-threshold", "calibrated")
+TILE_SELECTORS = ("gate", "oracle", "window", "pooled", "rowmean", "moment", "bound")
 BACKENDS = ("reference",)  # kernel backends are added by `condensa.attention.register_backend`
 
 
@@ -85,6 +86,12 @@ class AttentionConfig:
     decode_gate_rows: with the gate, gate every query row of a full sequence as its decoding step
       would (single query against Θ_dec), in one pass: the perplexity decoding would give
       (reference backend).
+    tile_selector: how the gate picks tiles. "gate" is the calibrated threshold on pooled scores
+      (Θ from the thresholds file). The others keep exactly the budget's m_b optional tiles per
+      query tile, ranked without thresholds (`condensa.tiling.selectors`): "oracle" (the largest
+      true tile mass: the ceiling), "window" (the most recent tiles: the floor), "pooled" (the
+      gate's score, uncalibrated), "rowmean", "moment" and "bound" (per-row estimates of the tile
+      mass from key-tile statistics). Prefill only.
     """
 
     mode: str = "dense"
@@ -102,6 +109,7 @@ class AttentionConfig:
     sink_tiles: int = 1
     tile_cap: bool = False
     decode_gate_rows: bool = False
+    tile_selector: str = "gate"
     backend: str = "reference"
 
     def __post_init__(self) -> None:
@@ -109,6 +117,7 @@ class AttentionConfig:
         _choice("placement", self.placement, PLACEMENTS)
         _choice("sdc", self.sdc, SDC_MODES)
         _choice("backend", self.backend, globals()["BACKENDS"])
+        _choice("tile_selector", self.tile_selector, TILE_SELECTORS)
         object.__setattr__(self, "layer_k", parse_layer_k(self.layer_k))
         object.__setattr__(self, "dense_layers", tuple(sorted({int(x) for x in self.dense_layers})))
         if int(self.k) < 1:
@@ -130,6 +139,12 @@ class AttentionConfig:
             raise ConfigError("tile_cap caps the tile gate at its budget, so it needs tile_gate=True.")
         if self.decode_gate_rows and not self.tile_gate:
             raise ConfigError("decode_gate_rows gates rows as decoding does, so it needs tile_gate=True.")
+        if self.tile_selector != "gate" and not self.tile_gate:
+            raise ConfigError(f"tile_selector={self.tile_selector!r} chooses the tiles of the tile gate, so it needs "
+                              "tile_gate=True.")
+        if self.tile_selector != "gate" and self.decode_gate_rows:
+            raise ConfigError(f"tile_selector={self.tile_selector!r} is implemented for prefill; decode_gate_rows "
+                              "needs the calibrated gate (tile_selector='gate').")
 
     def k_for(self, layer: int) -> int:
         """k_l: the per-layer override from `layer_k`, else `k`."""
@@ -140,8 +155,13 @@ class AttentionConfig:
 
     @property
     def needs_thresholds(self) -> bool:
-        """Whether `attend` needs a `Thresholds` object for this config."""
-        return self.mode == "toptheta" or self.tile_gate
+        """Whether `attend` needs a `Thresholds` object for this config (the selectors other than the
+        calibrated gate rank tiles without thresholds)."""
+        return self.mode == "toptheta" or self.gate_is_calibrated
+
+    @property
+    def gate_is_calibrated(self) -> bool:
+        return self.tile_gate and self.tile_selector == "gate"
 
     def replace(self, **changes: Any) -> "AttentionConfig":
         return dataclasses.replace(self, **changes)

@@ -31,6 +31,8 @@ def kernel_applies(config, layer_idx: int, *, causal: bool, need_probs: bool, dr
     kernel's dense mode (0.83-0.85x cuDNN at T = 8k, docs/benchmarks.md)."""
     if not causal or need_probs or dropout is not None or (config.decode_gate_rows and _is_gated(config, layer_idx)):
         return False
+    if _is_gated(config, layer_idx) and config.tile_selector == "oracle":
+        return False  # the oracle ranks by the attention itself: there is nothing for a pre-pass to run
     return not config.is_dense_layer(layer_idx) and _element_rule_supported(config, layer_idx)
 
 
@@ -39,7 +41,7 @@ def decode_kernel_applies(config, layer_idx: int, q, decode_state, *, need_probs
     cache's running sums (and its tile means when the gate is on)."""
     if decode_state is None or q.shape[1] != 1 or need_probs or dropout is not None:
         return False
-    if _is_gated(config, layer_idx) and decode_state.k_tile_mean is None:
+    if _is_gated(config, layer_idx) and (decode_state.k_tile_mean is None or config.tile_selector != "gate"):
         return False
     return _element_rule_supported(config, layer_idx)
 
@@ -76,7 +78,8 @@ def attend_with_pallas(q, k, v, *, visible, scale, layer_idx, config, thresholds
     """`attend` for backend="pallas": a kernel where one applies, the reference op elsewhere."""
     from condensa.attention import _layer_thresholds, attend
 
-    layer = _layer_thresholds(config, thresholds, layer_idx) if _is_sparse(config, layer_idx) else None
+    needs = _is_sparse(config, layer_idx) and config.needs_thresholds
+    layer = _layer_thresholds(config, thresholds, layer_idx) if needs else None
     if decode_kernel_applies(config, layer_idx, q, decode_state, need_probs=need_probs, dropout=probs_dropout):
         return _decode(q, k, v, scale=scale, layer_idx=layer_idx, config=config, layer=layer, state=decode_state), None
     if kernel_applies(config, layer_idx, causal=causal, need_probs=need_probs, dropout=probs_dropout):
@@ -107,6 +110,9 @@ def prefill_kernel_args(config, layer, layer_idx: int, t: int) -> dict:
     args = _rule_args(config, layer, layer_idx, t)
     if not _is_gated(config, layer_idx):
         return dict(args, tile_theta=None)  # without the gate the kernel's tuned 128 x 128 tiles win
+    if config.tile_selector != "gate":  # a budgeted selector ranks the tiles in the pre-pass: no Θ
+        return dict(args, tile_theta=None, tile_cap=False, tile_selector=config.tile_selector, block_q=config.block_q,
+                    block_k=config.block_k)
     # the gate is calibrated on its own tiles
     return dict(args, tile_theta=gate_table(layer.tile_theta, -(-t // config.block_q)), block_q=config.block_q,
                 block_k=config.block_k)

@@ -25,7 +25,7 @@ from condensa.attention.tiles import (
     expand_tiles, mandatory_tiles, optional_tiles, pooled_gate_scores, tile_budgets, tile_count, tile_means,
 )
 from condensa.errors import ConfigError
-from condensa.kernels.tile_gate_prepass import cap_at_budget
+from condensa.tiling import cap_at_budget
 
 
 def key_validity(visible: jax.Array) -> jax.Array:
@@ -123,11 +123,32 @@ def decode_rows_kept_tiles(
     return mandatory | (optional & (chosen | keep_all[:, None]))
 
 
+def selector_kept_tiles(q: jax.Array, k: jax.Array, visible: jax.Array, *, scale: float, config) -> jax.Array:
+    """bool [B, H, nq, nk]: the tiles a budgeted selector keeps (`config.tile_selector` other than the
+    calibrated gate). Prefill geometry: queries and keys both at slots 0..T-1."""
+    from condensa.attention.dense import attention_scores, masked_softmax
+    from condensa.tiling.selectors import select_tiles
+
+    tq, tk = q.shape[1], k.shape[1]
+    if tq != tk:
+        raise ConfigError(f"tile_selector={config.tile_selector!r} selects tiles for prefill (queries at slots "
+                          f"0..T-1); this call has {tq} queries against {tk} keys. Use the calibrated gate "
+                          "(tile_selector='gate') for decoding.")
+    probs = masked_softmax(attention_scores(q, k, scale), visible) if config.tile_selector == "oracle" else None
+    return select_tiles(q, k, scale=scale, block_q=config.block_q, block_k=config.block_k,
+                        tile_budget=config.tile_budget, sink_tiles=config.sink_tiles,
+                        selector=config.tile_selector, probs=probs)
+
+
 def gate_mask(
     q: jax.Array, k: jax.Array, visible: jax.Array, *, scale: float, layer, config
 ) -> jax.Array:
-    """Elements [B, H, Tq, Tk] that lie in kept tiles and are visible. `layer`: a LayerThresholds."""
+    """Elements [B, H, Tq, Tk] that lie in kept tiles and are visible. `layer`: a LayerThresholds
+    (None for the selectors that need none)."""
     tq, tk = q.shape[1], k.shape[1]
+    if config.tile_selector != "gate":
+        tiles = selector_kept_tiles(q, k, visible, scale=scale, config=config)
+        return visible & expand_tiles(tiles, config.block_q, config.block_k, tq, tk)
     if config.decode_gate_rows and tq > 1:
         if tq != tk:
             raise ConfigError(f"decode_gate_rows gates {tq} queries as decoding steps from slot 0, but there are {tk} "

@@ -18,7 +18,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from condensa.attention.tiles import tile_budgets
+from condensa.tiling import cap_at_budget, tile_budgets
+from condensa.tiling.selectors import tile_scores
 
 
 def pooled_tiles(x: jax.Array, tile: int, length: int) -> jax.Array:
@@ -45,23 +46,18 @@ def gate_scores(q, k, *, scale: float, block_q: int, block_k: int, length: int) 
     return scores.reshape(b, h, nq, k_bar.shape[2])
 
 
-def cap_at_budget(chosen: jax.Array, scores: jax.Array, budget) -> jax.Array:
-    """`chosen` [..., n] cut to at most `budget` (int, broadcast over the leading axes) entries per
-    row: the ones with the largest scores. A tile survives when its score is strictly above the
-    (budget+1)-th largest chosen score, so ties at the cut all go and every backend keeps the same
-    set. Rows with no more chosen entries than their budget are unchanged.
-
-    This is the tile gate's cap (`tile_cap`): a calibrated Θ whose scores sit in a flat bulk keeps
-    most tiles of a long row (54-65% at T = 8192 for budgets f = 0.03-0.25, in the first T = 8k
-    run of docs/benchmarks.md), so the budget only becomes a bound on work when the gate also
-    ranks."""
-    ranked = jnp.where(chosen, scores.astype(jnp.float32), -jnp.inf)
-    ordered = -jnp.sort(-ranked, axis=-1)  # descending
-    n = ordered.shape[-1]
-    budget = jnp.broadcast_to(jnp.asarray(budget, jnp.int32), ordered.shape[:-1])
-    cut = jnp.take_along_axis(ordered, jnp.minimum(budget, n - 1)[..., None], axis=-1)
-    cut = jnp.where(budget[..., None] >= n, -jnp.inf, cut)
-    return chosen & (ranked > cut)
+def prepass_scores(q, k, *, scale: float, block_q: int, block_k: int, length: int, selector: str = "gate") -> jax.Array:
+    """The pre-pass's tile scores [B, H, nq, nk] for q, k padded to whole query tiles: the gate's
+    pooled `q̄·k̄`, or a budgeted selector's (`condensa.tiling.selectors`, computed on the real
+    `length` positions; padded key tiles score -inf). The oracle needs the attention itself and
+    has no pre-pass."""
+    if selector == "gate":
+        return gate_scores(q, k, scale=scale, block_q=block_q, block_k=block_k, length=length)
+    scores = tile_scores(q[:, :length], k[:, :length], scale=scale, block_q=block_q, block_k=block_k,
+                         selector=selector)
+    nq, nk = q.shape[1] // block_q, k.shape[1] // block_k
+    widths = [(0, 0), (0, 0), (0, nq - scores.shape[2]), (0, nk - scores.shape[3])]
+    return jnp.pad(scores.astype(jnp.float32), widths, constant_values=-jnp.inf)
 
 
 def offdiagonal_keep(

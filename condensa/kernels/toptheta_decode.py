@@ -62,11 +62,11 @@ import numpy as np
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton  # masked loads (they also run in interpret mode)
 
-from condensa.attention.tiles import tile_budgets as budgets_per_tile_count
+from condensa.tiling import tile_budgets as budgets_per_tile_count
 from condensa.errors import ConfigError
 from condensa.kernels.backend import TPU_BACKENDS, resolve_backend
 from condensa.kernels.decode_combine import combine_splits
-from condensa.kernels.tile_gate_prepass import cap_at_budget
+from condensa.tiling import cap_at_budget
 
 UNGATED_BLOCK_K = 128  # see default_block_k; measured on the H100 in docs/benchmarks.md
 WALKS = ("reduce", "lanes", "mma")  # see toptheta_decode's `walk`

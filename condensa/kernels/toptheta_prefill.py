@@ -39,7 +39,7 @@ from jax.experimental import pallas as pl
 
 from condensa.errors import ConfigError
 from condensa.kernels.backend import TPU_BACKENDS, resolve_backend
-from condensa.kernels.tile_gate_prepass import compact_tile_lists, gate_scores, offdiagonal_keep
+from condensa.kernels.tile_gate_prepass import compact_tile_lists, offdiagonal_keep, prepass_scores
 from condensa.kernels.toptheta_reference import toptheta_prefill_reference
 
 LOG2E = math.log2(math.e)
@@ -71,6 +71,7 @@ class KernelOptions:
     sink_tiles: int = 1
     tile_budget: float | None = None
     tile_cap: bool = False
+    tile_selector: str = "gate"
     sdc_gamma: float = 1.0
     vmc: bool = False
     backend: str = "interpret"
@@ -256,7 +257,8 @@ def _forward(q, k, v, theta, sdc_delta, tile_theta, opts: KernelOptions):
         v_prefix = jnp.cumsum(tile_sums, axis=1) - tile_sums
     table = keep = None
     if tile_theta is not None:
-        scores = gate_scores(qp, kp, scale=opts.scale, block_q=bq, block_k=bk, length=t)
+        scores = prepass_scores(qp, kp, scale=opts.scale, block_q=bq, block_k=bk, length=t,
+                                selector=opts.tile_selector)
         keep = offdiagonal_keep(scores, tile_theta, block_q=bq, block_k=bk, sink_tiles=opts.sink_tiles,
                                 tile_budget=opts.tile_budget, tile_cap=opts.tile_cap)
         table = compact_tile_lists(keep)
@@ -300,7 +302,7 @@ def _prefill_bwd(opts, residuals, cotangents):
             q, k, v, scale=opts.scale, theta=theta, sdc_delta=sdc_delta, sdc_gamma=opts.sdc_gamma,
             vmc=opts.vmc, tile_theta=tile_theta, sink_tiles=opts.sink_tiles, tile_budget=opts.tile_budget,
             tile_cap=opts.tile_cap, block_q=opts.block_q,
-            block_k=opts.block_k)
+            block_k=opts.block_k, tile_selector=opts.tile_selector)
 
     _, vjp = jax.vjp(reference, q, k, v)
     dq, dk, dv = vjp(d_out)
@@ -328,6 +330,7 @@ def toptheta_prefill(
     sink_tiles: int = 1,
     tile_budget: float | None = None,
     tile_cap: bool = False,
+    tile_selector: str = "gate",
     block_q: int = 128,
     block_k: int = 128,
     backend: str | None = None,
@@ -346,7 +349,10 @@ def toptheta_prefill(
     `tile_theta[h, b]`: the gate threshold of query tile b (tiles of `block_q` queries and
     `block_k` keys); None means no gate. `tile_budget` f (optional): query tiles with at most
     m_b = max(1, ceil(f (b + 1))) optional tiles keep them all, as the reference gate does;
-    `tile_cap` (needs `tile_budget`) keeps at most the m_b best of the tiles above Θ. Rows
+    `tile_cap` (needs `tile_budget`) keeps at most the m_b best of the tiles above Θ.
+    `tile_selector` other than "gate" ranks the tiles with a budgeted selector of
+    `condensa.tiling.selectors` ("window", "pooled", "rowmean", "moment", "bound") and keeps exactly
+    the m_b best (it needs `tile_budget`, and no `tile_theta`). Rows
     that must stay dense (n <= k) take θ = -inf. `vmc` adds V-mean compensation. `backend`: None/'auto'
     (by platform), 'triton', 'interpret', 'mosaic_tpu' or 'tpu_interpret' (the TPU kernel,
     `toptheta_prefill_tpu.py`, interpreted on the CPU). `poison_output` fills the output with NaN before the
@@ -373,11 +379,18 @@ def toptheta_prefill(
         if table is not None and tuple(table.shape) != shape:
             raise ConfigError(f"{name} has shape {tuple(table.shape)} but this call needs {shape} "
                               f"(heads, {'query tiles' if name == 'tile_theta' else 'query rows'}).")
+    if tile_selector != "gate":
+        if tile_selector == "oracle" or tile_budget is None or tile_theta is not None:
+            raise ConfigError(f"tile_selector={tile_selector!r} needs tile_budget and no tile_theta; the kernel "
+                              "runs 'window', 'pooled', 'rowmean', 'moment' and 'bound' (the oracle needs the "
+                              "attention itself).")
+        tile_theta, tile_cap = jnp.full((h, n_q), -jnp.inf, jnp.float32), True  # rank only: keep the m_b best
     if tile_cap and (tile_theta is None or tile_budget is None):
         raise ConfigError("tile_cap caps the gate at its budget: it needs tile_theta and tile_budget.")
     opts = KernelOptions(
         scale=float(1.0 / math.sqrt(d) if scale is None else scale), block_q=block_q, block_k=block_k,
         sink_tiles=sink_tiles, tile_budget=None if tile_budget is None else float(tile_budget), tile_cap=bool(tile_cap),
+        tile_selector=str(tile_selector),
         sdc_gamma=float(sdc_gamma), vmc=bool(vmc), backend=resolve_backend(backend),
         num_warps=num_warps, num_stages=num_stages, heavy_first=heavy_first, skip_empty=skip_empty,
         poison_output=poison_output)

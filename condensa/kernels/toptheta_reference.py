@@ -19,11 +19,11 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from condensa.kernels.tile_gate_prepass import gate_scores, offdiagonal_keep
+from condensa.kernels.tile_gate_prepass import offdiagonal_keep, prepass_scores
 
 
 def candidate_mask(q, k, *, scale, tile_theta, block_q, block_k, sink_tiles, tile_budget=None,
-                   tile_cap=False) -> jax.Array:
+                   tile_cap=False, tile_selector="gate") -> jax.Array:
     """Bool [B, H, T, T]: causal keys, restricted to gate-kept tiles when `tile_theta` is given."""
     b, t, h, _ = q.shape
     rows = jnp.arange(t)[:, None]
@@ -33,8 +33,8 @@ def candidate_mask(q, k, *, scale, tile_theta, block_q, block_k, sink_tiles, til
         return causal
     tp = -(-t // block_q) * block_q
     pad = [(0, 0), (0, tp - t), (0, 0), (0, 0)]
-    scores = gate_scores(jnp.pad(q, pad), jnp.pad(k, pad), scale=scale, block_q=block_q,
-                         block_k=block_k, length=t)
+    scores = prepass_scores(jnp.pad(q, pad), jnp.pad(k, pad), scale=scale, block_q=block_q,
+                            block_k=block_k, length=t, selector=tile_selector)
     kept = offdiagonal_keep(scores, tile_theta, block_q=block_q, block_k=block_k, sink_tiles=sink_tiles,
                             tile_budget=tile_budget, tile_cap=tile_cap)
     q_tile = jnp.arange(t) // block_q
@@ -46,7 +46,7 @@ def candidate_mask(q, k, *, scale, tile_theta, block_q, block_k, sink_tiles, til
 
 def toptheta_prefill_reference(
     q, k, v, *, scale, theta=None, sdc_delta=None, sdc_gamma=1.0, vmc=False, tile_theta=None,
-    sink_tiles=1, tile_budget=None, tile_cap=False, block_q=128, block_k=64,
+    sink_tiles=1, tile_budget=None, tile_cap=False, block_q=128, block_k=64, tile_selector="gate",
 ) -> jax.Array:
     """Output [B, T, H, D] in v's dtype; every statistic in float32. Arguments as the kernel's."""
     groups = q.shape[2] // k.shape[2]
@@ -54,7 +54,8 @@ def toptheta_prefill_reference(
         k, v = jnp.repeat(k, groups, axis=2), jnp.repeat(v, groups, axis=2)
     a = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32) * jnp.float32(scale)
     cand = candidate_mask(q, k, scale=scale, tile_theta=tile_theta, block_q=block_q, block_k=block_k,
-                          sink_tiles=sink_tiles, tile_budget=tile_budget, tile_cap=tile_cap)
+                          sink_tiles=sink_tiles, tile_budget=tile_budget, tile_cap=tile_cap,
+                          tile_selector=tile_selector)
     masked = jnp.where(cand, a, -jnp.inf)
     m = jnp.max(masked, axis=-1, keepdims=True)
     if theta is None:

@@ -144,7 +144,7 @@ class Thresholds:
                     f"{source} was calibrated for per-layer k {list(have)}, but the attention config uses "
                     f"{list(want)}; set k/layer_k to match or re-calibrate."
                 )
-        if attention.tile_gate:
+        if attention.gate_is_calibrated:
             if not self.has_gate:
                 raise ThresholdsError(
                     f"{source} has no tile-gate thresholds; calibrate with --tile BLOCK --tile-budget F, "

@@ -1,0 +1,153 @@
+"""Tile selectors: rank the optional key tiles of each query tile, so a budget of them can be kept.
+
+Every selector here keeps the mandatory tiles (the diagonal and the sinks) and the `m_b` optional
+tiles with the highest score (`cap_at_budget`), so all of them run at the same tile count and a
+table can put each between the floor (`window`) and the ceiling (`oracle`). They differ in the
+score, and in what it costs:
+- `oracle`: the true tile mass `M_bt = mean_{i in b} sum_{j in t} p_ij` (needs the full attention:
+  the ceiling, for reports only);
+- `window`: recency, so the most recent tiles before the diagonal (the simplest rule);
+- `pooled`: `q̄_b · k̄_t`, the mean query of the tile against the mean key (the old gate's score).
+  With rotary embeddings a 128-position mean nearly cancels every fast-rotating dimension, which
+  is one reason it fails on real models;
+- `rowmean`, `moment`, `bound`: each query row scores each key tile from a few statistics of the
+  tile's keys, turns the scores into an estimated share of the row's attention (a softmax over
+  the row's visible tiles), and the query tile averages the shares: an estimate of `M_bt`, the
+  quantity the oracle ranks by. `rowmean` uses the mean key (`q_i·k̄_t`; the first-order estimate of
+  log Σ_j exp(q_i·k_j)); `moment` adds the per-channel key variance (`+ ½ Σ_d q_id² σ²_td`, exact
+  for Gaussian scores); `bound` uses Quest's upper bound on the tile's largest score from the
+  per-channel key min and max. Each costs T · (T / b_k) · D per head: a 1/b_k fraction of attention.
+
+Tensors use the attention layout: q [B, T, H, D], k [B, T, Hkv, D] (Hkv divides H: GQA). Keys are
+at absolute positions 0..T-1, queries too (prefill).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from condensa.tiling.budget import cap_at_budget
+from condensa.tiling.geometry import mandatory_tiles, optional_tiles, tile_budgets, tile_count
+
+SELECTORS = ("oracle", "window", "pooled", "rowmean", "moment", "bound")
+ROW_SELECTORS = ("rowmean", "moment", "bound")  # the ones scored per query row from key-tile statistics
+
+
+def _tiles_of(x: jax.Array, block: int) -> tuple[jax.Array, jax.Array]:
+    """x [B, T, H, D] -> (float32 [B, n, block, H, D] zero-padded, bool [n, block] real rows)."""
+    b, t = x.shape[:2]
+    n = tile_count(t, block)
+    padded = jnp.pad(x.astype(jnp.float32), [(0, 0), (0, n * block - t)] + [(0, 0)] * (x.ndim - 2))
+    real = (np.arange(n * block) < t).reshape(n, block)
+    return padded.reshape(b, n, block, *x.shape[2:]), real
+
+
+def key_tile_stats(k: jax.Array, block_k: int) -> dict[str, jax.Array]:
+    """Per key tile and channel: mean, variance, min and max over the tile's keys, each float32
+    [B, nk, Hkv, D], and the number of keys in each tile [nk]. This is all a row selector reads
+    from K, and what a KV cache would keep per tile for decoding."""
+    tiles, real = _tiles_of(k, block_k)
+    mask = jnp.asarray(real)[None, :, :, None, None]
+    count = real.sum(axis=1).astype(np.float32)
+    c = jnp.asarray(count)[None, :, None, None]
+    mean = jnp.where(mask, tiles, 0.0).sum(axis=2) / c
+    var = jnp.where(mask, (tiles - mean[:, :, None]) ** 2, 0.0).sum(axis=2) / c
+    lo = jnp.where(mask, tiles, jnp.inf).min(axis=2)
+    hi = jnp.where(mask, tiles, -jnp.inf).max(axis=2)
+    return {"mean": mean, "var": var, "min": lo, "max": hi, "count": count}
+
+
+def _per_query_head(stat: jax.Array, heads: int) -> jax.Array:
+    """[B, nk, Hkv, D] -> [B, nk, H, D]: each KV head's statistics for its group of query heads."""
+    return jnp.repeat(stat, heads // stat.shape[2], axis=2)
+
+
+def row_tile_logits(q: jax.Array, stats: dict[str, jax.Array], *, scale: float, selector: str) -> jax.Array:
+    """float32 [B, H, Tq, nk]: each query row's estimated log attention mass in each key tile, before
+    the causal mask (log of the tile's key count plus the selector's score)."""
+    heads = q.shape[2]
+    qf = q.astype(jnp.float32)
+    mean = _per_query_head(stats["mean"], heads)
+    if selector == "rowmean":
+        logits = jnp.einsum("bihd,bthd->bhit", qf, mean) * scale
+    elif selector == "moment":
+        var = _per_query_head(stats["var"], heads)
+        logits = jnp.einsum("bihd,bthd->bhit", qf, mean) * scale + 0.5 * scale**2 * jnp.einsum(
+            "bihd,bthd->bhit", qf * qf, var)
+    elif selector == "bound":  # max_k q·k <= Σ_d max(q_d max_d, q_d min_d) = q⁺·max + q⁻·min
+        hi, lo = _per_query_head(stats["max"], heads), _per_query_head(stats["min"], heads)
+        logits = (jnp.einsum("bihd,bthd->bhit", jnp.maximum(qf, 0.0), hi)
+                  + jnp.einsum("bihd,bthd->bhit", jnp.minimum(qf, 0.0), lo)) * scale
+    else:
+        raise ValueError(f"{selector!r} is not a row selector; one of {', '.join(ROW_SELECTORS)}")
+    return logits + jnp.log(jnp.asarray(stats["count"]))
+
+
+def estimated_tile_mass(q: jax.Array, k: jax.Array, *, scale: float, block_q: int, block_k: int,
+                        selector: str) -> jax.Array:
+    """float32 [B, H, nq, nk]: a row selector's estimate of `M_bt` (rows' estimated shares of their
+    attention in key tile t, averaged over query tile b; zero where t is not visible)."""
+    tq, tk = q.shape[1], k.shape[1]
+    nk = tile_count(tk, block_k)
+    logits = row_tile_logits(q, key_tile_stats(k, block_k), scale=scale, selector=selector)
+    visible = (np.arange(nk)[None, :] * block_k) <= np.arange(tq)[:, None]  # [Tq, nk]: the tile starts by row i
+    shares = jax.nn.softmax(jnp.where(visible, logits, -jnp.inf), axis=-1)
+    rows, real = _tiles_of(jnp.moveaxis(shares, 2, 1), block_q)  # [B, nq, block_q, H, nk]
+    counts = jnp.asarray(real.sum(axis=1), jnp.float32)[None, :, None, None]
+    return jnp.moveaxis(rows.sum(axis=2) / counts, 1, 2)
+
+
+def pooled_scores(q: jax.Array, k: jax.Array, *, scale: float, block_q: int, block_k: int) -> jax.Array:
+    """float32 [B, H, nq, nk]: `scale · q̄_b · k̄_t` (the old gate's score)."""
+    q_tiles, q_real = _tiles_of(q, block_q)
+    q_bar = q_tiles.sum(axis=2) / jnp.asarray(q_real.sum(axis=1), jnp.float32)[None, :, None, None]
+    k_bar = _per_query_head(key_tile_stats(k, block_k)["mean"], q.shape[2])
+    return jnp.einsum("bqhd,bkhd->bhqk", q_bar, k_bar) * scale
+
+
+def tile_scores(q: jax.Array, k: jax.Array, *, scale: float, block_q: int, block_k: int, selector: str,
+                probs: jax.Array | None = None) -> jax.Array:
+    """float32 [B, H, nq, nk]: the selector's score of each (query tile, key tile); higher is kept
+    first. `probs` [B, H, Tq, Tk] (the dense attention) is needed by `oracle` only."""
+    nq, nk = tile_count(q.shape[1], block_q), tile_count(k.shape[1], block_k)
+    if selector == "oracle":
+        if probs is None:
+            raise ValueError("the oracle selector ranks by the true tile mass: pass the dense probabilities")
+        return true_tile_mass(probs, block_q, block_k)
+    if selector == "window":
+        return jnp.broadcast_to(jnp.arange(nk, dtype=jnp.float32), (q.shape[0], q.shape[2], nq, nk))
+    if selector == "pooled":
+        return pooled_scores(q, k, scale=scale, block_q=block_q, block_k=block_k)
+    return estimated_tile_mass(q, k, scale=scale, block_q=block_q, block_k=block_k, selector=selector)
+
+
+def true_tile_mass(probs: jax.Array, block_q: int, block_k: int) -> jax.Array:
+    """`M_bt = mean_{i in b} sum_{j in t} p_ij`: probs [B, H, Tq, Tk] -> float32 [B, H, nq, nk]."""
+    tq, tk = probs.shape[-2:]
+    nq, nk = tile_count(tq, block_q), tile_count(tk, block_k)
+    p = jnp.pad(probs.astype(jnp.float32), [(0, 0)] * (probs.ndim - 2) + [(0, nq * block_q - tq), (0, nk * block_k - tk)])
+    sums = p.reshape(*p.shape[:-2], nq, block_q, nk, block_k).sum(axis=(-3, -1))
+    rows = np.minimum(block_q, tq - np.arange(nq) * block_q).astype(np.float32)
+    return sums / rows[:, None]
+
+
+def keep_top_tiles(scores: jax.Array, *, block_q: int, block_k: int, tile_budget: float,
+                   sink_tiles: int) -> jax.Array:
+    """bool [..., nq, nk]: the mandatory tiles plus the `m_b` optional tiles with the highest score
+    (ties at the cut all go, as in `cap_at_budget`). A query tile with no more optional tiles than
+    its budget keeps them all."""
+    nq, nk = scores.shape[-2:]
+    mandatory = mandatory_tiles(nq, nk, block_q, block_k, sink_tiles)
+    optional = optional_tiles(nq, nk, block_q, block_k, sink_tiles)
+    budgets = tile_budgets(nq, tile_budget)  # [nq], broadcast over the leading axes
+    chosen = cap_at_budget(jnp.broadcast_to(optional, scores.shape), scores, budgets)
+    return mandatory | chosen
+
+
+def select_tiles(q: jax.Array, k: jax.Array, *, scale: float, block_q: int, block_k: int, tile_budget: float,
+                 sink_tiles: int, selector: str, probs: jax.Array | None = None) -> jax.Array:
+    """bool [B, H, nq, nk]: the key tiles each query tile keeps under `selector` at budget f."""
+    scores = tile_scores(q, k, scale=scale, block_q=block_q, block_k=block_k, selector=selector, probs=probs)
+    return keep_top_tiles(scores, block_q=block_q, block_k=block_k, tile_budget=tile_budget, sink_tiles=sink_tiles)
