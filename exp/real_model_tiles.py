@@ -1,0 +1,287 @@
+"""Tile selection on a real model (SmolLM2-135M): perplexity at equal tile counts for every selector,
+exact top-k, and the gated prefill's speed against cuDNN, in one GPU run.
+
+    python exp/real_model_tiles.py --model /tmp/smollm2.gguf --out $OUT/tiles
+
+Perplexity runs the model layer by layer, one jitted function per attention rule shared by all 30
+layers (their parameters have one structure), so a grid of rules costs one small compile each
+instead of a whole-model compile. Each window scores every position but its first; the last
+`--tail` positions are also reported alone, since the long-range cost of a rule shows there.
+The budgeted selectors keep exactly the mandatory tiles plus m_b per query tile, so every
+selector at one f keeps the same number of tiles.
+
+Results go to OUT/results.json (and a Markdown table to OUT/table.md), written after each stage.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from condensa import AttentionConfig, load_pretrained
+from condensa.data import load_tokenizer
+from condensa.tiling import mandatory_tiles, optional_tiles, tile_budgets, tile_count
+
+
+def parse_args():
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--data", default="../shared/data/wikitext-2-raw/wiki.test.raw")
+    p.add_argument("--book", default="../shared/data/corpus/gutenberg/melville-moby_dick.txt")
+    p.add_argument("--seq", type=int, default=8192)
+    p.add_argument("--tail", type=int, default=2048)
+    p.add_argument("--windows", type=int, default=12, help="windows of the text for each sparse rule")
+    p.add_argument("--book_windows", type=int, default=8)
+    p.add_argument("--budgets", default="0.5,0.25,0.125,0.0625")
+    p.add_argument("--selectors", default="oracle,window,moment,bound,rowmean,pooled")
+    p.add_argument("--book_selectors", default="oracle,window,moment,bound")
+    p.add_argument("--ks", default="64,128,256,512")
+    p.add_argument("--block", type=int, default=128)
+    p.add_argument("--time_selectors", default="window,moment,bound")
+    p.add_argument("--time_budgets", default="0.5,0.25")
+    p.add_argument("--time_batches", default="1,8")
+    p.add_argument("--stages", default="dense,selectors,topk,book,time")
+    p.add_argument("--out", default="runs/real-model-tiles")
+    return p.parse_args()
+
+
+class LayerRunner:
+    """The model as embed -> 30 x (one jitted layer) -> per-position NLL."""
+
+    def __init__(self, model):
+        self.model = model
+        self.graph, _ = nnx.split(model.layers[0])
+        self.states = [nnx.split(block)[1] for block in model.layers]
+        self._layers = {}
+
+    def layer_fn(self, attention):
+        if attention not in self._layers:
+            graph = self.graph
+
+            @jax.jit
+            def run(state, x, cos, sin):
+                block = nnx.merge(graph, state)
+                t = x.shape[1]
+                visible = jnp.tril(jnp.ones((t, t), bool))[None, None]
+                y, _, _ = block(x, cos, sin, visible=visible, attention=attention, thresholds=None,
+                                need_probs=False, causal=True)
+                return y
+
+            self._layers[attention] = run
+        return self._layers[attention]
+
+    def nll(self, ids, attention) -> np.ndarray:
+        """float32 [B, T-1]: -log p(token t | tokens < t) for t = 1..T-1."""
+        x, cos, sin = _embed(self.model, ids)
+        run = self.layer_fn(attention)
+        for state in self.states:
+            x = run(state, x, cos, sin)
+        return np.asarray(_nll(self.model, x, ids))
+
+
+@nnx.jit
+def _embed(model, ids):
+    b, t = ids.shape
+    x, (cos, sin) = model._embed(ids, jnp.broadcast_to(jnp.arange(t)[None], (b, t)))
+    return x, cos, sin
+
+
+@nnx.jit
+def _nll(model, x, ids):
+    logits = model._logits(x).astype(jnp.float32)[:, :-1]
+    logp = jax.nn.log_softmax(logits, axis=-1)
+    return -jnp.take_along_axis(logp, ids[:, 1:, None], axis=-1)[..., 0]
+
+
+def windows_of(ids: np.ndarray, seq: int, n: int | None) -> np.ndarray:
+    count = len(ids) // seq if n is None else min(n, len(ids) // seq)
+    return ids[: count * seq].reshape(count, seq)
+
+
+def evaluate(runner, windows, attention, tail) -> dict:
+    total = []
+    start = time.perf_counter()
+    for w in windows:
+        total.append(runner.nll(jnp.asarray(w[None], jnp.int32), attention)[0])
+    nll = np.stack(total)  # [N, T-1]
+    whole, last = nll.mean(), nll[:, -tail:].mean()
+    per_window = nll.mean(axis=1)
+    return {"ppl": float(math.exp(whole)), "ppl_tail": float(math.exp(last)), "nll": float(whole),
+            "nll_tail": float(last), "windows": int(len(windows)), "tokens": int(nll.size),
+            "nll_per_window": per_window.tolist(), "nll_tail_per_window": nll[:, -tail:].mean(axis=1).tolist(),
+            "seconds": time.perf_counter() - start}
+
+
+def kept_tile_fraction(seq: int, block: int, f: float, sink: int = 1) -> float:
+    """Kept / causal tiles for a budgeted selector (mandatory + min(m_b, optional) per query tile)."""
+    n = tile_count(seq, block)
+    mandatory = mandatory_tiles(n, n, block, block, sink).sum(axis=1)
+    optional = optional_tiles(n, n, block, block, sink).sum(axis=1)
+    kept = mandatory + np.minimum(optional, tile_budgets(n, f))
+    return float(kept.sum() / (n * (n + 1) / 2))
+
+
+def paired_delta(rule: dict, dense: dict, key: str = "nll_per_window") -> dict:
+    """Δppl in % against dense on the same windows, with a 95% bootstrap interval over windows."""
+    d = np.asarray(rule[key]) - np.asarray(dense[key][: len(rule[key])])
+    rng = np.random.default_rng(0)
+    boots = [np.mean(d[rng.integers(0, len(d), len(d))]) for _ in range(2000)]
+    pct = lambda x: 100 * (math.exp(x) - 1)  # noqa: E731
+    return {"delta_pct": pct(d.mean()), "lo_pct": pct(np.percentile(boots, 2.5)), "hi_pct": pct(np.percentile(boots, 97.5))}
+
+
+def save(out: Path, results: dict) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps(results, indent=1))
+
+
+def time_prefill(model, seq: int, batches: list[int], rules: dict[str, AttentionConfig]) -> dict:
+    """Whole-model prefill (logits of every position) per rule, median of repeats, after a check
+    that each rule's logits match the same rule on the reference backend."""
+    from condensa.eval.bench.timing import measure
+
+    graphdef, state = nnx.split(model)
+
+    def forward(attention):
+        @jax.jit
+        def run(state, ids):
+            m = nnx.merge(graphdef, state)
+            return m(ids, attention=attention).logits[:, -1]  # the last position: what generation needs
+        return run
+
+    out = {}
+    rng = np.random.default_rng(0)
+    for batch in batches:
+        ids = jnp.asarray(rng.integers(0, model.config.vocab_size, (batch, seq)), jnp.int32)
+        row = {}
+        for name, attention in rules.items():
+            run = forward(attention)
+            result = run(state, ids)
+            if attention.backend == "pallas" and batch == batches[0]:
+                ref = forward(attention.replace(backend="reference"))(state, ids)
+                err = float(jnp.linalg.norm(result - ref) / jnp.linalg.norm(ref))
+                row[name + ":rel_err_vs_reference"] = err
+            timing = measure(lambda: run(state, ids), warmup=2, repeats=7)
+            row[name] = timing["median_s"]
+        out[str(batch)] = row
+        print(batch, row, flush=True)
+    return out
+
+
+CUDNN = "cudnn" if jax.default_backend() == "gpu" else None
+
+
+def time_prepass(model, ids, layer: int, rules: dict[str, AttentionConfig]) -> dict:
+    """One layer's q, k, v from real text: the gated kernel's time, its pre-pass alone, and cuDNN's."""
+    from condensa.eval.bench.timing import measure
+    from condensa.kernels import toptheta_prefill
+    from condensa.kernels.tile_gate_prepass import compact_tile_lists, offdiagonal_keep, prepass_scores
+
+    captured = model.walk_layers(ids, AttentionConfig(), None, lambda l, q, k, v, scale: (q, k, v, scale))
+    q, k, v, scale = captured[layer]
+    hkv = model.config.n_kv_head
+    k, v = k[:, :, :: q.shape[2] // hkv], v[:, :, :: q.shape[2] // hkv]  # walk_layers repeats KV heads
+    t = q.shape[1]
+    out = {"cudnn": measure(lambda: jax.nn.dot_product_attention(q, k, v, scale=scale, is_causal=True,
+                                                                  implementation=CUDNN))["median_s"]}
+    for name, attention in rules.items():
+        if attention.tile_selector == "gate":
+            continue
+        kernel = jax.jit(lambda q, k, v, a=attention: toptheta_prefill(
+            q, k, v, scale=scale, tile_selector=a.tile_selector, tile_budget=a.tile_budget, block_q=a.block_q,
+            block_k=a.block_k)[0])
+
+        @jax.jit
+        def prepass(q, k, a=attention):
+            scores = prepass_scores(q, k, scale=scale, block_q=a.block_q, block_k=a.block_k, length=t,
+                                    selector=a.tile_selector)
+            keep = offdiagonal_keep(scores, jnp.full((q.shape[2], scores.shape[2]), -jnp.inf), block_q=a.block_q,
+                                    block_k=a.block_k, sink_tiles=a.sink_tiles, tile_budget=a.tile_budget,
+                                    tile_cap=True)
+            return compact_tile_lists(keep)
+
+        out[name] = {"kernel": measure(lambda: kernel(q, k, v))["median_s"],
+                     "prepass": measure(lambda: prepass(q, k))["median_s"]}
+        print("layer", layer, name, out[name], "cudnn", out["cudnn"], flush=True)
+    return out
+
+
+def main() -> None:
+    args = parse_args()
+    out = Path(args.out)
+    results = {"args": vars(args), "device": str(jax.devices()[0]), "jax": jax.__version__}
+    model, config = load_pretrained(args.model, dtype=jnp.bfloat16)
+    tokenizer = load_tokenizer(args.model)
+    ids = np.asarray(tokenizer(Path(args.data).read_text(encoding="utf-8"))["input_ids"], np.int32)
+    book = np.asarray(tokenizer(Path(args.book).read_text(encoding="utf-8"))["input_ids"], np.int32)
+    results["text_tokens"] = {"wikitext": int(ids.size), "book": int(book.size)}
+    runner = LayerRunner(model)
+    budgets = [float(x) for x in args.budgets.split(",")]
+    stages = set(args.stages.split(","))
+    dense_cfg = AttentionConfig()
+
+    def gate(selector, f):
+        return AttentionConfig(tile_gate=True, tile_selector=selector, tile_budget=f, block_q=args.block,
+                               block_k=args.block)
+
+    all_windows = windows_of(ids, args.seq, None)
+    sub = all_windows[: args.windows]
+    if "dense" in stages:
+        results["dense_all"] = evaluate(runner, all_windows, dense_cfg, args.tail)
+        print("dense, all windows", {k: v for k, v in results["dense_all"].items() if "per_window" not in k}, flush=True)
+        save(out, results)
+    dense_sub = evaluate(runner, sub, dense_cfg, args.tail)
+    results["dense"] = dense_sub
+    results["kept_tiles"] = {str(f): kept_tile_fraction(args.seq, args.block, f) for f in budgets}
+    if "selectors" in stages:
+        grid = results.setdefault("selectors", {})
+        for selector in args.selectors.split(","):
+            for f in budgets:
+                r = evaluate(runner, sub, gate(selector, f), args.tail)
+                r.update(paired_delta(r, dense_sub), tail=paired_delta(r, dense_sub, "nll_tail_per_window"))
+                grid[f"{selector}@{f}"] = r
+                print(selector, f, f"ppl {r['ppl']:.3f} ({r['delta_pct']:+.2f}%), tail {r['ppl_tail']:.3f} "
+                      f"({r['tail']['delta_pct']:+.2f}%), {r['seconds']:.1f}s", flush=True)
+                save(out, results)
+    if "topk" in stages:
+        grid = results.setdefault("topk", {})
+        for k in [int(x) for x in args.ks.split(",")]:
+            r = evaluate(runner, sub, AttentionConfig(mode="topk", k=k), args.tail)
+            r.update(paired_delta(r, dense_sub), tail=paired_delta(r, dense_sub, "nll_tail_per_window"))
+            grid[str(k)] = r
+            print("topk", k, f"ppl {r['ppl']:.3f} ({r['delta_pct']:+.2f}%)", flush=True)
+            save(out, results)
+    if "book" in stages:
+        book_windows = windows_of(book, args.seq, args.book_windows)
+        grid = results.setdefault("book", {})
+        grid["dense"] = book_dense = evaluate(runner, book_windows, dense_cfg, args.tail)
+        for selector in args.book_selectors.split(","):
+            for f in (0.25, 0.125):
+                r = evaluate(runner, book_windows, gate(selector, f), args.tail)
+                r.update(paired_delta(r, book_dense), tail=paired_delta(r, book_dense, "nll_tail_per_window"))
+                grid[f"{selector}@{f}"] = r
+                print("book", selector, f, f"ppl {r['ppl']:.3f} ({r['delta_pct']:+.2f}%)", flush=True)
+                save(out, results)
+    if "time" in stages:
+        rules = {"dense (cuDNN)": dense_cfg}
+        for selector in args.time_selectors.split(","):
+            for f in [float(x) for x in args.time_budgets.split(",")]:
+                rules[f"{selector}@{f}"] = gate(selector, f).replace(backend="pallas")
+        batches = [int(x) for x in args.time_batches.split(",")]
+        results["prefill_seconds"] = time_prefill(model, args.seq, batches, rules)
+        save(out, results)
+        results["prepass_seconds"] = time_prepass(model, jnp.asarray(sub[:1]), 10, rules)
+        save(out, results)
+    print(json.dumps({k: v for k, v in results.items() if k not in ("selectors", "topk", "book")}, indent=1)[:3000])
+
+
+if __name__ == "__main__":
+    main()
