@@ -41,7 +41,8 @@ def parse_args():
     p.add_argument("--windows", type=int, default=12, help="windows of the text for each sparse rule")
     p.add_argument("--book_windows", type=int, default=8)
     p.add_argument("--budgets", default="0.5,0.25,0.125,0.0625")
-    p.add_argument("--selectors", default="oracle,window,moment,bound,rowmean,pooled")
+    p.add_argument("--selectors", default="oracle,window,moment,bound,rowmean,pooled",
+                   help="selector or selector/sub_block, comma-separated")
     p.add_argument("--book_selectors", default="oracle,window,moment,bound")
     p.add_argument("--ks", default="64,128,256,512")
     p.add_argument("--block", type=int, default=128)
@@ -190,19 +191,20 @@ def time_prepass(model, ids, layer: int, rules: dict[str, AttentionConfig]) -> d
     hkv = model.config.n_kv_head
     k, v = k[:, :, :: q.shape[2] // hkv], v[:, :, :: q.shape[2] // hkv]  # walk_layers repeats KV heads
     t = q.shape[1]
-    out = {"cudnn": measure(lambda: jax.nn.dot_product_attention(q, k, v, scale=scale, is_causal=True,
-                                                                  implementation=CUDNN))["median_s"]}
+    cudnn = jax.jit(lambda q, k, v: jax.nn.dot_product_attention(q, k, v, scale=scale, is_causal=True,
+                                                                  implementation=CUDNN))
+    out = {"cudnn": measure(lambda: cudnn(q, k, v))["median_s"], "dtype": str(q.dtype), "shape": list(q.shape)}
     for name, attention in rules.items():
         if attention.tile_selector == "gate":
             continue
         kernel = jax.jit(lambda q, k, v, a=attention: toptheta_prefill(
             q, k, v, scale=scale, tile_selector=a.tile_selector, tile_budget=a.tile_budget, block_q=a.block_q,
-            block_k=a.block_k)[0])
+            block_k=a.block_k, sub_block=a.sub_block or None)[0])
 
         @jax.jit
         def prepass(q, k, a=attention):
             scores = prepass_scores(q, k, scale=scale, block_q=a.block_q, block_k=a.block_k, length=t,
-                                    selector=a.tile_selector)
+                                    selector=a.tile_selector, sub_block=a.sub_block or None)
             keep = offdiagonal_keep(scores, jnp.full((q.shape[2], scores.shape[2]), -jnp.inf), block_q=a.block_q,
                                     block_k=a.block_k, sink_tiles=a.sink_tiles, tile_budget=a.tile_budget,
                                     tile_cap=True)
@@ -228,9 +230,11 @@ def main() -> None:
     stages = set(args.stages.split(","))
     dense_cfg = AttentionConfig()
 
-    def gate(selector, f):
+    def gate(spec, f):
+        """A rule from "selector" or "selector/sub_block" at budget f."""
+        selector, _, sub = spec.partition("/")
         return AttentionConfig(tile_gate=True, tile_selector=selector, tile_budget=f, block_q=args.block,
-                               block_k=args.block)
+                               block_k=args.block, sub_block=int(sub or 0))
 
     all_windows = windows_of(ids, args.seq, None)
     sub = all_windows[: args.windows]
@@ -278,7 +282,9 @@ def main() -> None:
         batches = [int(x) for x in args.time_batches.split(",")]
         results["prefill_seconds"] = time_prefill(model, args.seq, batches, rules)
         save(out, results)
-        results["prepass_seconds"] = time_prepass(model, jnp.asarray(sub[:1]), 10, rules)
+        for batch in batches:
+            window_ids = jnp.asarray(np.resize(sub, (batch, args.seq)))
+            results[f"prepass_seconds_b{batch}"] = time_prepass(model, window_ids, 10, rules)
         save(out, results)
     print(json.dumps({k: v for k, v in results.items() if k not in ("selectors", "topk", "book")}, indent=1)[:3000])
 

@@ -153,8 +153,9 @@ def test_moment_estimates_the_log_mass_of_gaussian_keys_better_than_the_mean():
     assert np.abs(moment - true).max() < 0.25 < np.abs(rowmean - true).max()
 
 
-@pytest.mark.parametrize("selector", ["window", "pooled", "rowmean", "moment", "bound"])
-def test_prefill_kernel_runs_the_selectors_as_the_reference_op_does(selector):
+@pytest.mark.parametrize("selector,sub_block", [("window", 0), ("pooled", 0), ("rowmean", 0), ("moment", 0),
+                                                ("bound", 0), ("rowmean", 4)])
+def test_prefill_kernel_runs_the_selectors_as_the_reference_op_does(selector, sub_block):
     """The kernel's pre-pass (interpret mode) and the attention package's reference op keep the same
     tiles under each budgeted selector, so their outputs agree (GQA, two query tiles per key tile row)."""
     from condensa.attention import AttentionConfig, attend
@@ -165,11 +166,35 @@ def test_prefill_kernel_runs_the_selectors_as_the_reference_op_does(selector):
     q, k, v = (jnp.asarray(rng.normal(size=(1, t, n, d)), jnp.float32) for n in (h, hkv, hkv))
     scale = 1 / math.sqrt(d)
     out, stats = toptheta_prefill(q, k, v, scale=scale, tile_selector=selector, tile_budget=f, block_q=bq,
-                                  block_k=bk, backend="interpret")
-    config = AttentionConfig(tile_gate=True, tile_selector=selector, tile_budget=f, block_q=bq, block_k=bk)
+                                  block_k=bk, backend="interpret", sub_block=sub_block or None)
+    config = AttentionConfig(tile_gate=True, tile_selector=selector, tile_budget=f, block_q=bq, block_k=bk,
+                             sub_block=sub_block)
     visible = jnp.tril(jnp.ones((t, t), bool))[None, None]
     ref, probs = attend(q, k, v, visible=visible, scale=scale, layer_idx=0, config=config)
     np.testing.assert_allclose(np.asarray(out), np.asarray(ref), rtol=2e-5, atol=2e-5)
     nq = t // bq
     budget_tiles = sum(min(b - 1, max(1, math.ceil(f * (b + 1)))) + 2 for b in range(2, nq)) + 1 + 2
     assert int(stats.listed) == h * budget_tiles  # every query tile lists exactly its budget, no more
+
+
+def test_sub_blocks_sum_the_estimates_of_their_parts(qk):
+    """With sub_block s, row i's log mass in tile t is log Σ over the sub-blocks of t that start by
+    row i of exp(q_i·mean(sub-block) + log s), written here with loops."""
+    q, k = qk
+    sub, nk = 2, -(-T // BK)
+    kk = np.repeat(k, H // HKV, axis=2).astype(np.float64)
+    logits = np.full((B, H, T, nk), -np.inf)
+    for i in range(T):
+        for t in range(nk):
+            parts = [np.einsum("bhd,bhd->bh", q[:, i], kk[:, s0:s0 + sub].mean(1)) * SCALE + np.log(kk[:, s0:s0 + sub].shape[1])
+                     for s0 in range(t * BK, min(T, (t + 1) * BK), sub) if s0 <= i]
+            if parts:
+                logits[:, :, i, t] = np.logaddexp.reduce(np.stack(parts), axis=0)
+    z = np.exp(logits - logits.max(-1, keepdims=True))
+    shares = z / z.sum(-1, keepdims=True)
+    expected = np.stack([shares[:, :, b * BQ:(b + 1) * BQ].mean(2) for b in range(-(-T // BQ))], axis=2)
+    ours = estimated_tile_mass(jnp.asarray(q), jnp.asarray(k), scale=SCALE, block_q=BQ, block_k=BK,
+                               selector="rowmean", sub_block=sub)
+    np.testing.assert_allclose(np.asarray(ours), expected, rtol=1e-4, atol=1e-6)
+    whole = estimated_tile_mass(jnp.asarray(q), jnp.asarray(k), scale=SCALE, block_q=BQ, block_k=BK, selector="rowmean")
+    assert not np.allclose(np.asarray(whole), expected, atol=1e-3)  # the sub-blocks change the estimate

@@ -92,6 +92,8 @@ class AttentionConfig:
       true tile mass: the ceiling), "window" (the most recent tiles: the floor), "pooled" (the
       gate's score, uncalibrated), "rowmean", "moment" and "bound" (per-row estimates of the tile
       mass from key-tile statistics). Prefill only.
+    sub_block: for the row selectors, summarise keys in sub-blocks of this many (a divisor of
+      block_k; 0 means whole tiles). Finer is closer to the oracle and costs more.
     """
 
     mode: str = "dense"
@@ -110,6 +112,7 @@ class AttentionConfig:
     tile_cap: bool = False
     decode_gate_rows: bool = False
     tile_selector: str = "gate"
+    sub_block: int = 0
     backend: str = "reference"
 
     def __post_init__(self) -> None:
@@ -142,6 +145,8 @@ class AttentionConfig:
         if self.tile_selector != "gate" and not self.tile_gate:
             raise ConfigError(f"tile_selector={self.tile_selector!r} chooses the tiles of the tile gate, so it needs "
                               "tile_gate=True.")
+        if self.sub_block < 0 or (self.sub_block and self.block_k % self.sub_block):
+            raise ConfigError(f"sub_block={self.sub_block} must divide block_k={self.block_k} (or be 0: whole tiles).")
         if self.tile_selector != "gate" and self.decode_gate_rows:
             raise ConfigError(f"tile_selector={self.tile_selector!r} is implemented for prefill; decode_gate_rows "
                               "needs the calibrated gate (tile_selector='gate').")

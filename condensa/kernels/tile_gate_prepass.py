@@ -46,7 +46,8 @@ def gate_scores(q, k, *, scale: float, block_q: int, block_k: int, length: int) 
     return scores.reshape(b, h, nq, k_bar.shape[2])
 
 
-def prepass_scores(q, k, *, scale: float, block_q: int, block_k: int, length: int, selector: str = "gate") -> jax.Array:
+def prepass_scores(q, k, *, scale: float, block_q: int, block_k: int, length: int, selector: str = "gate",
+                   sub_block: int | None = None) -> jax.Array:
     """The pre-pass's tile scores [B, H, nq, nk] for q, k padded to whole query tiles: the gate's
     pooled `q̄·k̄`, or a budgeted selector's (`condensa.tiling.selectors`, computed on the real
     `length` positions; padded key tiles score -inf). The oracle needs the attention itself and
@@ -54,7 +55,7 @@ def prepass_scores(q, k, *, scale: float, block_q: int, block_k: int, length: in
     if selector == "gate":
         return gate_scores(q, k, scale=scale, block_q=block_q, block_k=block_k, length=length)
     scores = tile_scores(q[:, :length], k[:, :length], scale=scale, block_q=block_q, block_k=block_k,
-                         selector=selector)
+                         selector=selector, sub_block=sub_block)
     nq, nk = q.shape[1] // block_q, k.shape[1] // block_k
     widths = [(0, 0), (0, 0), (0, nq - scores.shape[2]), (0, nk - scores.shape[3])]
     return jnp.pad(scores.astype(jnp.float32), widths, constant_values=-jnp.inf)

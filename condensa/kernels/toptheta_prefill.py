@@ -72,6 +72,7 @@ class KernelOptions:
     tile_budget: float | None = None
     tile_cap: bool = False
     tile_selector: str = "gate"
+    sub_block: int | None = None
     sdc_gamma: float = 1.0
     vmc: bool = False
     backend: str = "interpret"
@@ -258,7 +259,7 @@ def _forward(q, k, v, theta, sdc_delta, tile_theta, opts: KernelOptions):
     table = keep = None
     if tile_theta is not None:
         scores = prepass_scores(qp, kp, scale=opts.scale, block_q=bq, block_k=bk, length=t,
-                                selector=opts.tile_selector)
+                                selector=opts.tile_selector, sub_block=opts.sub_block)
         keep = offdiagonal_keep(scores, tile_theta, block_q=bq, block_k=bk, sink_tiles=opts.sink_tiles,
                                 tile_budget=opts.tile_budget, tile_cap=opts.tile_cap)
         table = compact_tile_lists(keep)
@@ -302,7 +303,7 @@ def _prefill_bwd(opts, residuals, cotangents):
             q, k, v, scale=opts.scale, theta=theta, sdc_delta=sdc_delta, sdc_gamma=opts.sdc_gamma,
             vmc=opts.vmc, tile_theta=tile_theta, sink_tiles=opts.sink_tiles, tile_budget=opts.tile_budget,
             tile_cap=opts.tile_cap, block_q=opts.block_q,
-            block_k=opts.block_k, tile_selector=opts.tile_selector)
+            block_k=opts.block_k, tile_selector=opts.tile_selector, sub_block=opts.sub_block)
 
     _, vjp = jax.vjp(reference, q, k, v)
     dq, dk, dv = vjp(d_out)
@@ -331,6 +332,7 @@ def toptheta_prefill(
     tile_budget: float | None = None,
     tile_cap: bool = False,
     tile_selector: str = "gate",
+    sub_block: int | None = None,
     block_q: int = 128,
     block_k: int = 128,
     backend: str | None = None,
@@ -352,7 +354,8 @@ def toptheta_prefill(
     `tile_cap` (needs `tile_budget`) keeps at most the m_b best of the tiles above Θ.
     `tile_selector` other than "gate" ranks the tiles with a budgeted selector of
     `condensa.tiling.selectors` ("window", "pooled", "rowmean", "moment", "bound") and keeps exactly
-    the m_b best (it needs `tile_budget`, and no `tile_theta`). Rows
+    the m_b best (it needs `tile_budget`, and no `tile_theta`); `sub_block` is its key summary's
+    granularity (`condensa.tiling.selectors.estimated_tile_mass`). Rows
     that must stay dense (n <= k) take θ = -inf. `vmc` adds V-mean compensation. `backend`: None/'auto'
     (by platform), 'triton', 'interpret', 'mosaic_tpu' or 'tpu_interpret' (the TPU kernel,
     `toptheta_prefill_tpu.py`, interpreted on the CPU). `poison_output` fills the output with NaN before the
@@ -390,7 +393,7 @@ def toptheta_prefill(
     opts = KernelOptions(
         scale=float(1.0 / math.sqrt(d) if scale is None else scale), block_q=block_q, block_k=block_k,
         sink_tiles=sink_tiles, tile_budget=None if tile_budget is None else float(tile_budget), tile_cap=bool(tile_cap),
-        tile_selector=str(tile_selector),
+        tile_selector=str(tile_selector), sub_block=None if sub_block is None else int(sub_block),
         sdc_gamma=float(sdc_gamma), vmc=bool(vmc), backend=resolve_backend(backend),
         num_warps=num_warps, num_stages=num_stages, heavy_first=heavy_first, skip_empty=skip_empty,
         poison_output=poison_output)

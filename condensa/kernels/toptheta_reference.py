@@ -23,7 +23,7 @@ from condensa.kernels.tile_gate_prepass import offdiagonal_keep, prepass_scores
 
 
 def candidate_mask(q, k, *, scale, tile_theta, block_q, block_k, sink_tiles, tile_budget=None,
-                   tile_cap=False, tile_selector="gate") -> jax.Array:
+                   tile_cap=False, tile_selector="gate", sub_block=None) -> jax.Array:
     """Bool [B, H, T, T]: causal keys, restricted to gate-kept tiles when `tile_theta` is given."""
     b, t, h, _ = q.shape
     rows = jnp.arange(t)[:, None]
@@ -34,7 +34,7 @@ def candidate_mask(q, k, *, scale, tile_theta, block_q, block_k, sink_tiles, til
     tp = -(-t // block_q) * block_q
     pad = [(0, 0), (0, tp - t), (0, 0), (0, 0)]
     scores = prepass_scores(jnp.pad(q, pad), jnp.pad(k, pad), scale=scale, block_q=block_q,
-                            block_k=block_k, length=t, selector=tile_selector)
+                            block_k=block_k, length=t, selector=tile_selector, sub_block=sub_block)
     kept = offdiagonal_keep(scores, tile_theta, block_q=block_q, block_k=block_k, sink_tiles=sink_tiles,
                             tile_budget=tile_budget, tile_cap=tile_cap)
     q_tile = jnp.arange(t) // block_q
@@ -46,7 +46,7 @@ def candidate_mask(q, k, *, scale, tile_theta, block_q, block_k, sink_tiles, til
 
 def toptheta_prefill_reference(
     q, k, v, *, scale, theta=None, sdc_delta=None, sdc_gamma=1.0, vmc=False, tile_theta=None,
-    sink_tiles=1, tile_budget=None, tile_cap=False, block_q=128, block_k=64, tile_selector="gate",
+    sink_tiles=1, tile_budget=None, tile_cap=False, block_q=128, block_k=64, tile_selector="gate", sub_block=None,
 ) -> jax.Array:
     """Output [B, T, H, D] in v's dtype; every statistic in float32. Arguments as the kernel's."""
     groups = q.shape[2] // k.shape[2]
@@ -55,7 +55,7 @@ def toptheta_prefill_reference(
     a = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32) * jnp.float32(scale)
     cand = candidate_mask(q, k, scale=scale, tile_theta=tile_theta, block_q=block_q, block_k=block_k,
                           sink_tiles=sink_tiles, tile_budget=tile_budget, tile_cap=tile_cap,
-                          tile_selector=tile_selector)
+                          tile_selector=tile_selector, sub_block=sub_block)
     masked = jnp.where(cand, a, -jnp.inf)
     m = jnp.max(masked, axis=-1, keepdims=True)
     if theta is None:

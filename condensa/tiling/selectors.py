@@ -17,6 +17,8 @@ score, and in what it costs:
   log Σ_j exp(q_i·k_j)); `moment` adds the per-channel key variance (`+ ½ Σ_d q_id² σ²_td`, exact
   for Gaussian scores); `bound` uses Quest's upper bound on the tile's largest score from the
   per-channel key min and max. Each costs T · (T / b_k) · D per head: a 1/b_k fraction of attention.
+  With `sub_block` s, the keys are summarised in sub-blocks of s (a tile's estimate is the
+  log-sum-exp of its sub-blocks'): a 1/s fraction of attention.
 
 Tensors use the attention layout: q [B, T, H, D], k [B, T, Hkv, D] (Hkv divides H: GQA). Keys are
 at absolute positions 0..T-1, queries too (prefill).
@@ -86,14 +88,26 @@ def row_tile_logits(q: jax.Array, stats: dict[str, jax.Array], *, scale: float, 
 
 
 def estimated_tile_mass(q: jax.Array, k: jax.Array, *, scale: float, block_q: int, block_k: int,
-                        selector: str) -> jax.Array:
+                        selector: str, sub_block: int | None = None) -> jax.Array:
     """float32 [B, H, nq, nk]: a row selector's estimate of `M_bt` (rows' estimated shares of their
-    attention in key tile t, averaged over query tile b; zero where t is not visible)."""
+    attention in key tile t, averaged over query tile b; zero where t is not visible).
+
+    `sub_block` (a divisor of `block_k`; default the whole tile) summarises the keys in sub-blocks
+    of that many: each row scores every sub-block and a tile's log mass is the log-sum-exp of its
+    sub-blocks. Smaller sub-blocks keep more of what a 128-key mean averages away (the fast
+    rotary dimensions, a few strong keys) at a proportional cost."""
     tq, tk = q.shape[1], k.shape[1]
+    sub = block_k if sub_block is None else int(sub_block)
+    if sub < 1 or block_k % sub:
+        raise ValueError(f"sub_block={sub} must divide block_k={block_k}")
+    ns, r = tile_count(tk, sub), block_k // sub
     nk = tile_count(tk, block_k)
-    logits = row_tile_logits(q, key_tile_stats(k, block_k), scale=scale, selector=selector)
-    visible = (np.arange(nk)[None, :] * block_k) <= np.arange(tq)[:, None]  # [Tq, nk]: the tile starts by row i
-    shares = jax.nn.softmax(jnp.where(visible, logits, -jnp.inf), axis=-1)
+    logits = row_tile_logits(q, key_tile_stats(k, sub), scale=scale, selector=selector)  # [B, H, Tq, ns]
+    started = (np.arange(ns)[None, :] * sub) <= np.arange(tq)[:, None]  # [Tq, ns]: sub-block starts by row i
+    logits = jnp.where(started, logits, -jnp.inf)
+    logits = jnp.pad(logits, [(0, 0)] * 3 + [(0, nk * r - ns)], constant_values=-jnp.inf)
+    logits = jax.nn.logsumexp(logits.reshape(*logits.shape[:3], nk, r), axis=-1)  # [B, H, Tq, nk]
+    shares = jax.nn.softmax(logits, axis=-1)  # the diagonal tile is started by every row of its tile
     rows, real = _tiles_of(jnp.moveaxis(shares, 2, 1), block_q)  # [B, nq, block_q, H, nk]
     counts = jnp.asarray(real.sum(axis=1), jnp.float32)[None, :, None, None]
     return jnp.moveaxis(rows.sum(axis=2) / counts, 1, 2)
@@ -108,9 +122,10 @@ def pooled_scores(q: jax.Array, k: jax.Array, *, scale: float, block_q: int, blo
 
 
 def tile_scores(q: jax.Array, k: jax.Array, *, scale: float, block_q: int, block_k: int, selector: str,
-                probs: jax.Array | None = None) -> jax.Array:
+                probs: jax.Array | None = None, sub_block: int | None = None) -> jax.Array:
     """float32 [B, H, nq, nk]: the selector's score of each (query tile, key tile); higher is kept
-    first. `probs` [B, H, Tq, Tk] (the dense attention) is needed by `oracle` only."""
+    first. `probs` [B, H, Tq, Tk] (the dense attention) is needed by `oracle` only; `sub_block`
+    applies to the row selectors (`estimated_tile_mass`)."""
     nq, nk = tile_count(q.shape[1], block_q), tile_count(k.shape[1], block_k)
     if selector == "oracle":
         if probs is None:
@@ -120,7 +135,8 @@ def tile_scores(q: jax.Array, k: jax.Array, *, scale: float, block_q: int, block
         return jnp.broadcast_to(jnp.arange(nk, dtype=jnp.float32), (q.shape[0], q.shape[2], nq, nk))
     if selector == "pooled":
         return pooled_scores(q, k, scale=scale, block_q=block_q, block_k=block_k)
-    return estimated_tile_mass(q, k, scale=scale, block_q=block_q, block_k=block_k, selector=selector)
+    return estimated_tile_mass(q, k, scale=scale, block_q=block_q, block_k=block_k, selector=selector,
+                               sub_block=sub_block)
 
 
 def true_tile_mass(probs: jax.Array, block_q: int, block_k: int) -> jax.Array:
@@ -147,7 +163,9 @@ def keep_top_tiles(scores: jax.Array, *, block_q: int, block_k: int, tile_budget
 
 
 def select_tiles(q: jax.Array, k: jax.Array, *, scale: float, block_q: int, block_k: int, tile_budget: float,
-                 sink_tiles: int, selector: str, probs: jax.Array | None = None) -> jax.Array:
+                 sink_tiles: int, selector: str, probs: jax.Array | None = None,
+                 sub_block: int | None = None) -> jax.Array:
     """bool [B, H, nq, nk]: the key tiles each query tile keeps under `selector` at budget f."""
-    scores = tile_scores(q, k, scale=scale, block_q=block_q, block_k=block_k, selector=selector, probs=probs)
+    scores = tile_scores(q, k, scale=scale, block_q=block_q, block_k=block_k, selector=selector, probs=probs,
+                         sub_block=sub_block)
     return keep_top_tiles(scores, block_q=block_q, block_k=block_k, tile_budget=tile_budget, sink_tiles=sink_tiles)
