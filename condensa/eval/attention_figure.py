@@ -22,7 +22,7 @@ from condensa.errors import ConfigError, DataError
 
 @dataclasses.dataclass
 class FigureConfig:
-    model: str = ""  # HF directory or hub id
+    model: str = ""  # HF directory, .gguf file, named model (smollm2-135m) or hub id
     thresholds: str = ""  # a thresholds file from python -m condensa.calibrate
     data: list[str] = dataclasses.field(default_factory=list)  # text files/folders, or HF dataset name[:config]
     split: str = "test"  # split of an HF dataset

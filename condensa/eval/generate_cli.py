@@ -74,7 +74,7 @@ def decode_trace(model, prompt, steps: int, attention: AttentionConfig, threshol
 
 @dataclasses.dataclass
 class GenerateConfig:
-    model: str = ""  # HF directory or hub id
+    model: str = ""  # HF directory, .gguf file, named model (smollm2-135m) or hub id
     tokenizer: str | None = None  # default: the model directory's own tokenizer
     data: list[str] = dataclasses.field(default_factory=list)  # text files/folders, or HF dataset name[:config]
     split: str = "test"

@@ -17,7 +17,7 @@ DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float
 
 @dataclasses.dataclass
 class PerplexityConfig:
-    model: str = ""  # HF directory or hub id
+    model: str = ""  # HF directory, .gguf file, named model (smollm2-135m) or hub id
     data: list[str] = dataclasses.field(default_factory=list)  # text files/folders, or HF dataset name[:config]
     split: str = "test"  # split of an HF dataset
     tokenizer: str | None = None  # default: the model directory's own tokenizer

@@ -81,7 +81,7 @@ class ModelText:
 
 @dataclasses.dataclass
 class SweepConfig:
-    model: str = ""  # HF directory or hub id
+    model: str = ""  # HF directory, .gguf file, named model (smollm2-135m) or hub id
     tokenizer: str | None = None  # default: the model directory's own tokenizer
     data: list[str] = dataclasses.field(default_factory=list)  # evaluation text: files/folders, or HF dataset name[:config]
     split: str = "test"  # split of an HF evaluation dataset

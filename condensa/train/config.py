@@ -115,7 +115,7 @@ class MeshConfig:
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
     out: str = "runs/default"
-    model: str = "gpt2"  # HF hub id or local directory, for init=pretrained
+    model: str = "gpt2"  # for init=pretrained: HF directory, .gguf file, named model (smollm2-135m) or hub id
     init: Literal["pretrained", "scratch"] = "pretrained"
     model_config: str = "tiny"  # preset for init=scratch (tiny, gpt2-small, ...)
     model_overrides: dict = dataclasses.field(default_factory=dict)  # GPT2Config fields, e.g. n_positions
