@@ -184,7 +184,7 @@ def time_prepass(model, ids, layer: int, rules: dict[str, AttentionConfig]) -> d
     """One layer's q, k, v from real text: the gated kernel's time, its pre-pass alone, and cuDNN's."""
     from condensa.eval.bench.timing import measure
     from condensa.kernels import toptheta_prefill
-    from condensa.kernels.tile_gate_prepass import compact_tile_lists, offdiagonal_keep, prepass_scores
+    from condensa.kernels.tile_gate_prepass import compact_tile_lists, prepass_keep
 
     captured = model.walk_layers(ids, AttentionConfig(), None, lambda l, q, k, v, scale: (q, k, v, scale))
     q, k, v, scale = captured[layer]
@@ -199,15 +199,13 @@ def time_prepass(model, ids, layer: int, rules: dict[str, AttentionConfig]) -> d
             continue
         kernel = jax.jit(lambda q, k, v, a=attention: toptheta_prefill(
             q, k, v, scale=scale, tile_selector=a.tile_selector, tile_budget=a.tile_budget, block_q=a.block_q,
-            block_k=a.block_k, sub_block=a.sub_block or None)[0])
+            block_k=a.block_k, sub_block=a.sub_block or None, shared_heads=a.shared_heads)[0])
 
         @jax.jit
         def prepass(q, k, a=attention):
-            scores = prepass_scores(q, k, scale=scale, block_q=a.block_q, block_k=a.block_k, length=t,
-                                    selector=a.tile_selector, sub_block=a.sub_block or None)
-            keep = offdiagonal_keep(scores, jnp.full((q.shape[2], scores.shape[2]), -jnp.inf), block_q=a.block_q,
-                                    block_k=a.block_k, sink_tiles=a.sink_tiles, tile_budget=a.tile_budget,
-                                    tile_cap=True)
+            keep = prepass_keep(q, k, None, scale=scale, block_q=a.block_q, block_k=a.block_k, length=t,
+                                sink_tiles=a.sink_tiles, tile_budget=a.tile_budget, tile_cap=False,
+                                selector=a.tile_selector, sub_block=a.sub_block or None, shared_heads=a.shared_heads)
             return compact_tile_lists(keep)
 
         out[name] = {"kernel": measure(lambda: kernel(q, k, v))["median_s"],
@@ -231,10 +229,11 @@ def main() -> None:
     dense_cfg = AttentionConfig()
 
     def gate(spec, f):
-        """A rule from "selector" or "selector/sub_block" at budget f."""
+        """A rule from "selector", "selector/sub_block", with "+shared" for one budget across heads, at f."""
+        spec, shared = spec.removesuffix("+shared"), spec.endswith("+shared")
         selector, _, sub = spec.partition("/")
         return AttentionConfig(tile_gate=True, tile_selector=selector, tile_budget=f, block_q=args.block,
-                               block_k=args.block, sub_block=int(sub or 0))
+                               block_k=args.block, sub_block=int(sub or 0), shared_heads=shared)
 
     all_windows = windows_of(ids, args.seq, None)
     sub = all_windows[: args.windows]

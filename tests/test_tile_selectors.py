@@ -153,9 +153,10 @@ def test_moment_estimates_the_log_mass_of_gaussian_keys_better_than_the_mean():
     assert np.abs(moment - true).max() < 0.25 < np.abs(rowmean - true).max()
 
 
-@pytest.mark.parametrize("selector,sub_block", [("window", 0), ("pooled", 0), ("rowmean", 0), ("moment", 0),
-                                                ("bound", 0), ("rowmean", 4)])
-def test_prefill_kernel_runs_the_selectors_as_the_reference_op_does(selector, sub_block):
+@pytest.mark.parametrize("selector,sub_block,shared", [("window", 0, False), ("pooled", 0, False), ("rowmean", 0, False),
+                                                       ("moment", 0, False), ("bound", 0, False), ("rowmean", 4, False),
+                                                       ("rowmean", 8, True)])
+def test_prefill_kernel_runs_the_selectors_as_the_reference_op_does(selector, sub_block, shared):
     """The kernel's pre-pass (interpret mode) and the attention package's reference op keep the same
     tiles under each budgeted selector, so their outputs agree (GQA, two query tiles per key tile row)."""
     from condensa.attention import AttentionConfig, attend
@@ -166,9 +167,9 @@ def test_prefill_kernel_runs_the_selectors_as_the_reference_op_does(selector, su
     q, k, v = (jnp.asarray(rng.normal(size=(1, t, n, d)), jnp.float32) for n in (h, hkv, hkv))
     scale = 1 / math.sqrt(d)
     out, stats = toptheta_prefill(q, k, v, scale=scale, tile_selector=selector, tile_budget=f, block_q=bq,
-                                  block_k=bk, backend="interpret", sub_block=sub_block or None)
+                                  block_k=bk, backend="interpret", sub_block=sub_block or None, shared_heads=shared)
     config = AttentionConfig(tile_gate=True, tile_selector=selector, tile_budget=f, block_q=bq, block_k=bk,
-                             sub_block=sub_block)
+                             sub_block=sub_block, shared_heads=shared)
     visible = jnp.tril(jnp.ones((t, t), bool))[None, None]
     ref, probs = attend(q, k, v, visible=visible, scale=scale, layer_idx=0, config=config)
     np.testing.assert_allclose(np.asarray(out), np.asarray(ref), rtol=2e-5, atol=2e-5)
@@ -198,3 +199,35 @@ def test_sub_blocks_sum_the_estimates_of_their_parts(qk):
     np.testing.assert_allclose(np.asarray(ours), expected, rtol=1e-4, atol=1e-6)
     whole = estimated_tile_mass(jnp.asarray(q), jnp.asarray(k), scale=SCALE, block_q=BQ, block_k=BK, selector="rowmean")
     assert not np.allclose(np.asarray(whole), expected, atol=1e-3)  # the sub-blocks change the estimate
+
+
+def test_shared_heads_give_the_budget_of_all_heads_to_the_best_pairs(qk):
+    """With one budget per query tile across heads, the kept optional (head, tile) pairs are the
+    H · m_b best of all heads' optional tiles: a loop over query tiles picks them here."""
+    q, k = qk
+    p = _np_probs(q, k)
+    mass = _np_tile_mass(p)  # [B, H, nq, nk]
+    f = 0.25
+    keep = np.asarray(select_tiles(jnp.asarray(q), jnp.asarray(k), scale=SCALE, block_q=BQ, block_k=BK,
+                                   tile_budget=f, sink_tiles=1, selector="oracle",
+                                   probs=jnp.asarray(p, jnp.float32), shared_heads=True))
+    separate = _np_keep(mass, f)
+    nq, nk = mass.shape[-2:]
+    moved = False
+    for bi in range(B):
+        for b in range(nq):
+            last_row = min(T, (b + 1) * BQ) - 1
+            visible = [t for t in range(nk) if t * BK <= last_row]
+            optional = [t for t in visible if t >= 1 and t * BK + BK - 1 < b * BQ]
+            m = max(1, math.ceil(round(f * (b + 1), 9)))
+            if len(optional) <= m:
+                continue  # every head keeps all of them either way
+            pairs = sorted(((h, t) for h in range(H) for t in optional), key=lambda ht: -mass[bi, ht[0], b, ht[1]])
+            best = set(pairs[: H * m])
+            for h in range(H):
+                for t in optional:
+                    assert keep[bi, h, b, t] == ((h, t) in best), (bi, b, h, t)
+            per_head = keep[bi, :, b, optional].sum(axis=-1)
+            moved |= len(set(per_head.tolist())) > 1
+            assert keep[bi, :, b, optional].sum() == H * m
+    assert moved and not np.array_equal(keep, separate)  # some heads took more than their own m_b

@@ -94,6 +94,8 @@ class AttentionConfig:
       mass from key-tile statistics). Prefill only.
     sub_block: for the row selectors, summarise keys in sub-blocks of this many (a divisor of
       block_k; 0 means whole tiles). Finer is closer to the oracle and costs more.
+    shared_heads: with a budgeted selector, the heads of a query tile share one budget of H · m_b
+      tiles, given to the (head, tile) pairs with the highest scores.
     """
 
     mode: str = "dense"
@@ -113,6 +115,7 @@ class AttentionConfig:
     decode_gate_rows: bool = False
     tile_selector: str = "gate"
     sub_block: int = 0
+    shared_heads: bool = False
     backend: str = "reference"
 
     def __post_init__(self) -> None:
@@ -145,6 +148,10 @@ class AttentionConfig:
         if self.tile_selector != "gate" and not self.tile_gate:
             raise ConfigError(f"tile_selector={self.tile_selector!r} chooses the tiles of the tile gate, so it needs "
                               "tile_gate=True.")
+        if self.shared_heads and self.tile_selector in ("gate", "window"):
+            raise ConfigError(f"shared_heads ranks (head, tile) pairs across heads by their scores, which "
+                              f"tile_selector={self.tile_selector!r} does not compare across heads; use oracle, pooled "
+                              "or a row selector.")
         if self.sub_block < 0 or (self.sub_block and self.block_k % self.sub_block):
             raise ConfigError(f"sub_block={self.sub_block} must divide block_k={self.block_k} (or be 0: whole tiles).")
         if self.tile_selector != "gate" and self.decode_gate_rows:

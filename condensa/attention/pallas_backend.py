@@ -112,7 +112,8 @@ def prefill_kernel_args(config, layer, layer_idx: int, t: int) -> dict:
         return dict(args, tile_theta=None)  # without the gate the kernel's tuned 128 x 128 tiles win
     if config.tile_selector != "gate":  # a budgeted selector ranks the tiles in the pre-pass: no Θ
         return dict(args, tile_theta=None, tile_cap=False, tile_selector=config.tile_selector,
-                    sub_block=config.sub_block or None, block_q=config.block_q, block_k=config.block_k)
+                    sub_block=config.sub_block or None, shared_heads=config.shared_heads, block_q=config.block_q,
+                    block_k=config.block_k)
     # the gate is calibrated on its own tiles
     return dict(args, tile_theta=gate_table(layer.tile_theta, -(-t // config.block_q)), block_q=config.block_q,
                 block_k=config.block_k)

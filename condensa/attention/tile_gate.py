@@ -137,7 +137,8 @@ def selector_kept_tiles(q: jax.Array, k: jax.Array, visible: jax.Array, *, scale
     probs = masked_softmax(attention_scores(q, k, scale), visible) if config.tile_selector == "oracle" else None
     return select_tiles(q, k, scale=scale, block_q=config.block_q, block_k=config.block_k,
                         tile_budget=config.tile_budget, sink_tiles=config.sink_tiles,
-                        selector=config.tile_selector, probs=probs, sub_block=config.sub_block or None)
+                        selector=config.tile_selector, probs=probs, sub_block=config.sub_block or None,
+                        shared_heads=config.shared_heads)
 
 
 def gate_mask(

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from condensa.tiling import cap_at_budget, tile_budgets
-from condensa.tiling.selectors import tile_scores
+from condensa.tiling.selectors import select_tiles
 
 
 def pooled_tiles(x: jax.Array, tile: int, length: int) -> jax.Array:
@@ -46,19 +46,26 @@ def gate_scores(q, k, *, scale: float, block_q: int, block_k: int, length: int) 
     return scores.reshape(b, h, nq, k_bar.shape[2])
 
 
-def prepass_scores(q, k, *, scale: float, block_q: int, block_k: int, length: int, selector: str = "gate",
-                   sub_block: int | None = None) -> jax.Array:
-    """The pre-pass's tile scores [B, H, nq, nk] for q, k padded to whole query tiles: the gate's
-    pooled `q̄·k̄`, or a budgeted selector's (`condensa.tiling.selectors`, computed on the real
-    `length` positions; padded key tiles score -inf). The oracle needs the attention itself and
-    has no pre-pass."""
+def prepass_keep(q, k, tile_theta, *, scale: float, block_q: int, block_k: int, length: int, sink_tiles: int,
+                 tile_budget: float | None, tile_cap: bool, selector: str = "gate", sub_block: int | None = None,
+                 shared_heads: bool = False) -> jax.Array:
+    """Bool [B, H, nq, nk] over q, k padded to whole query tiles: the off-diagonal tiles to visit.
+
+    `selector="gate"` thresholds the pooled scores with `tile_theta` (`offdiagonal_keep`). Any
+    other selector is a budgeted one of `condensa.tiling.selectors`, run on the real `length`
+    positions exactly as the reference op runs it; the diagonal tiles are dropped from its choice
+    because the kernel always visits them. The oracle needs the attention itself: no pre-pass."""
     if selector == "gate":
-        return gate_scores(q, k, scale=scale, block_q=block_q, block_k=block_k, length=length)
-    scores = tile_scores(q[:, :length], k[:, :length], scale=scale, block_q=block_q, block_k=block_k,
-                         selector=selector, sub_block=sub_block)
+        scores = gate_scores(q, k, scale=scale, block_q=block_q, block_k=block_k, length=length)
+        return offdiagonal_keep(scores, tile_theta, block_q=block_q, block_k=block_k, sink_tiles=sink_tiles,
+                                tile_budget=tile_budget, tile_cap=tile_cap)
+    kept = select_tiles(q[:, :length], k[:, :length], scale=scale, block_q=block_q, block_k=block_k,
+                        tile_budget=tile_budget, sink_tiles=sink_tiles, selector=selector, sub_block=sub_block,
+                        shared_heads=shared_heads)
     nq, nk = q.shape[1] // block_q, k.shape[1] // block_k
-    widths = [(0, 0), (0, 0), (0, nq - scores.shape[2]), (0, nk - scores.shape[3])]
-    return jnp.pad(scores.astype(jnp.float32), widths, constant_values=-jnp.inf)
+    kept = jnp.pad(kept, [(0, 0), (0, 0), (0, nq - kept.shape[2]), (0, nk - kept.shape[3])])
+    off_diagonal = np.arange(nk)[None, :] < np.arange(nq)[:, None] * (block_q // block_k)
+    return kept & off_diagonal
 
 
 def offdiagonal_keep(

@@ -39,7 +39,7 @@ from jax.experimental import pallas as pl
 
 from condensa.errors import ConfigError
 from condensa.kernels.backend import TPU_BACKENDS, resolve_backend
-from condensa.kernels.tile_gate_prepass import compact_tile_lists, offdiagonal_keep, prepass_scores
+from condensa.kernels.tile_gate_prepass import compact_tile_lists, prepass_keep
 from condensa.kernels.toptheta_reference import toptheta_prefill_reference
 
 LOG2E = math.log2(math.e)
@@ -73,6 +73,7 @@ class KernelOptions:
     tile_cap: bool = False
     tile_selector: str = "gate"
     sub_block: int | None = None
+    shared_heads: bool = False
     sdc_gamma: float = 1.0
     vmc: bool = False
     backend: str = "interpret"
@@ -257,11 +258,10 @@ def _forward(q, k, v, theta, sdc_delta, tile_theta, opts: KernelOptions):
         tile_sums = vp.astype(jnp.float32).reshape(b, n_q, bq, hkv, d).sum(axis=2)
         v_prefix = jnp.cumsum(tile_sums, axis=1) - tile_sums
     table = keep = None
-    if tile_theta is not None:
-        scores = prepass_scores(qp, kp, scale=opts.scale, block_q=bq, block_k=bk, length=t,
-                                selector=opts.tile_selector, sub_block=opts.sub_block)
-        keep = offdiagonal_keep(scores, tile_theta, block_q=bq, block_k=bk, sink_tiles=opts.sink_tiles,
-                                tile_budget=opts.tile_budget, tile_cap=opts.tile_cap)
+    if tile_theta is not None or opts.tile_selector != "gate":
+        keep = prepass_keep(qp, kp, tile_theta, scale=opts.scale, block_q=bq, block_k=bk, length=t,
+                            sink_tiles=opts.sink_tiles, tile_budget=opts.tile_budget, tile_cap=opts.tile_cap,
+                            selector=opts.tile_selector, sub_block=opts.sub_block, shared_heads=opts.shared_heads)
         table = compact_tile_lists(keep)
     if opts.backend in TPU_BACKENDS:
         from condensa.kernels.toptheta_prefill_tpu import launch_tpu
@@ -303,7 +303,8 @@ def _prefill_bwd(opts, residuals, cotangents):
             q, k, v, scale=opts.scale, theta=theta, sdc_delta=sdc_delta, sdc_gamma=opts.sdc_gamma,
             vmc=opts.vmc, tile_theta=tile_theta, sink_tiles=opts.sink_tiles, tile_budget=opts.tile_budget,
             tile_cap=opts.tile_cap, block_q=opts.block_q,
-            block_k=opts.block_k, tile_selector=opts.tile_selector, sub_block=opts.sub_block)
+            block_k=opts.block_k, tile_selector=opts.tile_selector, sub_block=opts.sub_block,
+            shared_heads=opts.shared_heads)
 
     _, vjp = jax.vjp(reference, q, k, v)
     dq, dk, dv = vjp(d_out)
@@ -333,6 +334,7 @@ def toptheta_prefill(
     tile_cap: bool = False,
     tile_selector: str = "gate",
     sub_block: int | None = None,
+    shared_heads: bool = False,
     block_q: int = 128,
     block_k: int = 128,
     backend: str | None = None,
@@ -355,7 +357,8 @@ def toptheta_prefill(
     `tile_selector` other than "gate" ranks the tiles with a budgeted selector of
     `condensa.tiling.selectors` ("window", "pooled", "rowmean", "moment", "bound") and keeps exactly
     the m_b best (it needs `tile_budget`, and no `tile_theta`); `sub_block` is its key summary's
-    granularity (`condensa.tiling.selectors.estimated_tile_mass`). Rows
+    granularity (`condensa.tiling.selectors.estimated_tile_mass`), and `shared_heads` lets the
+    heads of a query tile share one budget (`keep_top_tiles`). Rows
     that must stay dense (n <= k) take θ = -inf. `vmc` adds V-mean compensation. `backend`: None/'auto'
     (by platform), 'triton', 'interpret', 'mosaic_tpu' or 'tpu_interpret' (the TPU kernel,
     `toptheta_prefill_tpu.py`, interpreted on the CPU). `poison_output` fills the output with NaN before the
@@ -387,13 +390,13 @@ def toptheta_prefill(
             raise ConfigError(f"tile_selector={tile_selector!r} needs tile_budget and no tile_theta; the kernel "
                               "runs 'window', 'pooled', 'rowmean', 'moment' and 'bound' (the oracle needs the "
                               "attention itself).")
-        tile_theta, tile_cap = jnp.full((h, n_q), -jnp.inf, jnp.float32), True  # rank only: keep the m_b best
     if tile_cap and (tile_theta is None or tile_budget is None):
         raise ConfigError("tile_cap caps the gate at its budget: it needs tile_theta and tile_budget.")
     opts = KernelOptions(
         scale=float(1.0 / math.sqrt(d) if scale is None else scale), block_q=block_q, block_k=block_k,
         sink_tiles=sink_tiles, tile_budget=None if tile_budget is None else float(tile_budget), tile_cap=bool(tile_cap),
         tile_selector=str(tile_selector), sub_block=None if sub_block is None else int(sub_block),
+        shared_heads=bool(shared_heads),
         sdc_gamma=float(sdc_gamma), vmc=bool(vmc), backend=resolve_backend(backend),
         num_warps=num_warps, num_stages=num_stages, heavy_first=heavy_first, skip_empty=skip_empty,
         poison_output=poison_output)

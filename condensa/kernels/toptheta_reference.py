@@ -19,24 +19,24 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from condensa.kernels.tile_gate_prepass import offdiagonal_keep, prepass_scores
+from condensa.kernels.tile_gate_prepass import prepass_keep
 
 
 def candidate_mask(q, k, *, scale, tile_theta, block_q, block_k, sink_tiles, tile_budget=None,
-                   tile_cap=False, tile_selector="gate", sub_block=None) -> jax.Array:
-    """Bool [B, H, T, T]: causal keys, restricted to gate-kept tiles when `tile_theta` is given."""
+                   tile_cap=False, tile_selector="gate", sub_block=None, shared_heads=False) -> jax.Array:
+    """Bool [B, H, T, T]: causal keys, restricted to the kept tiles when `tile_theta` is given or a
+    budgeted `tile_selector` chooses them."""
     b, t, h, _ = q.shape
     rows = jnp.arange(t)[:, None]
     cols = jnp.arange(t)[None, :]
     causal = jnp.broadcast_to(cols <= rows, (b, h, t, t))
-    if tile_theta is None:
+    if tile_theta is None and tile_selector == "gate":
         return causal
     tp = -(-t // block_q) * block_q
     pad = [(0, 0), (0, tp - t), (0, 0), (0, 0)]
-    scores = prepass_scores(jnp.pad(q, pad), jnp.pad(k, pad), scale=scale, block_q=block_q,
-                            block_k=block_k, length=t, selector=tile_selector, sub_block=sub_block)
-    kept = offdiagonal_keep(scores, tile_theta, block_q=block_q, block_k=block_k, sink_tiles=sink_tiles,
-                            tile_budget=tile_budget, tile_cap=tile_cap)
+    kept = prepass_keep(jnp.pad(q, pad), jnp.pad(k, pad), tile_theta, scale=scale, block_q=block_q, block_k=block_k,
+                        length=t, sink_tiles=sink_tiles, tile_budget=tile_budget, tile_cap=tile_cap,
+                        selector=tile_selector, sub_block=sub_block, shared_heads=shared_heads)
     q_tile = jnp.arange(t) // block_q
     k_tile = jnp.arange(t) // block_k
     diagonal = k_tile[None, :] >= q_tile[:, None] * (block_q // block_k)
@@ -47,6 +47,7 @@ def candidate_mask(q, k, *, scale, tile_theta, block_q, block_k, sink_tiles, til
 def toptheta_prefill_reference(
     q, k, v, *, scale, theta=None, sdc_delta=None, sdc_gamma=1.0, vmc=False, tile_theta=None,
     sink_tiles=1, tile_budget=None, tile_cap=False, block_q=128, block_k=64, tile_selector="gate", sub_block=None,
+    shared_heads=False,
 ) -> jax.Array:
     """Output [B, T, H, D] in v's dtype; every statistic in float32. Arguments as the kernel's."""
     groups = q.shape[2] // k.shape[2]
@@ -55,7 +56,7 @@ def toptheta_prefill_reference(
     a = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32) * jnp.float32(scale)
     cand = candidate_mask(q, k, scale=scale, tile_theta=tile_theta, block_q=block_q, block_k=block_k,
                           sink_tiles=sink_tiles, tile_budget=tile_budget, tile_cap=tile_cap,
-                          tile_selector=tile_selector, sub_block=sub_block)
+                          tile_selector=tile_selector, sub_block=sub_block, shared_heads=shared_heads)
     masked = jnp.where(cand, a, -jnp.inf)
     m = jnp.max(masked, axis=-1, keepdims=True)
     if theta is None:

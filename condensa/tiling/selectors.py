@@ -150,22 +150,31 @@ def true_tile_mass(probs: jax.Array, block_q: int, block_k: int) -> jax.Array:
 
 
 def keep_top_tiles(scores: jax.Array, *, block_q: int, block_k: int, tile_budget: float,
-                   sink_tiles: int) -> jax.Array:
-    """bool [..., nq, nk]: the mandatory tiles plus the `m_b` optional tiles with the highest score
+                   sink_tiles: int, shared_heads: bool = False) -> jax.Array:
+    """bool [B, H, nq, nk]: the mandatory tiles plus the `m_b` optional tiles with the highest score
     (ties at the cut all go, as in `cap_at_budget`). A query tile with no more optional tiles than
-    its budget keeps them all."""
-    nq, nk = scores.shape[-2:]
+    its budget keeps them all.
+
+    `shared_heads`: the H heads of a query tile share one budget of H · m_b tiles, given to the
+    (head, tile) pairs with the highest scores, so a head whose attention spreads out gets more
+    tiles than one that looks at its diagonal. Scores must then be comparable across heads (the
+    oracle's masses and the row selectors' estimated shares are)."""
+    b, h, nq, nk = scores.shape
     mandatory = mandatory_tiles(nq, nk, block_q, block_k, sink_tiles)
-    optional = optional_tiles(nq, nk, block_q, block_k, sink_tiles)
+    optional = jnp.broadcast_to(optional_tiles(nq, nk, block_q, block_k, sink_tiles), scores.shape)
     budgets = tile_budgets(nq, tile_budget)  # [nq], broadcast over the leading axes
-    chosen = cap_at_budget(jnp.broadcast_to(optional, scores.shape), scores, budgets)
-    return mandatory | chosen
+    if not shared_heads:
+        return mandatory | cap_at_budget(optional, scores, budgets)
+    by_tile = lambda x: jnp.moveaxis(x, 1, 2).reshape(b, nq, h * nk)  # noqa: E731  [B, nq, H·nk]
+    chosen = cap_at_budget(by_tile(optional), by_tile(scores), h * budgets)
+    return mandatory | jnp.moveaxis(chosen.reshape(b, nq, h, nk), 2, 1)
 
 
 def select_tiles(q: jax.Array, k: jax.Array, *, scale: float, block_q: int, block_k: int, tile_budget: float,
                  sink_tiles: int, selector: str, probs: jax.Array | None = None,
-                 sub_block: int | None = None) -> jax.Array:
+                 sub_block: int | None = None, shared_heads: bool = False) -> jax.Array:
     """bool [B, H, nq, nk]: the key tiles each query tile keeps under `selector` at budget f."""
     scores = tile_scores(q, k, scale=scale, block_q=block_q, block_k=block_k, selector=selector, probs=probs,
                          sub_block=sub_block)
-    return keep_top_tiles(scores, block_q=block_q, block_k=block_k, tile_budget=tile_budget, sink_tiles=sink_tiles)
+    return keep_top_tiles(scores, block_q=block_q, block_k=block_k, tile_budget=tile_budget, sink_tiles=sink_tiles,
+                          shared_heads=shared_heads)
