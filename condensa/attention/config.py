@@ -11,11 +11,12 @@ from collections.abc import Mapping
 from typing import Any
 
 from condensa.errors import ConfigError, did_you_mean
+from condensa.tiling.selectors import SELECTORS
 
 MODES = ("dense", "topk", "toptheta")
 PLACEMENTS = ("pre", "post")
 SDC_MODES = ("none", "exact", "exp-threshold", "calibrated")
-TILE_SELECTORS = ("gate", "oracle", "window", "pooled", "rowmean", "moment", "bound")
+TILE_SELECTORS = ("gate", *SELECTORS)  # the calibrated gate, or a budgeted selector
 BACKENDS = ("reference",)  # kernel backends are added by `condensa.attention.register_backend`
 
 
