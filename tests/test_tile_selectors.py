@@ -155,7 +155,7 @@ def test_moment_estimates_the_log_mass_of_gaussian_keys_better_than_the_mean():
 
 @pytest.mark.parametrize("selector,sub_block,shared", [("window", 0, False), ("pooled", 0, False), ("rowmean", 0, False),
                                                        ("moment", 0, False), ("bound", 0, False), ("rowmean", 4, False),
-                                                       ("rowmean", 8, True)])
+                                                       ("rowmean", 8, True), ("sampled", 4, False)])
 def test_prefill_kernel_runs_the_selectors_as_the_reference_op_does(selector, sub_block, shared):
     """The kernel's pre-pass (interpret mode) and the attention package's reference op keep the same
     tiles under each budgeted selector, so their outputs agree (GQA, two query tiles per key tile row)."""
@@ -231,3 +231,23 @@ def test_shared_heads_give_the_budget_of_all_heads_to_the_best_pairs(qk):
             moved |= len(set(per_head.tolist())) > 1
             assert keep[bi, :, b, optional].sum() == H * m
     assert moved and not np.array_equal(keep, separate)  # some heads took more than their own m_b
+
+
+def test_sampled_measures_the_true_mass_of_its_rows(qk):
+    """`sampled` averages the true per-tile mass over rows (j+1)·b_q/s - 1 of each query tile (the
+    last real row for a partial tile); with s = b_q it is the oracle itself."""
+    from condensa.tiling.selectors import sampled_tile_mass
+
+    q, k = qk
+    p = _np_probs(q, k)
+    nq, nk = -(-T // BQ), -(-T // BK)
+    rows = 2
+    expected = np.zeros((B, H, nq, nk))
+    for b in range(nq):
+        picked = [min(b * BQ + (j + 1) * (BQ // rows) - 1, T - 1) for j in range(rows)]
+        for t in range(nk):
+            expected[:, :, b, t] = np.mean([p[:, :, i, t * BK:(t + 1) * BK].sum(-1) for i in picked], axis=0)
+    ours = sampled_tile_mass(jnp.asarray(q), jnp.asarray(k), scale=SCALE, block_q=BQ, block_k=BK, rows=rows)
+    np.testing.assert_allclose(np.asarray(ours), expected, rtol=1e-4, atol=1e-6)
+    full = np.asarray(sampled_tile_mass(jnp.asarray(q), jnp.asarray(k), scale=SCALE, block_q=BQ, block_k=BK, rows=BQ))
+    np.testing.assert_allclose(full[:, :, :-1], _np_tile_mass(p)[:, :, :-1], rtol=1e-4, atol=1e-6)  # whole tiles

@@ -92,9 +92,11 @@ class AttentionConfig:
       query tile, ranked without thresholds (`condensa.tiling.selectors`): "oracle" (the largest
       true tile mass: the ceiling), "window" (the most recent tiles: the floor), "pooled" (the
       gate's score, uncalibrated), "rowmean", "moment" and "bound" (per-row estimates of the tile
-      mass from key-tile statistics). Prefill only.
+      mass from key-tile statistics), "sampled" (the true tile mass of a few rows per query tile).
+      Prefill only.
     sub_block: for the row selectors, summarise keys in sub-blocks of this many (a divisor of
-      block_k; 0 means whole tiles). Finer is closer to the oracle and costs more.
+      block_k; 0 means whole tiles); for "sampled", the rows per query tile (a divisor of block_q;
+      0 means 4). Finer is closer to the oracle and costs more.
     shared_heads: with a budgeted selector, the heads of a query tile share one budget of H · m_b
       tiles, given to the (head, tile) pairs with the highest scores.
     """
@@ -153,8 +155,10 @@ class AttentionConfig:
             raise ConfigError(f"shared_heads ranks (head, tile) pairs across heads by their scores, which "
                               f"tile_selector={self.tile_selector!r} does not compare across heads; use oracle, pooled "
                               "or a row selector.")
-        if self.sub_block < 0 or (self.sub_block and self.block_k % self.sub_block):
-            raise ConfigError(f"sub_block={self.sub_block} must divide block_k={self.block_k} (or be 0: whole tiles).")
+        sub_of = self.block_q if self.tile_selector == "sampled" else self.block_k
+        if self.sub_block < 0 or (self.sub_block and sub_of % self.sub_block):
+            raise ConfigError(f"sub_block={self.sub_block} must divide {sub_of} (block_q for 'sampled', else "
+                              "block_k), or be 0.")
         if self.tile_selector != "gate" and self.decode_gate_rows:
             raise ConfigError(f"tile_selector={self.tile_selector!r} is implemented for prefill; decode_gate_rows "
                               "needs the calibrated gate (tile_selector='gate').")

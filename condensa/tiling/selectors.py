@@ -19,6 +19,8 @@ score, and in what it costs:
   per-channel key min and max. Each costs T · (T / b_k) · D per head: a 1/b_k fraction of attention.
   With `sub_block` s, the keys are summarised in sub-blocks of s (a tile's estimate is the
   log-sum-exp of its sub-blocks'): a 1/s fraction of attention.
+- `sampled`: the oracle's own tile mass, measured exactly on a few evenly spaced rows of each
+  query tile (`sub_block` of them, default 4): rows / b_q of the score matrix.
 
 Tensors use the attention layout: q [B, T, H, D], k [B, T, Hkv, D] (Hkv divides H: GQA). Keys are
 at absolute positions 0..T-1, queries too (prefill).
@@ -33,7 +35,7 @@ import numpy as np
 from condensa.tiling.budget import cap_at_budget
 from condensa.tiling.geometry import mandatory_tiles, optional_tiles, tile_budgets, tile_count
 
-SELECTORS = ("oracle", "window", "pooled", "rowmean", "moment", "bound")
+SELECTORS = ("oracle", "window", "pooled", "rowmean", "moment", "bound", "sampled")
 ROW_SELECTORS = ("rowmean", "moment", "bound")  # the ones scored per query row from key-tile statistics
 
 
@@ -121,11 +123,34 @@ def pooled_scores(q: jax.Array, k: jax.Array, *, scale: float, block_q: int, blo
     return jnp.einsum("bqhd,bkhd->bhqk", q_bar, k_bar) * scale
 
 
+def sampled_tile_mass(q: jax.Array, k: jax.Array, *, scale: float, block_q: int, block_k: int,
+                      rows: int) -> jax.Array:
+    """float32 [B, H, nq, nk]: the oracle's tile mass measured on `rows` evenly spaced rows of each
+    query tile (offsets (j + 1) · block_q / rows - 1, the last one the tile's last row) instead of
+    all of them: exact attention for those rows, summed per key tile and averaged. It costs
+    rows / block_q of the score matrix, and it sees what means cannot: single strong keys, and the
+    fast rotary dimensions."""
+    tq, tk = q.shape[1], k.shape[1]
+    if rows < 1 or block_q % rows:
+        raise ValueError(f"sampled rows={rows} must divide block_q={block_q}")
+    nq, nk = tile_count(tq, block_q), tile_count(tk, block_k)
+    picked = np.minimum(np.arange(nq)[:, None] * block_q + (np.arange(rows)[None, :] + 1) * (block_q // rows) - 1,
+                        tq - 1).reshape(-1)  # [nq · rows]: a partial last tile samples its last row instead
+    k_full = _per_query_head(k, q.shape[2]).astype(jnp.float32)
+    scores = jnp.einsum("bihd,bjhd->bhij", q[:, picked].astype(jnp.float32), k_full) * scale
+    visible = np.arange(tk)[None, :] <= picked[:, None]
+    probs = jax.nn.softmax(jnp.where(visible, scores, -jnp.inf), axis=-1)  # [B, H, nq·rows, Tk]
+    probs = jnp.pad(probs, [(0, 0)] * 3 + [(0, nk * block_k - tk)])
+    per_tile = probs.reshape(*probs.shape[:2], nq, rows, nk, block_k).sum(axis=-1)
+    return per_tile.mean(axis=3)
+
+
 def tile_scores(q: jax.Array, k: jax.Array, *, scale: float, block_q: int, block_k: int, selector: str,
                 probs: jax.Array | None = None, sub_block: int | None = None) -> jax.Array:
     """float32 [B, H, nq, nk]: the selector's score of each (query tile, key tile); higher is kept
     first. `probs` [B, H, Tq, Tk] (the dense attention) is needed by `oracle` only; `sub_block`
-    applies to the row selectors (`estimated_tile_mass`)."""
+    is the row selectors' key-summary size (`estimated_tile_mass`), and `sampled`'s rows per
+    query tile."""
     nq, nk = tile_count(q.shape[1], block_q), tile_count(k.shape[1], block_k)
     if selector == "oracle":
         if probs is None:
@@ -133,6 +158,8 @@ def tile_scores(q: jax.Array, k: jax.Array, *, scale: float, block_q: int, block
         return true_tile_mass(probs, block_q, block_k)
     if selector == "window":
         return jnp.broadcast_to(jnp.arange(nk, dtype=jnp.float32), (q.shape[0], q.shape[2], nq, nk))
+    if selector == "sampled":
+        return sampled_tile_mass(q, k, scale=scale, block_q=block_q, block_k=block_k, rows=sub_block or 4)
     if selector == "pooled":
         return pooled_scores(q, k, scale=scale, block_q=block_q, block_k=block_k)
     return estimated_tile_mass(q, k, scale=scale, block_q=block_q, block_k=block_k, selector=selector,
