@@ -39,6 +39,7 @@ def parse_args():
     p.add_argument("--seq", type=int, default=8192)
     p.add_argument("--tail", type=int, default=2048)
     p.add_argument("--windows", type=int, default=12, help="windows of the text for each sparse rule")
+    p.add_argument("--skip_windows", type=int, default=0, help="start the sparse rules' windows after this many")
     p.add_argument("--book_windows", type=int, default=8)
     p.add_argument("--budgets", default="0.5,0.25,0.125,0.0625")
     p.add_argument("--selectors", default="oracle,window,moment,bound,rowmean,pooled",
@@ -236,7 +237,7 @@ def main() -> None:
                                block_k=args.block, sub_block=int(sub or 0), shared_heads=shared)
 
     all_windows = windows_of(ids, args.seq, None)
-    sub = all_windows[: args.windows]
+    sub = all_windows[args.skip_windows: args.skip_windows + args.windows]
     if "dense" in stages:
         results["dense_all"] = evaluate(runner, all_windows, dense_cfg, args.tail)
         print("dense, all windows", {k: v for k, v in results["dense_all"].items() if "per_window" not in k}, flush=True)
