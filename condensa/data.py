@@ -6,6 +6,7 @@ with EOS so the model sees document boundaries, then packed into fixed-length bl
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -59,11 +60,18 @@ def _has_tokenizer_files(directory: Path) -> bool:
 
 
 def _gguf_tokenizer(name_or_path: str | os.PathLike):
-    from condensa.model.gguf_file import GGUFFile
-    from condensa.model.gguf_tokenizer import gguf_tokenizer
+    from condensa.model.gguf_file import open_gguf
     from condensa.model.sources import resolve_model
 
-    return gguf_tokenizer(GGUFFile(resolve_model(name_or_path, allow_patterns=[]).path))
+    return _tokenizer_of(open_gguf(resolve_model(name_or_path, allow_patterns=[]).path))
+
+
+@functools.lru_cache(maxsize=4)
+def _tokenizer_of(gguf_file):
+    """Rebuilding a real model's tokenizer takes seconds; one per (cached, unchanged) GGUF file."""
+    from condensa.model.gguf_tokenizer import gguf_tokenizer
+
+    return gguf_tokenizer(gguf_file)
 
 
 def model_tokenizer(model: str | os.PathLike, explicit: str | os.PathLike | None = None):

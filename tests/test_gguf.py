@@ -176,6 +176,10 @@ def test_unsupported_quant_type_is_named(tiny_models, tmp_path):
     assert "blk.0.ffn_up.weight" in reader_names
     with pytest.raises(CheckpointError, match="IQ4_NL.*Supported: F32, F16, BF16, Q8_0, Q4_0, Q4_1"):
         condensa.load_pretrained(odd)
+    text = tmp_path / "text.txt"
+    text.write_text(SAMPLE_TEXT)
+    _assert_one_line_error(_cli("-m", "condensa.eval", "ppl", "--model", str(odd), "--data", str(text),
+                                "--out", str(tmp_path / "out")), "IQ4_NL", "blk.0.ffn_up.weight")
 
 
 def test_unsupported_architecture_lists_the_supported_ones(tiny_models, tmp_path):

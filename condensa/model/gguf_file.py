@@ -7,6 +7,7 @@ float32) only when asked for, one at a time.
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 from typing import Any
 
@@ -105,3 +106,20 @@ class GGUFFile:
                                   "truncated or corrupt: download or convert it again.") from None
         values = np.asarray(values, dtype=np.float32).reshape(self.shape(name))
         return values
+
+
+def open_gguf(path: str | Path) -> GGUFFile:
+    """`GGUFFile(path)`, shared while the file is unchanged: parsing the metadata of a real model
+    (its tokenizer's 49k-entry arrays) takes seconds, and the model and its tokenizer both need it."""
+    path = Path(path).resolve()
+    try:
+        stat = path.stat()
+    except OSError as err:
+        raise CheckpointError(f"{path} cannot be read ({err.strerror}); pass an existing .gguf file.") from None
+    return _open_cached(path, stat.st_mtime_ns, stat.st_size)
+
+
+@functools.lru_cache(maxsize=4)
+def _open_cached(path: Path, mtime_ns: int, size: int) -> GGUFFile:
+    return GGUFFile(path)
+

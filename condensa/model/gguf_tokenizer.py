@@ -55,13 +55,19 @@ def _byte_level_pre_tokenizer(pre: str | None, source):
                                     pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
 
 
+def _vocabulary_part(gguf_file: GGUFFile, key: str, kind: str):
+    """A metadata array the tokenizer of this kind cannot do without."""
+    value = gguf_file.value(key)
+    if value is None:
+        raise CheckpointError(f"{gguf_file.path} has a {kind} vocabulary but no {key}; convert the model again, "
+                              "or pass --tokenizer DIR.")
+    return value
+
+
 def _byte_level(gguf_file: GGUFFile, tokens: list[str]):
     from tokenizers import Tokenizer, decoders, models
 
-    merges = gguf_file.value("tokenizer.ggml.merges")
-    if merges is None:
-        raise CheckpointError(f"{gguf_file.path} has a byte-level BPE vocabulary but no tokenizer.ggml.merges; "
-                              "convert the model again, or pass --tokenizer DIR.")
+    merges = _vocabulary_part(gguf_file, "tokenizer.ggml.merges", "byte-level BPE")
     vocab = {token: index for index, token in enumerate(tokens)}
     pairs = [tuple(merge.split(" ", 1)) for merge in merges]
     tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=pairs, fuse_unk=False))
@@ -87,10 +93,7 @@ def merges_from_scores(tokens: list[str], scores: list[float]) -> list[tuple[str
 def _sentencepiece(gguf_file: GGUFFile, tokens: list[str]):
     from tokenizers import Tokenizer, decoders, models, normalizers
 
-    scores = gguf_file.value("tokenizer.ggml.scores")
-    if scores is None:
-        raise CheckpointError(f"{gguf_file.path} has a SentencePiece vocabulary without tokenizer.ggml.scores; "
-                              "convert the model again, or pass --tokenizer DIR.")
+    scores = _vocabulary_part(gguf_file, "tokenizer.ggml.scores", "SentencePiece")
     vocab = {token: index for index, token in enumerate(tokens)}
     unk = gguf_file.value("tokenizer.ggml.unknown_token_id")
     tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=merges_from_scores(tokens, scores),

@@ -84,10 +84,10 @@ def load_pretrained(name_or_path: str | os.PathLike, *, dtype=jnp.float32, seed:
     source = resolve_model(name_or_path, allow_patterns=_WEIGHT_FILES)
     if source.is_gguf:
         from condensa.model.gguf_convert import GGUFCheckpoint, config_values
-        from condensa.model.gguf_file import GGUFFile
+        from condensa.model.gguf_file import open_gguf
         from condensa.model.registry import config_from_dict
 
-        gguf_file = GGUFFile(source.path)
+        gguf_file = open_gguf(source.path)
         config = config_from_dict(config_values(gguf_file), source=str(source.path))
         reader = GGUFCheckpoint(gguf_file, config)
     else:
