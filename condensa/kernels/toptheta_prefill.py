@@ -41,6 +41,7 @@ from condensa.errors import ConfigError
 from condensa.kernels.backend import TPU_BACKENDS, resolve_backend
 from condensa.kernels.tile_gate_prepass import compact_tile_lists, prepass_keep
 from condensa.kernels.toptheta_reference import toptheta_prefill_reference
+from condensa.tiling.selectors import SELECTORS
 
 LOG2E = math.log2(math.e)
 MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)  # finite, so masked rows never make NaN
@@ -355,7 +356,7 @@ def toptheta_prefill(
     m_b = max(1, ceil(f (b + 1))) optional tiles keep them all, as the reference gate does;
     `tile_cap` (needs `tile_budget`) keeps at most the m_b best of the tiles above Θ.
     `tile_selector` other than "gate" ranks the tiles with a budgeted selector of
-    `condensa.tiling.selectors` ("window", "pooled", "rowmean", "moment", "bound") and keeps exactly
+    `condensa.tiling.selectors` (any but "oracle") and keeps exactly
     the m_b best (it needs `tile_budget`, and no `tile_theta`); `sub_block` is its key summary's
     granularity (`condensa.tiling.selectors.estimated_tile_mass`), and `shared_heads` lets the
     heads of a query tile share one budget (`keep_top_tiles`). Rows
@@ -386,10 +387,10 @@ def toptheta_prefill(
             raise ConfigError(f"{name} has shape {tuple(table.shape)} but this call needs {shape} "
                               f"(heads, {'query tiles' if name == 'tile_theta' else 'query rows'}).")
     if tile_selector != "gate":
-        if tile_selector == "oracle" or tile_budget is None or tile_theta is not None:
+        runnable = [s for s in SELECTORS if s != "oracle"]
+        if tile_selector not in runnable or tile_budget is None or tile_theta is not None:
             raise ConfigError(f"tile_selector={tile_selector!r} needs tile_budget and no tile_theta; the kernel "
-                              "runs 'window', 'pooled', 'rowmean', 'moment' and 'bound' (the oracle needs the "
-                              "attention itself).")
+                              f"runs {', '.join(runnable)} (the oracle needs the attention itself).")
     if tile_cap and (tile_theta is None or tile_budget is None):
         raise ConfigError("tile_cap caps the gate at its budget: it needs tile_theta and tile_budget.")
     opts = KernelOptions(

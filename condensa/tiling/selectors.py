@@ -34,6 +34,7 @@ import numpy as np
 
 from condensa.tiling.budget import cap_at_budget
 from condensa.tiling.geometry import mandatory_tiles, optional_tiles, tile_budgets, tile_count
+from condensa.tiling.pooling import pooled_gate_scores, tile_masses
 
 SELECTORS = ("oracle", "window", "pooled", "rowmean", "moment", "bound", "sampled")
 ROW_SELECTORS = ("rowmean", "moment", "bound")  # the ones scored per query row from key-tile statistics
@@ -115,14 +116,6 @@ def estimated_tile_mass(q: jax.Array, k: jax.Array, *, scale: float, block_q: in
     return jnp.moveaxis(rows.sum(axis=2) / counts, 1, 2)
 
 
-def pooled_scores(q: jax.Array, k: jax.Array, *, scale: float, block_q: int, block_k: int) -> jax.Array:
-    """float32 [B, H, nq, nk]: `scale · q̄_b · k̄_t` (the old gate's score)."""
-    q_tiles, q_real = _tiles_of(q, block_q)
-    q_bar = q_tiles.sum(axis=2) / jnp.asarray(q_real.sum(axis=1), jnp.float32)[None, :, None, None]
-    k_bar = _per_query_head(key_tile_stats(k, block_k)["mean"], q.shape[2])
-    return jnp.einsum("bqhd,bkhd->bhqk", q_bar, k_bar) * scale
-
-
 def sampled_tile_mass(q: jax.Array, k: jax.Array, *, scale: float, block_q: int, block_k: int,
                       rows: int) -> jax.Array:
     """float32 [B, H, nq, nk]: the oracle's tile mass measured on `rows` evenly spaced rows of each
@@ -155,25 +148,15 @@ def tile_scores(q: jax.Array, k: jax.Array, *, scale: float, block_q: int, block
     if selector == "oracle":
         if probs is None:
             raise ValueError("the oracle selector ranks by the true tile mass: pass the dense probabilities")
-        return true_tile_mass(probs, block_q, block_k)
+        return tile_masses(probs, block_q, block_k)
     if selector == "window":
         return jnp.broadcast_to(jnp.arange(nk, dtype=jnp.float32), (q.shape[0], q.shape[2], nq, nk))
     if selector == "sampled":
         return sampled_tile_mass(q, k, scale=scale, block_q=block_q, block_k=block_k, rows=sub_block or 4)
-    if selector == "pooled":
-        return pooled_scores(q, k, scale=scale, block_q=block_q, block_k=block_k)
+    if selector == "pooled":  # each query head against its KV head's pooled keys (GQA)
+        return pooled_gate_scores(q, _per_query_head(k, q.shape[2]), scale, block_q, block_k)
     return estimated_tile_mass(q, k, scale=scale, block_q=block_q, block_k=block_k, selector=selector,
                                sub_block=sub_block)
-
-
-def true_tile_mass(probs: jax.Array, block_q: int, block_k: int) -> jax.Array:
-    """`M_bt = mean_{i in b} sum_{j in t} p_ij`: probs [B, H, Tq, Tk] -> float32 [B, H, nq, nk]."""
-    tq, tk = probs.shape[-2:]
-    nq, nk = tile_count(tq, block_q), tile_count(tk, block_k)
-    p = jnp.pad(probs.astype(jnp.float32), [(0, 0)] * (probs.ndim - 2) + [(0, nq * block_q - tq), (0, nk * block_k - tk)])
-    sums = p.reshape(*p.shape[:-2], nq, block_q, nk, block_k).sum(axis=(-3, -1))
-    rows = np.minimum(block_q, tq - np.arange(nq) * block_q).astype(np.float32)
-    return sums / rows[:, None]
 
 
 def keep_top_tiles(scores: jax.Array, *, block_q: int, block_k: int, tile_budget: float,
