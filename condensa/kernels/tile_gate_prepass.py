@@ -97,6 +97,12 @@ def offdiagonal_keep(
     return off_diagonal & (sink | chosen)
 
 
+def table_width(n_key_tiles: int) -> int:
+    """The visit table's width: the count plus the tiles, rounded up to a power of two (Triton's
+    block shapes must be powers of two)."""
+    return max(2, 1 << int(n_key_tiles).bit_length())
+
+
 def compact_tile_lists(keep: jax.Array) -> jax.Array:
     """int32 [B, H, nq, W]: column 0 is the count, columns 1.. the kept key tiles in ascending order.
 
@@ -110,5 +116,5 @@ def compact_tile_lists(keep: jax.Array) -> jax.Array:
     table = jnp.zeros((*lead, nk + 2), jnp.int32)
     table = jnp.put_along_axis(table, dest, tiles, axis=-1, inplace=False)
     table = table.at[..., 0].set(slot[..., -1])
-    width = max(2, 1 << (nk + 1 - 1).bit_length())  # next power of two >= nk + 1
+    width = table_width(nk)
     return jnp.pad(table[..., : nk + 1], [(0, 0)] * len(lead) + [(0, width - nk - 1)])

@@ -2,7 +2,8 @@
 
 One program handles one (query tile, batch, head). It runs an online softmax over the key tiles
 its query tile visits: all causal tiles without a gate, or the compacted list that the gate's
-pre-pass wrote (`tile_gate_prepass.py`), followed by the diagonal tiles, which are the only ones
+pre-pass wrote (`tile_gate_prepass.py`; `selector_prepass.py` for the budgeted rowmean and window
+selectors, in one launch), followed by the diagonal tiles, which are the only ones
 that need the causal mask. Inside a tile, scores `a <= θ` are dropped from numerator and
 denominator; a tile where no row gains a survivor (and no row's fallback maximum moves) is
 counted as empty and, with `skip_empty`, skips its exp, its V load and its P·V. The calibrated
@@ -39,6 +40,7 @@ from jax.experimental import pallas as pl
 
 from condensa.errors import ConfigError
 from condensa.kernels.backend import TPU_BACKENDS, resolve_backend
+from condensa.kernels.selector_prepass import fused_prepass_supported, fused_prepass_table
 from condensa.kernels.tile_gate_prepass import compact_tile_lists, prepass_keep
 from condensa.kernels.toptheta_reference import toptheta_prefill_reference
 from condensa.tiling.selectors import SELECTORS
@@ -260,10 +262,19 @@ def _forward(q, k, v, theta, sdc_delta, tile_theta, opts: KernelOptions):
         v_prefix = jnp.cumsum(tile_sums, axis=1) - tile_sums
     table = keep = None
     if tile_theta is not None or opts.tile_selector != "gate":
-        keep = prepass_keep(qp, kp, tile_theta, scale=opts.scale, block_q=bq, block_k=bk, length=t,
-                            sink_tiles=opts.sink_tiles, tile_budget=opts.tile_budget, tile_cap=opts.tile_cap,
-                            selector=opts.tile_selector, sub_block=opts.sub_block, shared_heads=opts.shared_heads)
-        table = compact_tile_lists(keep)
+        fused = (tile_theta is None and opts.backend not in TPU_BACKENDS
+                 and fused_prepass_supported(opts.tile_selector, opts.sub_block, bk, opts.backend))
+        if fused:  # scores, cut and lists in one launch; the TPU twin reads the mask instead
+            table = fused_prepass_table(qp, kp, scale=opts.scale, block_q=bq, block_k=bk, length=t,
+                                        sink_tiles=opts.sink_tiles, tile_budget=opts.tile_budget,
+                                        selector=opts.tile_selector, shared_heads=opts.shared_heads,
+                                        backend=opts.backend)
+        else:
+            keep = prepass_keep(qp, kp, tile_theta, scale=opts.scale, block_q=bq, block_k=bk, length=t,
+                                sink_tiles=opts.sink_tiles, tile_budget=opts.tile_budget, tile_cap=opts.tile_cap,
+                                selector=opts.tile_selector, sub_block=opts.sub_block,
+                                shared_heads=opts.shared_heads)
+            table = compact_tile_lists(keep)
     if opts.backend in TPU_BACKENDS:
         from condensa.kernels.toptheta_prefill_tpu import launch_tpu
 

@@ -1,0 +1,188 @@
+"""The budgeted tile selectors' pre-pass as one Pallas kernel: scores, the budget cut and the
+compacted visit lists of a query tile in one program, for every head at once.
+
+The same selection in plain XLA (`prepass_keep` + `compact_tile_lists`) writes a [B, H, T, nk]
+score array, reduces it in several passes, sorts every query tile's scores and scatters the lists:
+a dozen launches and a round trip through memory for what is a few kilobytes of result. Here one
+program per (query tile, batch row) keeps everything in registers:
+- `rowmean`: each query row's estimated share of its attention in each key tile, a softmax of
+  `scale · q_i · k̄_t + log(keys in t)` over the tiles the row has started, averaged over the
+  tile's real rows (`condensa.tiling.selectors.estimated_tile_mass` with whole-tile summaries);
+- `window`: recency, the tile index itself;
+- the cut: the (budget + 1)-th largest score among the optional tiles, found exactly by bisection
+  on the bit patterns of the (non-negative) float32 scores, with the shared budget of H · m_b over
+  all heads or m_b per head; ties at the cut all go, as in `cap_at_budget`;
+- the lists: a cumulative sum gives each kept tile its slot, and slot j holds the number of tiles
+  whose slot is below j (the first tile to reach j), so no scatter is needed.
+
+The key-tile means (a [B, nk, Hkv, D] array) are one cheap XLA reduction before the launch.
+Tables equal `compact_tile_lists(prepass_keep(...))` up to scores that tie within float rounding.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.experimental import pallas as pl
+
+from condensa.kernels.tile_gate_prepass import table_width
+from condensa.tiling import tile_budgets
+
+FUSED_SELECTORS = ("rowmean", "window")
+_REGISTER_ELEMENTS = 8192  # the largest [rows, tiles] float32 block one program holds at a time
+
+
+def fused_prepass_supported(selector: str, sub_block: int | None, block_k: int, backend: str) -> bool:
+    """Whether the fused pre-pass computes this selection (else the XLA pre-pass does)."""
+    whole_tiles = sub_block is None or int(sub_block) == block_k
+    return selector in FUSED_SELECTORS and whole_tiles and backend in ("triton", "interpret")
+
+
+def _pow2_at_least(n: int, floor: int = 16) -> int:
+    return max(floor, 1 << (max(1, n) - 1).bit_length())
+
+
+def key_tile_means(k: jax.Array, block_k: int, length: int, width: int) -> tuple[jax.Array, jax.Array]:
+    """k [B, Tp, Hkv, D] padded with zeros past `length` -> (float32 [B, width, Hkv, D] mean of each
+    tile's real keys, zero rows past the last tile; float32 [width] log of each tile's real key
+    count, 0 where it has none)."""
+    b, tp, hkv, d = k.shape
+    nk = tp // block_k
+    sums = k.astype(jnp.float32).reshape(b, nk, block_k, hkv, d).sum(axis=2)
+    count = np.clip(length - np.arange(width) * block_k, 0, block_k).astype(np.float32)
+    means = jnp.pad(sums, [(0, 0), (0, width - nk), (0, 0), (0, 0)]) / np.maximum(count, 1.0)[None, :, None, None]
+    return means, jnp.asarray(np.log(np.maximum(count, 1.0)))
+
+
+def _prepass_kernel(q_ref, kbar_ref, log_count_ref, budget_ref, table_ref, *, selector, scale, heads, groups,
+                    block_q, block_k, length, sink_tiles, shared_heads, row_chunk, list_chunk, precision):
+    q_tile = pl.program_id(0)
+    n_tiles = kbar_ref.shape[0]  # padded key-tile count (a power of two)
+    heads_p = _pow2_at_least(heads)
+    ratio = block_q // block_k
+    tile_ids = jax.lax.broadcasted_iota(jnp.int32, (heads_p, n_tiles), 1)
+    head_ids = jax.lax.broadcasted_iota(jnp.int32, (heads_p, n_tiles), 0)
+    first_row = q_tile * block_q
+    real_rows = jnp.minimum(block_q, length - first_row).astype(jnp.float32)
+
+    def tile_shares(h):
+        """[n_tiles]: head h's rows' mean estimated share of their attention in each key tile."""
+        kbar = kbar_ref[:, h // groups, :]  # [n_tiles, D] float32
+        log_count = log_count_ref[...]
+
+        def chunk(c, total):
+            rows = first_row + c * row_chunk + jax.lax.broadcasted_iota(jnp.int32, (row_chunk, n_tiles), 0)
+            cols = jax.lax.broadcasted_iota(jnp.int32, (row_chunk, n_tiles), 1)
+            q = q_ref[pl.ds(c * row_chunk, row_chunk), h, :].astype(jnp.float32)
+            logits = jax.lax.dot_general(q, kbar, (((1,), (1,)), ((), ())), precision=precision,
+                                         preferred_element_type=jnp.float32) * scale + log_count[None, :]
+            logits = jnp.where(cols * block_k <= rows, logits, -jnp.inf)  # tiles the row has started
+            e = jnp.exp(logits - jnp.max(logits, axis=1, keepdims=True))
+            shares = e / jnp.sum(e, axis=1, keepdims=True)
+            return total + jnp.sum(jnp.where(rows < length, shares, 0.0), axis=0)
+
+        total = jax.lax.fori_loop(0, block_q // row_chunk, chunk, jnp.zeros((n_tiles,), jnp.float32))
+        return total / real_rows
+
+    if selector == "window":
+        scores = tile_ids.astype(jnp.float32)
+    else:
+        scores = jnp.zeros((heads_p, n_tiles), jnp.float32)
+        for h in range(heads):
+            scores = jnp.where(head_ids == h, tile_shares(h)[None, :], scores)
+
+    off_diagonal = tile_ids < q_tile * ratio
+    sinks = off_diagonal & (tile_ids < sink_tiles) & (head_ids < heads)
+    optional = off_diagonal & (tile_ids >= sink_tiles) & (head_ids < heads)
+    budget = budget_ref[q_tile]
+    keep = optional & ~_below_cut(scores, optional, budget * heads if shared_heads else budget, shared_heads)
+    _write_lists(table_ref, keep | sinks, heads=heads, list_chunk=list_chunk)
+
+
+def _below_cut(scores, chosen, budget, shared_heads):
+    """bool: chosen entries at or below the (budget + 1)-th largest chosen score (all False where
+    no more than `budget` are chosen). Bisection on the int32 bit patterns of non-negative float32
+    scores (ordered like the floats) finds that score exactly; over the whole array with a shared
+    budget, per row otherwise."""
+    bits = jnp.where(chosen, jax.lax.bitcast_convert_type(scores, jnp.int32), -1)
+    need = budget + 1
+
+    def count_at_least(v):  # v: scalar or [rows, 1]
+        hits = (bits >= v).astype(jnp.int32)
+        return jnp.sum(hits) if shared_heads else jnp.sum(hits, axis=1, keepdims=True)
+
+    shape = () if shared_heads else (bits.shape[0], 1)
+    lo = jnp.zeros(shape, jnp.int32)  # count(bits >= lo) >= need whenever a cut is needed
+    hi = jnp.full(shape, 0x7F800001, jnp.int32)  # past +inf: count is 0
+
+    def step(_, bounds):
+        lo, hi = bounds
+        mid = lo + (hi - lo) // 2
+        enough = count_at_least(mid) >= need
+        return jnp.where(enough, mid, lo), jnp.where(enough, hi, mid)
+
+    lo, _ = jax.lax.fori_loop(0, 32, step, (lo, hi))
+    capped = count_at_least(0) >= need
+    return chosen & capped & (bits <= lo)
+
+
+def _write_lists(table_ref, keep, *, heads, list_chunk):
+    """Row h of the table: the count, then the kept tiles in ascending order, then zeros. The j-th
+    kept tile (from 1) is the number of tiles whose running count of kept tiles is below j."""
+    n_tiles = keep.shape[1]
+    width = table_ref.shape[-1]
+    slot = jnp.cumsum(keep.astype(jnp.int32), axis=1)  # [heads_p, n_tiles]
+    count = slot[:, n_tiles - 1:n_tiles]
+    head_ids = jax.lax.broadcasted_iota(jnp.int32, slot.shape, 0)
+    for h in range(heads):
+        slot_h = jnp.sum(jnp.where(head_ids == h, slot, 0), axis=0)  # [n_tiles]
+        count_h = jnp.sum(jnp.where(head_ids[:, :1] == h, count, 0))
+        for start in range(0, width, list_chunk):
+            j = start + jax.lax.broadcasted_iota(jnp.int32, (list_chunk, n_tiles), 0)
+            tile = jnp.sum((slot_h[None, :] < j).astype(jnp.int32), axis=1)  # [list_chunk]
+            j_col = start + jax.lax.broadcasted_iota(jnp.int32, (list_chunk,), 0)
+            entry = jnp.where(j_col == 0, count_h, jnp.where(j_col <= count_h, tile, 0))
+            table_ref[h, pl.ds(start, list_chunk)] = entry
+
+
+def fused_prepass_table(q, k, *, scale: float, block_q: int, block_k: int, length: int, sink_tiles: int,
+                        tile_budget: float, selector: str, shared_heads: bool, backend: str,
+                        num_warps: int | None = None) -> jax.Array:
+    """int32 [B, H, nq, W]: the visit lists of `compact_tile_lists(prepass_keep(...))` (the kept
+    off-diagonal tiles of each query tile: sinks plus the budgeted choice) from one kernel launch.
+
+    q [B, Tp, H, D] and k [B, Tp, Hkv, D] are padded with zeros to whole query tiles past the real
+    `length`."""
+    b, tp, h, d = q.shape
+    hkv = k.shape[2]
+    nq, nk = tp // block_q, tp // block_k
+    n_tiles = _pow2_at_least(nk)
+    width = table_width(nk)
+    kbar, log_count = key_tile_means(k, block_k, length, n_tiles)
+    budgets = np.zeros(_pow2_at_least(nq), np.int32)
+    budgets[:nq] = tile_budgets(nq, tile_budget)
+    row_chunk = max(16, min(block_q, _REGISTER_ELEMENTS // n_tiles))
+    list_chunk = max(16, min(width, _REGISTER_ELEMENTS // n_tiles))
+    kernel = functools.partial(
+        _prepass_kernel, selector=selector, scale=float(scale), heads=h, groups=h // hkv, block_q=block_q,
+        block_k=block_k, length=int(length), sink_tiles=int(sink_tiles), shared_heads=bool(shared_heads),
+        row_chunk=row_chunk, list_chunk=min(list_chunk, width),
+        precision=jax.lax.Precision.HIGHEST if q.dtype == jnp.float32 else None)
+    kwargs = {}
+    if backend == "triton":
+        from jax.experimental.pallas import triton as pltriton
+
+        kwargs["compiler_params"] = pltriton.CompilerParams(num_warps=num_warps or 4, num_stages=1)
+    return pl.pallas_call(
+        kernel, grid=(nq, b),
+        in_specs=[pl.BlockSpec((None, block_q, h, d), lambda i, bi: (bi, i, 0, 0)),
+                  pl.BlockSpec((None, n_tiles, hkv, d), lambda i, bi: (bi, 0, 0, 0)),
+                  pl.BlockSpec((n_tiles,), lambda i, bi: (0,)),
+                  pl.BlockSpec((budgets.shape[0],), lambda i, bi: (0,))],
+        out_specs=pl.BlockSpec((None, h, None, width), lambda i, bi: (bi, 0, i, 0)),
+        out_shape=jax.ShapeDtypeStruct((b, h, nq, width), jnp.int32),
+        interpret=backend == "interpret", name="tile_selector_prepass", **kwargs,
+    )(q, kbar, log_count, jnp.asarray(budgets))
