@@ -20,7 +20,7 @@ from flax import nnx
 
 from condensa.attention import AttentionConfig
 from condensa.model.registry import build_model, preset
-from condensa.sparsity.calibrate import GateSpec, _statistics_step
+from condensa.sparsity.calibrate import GateSpec, LayerWalk, _embed, _layer_dropped_mass, _layer_samples
 from condensa.sparsity.thresholds import Thresholds, model_fingerprint
 
 
@@ -73,10 +73,19 @@ def main() -> None:
                 return nnx.merge(graphdef, st)(x, attention=attention, thresholds=thresholds).logits
 
             report(f"  perplexity forward, {name}", jax.jit(logits).lower(state, ids).compile())
-        compiled = _statistics_step.lower(graphdef, state, ids, jnp.full((config.n_layer,), 64, jnp.int32),
-                              walk_attention=AttentionConfig(), placement="pre",
-                              gate=GateSpec(args.tile, args.tile, 0.125, 1)).compile()
-        report("  calibration step (gate on)", compiled)
+        # calibration runs one layer at a time; its peak is one layer's statistics (either pass)
+        walk = LayerWalk(model, AttentionConfig())
+        layer_graph, layer_state = walk.layers[0]
+        x, block_args = jax.eval_shape(lambda ids: _embed(walk.graphdef, walk.state, ids), ids)
+        gate = GateSpec(args.tile, args.tile, 0.125, 1)
+        k_l = jnp.int32(64)
+        compiled = _layer_samples.lower(layer_graph, layer_state, x, block_args, k_l, placement="pre",
+                                        gate=gate).compile()
+        report("  calibration, one layer's samples (gate on)", compiled)
+        theta = jax.ShapeDtypeStruct((config.n_head, t), jnp.float32)
+        compiled = _layer_dropped_mass.lower(layer_graph, layer_state, x, block_args, k_l, theta, placement="pre",
+                                             gate=gate).compile()
+        report("  calibration, one layer's dropped mass (gate on)", compiled)
 
 
 if __name__ == "__main__":

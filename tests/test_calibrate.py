@@ -15,7 +15,7 @@ import yaml
 from condensa.attention import AttentionConfig
 from condensa.sparsity import load_thresholds
 from condensa.sparsity.calibrate import (
-    GateSpec, RunningStats, achieved_sparsity, calibrate, layer_row_statistics,
+    GateSpec, RunningStats, achieved_sparsity, calibrate, layer_dropped_mass, layer_row_statistics,
 )
 from tests.conftest import CORPUS_DIR, TOKENIZER_DIR, WIKITEXT_TEST, make_hf_model, require_shared
 
@@ -26,12 +26,12 @@ SIGMA_ADD = 0.3  # see test_thresholds_reproduce_k_on_held_out_text
 # ---- statistics against brute force ---------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("chunks", [1, 4])
-def test_row_statistics_match_numpy(chunks, monkeypatch):
-    """`chunks`: the element statistics taken a chunk of rows at a time, as at long T."""
+@pytest.mark.parametrize("rows", [16, 4, 5])
+def test_row_statistics_match_numpy(rows, monkeypatch):
+    """`rows`: the element statistics taken that many rows at a time, as at long T (5: a padded last chunk)."""
     import condensa.sparsity.calibrate as calibrate_module
 
-    monkeypatch.setattr(calibrate_module, "row_chunks", lambda tq, tk: chunks)
+    monkeypatch.setattr(calibrate_module, "_chunk_rows", lambda b, h, t: rows)
     t, h, d, k_l, scale = 16, 2, 4, 3, 0.7
     gate = GateSpec(4, 4, 0.25, 1)
     keys = jax.random.split(jax.random.key(0), 2)
@@ -66,10 +66,48 @@ def test_row_statistics_match_numpy(chunks, monkeypatch):
             row = a[b, hh, i, cols]
             theta = sorted(row, reverse=True)[k_l] if len(cols) > k_l else np.nan
             np.testing.assert_allclose(got["theta"][b, hh, i], theta, rtol=1e-5)
-            top = set(np.asarray(cols)[np.argsort(-row, kind="stable")[:k_l]]) if len(cols) > k_l else set(cols)
-            m_i = row.max()
-            delta = sum(math.exp(a[b, hh, i, j] - m_i) for j in range(i + 1) if j not in top)
-            np.testing.assert_allclose(got["delta"][b, hh, i], delta, rtol=1e-4, atol=1e-6)
+    assert "delta" not in got  # Δ̄ needs the finished θ: the second pass
+
+
+@pytest.mark.parametrize("rows", [16, 5])
+@pytest.mark.parametrize("placement", ["pre", "post"])
+def test_dropped_mass_matches_numpy(placement, rows, monkeypatch):
+    """The second pass, gated: Σ exp(a − m) over the visible elements that θ (looked up by row
+    length) drops, the elements of the tiles the exact gate drops included, m the max over the
+    gate's tiles; rows n <= k_l keep their tiles whole; a row with nothing above θ keeps its max."""
+    import condensa.sparsity.calibrate as calibrate_module
+
+    monkeypatch.setattr(calibrate_module, "_chunk_rows", lambda b, h, t: rows)
+    t, h, d, k_l, scale = 16, 2, 4, 3, 0.7
+    gate = GateSpec(4, 4, 0.25, 1)
+    keys = jax.random.split(jax.random.key(2), 3)
+    q, k = (jax.random.normal(key, (2, t, h, d)) for key in keys[:2])
+    qn, kn = np.asarray(q, np.float64), np.asarray(k, np.float64)
+    a = scale * np.einsum("bqhd,bkhd->bhqk", qn, kn)
+    if placement == "pre":  # around the row's (k_l+1)-th score, with rows where nothing passes
+        theta = np.asarray(jax.random.normal(keys[2], (h, t + 3)), np.float32) + np.float32(0.5)
+    else:
+        theta = np.asarray(jax.random.uniform(keys[2], (h, t + 3), maxval=0.4), np.float32)
+    got = np.asarray(jax.jit(lambda q, k, th: layer_dropped_mass(q, k, scale, th, k_l=k_l, placement=placement,
+                                                                  gate=gate))(q, k, theta))
+    qbar, kbar = qn.reshape(2, 4, 4, h, d).mean(2), kn.reshape(2, 4, 4, h, d).mean(2)
+    pooled = scale * np.einsum("bqhd,bkhd->bhqk", qbar, kbar)
+    empty_rows = 0
+    for b, hh, i in np.ndindex(2, h, t):
+        bi = i // 4
+        opt_q = list(range(1, bi))
+        m_q = max(1, math.ceil(0.25 * (bi + 1)))
+        tiles = {0, bi, *sorted(opt_q, key=lambda tt: (-pooled[b, hh, bi, tt], tt))[:m_q]}
+        cols = [j for j in range(i + 1) if j // 4 in tiles]
+        m_i = a[b, hh, i, cols].max()
+        e = {j: math.exp(a[b, hh, i, j] - m_i) for j in cols}
+        values = a[b, hh, i] if placement == "pre" else {j: e[j] / sum(e.values()) for j in cols}
+        kept = set(cols) if i + 1 <= k_l else {j for j in cols if values[j] > theta[hh, i]}
+        if not kept:
+            kept, empty_rows = {max(cols, key=lambda j: a[b, hh, i, j])}, empty_rows + 1
+        want = sum(math.exp(a[b, hh, i, j] - m_i) for j in range(i + 1) if j not in kept)
+        np.testing.assert_allclose(got[b, hh, i], want, rtol=1e-4, atol=1e-6)
+    assert placement == "post" or empty_rows > 0  # the empty-row rule was exercised
 
 
 def test_post_placement_thresholds_probabilities():
@@ -82,6 +120,113 @@ def test_post_placement_thresholds_probabilities():
         p /= p.sum()
         want = np.sort(p)[::-1][2] if i + 1 > 2 else np.nan
         np.testing.assert_allclose(got[0, 0, i], want, rtol=1e-5)
+
+
+def _tiny_model(family: str):
+    """A random GPT-2 (4 heads) or LLaMA (4 query heads sharing 2 KV heads, rotary) of 3 layers, 32 positions."""
+    from flax import nnx
+
+    from condensa.model.registry import build_model, preset
+
+    config = (preset("tiny", n_embd=32, n_layer=3, n_positions=32, vocab_size=97) if family == "gpt2" else
+              preset("llama-tiny", hidden_size=64, intermediate_size=96, head_dim=16, vocab_size=97,
+                     num_hidden_layers=3, max_position_embeddings=32))
+    model = build_model(config, rngs=nnx.Rngs(3))
+    model.eval()
+    return model
+
+
+def _brute_force_two_pass(inputs, ks, placement, sigma_add):
+    """DESIGN.md's calibration in NumPy from each layer's q and k [N, T, H, D] over all N blocks at
+    once: θ[l, h, n] = mean + σ_add · std of the rows' (k_l+1)-th largest value (rows n > k_l), then
+    Δ̄[l, h, n] = the mean over the same rows of Σ exp(a − max) over the elements that θ drops."""
+    thetas, deltas = [], []
+    for layer, (q, k, scale) in enumerate(inputs):
+        k_l = ks[layer]
+        a = scale * np.einsum("bqhd,bkhd->bhqk", np.asarray(q, np.float64), np.asarray(k, np.float64))
+        n_blocks, h, t, _ = a.shape
+        visible = np.tril(np.ones((t, t), bool))
+        e = np.exp(np.where(visible, a - np.where(visible, a, -np.inf).max(-1, keepdims=True), -np.inf))
+        values = a if placement == "pre" else e / e.sum(-1, keepdims=True)
+        rows = np.full((n_blocks, h, t), np.nan)
+        for b, hh, i in np.ndindex(n_blocks, h, t):
+            if i + 1 > k_l:
+                rows[b, hh, i] = np.sort(values[b, hh, i, : i + 1])[::-1][k_l]
+        theta = (np.nanmean(rows, 0) + sigma_add * np.nanstd(rows, 0)).astype(np.float32)  # as saved
+        delta = np.zeros((n_blocks, h, t))
+        for b, hh, i in np.ndindex(n_blocks, h, t):
+            if i + 1 > k_l:
+                kept = values[b, hh, i, : i + 1] > theta[hh, i]
+                if not kept.any():
+                    kept[np.argmax(a[b, hh, i, : i + 1])] = True
+                delta[b, hh, i] = e[b, hh, i, : i + 1][~kept].sum()
+        thetas.append(theta)
+        deltas.append(delta.mean(0))
+    return np.stack(thetas), np.stack(deltas)
+
+
+@pytest.mark.filterwarnings("ignore:Mean of empty slice", "ignore:Degrees of freedom")
+@pytest.mark.parametrize("family,placement,topk_walk", [
+    ("gpt2", "pre", False), ("gpt2", "post", True), ("llama", "pre", True), ("llama", "post", False),
+])
+def test_calibrate_matches_two_pass_brute_force(family, placement, topk_walk):
+    """θ and Δ̄ of `calibrate` (layer by layer, two passes, batches padded) against NumPy on the
+    q and k of the model's own whole-model forward: Δ̄ is the mass the calibrated θ drops, not the
+    mass outside each row's exact top-k. A k of its own in the middle layer checks that, walking
+    with top-k, each layer runs its own k although the layers share one compiled function."""
+    model = _tiny_model(family)
+    blocks = np.random.default_rng(4).integers(0, 97, size=(5, 32))
+    k, layer_k, sigma_add = 4, {1: 6}, 0.1
+    got = calibrate(model, blocks, k=k, layer_k=layer_k, placement=placement, sigma_add=sigma_add, batch_size=2,
+                    topk_at_calibration=topk_walk)
+    walk = AttentionConfig(mode="topk", k=k, layer_k=layer_k) if topk_walk else AttentionConfig()
+    inputs = model(jnp.asarray(blocks), attention=walk, return_attention="inputs").attentions
+    ks = [k, 6, k]
+    theta, delta = _brute_force_two_pass(inputs, ks, placement, sigma_add)
+    for layer, k_l in enumerate(ks):
+        np.testing.assert_allclose(got.theta[layer, :, k_l:], theta[layer, :, k_l:], rtol=2e-5, atol=1e-7)
+        np.testing.assert_allclose(got.sdc_delta[layer, :, k_l:], delta[layer, :, k_l:], rtol=2e-4, atol=1e-6)
+        assert np.all(got.sdc_delta[layer, :, :k_l] == 0)  # dense rows drop nothing without a gate
+
+
+@pytest.mark.filterwarnings("ignore:Mean of empty slice", "ignore:Degrees of freedom")
+def test_layer_by_layer_matches_whole_model_walk():
+    """With a gate and top-k walking a GQA model: every table of `calibrate` equals the same
+    statistics taken along one whole-model walk (`walk_layers` under one jit), as calibration ran
+    before it went layer by layer."""
+    from condensa.sparsity.calibrate import _by_key_tile
+
+    model = _tiny_model("llama")
+    blocks = np.random.default_rng(5).integers(0, 97, size=(3, 32))
+    gate, k, sigma_add = GateSpec(8, 8, 0.25, 1), 4, 0.1
+    got = calibrate(model, blocks, k=k, gate=gate, sigma_add=sigma_add, batch_size=2, topk_at_calibration=True)
+    walk = AttentionConfig(mode="topk", k=k)
+
+    @jax.jit
+    def whole_model(ids, theta):
+        def per_layer(layer, q, kk, v, scale):
+            out = layer_row_statistics(q, kk, scale, k_l=k, placement="pre", gate=gate)
+            out["delta"] = layer_dropped_mass(q, kk, scale, theta[layer], k_l=k, placement="pre", gate=gate)
+            return out
+
+        return model.walk_layers(ids, walk, None, per_layer)
+
+    layers = jax.device_get(whole_model(jnp.asarray(blocks), jnp.asarray(got.theta)))
+    stacked = {name: np.stack([entry[name] for entry in layers]) for name in layers[0]}  # [L, N, H, X]
+
+    def threshold(samples, axis):
+        return np.nanmean(samples, axis) + sigma_add * np.nanstd(samples, axis)
+
+    np.testing.assert_allclose(got.theta[:, :, k:], threshold(stacked["theta"], 1)[:, :, k:], rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(got.sdc_delta, stacked["delta"].mean(1), rtol=1e-4, atol=1e-6)
+    tile = threshold(stacked["tile"], 1)
+    calibrated = np.isfinite(tile)
+    assert calibrated.any()
+    np.testing.assert_allclose(got.tile_theta[calibrated], tile[calibrated], rtol=1e-5, atol=1e-7)
+    decode = threshold(_by_key_tile(stacked["decode"], gate.block_k), (1, 4))
+    calibrated = np.isfinite(decode)
+    assert calibrated.any()
+    np.testing.assert_allclose(got.tile_theta_decode[calibrated], decode[calibrated], rtol=1e-5, atol=1e-7)
 
 
 def test_running_stats_match_numpy():

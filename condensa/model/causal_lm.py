@@ -37,7 +37,8 @@ class ModelOutput(NamedTuple):
 class CausalLM(nnx.Module):
     """Base of `GPT2` and `Llama`. Subclasses build their modules after `super().__init__` and
     define `_embed`, `_blocks` and `_logits`; their blocks take
-    `(x, *block_args, visible=, attention=, thresholds=, kv=, need_probs=, causal=)`."""
+    `(x, *block_args, visible=, attention=, thresholds=, kv=, need_probs=, causal=)` and give their
+    attention's inputs with `attention_projections(x, *block_args) -> (q, k, v, scale)`."""
 
     def __init__(self, config, *, dtype, attention: AttentionConfig | None, remat: bool):
         self.config = config
@@ -57,6 +58,24 @@ class CausalLM(nnx.Module):
         """Logits [B, T, vocab] from the last block's output (the final norm included); with
         `keep_padding`, over the padded vocabulary if the output layer pads it (see `__call__`)."""
         raise NotImplementedError
+
+    def walk_layers(self, ids: jax.Array, attention: AttentionConfig, thresholds, per_layer) -> list:
+        """Calibration's view of the network: for each layer, `per_layer(layer, q, k, v, scale)` on its
+        attention projections before the layer runs with `attention`; returns the callbacks' results.
+        ids [B, T] without padding. K and V are repeated to every query head (grouped-query
+        attention), so per-head statistics need no GQA logic. The model returns probabilities, not
+        the scaled logits that calibration needs, hence this second walk through the same blocks."""
+        b, t = ids.shape
+        visible = jnp.tril(jnp.ones((t, t), bool))[None, None]
+        x, block_args = self._embed(ids, jnp.broadcast_to(jnp.arange(t)[None, :], (b, t)))
+        results = []
+        for layer, block in enumerate(self._blocks()):
+            q, k, v, scale = block.attention_projections(x, *block_args)
+            h = q.shape[2]
+            results.append(per_layer(layer, q, repeat_kv(k, h), repeat_kv(v, h), scale))
+            x, _, _ = block(x, *block_args, visible=visible, attention=attention, thresholds=thresholds,
+                            need_probs=False, causal=True)
+        return results
 
     def init_cache(self, batch: int, max_len: int | None = None, *, tile_size: int | None = None) -> KVCache:
         """An empty KV cache for `batch` sequences of up to `max_len` (default n_positions) tokens,

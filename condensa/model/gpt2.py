@@ -57,10 +57,15 @@ class Attention(nnx.Module):
         self.attn_dropout = nnx.Dropout(config.attn_pdrop, rngs=rngs)
         self.resid_dropout = nnx.Dropout(config.resid_pdrop, rngs=rngs)
 
-    def __call__(self, x, *, visible, attention: AttentionConfig, thresholds, kv=None, need_probs=True, causal=False):
+    def projections(self, x):
+        """q, k, v [B, T, H, D] from the fused `c_attn`."""
         b, t, d = x.shape
         q, k, v = jnp.split(self.c_attn(x), 3, axis=-1)
-        q, k, v = (y.reshape(b, t, self.n_head, d // self.n_head) for y in (q, k, v))
+        return tuple(y.reshape(b, t, self.n_head, d // self.n_head) for y in (q, k, v))
+
+    def __call__(self, x, *, visible, attention: AttentionConfig, thresholds, kv=None, need_probs=True, causal=False):
+        b, t, d = x.shape
+        q, k, v = self.projections(x)
         out, probs, layer_kv = self_attention(
             q, k, v, kv=kv, dropout=self.attn_dropout, visible=visible, scale=self.scale, layer_idx=self.layer_idx,
             attention=attention, thresholds=thresholds, need_probs=need_probs, causal=causal,
@@ -88,6 +93,10 @@ class Block(nnx.Module):
         self.attn = Attention(config, layer_idx, dtype=dtype, rngs=rngs)
         self.ln_2 = nnx.LayerNorm(config.n_embd, epsilon=eps, dtype=dtype, rngs=rngs)
         self.mlp = MLP(config, dtype=dtype, rngs=rngs)
+
+    def attention_projections(self, x):
+        """(q, k, v, scale) of this block's attention for the block input x (`CausalLM.walk_layers`)."""
+        return (*self.attn.projections(self.ln_1(x)), self.attn.scale)
 
     def __call__(self, x, *, visible, attention, thresholds, kv=None, need_probs=True, causal=False):
         a, probs, new_kv = self.attn(

@@ -18,7 +18,6 @@ import jax.numpy as jnp
 from flax import nnx
 
 from condensa.attention import AttentionConfig
-from condensa.attention.gqa import repeat_kv
 from condensa.model.causal_lm import CausalLM, self_attention
 from condensa.model.llama_config import LlamaConfig
 from condensa.model.output_layer import vocab_logits
@@ -98,6 +97,11 @@ class LlamaDecoderLayer(nnx.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, eps=eps, dtype=dtype)
         self.mlp = LlamaMLP(config, dtype=dtype, rngs=rngs)
 
+    def attention_projections(self, x, cos, sin):
+        """(q [B, T, H, D], k and v [B, T, Hkv, D], scale) of this block's attention for the block input
+        x, q and k rotated (`CausalLM.walk_layers`)."""
+        return (*self.self_attn.projections(self.input_layernorm(x), cos, sin), self.self_attn.scale)
+
     def __call__(self, x, cos, sin, *, visible, attention, thresholds, kv=None, need_probs=True, causal=False):
         a, probs, new_kv = self.self_attn(
             self.input_layernorm(x), cos, sin, visible=visible, attention=attention, thresholds=thresholds, kv=kv,
@@ -146,20 +150,3 @@ class Llama(CausalLM):
         if self.lm_head is None:
             return vocab_logits(x, self.embed_tokens.embedding[...], self.dtype, keep_padding=keep_padding)
         return self.lm_head(x)  # untied: never padded
-
-    def walk_layers(self, ids: jax.Array, attention: AttentionConfig, thresholds, per_layer) -> list:
-        """Calibration's view of the network (`condensa.sparsity.calibrate.walk_layers`): for each layer,
-        `per_layer(layer, q, k, v, scale)` on its rotated projections before the layer runs with
-        `attention`. K and V are repeated to every query head, so per-head statistics need no GQA logic."""
-        b, t = ids.shape
-        visible = jnp.tril(jnp.ones((t, t), bool))[None, None]
-        cos, sin = self._rope(jnp.broadcast_to(jnp.arange(t)[None, :], (b, t)))
-        x = self.embed_tokens(ids)
-        results = []
-        for layer, block in enumerate(self.layers):
-            q, k, v = block.self_attn.projections(block.input_layernorm(x), cos, sin)
-            h = q.shape[2]
-            results.append(per_layer(layer, q, repeat_kv(k, h), repeat_kv(v, h), block.self_attn.scale))
-            x, _, _ = block(x, cos, sin, visible=visible, attention=attention, thresholds=thresholds, need_probs=False,
-                            causal=True)
-        return results

@@ -1,14 +1,24 @@
 """Calibration: per (layer, head, row length) thresholds that keep k elements on average.
 
-For each calibration row of length n > k_l, the row threshold is the (k_l+1)-th largest scaled
-logit (or probability, for post-softmax), so that `a > θ_row` keeps exactly k_l elements; then
-`θ = mean + σ_add · std` over the samples. The calibrated SDC table Δ̄ is the mean exact Δ of the
-same pass. With a tile gate, the tile thresholds Θ (prefill, per query tile) and Θ_dec (decode,
-per count of visible key tiles) are the (m_b+1)-th largest optional gate score, calibrated the
-same way; element statistics are then taken inside the tiles that the exact gate (the top m_b
-tiles by gate score) keeps, so θ and Δ̄ match what the gated rule will see.
+Two passes over the same calibration blocks. The first takes, for each row of length n > k_l, the
+row threshold: the (k_l+1)-th largest scaled logit (or probability, for post-softmax), so that
+`a > θ_row` keeps exactly k_l elements; then `θ = mean + σ_add · std` over the samples. The second
+applies the finished θ table, looked up by row length as inference does, to the same rows and
+averages the mass it drops: the calibrated SDC table Δ̄, as DESIGN.md and the Top-θ reference code
+define it (the mass that the calibrated θ drops, not the mass outside each row's exact top-k).
+That needs θ finished, hence the second pass; it sorts nothing. The mass is Σ exp(a_ij − m_i) with
+m_i the largest allowed score of the row, the reference point the kernels add Δ̄ to.
 
-The statistics of a batch are computed under one jit; the host only merges per-row values into
+With a tile gate, the tile thresholds Θ (prefill, per query tile) and Θ_dec (decode, per count of
+visible key tiles) are the (m_b+1)-th largest optional gate score, calibrated the same way in the
+first pass. Element statistics of both passes are taken inside the tiles that the exact gate (the
+top m_b tiles by gate score) keeps, so θ and Δ̄ match what the gated rule will see; Δ̄ counts the
+elements of the tiles it drops as dropped.
+
+The model runs one layer at a time (`LayerWalk`): per layer, one jitted function takes its
+statistics and another runs it, each compiled once for all layers. A jit of the whole walk lets XLA
+keep many layers' [B, H, rows, T] buffers alive at once; this way the peak is one layer's
+statistics, which are taken a chunk of query rows at a time. The host merges per-row values into
 float64 running means and variances (Chan's parallel update), which stay exact over many batches.
 """
 
@@ -24,15 +34,18 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from condensa.attention import AttentionConfig, row_chunks
+from condensa.attention import AttentionConfig
 from condensa.attention.dense import attention_scores
-from condensa.attention.rows import join_rows, masked_max, split_rows
+from condensa.attention.gqa import repeat_kv
+from condensa.attention.rows import join_rows, keep_largest_if_empty, lookup_by_length, masked_max, split_rows
 from condensa.attention.tile_gate import decode_gate_layout, decode_gate_scores, decode_rows_kept_tiles
 from condensa.attention.tiles import (
     expand_tiles, optional_tiles, pooled_gate_scores, tile_budgets, tile_count, top_m_tiles,
 )
 from condensa.errors import ConfigError, DataError
 from condensa.sparsity.thresholds import Thresholds, fill_uncalibrated, model_fingerprint
+
+STATISTICS_CHUNK_SCORES = 2**27  # float32 scores [B, H, rows, T] in one row chunk of the element statistics
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,28 +62,97 @@ class GateSpec:
 
 
 def walk_layers(model, ids: jax.Array, attention: AttentionConfig, thresholds, per_layer: Callable) -> list:
-    """Runs `model` on ids [B, T] (no padding) and calls `per_layer(layer, q, k, v)` on each layer's
-    projections before the layer runs with `attention`. Returns the callbacks' results.
+    """Runs `model` on ids [B, T] (no padding) and calls `per_layer(layer, q, k, v, scale)` on each
+    layer's projections before the layer runs with `attention`. Returns the callbacks' results.
 
-    Calibration needs the scaled logits, which the model does not return (it returns
-    probabilities), so this repeats the model's embedding and fused q/k/v split. A model family
-    with its own layout (`Llama`) provides `model.walk_layers` with this contract; with grouped-query
-    attention it passes K and V repeated to every query head, so statistics stay per query head.
+    The whole walk in one trace (`CausalLM.walk_layers`): for the metrics that run it under one jit
+    at modest lengths. Calibration itself goes layer by layer (`LayerWalk`).
     """
-    if hasattr(model, "walk_layers"):
-        return model.walk_layers(ids, attention, thresholds, per_layer)
+    return model.walk_layers(ids, attention, thresholds, per_layer)
+
+
+class LayerWalk:
+    """The model one layer at a time: the embedding, then per layer jitted functions of that layer's
+    parameters (`run` calls one for the layer's statistics, then runs the layer forward).
+
+    Each block holds its layer index as a static attribute, which only `attend` reads, to pick the
+    layer's k and thresholds. The walk gives each layer an attention config that needs no index
+    (`walk_attention` resolved for that layer, dense or top-k), so with the index set to 0 the
+    blocks of a model share one structure and one compiled function serves them all. Blocks whose
+    structure still differs (a GPT-2 that scales logits by the layer index) compile apart.
+    """
+
+    def __init__(self, model, walk_attention: AttentionConfig):
+        if walk_attention.mode not in ("dense", "topk") or walk_attention.tile_gate:
+            raise ConfigError(f"calibration walks the model with dense or exact top-k attention; got "
+                              f"mode={walk_attention.mode!r}, tile_gate={walk_attention.tile_gate}.")
+        self.graphdef, self.state = nnx.split(model)
+        self.layers = [_split_without_index(block) for block in model._blocks()]
+        self.attentions = [_layer_attention(walk_attention, layer) for layer in range(len(self.layers))]
+
+    def run(self, ids: jax.Array, per_layer: Callable) -> list:
+        """`per_layer(layer, graphdef, state, x, block_args)` on the hidden states x entering each
+        layer; returns the results as they come (device arrays, not yet fetched)."""
+        x, block_args = _embed(self.graphdef, self.state, ids)
+        results = []
+        for layer, (graphdef, state) in enumerate(self.layers):
+            results.append(per_layer(layer, graphdef, state, x, block_args))
+            if layer + 1 < len(self.layers):
+                x = _layer_forward(graphdef, state, x, block_args, attention=self.attentions[layer])
+        return results
+
+
+def _split_without_index(block) -> tuple:
+    """(graphdef, state) of a copy of `block` whose layer index is 0; the parameters are shared."""
+    copy = nnx.merge(*nnx.split(block))
+    for _, node in nnx.iter_graph(copy):
+        if isinstance(node, nnx.Module) and hasattr(node, "layer_idx"):
+            node.layer_idx = 0
+    return nnx.split(copy)
+
+
+def _layer_attention(attention: AttentionConfig, layer: int) -> AttentionConfig:
+    """`attention` as layer `layer` runs it, with nothing left that depends on the layer index."""
+    if attention.is_dense_layer(layer):
+        return AttentionConfig()
+    return attention.replace(k=attention.k_for(layer), layer_k=(), dense_layers=())
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef",))
+def _embed(graphdef, state, ids):
+    """(hidden states entering the first block, the extra arguments of every block)."""
     b, t = ids.shape
+    return nnx.merge(graphdef, state)._embed(ids, jnp.broadcast_to(jnp.arange(t)[None, :], (b, t)))
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "attention"))
+def _layer_forward(graphdef, state, x, block_args, *, attention):
+    block = nnx.merge(graphdef, state)
+    t = x.shape[1]
     visible = jnp.tril(jnp.ones((t, t), bool))[None, None]
-    x = model.wte(ids) + model.wpe(jnp.arange(t)[None, :])
-    results = []
-    for layer, block in enumerate(model.h):
-        h = block.ln_1(x)
-        q, k, v = jnp.split(block.attn.c_attn(h), 3, axis=-1)
-        q, k, v = (y.reshape(b, t, block.attn.n_head, -1) for y in (q, k, v))
-        results.append(per_layer(layer, q, k, v, block.attn.scale))
-        # no probabilities needed: dense layers may run fused, sparse ones in row chunks at long T
-        x, _, _ = block(x, visible=visible, attention=attention, thresholds=thresholds, need_probs=False, causal=True)
-    return results
+    # no probabilities needed: dense layers may run fused, top-k ones in row chunks at long T
+    return block(x, *block_args, visible=visible, attention=attention, thresholds=None, need_probs=False,
+                 causal=True)[0]
+
+
+def _queries_keys(graphdef, state, x, block_args):
+    """q [B, T, H, D], k repeated to the H query heads, and the scale of one block's attention."""
+    q, k, _, scale = nnx.merge(graphdef, state).attention_projections(x, *block_args)
+    return q, repeat_kv(k, q.shape[2]), scale
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "placement", "gate"))
+def _layer_samples(graphdef, state, x, block_args, k_l, *, placement, gate):
+    """First pass, one layer: `layer_row_statistics`. k_l is traced, so one compile serves every k."""
+    q, k, scale = _queries_keys(graphdef, state, x, block_args)
+    return layer_row_statistics(q, k, scale, k_l=k_l, placement=placement, gate=gate)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "placement", "gate"))
+def _layer_dropped_mass(graphdef, state, x, block_args, k_l, theta, *, placement, gate):
+    """Second pass, one layer: `layer_dropped_mass` with the layer's θ table [H, N]."""
+    q, k, scale = _queries_keys(graphdef, state, x, block_args)
+    return layer_dropped_mass(q, k, scale, theta, k_l=k_l, placement=placement, gate=gate)
 
 
 # ---- per-row statistics of one layer ---------------------------------------------------------------
@@ -85,59 +167,113 @@ def _kth_largest(values: jax.Array, allowed: jax.Array, kth: jax.Array | int) ->
     return jnp.where(jnp.isfinite(picked) & (kth < size), picked, jnp.nan)
 
 
-def layer_row_statistics(q, k, scale, *, k_l: int, placement: str, gate: GateSpec | None) -> dict[str, jax.Array]:
-    """Per-row calibration samples of one layer (NaN where a row gives no sample):
-    theta [B, H, T], delta [B, H, T] and, with a gate, tile [B, H, nq] and decode [B, H, T].
+def _chunk_rows(batch: int, heads: int, t: int) -> int:
+    """Query rows per chunk of the element statistics: as many as keep one chunk's [B, H, rows, T]
+    float32 scores within STATISTICS_CHUNK_SCORES, so that the sort's temporaries, a few arrays of
+    that size, stay far below a device's memory at any length."""
+    return max(1, min(t, STATISTICS_CHUNK_SCORES // (batch * heads * t)))
 
-    The element statistics sort whole rows of [B, H, T, T] scores, so at long T they are taken a
-    chunk of rows at a time (`row_chunks`, as the reference attention does). The gate's statistics
-    are per tile and small."""
+
+def _over_row_chunks(per_rows: Callable, q: jax.Array, rows: int) -> jax.Array:
+    """`per_rows(q_rows [B, rows, H, D], row_ids [rows]) -> [B, H, rows]` for all T query rows of q,
+    `rows` at a time under `lax.map` (one chunk's temporaries alive), joined to [B, H, T]. The last
+    chunk is padded with zero query rows, whose results are cut off."""
     t = q.shape[1]
+    chunks = -(-t // rows)
+    if chunks == 1:
+        return per_rows(q, jnp.arange(t))
+    q = jnp.pad(q, ((0, 0), (0, chunks * rows - t), (0, 0), (0, 0)))
+    starts = jnp.arange(chunks) * rows
+    out = jax.lax.map(lambda args: per_rows(args[0], args[1] + jnp.arange(rows)), (split_rows(q, 1, chunks), starts))
+    return join_rows(out, 2)[..., :t]  # [chunks, B, H, rows] -> [B, H, T]
+
+
+def _exact_gate(q, k, scale, gate: GateSpec | None):
+    """(pooled gate scores [B, H, nq, nk], the key tiles the exact gate keeps: bool [B, H, nq, nk],
+    the mandatory ones and the top m_b optional ones by pooled score), or (None, None) without a gate."""
+    if gate is None:
+        return None, None
+    pooled = pooled_gate_scores(q, k, scale, gate.block_q, gate.block_k)
+    return pooled, top_m_tiles(pooled, gate.block_q, gate.block_k, gate.tile_budget, gate.sink_tiles)
+
+
+def _visible_and_allowed(row_ids, t: int, tiles, gate: GateSpec | None):
+    """For query rows `row_ids`: the causal mask [1, 1, rows, T] and the allowed mask (the visible
+    keys in the tiles the exact gate keeps) [B | 1, H | 1, rows, T]."""
+    visible = (row_ids[:, None] >= jnp.arange(t)[None, :])[None, None]
+    if tiles is None:
+        return visible, visible
+    tile_rows = jnp.minimum(row_ids // gate.block_q, tiles.shape[2] - 1)  # padding rows past T: any tile
+    row_tiles = jnp.take(tiles, tile_rows, axis=2)  # [B, H, rows, nk]
+    return visible, visible & expand_tiles(row_tiles, 1, gate.block_k, row_ids.shape[0], t)
+
+
+def _compared_values(scores, allowed, placement: str):
+    """(what θ is compared with, m): the scaled logits (pre) or the probabilities over the allowed
+    keys (post), and m, the largest allowed score of each row [..., 1]."""
+    m = masked_max(scores, allowed)
+    if placement != "post":
+        return scores, m
+    e = jnp.exp(jnp.where(allowed, scores - m, -jnp.inf))
+    return e / e.sum(axis=-1, keepdims=True), m
+
+
+def layer_row_statistics(q, k, scale, *, k_l: int, placement: str, gate: GateSpec | None) -> dict[str, jax.Array]:
+    """First pass: per-row calibration samples of one layer (NaN where a row gives no sample):
+    theta [B, H, T] and, with a gate, tile [B, H, nq] and decode [B, H, T].
+
+    The element statistics sort whole rows of [B, H, T, T] scores, so they are taken a chunk of
+    rows at a time (`_chunk_rows`). The gate's statistics are per tile and small."""
+    b, t, h = q.shape[:3]
     out = {}
-    tiles = None
+    pooled, tiles = _exact_gate(q, k, scale, gate)
     if gate is not None:
         bq, bk, f, sink = gate.block_q, gate.block_k, gate.tile_budget, gate.sink_tiles
         nq = tile_count(t, bq)
-        pooled = pooled_gate_scores(q, k, scale, bq, bk)
         optional = optional_tiles(nq, tile_count(t, bk), bq, bk, sink)
-        budgets = tile_budgets(nq, f)
-        out["tile"] = _kth_largest(pooled, optional, budgets)
+        out["tile"] = _kth_largest(pooled, optional, tile_budgets(nq, f))
         dec_optional, dec_budget = decode_gate_layout(t, bk, f, sink)
         out["decode"] = _kth_largest(decode_gate_scores(q, k, scale, bk), dec_optional, dec_budget)
-        tiles = top_m_tiles(pooled, bq, bk, f, sink)  # [B, H, nq, nk]: the exact gate's tiles
 
-    def element_statistics(args):
-        q_rows, start = args  # rows start .. start + len(q_rows) - 1
-        rows = q_rows.shape[1]
-        row_ids = start + jnp.arange(rows)
+    def row_thresholds(q_rows, row_ids):
         scores = attention_scores(q_rows, k, scale)  # [B, H, rows, T]
-        visible = (row_ids[:, None] >= jnp.arange(t)[None, :])[None, None]
-        allowed = visible
-        if tiles is not None:
-            row_tiles = jnp.take(tiles, row_ids // gate.block_q, axis=2)  # [B, H, rows, nk]
-            allowed = allowed & expand_tiles(row_tiles, 1, gate.block_k, rows, t)
-        allowed = jnp.broadcast_to(allowed, scores.shape)
-        m = masked_max(scores, allowed)
-        if placement == "post":
-            e = jnp.exp(jnp.where(allowed, scores - m, -jnp.inf))
-            values = e / e.sum(axis=-1, keepdims=True)
-        else:
-            values = scores
+        allowed = jnp.broadcast_to(_visible_and_allowed(row_ids, t, tiles, gate)[1], scores.shape)
+        values, _ = _compared_values(scores, allowed, placement)
         theta_row = _kth_largest(values, allowed, k_l)  # NaN where fewer than k_l + 1 allowed
-        theta = jnp.where(row_ids + 1 > k_l, theta_row, jnp.nan)
-        # exact top-k by comparison with the row threshold (k elements unless values tie exactly)
-        kept = allowed & ((values > theta_row[..., None]) | jnp.isnan(theta_row)[..., None])
-        dropped = jnp.broadcast_to(visible, scores.shape) & ~kept
-        return theta, jnp.exp(jnp.where(dropped, scores - m, -jnp.inf)).sum(axis=-1)
+        return jnp.where(row_ids + 1 > k_l, theta_row, jnp.nan)
 
-    chunks = row_chunks(t, t)
-    if chunks == 1:
-        out["theta"], out["delta"] = element_statistics((q, 0))
-        return out
-    starts = jnp.arange(chunks) * (t // chunks)
-    theta, delta = jax.lax.map(element_statistics, (split_rows(q, 1, chunks), starts))  # [chunks, B, H, rows]
-    out["theta"], out["delta"] = join_rows(theta, 2), join_rows(delta, 2)
+    out["theta"] = _over_row_chunks(row_thresholds, q, _chunk_rows(b, h, t))
     return out
+
+
+def layer_dropped_mass(q, k, scale, theta, *, k_l: int, placement: str, gate: GateSpec | None) -> jax.Array:
+    """Second pass: the calibrated-SDC samples of one layer, delta [B, H, T]: the mass
+    Σ exp(a_ij − m_i) of the visible elements that the Top-θ rule with the finished table `theta`
+    [H, N] drops, θ looked up by the row length n_i = i + 1 as at inference.
+
+    Dropped are the allowed elements whose score (pre) or probability (post) is not above θ and,
+    with a gate, every element of a tile the exact gate drops. As at inference, rows of length
+    n <= k_l keep every allowed element (so they sample only the gate's dropped mass, 0 without a
+    gate: inference adds Δ̄ to such a row when the gate dropped something), and a row where nothing
+    beats θ keeps its largest allowed element (DESIGN.md's empty-row rule). A compare per element,
+    no sort, so the same row chunks cost less than in the first pass."""
+    b, t, h = q.shape[:3]
+    _, tiles = _exact_gate(q, k, scale, gate)
+
+    def dropped_mass(q_rows, row_ids):
+        scores = attention_scores(q_rows, k, scale)  # [B, H, rows, T]
+        visible, allowed = _visible_and_allowed(row_ids, t, tiles, gate)
+        allowed = jnp.broadcast_to(allowed, scores.shape)
+        values, m = _compared_values(scores, allowed, placement)
+        lengths = jnp.broadcast_to(row_ids + 1, (b, row_ids.shape[0]))
+        row_theta = lookup_by_length(theta, lengths)  # [B, H, rows]
+        dense_rows = (row_ids + 1 <= k_l)[:, None]
+        kept = allowed & ((values > row_theta[..., None]) | dense_rows)
+        kept = keep_largest_if_empty(kept, scores, allowed)
+        dropped = jnp.broadcast_to(visible, scores.shape) & ~kept
+        return jnp.exp(jnp.where(dropped, scores - m, -jnp.inf)).sum(axis=-1)
+
+    return _over_row_chunks(dropped_mass, q, _chunk_rows(b, h, t))
 
 
 # ---- running statistics on the host ----------------------------------------------------------------
@@ -201,10 +337,13 @@ def calibrate(
     data: str = "",
     progress: Callable[[Iterable], Iterable] | None = None,
 ) -> Thresholds:
-    """Calibrates `model` (a condensa GPT2) on token blocks [N, T] and returns its `Thresholds`.
+    """Calibrates `model` (a condensa `GPT2` or `Llama`) on token blocks [N, T] and returns its `Thresholds`.
 
-    topk_at_calibration: layers run exact top-k while later layers are calibrated, so the
-    statistics of layer l see the sparse activations of layers < l (as at inference).
+    Two passes over the blocks (see the module docstring): θ and the gate thresholds first, then Δ̄
+    with the finished θ. `progress` wraps the batches of both passes in one iterable, so it counts
+    every batch twice. topk_at_calibration: layers run exact top-k while later layers are
+    calibrated, so the statistics of layer l see the sparse activations of layers < l (as at
+    inference); both passes walk the model the same way.
     """
     config = model.config
     probe = AttentionConfig(mode="topk", k=k, layer_k=layer_k, placement=placement)  # validates k/layer_k
@@ -223,35 +362,37 @@ def calibrate(
     if int(blocks.max()) >= config.vocab_size or int(blocks.min()) < 0:
         raise DataError(f"the tokenized text holds ids outside the model's vocabulary ({config.vocab_size}); "
                         "use the tokenizer that belongs to this model (--tokenizer).")
-    walk_attention = probe if topk_at_calibration else AttentionConfig()
-    graphdef, state = nnx.split(model)
-    ks_array = jnp.asarray(ks, jnp.int32)
-    step = functools.partial(_statistics_step, graphdef, state, ks=ks_array,
-                             walk_attention=walk_attention, placement=placement, gate=gate)
+    walk = LayerWalk(model, probe if topk_at_calibration else AttentionConfig())
+    ks = [jnp.int32(k_l) for k_l in ks]
     stats = {name: RunningStats() for name in ("theta", "delta", "tile", "decode")}
-    batches = range(0, n, batch_size)
-    for start in (progress(batches) if progress else batches):
-        batch = blocks[start:start + batch_size]
-        if batch.shape[0] < batch_size:  # pad with repeats so the step never recompiles; drop them after
-            batch = np.concatenate([batch, np.repeat(batch[:1], batch_size - batch.shape[0], axis=0)])
-        real = min(batch_size, n - start)
-        values = jax.device_get(step(jnp.asarray(batch, jnp.int32)))
-        for name, array in values.items():  # [L, B, H, X]
-            array = np.asarray(array)[:, :real]
-            if name == "decode":  # group rows by the number of key tiles they see
-                array = _by_key_tile(array, gate.block_k)
-                stats[name].update(array, axis=(1, 4))
-            else:
-                stats[name].update(array, axis=1)
     n_pos = config.n_positions
-    theta = _resize(stats["theta"].threshold(sigma_add), n_pos)
+    steps = [(second, start) for second in (False, True) for start in range(0, n, batch_size)]
+    theta = layer_theta = None
+
+    def samples(layer, graphdef, state, x, block_args):
+        return _layer_samples(graphdef, state, x, block_args, ks[layer], placement=placement, gate=gate)
+
+    def dropped_mass(layer, graphdef, state, x, block_args):
+        return _layer_dropped_mass(graphdef, state, x, block_args, ks[layer], layer_theta[layer],
+                                   placement=placement, gate=gate)
+
+    for second, start in (progress(steps) if progress else steps):
+        ids, real = _padded_batch(blocks, start, batch_size)
+        if not second:
+            _merge_samples(stats, jax.device_get(walk.run(ids, samples)), real, gate)
+            continue
+        if theta is None:  # the first batch of the second pass: θ is finished
+            theta = _resize(stats["theta"].threshold(sigma_add), n_pos).astype(np.float32)
+            layer_theta = [jnp.asarray(table) for table in theta]  # what inference looks θ up in
+        deltas = jax.device_get(walk.run(ids, dropped_mass))
+        stats["delta"].update(np.stack(deltas)[:, :real], axis=1)  # [L, B, H, T]
     delta = _resize(fill_uncalibrated(stats["delta"].mean, stats["delta"].count > 0), n_pos)
     tile_theta = tile_theta_decode = None
     if gate is not None:
         tile_theta = _resize(stats["tile"].threshold(sigma_add), tile_count(n_pos, gate.block_q))
         tile_theta_decode = _resize(stats["decode"].threshold(sigma_add), tile_count(n_pos, gate.block_k))
     return Thresholds(
-        theta=theta.astype(np.float32), sdc_delta=delta.astype(np.float32),
+        theta=theta, sdc_delta=delta.astype(np.float32),
         tile_theta=None if tile_theta is None else tile_theta.astype(np.float32),
         tile_theta_decode=None if tile_theta_decode is None else tile_theta_decode.astype(np.float32),
         placement=placement, k=int(k), layer_k=probe.layer_k, sigma_add=float(sigma_add),
@@ -259,6 +400,26 @@ def calibrate(
         sink_tiles=gate and gate.sink_tiles, samples=int(n), data=str(data),
         model=model_fingerprint(config), topk_at_calibration=bool(topk_at_calibration),
     )
+
+
+def _padded_batch(blocks: np.ndarray, start: int, batch_size: int) -> tuple[jax.Array, int]:
+    """(ids [batch_size, T] from `start`, how many of them are real): a short last batch is padded
+    with repeats of its first block, so the jitted functions never recompile; the repeats are dropped."""
+    batch = blocks[start:start + batch_size]
+    real = batch.shape[0]
+    if real < batch_size:
+        batch = np.concatenate([batch, np.repeat(batch[:1], batch_size - real, axis=0)])
+    return jnp.asarray(batch, jnp.int32), real
+
+
+def _merge_samples(stats: dict[str, RunningStats], layers: list[dict], real: int, gate: GateSpec | None) -> None:
+    """Adds one batch of first-pass samples (per layer {name: [B, H, X]}) to the running statistics."""
+    for name in layers[0]:
+        array = np.stack([np.asarray(entry[name]) for entry in layers])[:, :real]  # [L, B, H, X]
+        if name == "decode":  # group rows by the number of key tiles they see
+            stats[name].update(_by_key_tile(array, gate.block_k), axis=(1, 4))
+        else:
+            stats[name].update(array, axis=1)
 
 
 def _by_key_tile(rows: np.ndarray, block_k: int) -> np.ndarray:
@@ -269,19 +430,6 @@ def _by_key_tile(rows: np.ndarray, block_k: int) -> np.ndarray:
     if pad:
         rows = np.concatenate([rows, np.full(rows.shape[:-1] + (pad,), np.nan)], axis=-1)
     return rows.reshape(*rows.shape[:-1], nk, block_k)
-
-
-@functools.partial(jax.jit, static_argnames=("graphdef", "walk_attention", "placement", "gate"))
-def _statistics_step(graphdef, state, ids, ks, *, walk_attention, placement, gate):
-    """ids [B, T] -> {name: [L, B, H, X]} per-row samples. k_l is traced (ks [L]), so one compiled
-    step serves every k; the cache is jax.jit's own, keyed by the static arguments."""
-    model = nnx.merge(graphdef, state)
-
-    def per_layer(layer, q, k, v, scale):
-        return layer_row_statistics(q, k, scale, k_l=ks[layer], placement=placement, gate=gate)
-
-    layers = walk_layers(model, ids, walk_attention, None, per_layer)
-    return {name: jnp.stack([entry[name] for entry in layers]) for name in layers[0]}
 
 
 def gate_tiles_per_layer(model, ids, attention: AttentionConfig, thresholds) -> list:
