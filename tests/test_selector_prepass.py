@@ -1,0 +1,45 @@
+"""The fused Pallas pre-pass (`kernels/selector_prepass.py`, interpret mode) against the XLA pre-pass
+(`prepass_keep` then `compact_tile_lists`), which the selector tests check against the reference
+selectors: the same visit table, entry for entry, including partial last tiles and grouped-query
+attention."""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from condensa.kernels.selector_prepass import fused_prepass_supported, fused_prepass_table
+from condensa.kernels.tile_gate_prepass import compact_tile_lists, prepass_keep
+
+CASES = [  # (length, block_q, block_k, heads, kv heads, selector, shared budget, f)
+    (300, 32, 16, 4, 2, "rowmean", True, 0.25),
+    (300, 32, 32, 3, 1, "rowmean", False, 0.4),
+    (250, 32, 16, 2, 2, "window", False, 0.125),
+    (200, 16, 16, 3, 3, "rowmean", True, 0.5),
+]
+
+
+@pytest.mark.parametrize("length,block_q,block_k,heads,kv_heads,selector,shared,f", CASES)
+def test_fused_table_equals_the_xla_prepass(length, block_q, block_k, heads, kv_heads, selector, shared, f):
+    rng = np.random.default_rng(length + heads)
+    padded = -(-length // block_q) * block_q
+
+    def padded_input(h):  # zeros past the real length, as the kernel receives its inputs
+        x = rng.standard_normal((2, length, h, 16)).astype(np.float32)
+        return jnp.pad(jnp.asarray(x), [(0, 0), (0, padded - length), (0, 0), (0, 0)])
+
+    q, k = padded_input(heads) * 1.5, padded_input(kv_heads)
+    common = dict(scale=0.25, block_q=block_q, block_k=block_k, length=length, sink_tiles=1, tile_budget=f)
+    want = compact_tile_lists(prepass_keep(q, k, None, tile_cap=False, selector=selector, shared_heads=shared, **common))
+    got = fused_prepass_table(q, k, selector=selector, shared_heads=shared, backend="interpret", **common)
+    assert got.shape == want.shape and got.dtype == want.dtype
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+
+
+def test_fused_prepass_supports_whole_tiles_on_its_backends_only():
+    assert fused_prepass_supported("rowmean", None, 128, "triton")
+    assert fused_prepass_supported("window", 128, 128, "interpret")
+    assert not fused_prepass_supported("rowmean", 32, 128, "triton")  # sub-blocks: the XLA pre-pass
+    assert not fused_prepass_supported("moment", None, 128, "triton")
+    assert not fused_prepass_supported("rowmean", None, 128, "mosaic_tpu")
