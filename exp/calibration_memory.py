@@ -29,6 +29,7 @@ import yaml
 
 from condensa.attention import AttentionConfig
 from condensa.data import model_tokenizer
+from condensa.eval.bench.memory import peaks
 from condensa.model import load_pretrained
 from condensa.sparsity.calibrate import (
     CalibrationConfig, GateSpec, LayerWalk, _embed, _layer_dropped_mass, _layer_samples, calibrate, load_blocks,
@@ -52,24 +53,6 @@ def parse_args():
     p.add_argument("--topk_at_calibration", action="store_true")
     p.add_argument("--out", required=True)
     return p.parse_args()
-
-
-def host_peak_bytes() -> int:
-    """VmHWM: the process's peak resident set so far."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) * 1024
-    return -1
-
-
-def device_peak_bytes() -> int | None:
-    stats = jax.devices()[0].memory_stats()
-    return None if not stats else int(stats.get("peak_bytes_in_use", -1))
-
-
-def peaks() -> dict:
-    return {"host_vmhwm_gib": host_peak_bytes() / 2**30,
-            "device_peak_gib": None if device_peak_bytes() is None else device_peak_bytes() / 2**30}
 
 
 def layer_temporaries(model, args, gate) -> dict:

@@ -127,6 +127,29 @@ def test_decode_gate_rows_equal_token_by_token_decoding(model, thresholds):
     np.testing.assert_allclose(np.asarray(rows_logits), np.stack(steps, axis=1), atol=2e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("selector,shared", [("rowmean", True), ("window", False)])
+def test_decoding_selectors_rows_equal_token_by_token_decoding(model, selector, shared):
+    """The budgeted selectors decode against the cache as `decode_gate_rows` scores the rows of a
+    full sequence; a prompt written into the larger cache is selected as its own prefill is."""
+    attention = AttentionConfig(mode="dense", tile_gate=True, block_q=8, block_k=8, tile_budget=0.25,
+                                tile_selector=selector, shared_heads=shared)
+    ids = np.random.default_rng(8).integers(0, 98, size=(2, T))
+    rows_logits, probs, _ = forward(model, ids, attention=attention.replace(decode_gate_rows=True))
+    assert (np.asarray(probs[0])[:, :, 24:, 8:24] == 0).any()  # the budget drops tiles of the last rows
+
+    prompt = 12
+    prefill_logits, _, _ = forward(model, ids[:, :prompt], attention=attention)
+    cache = model.init_cache(2, T, tile_size=8)
+    logits, _, cache = forward(model, ids[:, :prompt], attention=attention, cache=cache)
+    np.testing.assert_allclose(np.asarray(logits), np.asarray(prefill_logits), atol=2e-4, rtol=1e-4)
+    steps = []
+    for t in range(prompt, T):
+        logits, _, cache = forward(model, ids[:, t:t + 1], attention=attention, cache=cache)
+        steps.append(np.asarray(logits[:, -1]))
+    # the prompt's rows (one tile and a half) keep every tile either way: from there on, the rows
+    np.testing.assert_allclose(np.asarray(rows_logits)[:, prompt:], np.stack(steps, axis=1), atol=2e-4, rtol=1e-4)
+
+
 def test_decode_gate_rows_needs_the_whole_sequence(model, thresholds):
     from condensa.errors import ConfigError
 

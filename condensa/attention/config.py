@@ -11,7 +11,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from condensa.errors import ConfigError, did_you_mean
-from condensa.tiling.selectors import SELECTORS
+from condensa.tiling.selectors import DECODE_SELECTORS, SELECTORS
 
 MODES = ("dense", "topk", "toptheta")
 PLACEMENTS = ("pre", "post")
@@ -85,15 +85,16 @@ class AttentionConfig:
       decoding row), the best-scored of those above Θ, so f bounds the work. Without it a
       calibrated Θ can keep most tiles of long rows (the first T = 8k run, docs/benchmarks.md).
     decode_gate_rows: with the gate, gate every query row of a full sequence as its decoding step
-      would (single query against Θ_dec), in one pass: the perplexity decoding would give
-      (reference backend).
+      would (a single query against Θ_dec, or a decoding selector's budget), in one pass: the
+      perplexity decoding would give (reference backend).
     tile_selector: how the gate picks tiles. "gate" is the calibrated threshold on pooled scores
       (Θ from the thresholds file). The others keep exactly the budget's m_b optional tiles per
       query tile, ranked without thresholds (`condensa.tiling.selectors`): "oracle" (the largest
       true tile mass: the ceiling), "window" (the most recent tiles: the floor), "pooled" (the
       gate's score, uncalibrated), "rowmean", "moment" and "bound" (per-row estimates of the tile
       mass from key-tile statistics), "sampled" (the true tile mass of a few rows per query tile).
-      Prefill only.
+      Decoding steps (one query against the cache's tile-mean keys) run "window" and "rowmean"
+      with whole tiles (`DECODE_SELECTORS`); the others are prefill only.
     sub_block: for the row selectors, summarise keys in sub-blocks of this many (a divisor of
       block_k; 0 means whole tiles); for "sampled", the rows per query tile (a divisor of block_q;
       0 means 4). Finer is closer to the oracle and costs more.
@@ -159,9 +160,11 @@ class AttentionConfig:
         if self.sub_block < 0 or (self.sub_block and sub_of % self.sub_block):
             raise ConfigError(f"sub_block={self.sub_block} must divide {sub_of} (block_q for 'sampled', else "
                               "block_k), or be 0.")
-        if self.tile_selector != "gate" and self.decode_gate_rows:
-            raise ConfigError(f"tile_selector={self.tile_selector!r} is implemented for prefill; decode_gate_rows "
-                              "needs the calibrated gate (tile_selector='gate').")
+        decodes = self.tile_selector in DECODE_SELECTORS and self.sub_block in (0, self.block_k)
+        if self.decode_gate_rows and self.tile_selector != "gate" and not decodes:
+            raise ConfigError(f"decode_gate_rows gates rows as decoding steps, which run the calibrated gate or one of "
+                              f"{', '.join(DECODE_SELECTORS)} with whole-tile summaries (sub_block=0); got "
+                              f"tile_selector={self.tile_selector!r}, sub_block={self.sub_block}.")
 
     def k_for(self, layer: int) -> int:
         """k_l: the per-layer override from `layer_k`, else `k`."""

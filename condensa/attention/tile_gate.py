@@ -26,6 +26,7 @@ from condensa.attention.tiles import (
 )
 from condensa.errors import ConfigError
 from condensa.tiling import cap_at_budget
+from condensa.tiling.selectors import DECODE_SELECTORS, cap_optional, decode_tile_scores
 
 
 def key_validity(visible: jax.Array) -> jax.Array:
@@ -55,15 +56,17 @@ def prefill_kept_tiles(
 
 
 def decode_kept_tiles(
-    q: jax.Array, k: jax.Array, *, scale: float, visible: jax.Array, tile_theta_decode: jax.Array,
-    block_k: int, tile_budget: float, sink_tiles: int, tile_cap: bool = False,
+    q: jax.Array, k: jax.Array, *, scale: float, visible: jax.Array, tile_theta_decode: jax.Array | None,
+    block_k: int, tile_budget: float, sink_tiles: int, tile_cap: bool = False, selector: str = "gate",
+    shared_heads: bool = False,
 ) -> jax.Array:
-    """bool [B, H, 1, nk] for one query per sequence (q [B, 1, H, D]) against the cached keys."""
+    """bool [B, H, 1, nk] for one query per sequence (q [B, 1, H, D]) against the cached keys.
+    `selector`: "gate" compares with Θ_dec; a budgeted selector (`DECODE_SELECTORS`) keeps the
+    m tiles it scores highest instead, and needs no Θ_dec."""
     tk = k.shape[1]
     nk = tile_count(tk, block_k)
     key_valid = key_validity(visible)
     k_bar = tile_means(k, block_k, key_valid)  # [B, nk, H, D]: what the KV cache keeps per tile
-    scores = jnp.einsum("bhd,bthd->bht", q[:, 0].astype(jnp.float32), k_bar) * jnp.float32(scale)
     row_visible = visible[:, 0, 0]  # [B, Tk]
     last = tk - 1 - jnp.argmax(row_visible[:, ::-1], axis=-1)  # the query's own slot
     last_tile = (last // block_k).astype(jnp.int32)  # [B]
@@ -72,6 +75,13 @@ def decode_kept_tiles(
     mandatory = (t == last_tile[:, None]) | (t < sink)
     optional = (t < last_tile[:, None]) & (t >= sink)
     budget = jnp.asarray(tile_budgets(nk, tile_budget))[last_tile]
+    if selector != "gate":
+        counts = _pad_to_tiles(row_visible.astype(jnp.float32), block_k).sum(axis=-1)  # [B, nk]
+        scores = decode_tile_scores(q, k_bar, counts[:, None], scale=scale, selector=selector)  # [B, H, 1, nk]
+        optional = (optional & (counts > 0))[:, None, None]
+        chosen = cap_optional(optional, scores, budget[:, None], shared_heads=shared_heads)
+        return mandatory[:, None, None] | chosen
+    scores = jnp.einsum("bhd,bthd->bht", q[:, 0].astype(jnp.float32), k_bar) * jnp.float32(scale)
     keep_all = optional.sum(axis=-1) <= budget  # [B]
     idx = jnp.minimum(last_tile, tile_theta_decode.shape[-1] - 1)
     theta = jnp.take(jnp.asarray(tile_theta_decode, jnp.float32), idx, axis=1).T  # [B, H]
@@ -81,6 +91,34 @@ def decode_kept_tiles(
     chosen = chosen | keep_all[:, None, None]
     kept = mandatory[:, None] | (optional[:, None] & chosen)
     return kept[:, :, None, :]
+
+
+def _pad_to_tiles(x: jax.Array, block: int) -> jax.Array:
+    """[..., T] -> [..., ceil(T / block), block], zero-padded."""
+    n = tile_count(x.shape[-1], block)
+    x = jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, n * block - x.shape[-1])])
+    return x.reshape(*x.shape[:-1], n, block)
+
+
+def decode_rows_tile_scores(q: jax.Array, k: jax.Array, *, scale: float, block_k: int, selector: str) -> jax.Array:
+    """float32 [B, H, T, nk]: `decode_tile_scores` of every query row i as the decoding step at slot
+    i scores it. Full tiles before the row's own tile are what the KV cache holds for them; its own
+    tile holds keys up to i only, so that tile's mean and count are the running ones."""
+    b, t, h, d = k.shape
+    nk = tile_count(t, block_k)
+    rows = np.arange(t)
+    counts = np.clip(rows[:, None] + 1 - np.arange(nk)[None, :] * block_k, 0, block_k)  # [T, nk]
+    if selector == "window":
+        return decode_tile_scores(q, tile_means(k, block_k), counts[None], scale=scale, selector=selector)
+    kf = _pad_to_tiles(jnp.moveaxis(k.astype(jnp.float32), 1, -1), block_k)  # [B, H, D, nk, block_k]
+    running = jnp.cumsum(kf, axis=-1) / jnp.arange(1, block_k + 1, dtype=jnp.float32)
+    running = jnp.moveaxis(running.reshape(b, h, d, nk * block_k)[..., :t], -1, 1)  # [B, T, H, D]: own tile
+    full = tile_means(k, block_k)  # [B, nk, H, D]
+    qf = q.astype(jnp.float32)
+    logits = jnp.einsum("bihd,bthd->bhit", qf, full) * jnp.float32(scale) + jnp.log(jnp.asarray(counts, jnp.float32))
+    own = jnp.einsum("bihd,bihd->bhi", qf, running) * jnp.float32(scale) + jnp.log(jnp.float32(1) + rows % block_k)
+    own_tile = (rows // block_k)[:, None] == np.arange(nk)[None, :]  # [T, nk]
+    return jax.nn.softmax(jnp.where(own_tile, own[..., None], logits), axis=-1)
 
 
 def decode_gate_scores(q: jax.Array, k: jax.Array, scale: float, block_k: int) -> jax.Array:
@@ -101,8 +139,8 @@ def decode_gate_layout(t: int, block_k: int, tile_budget: float, sink_tiles: int
 
 
 def decode_rows_kept_tiles(
-    q: jax.Array, k: jax.Array, *, scale: float, tile_theta_decode: jax.Array, block_k: int, tile_budget: float,
-    sink_tiles: int, tile_cap: bool = False,
+    q: jax.Array, k: jax.Array, *, scale: float, tile_theta_decode: jax.Array | None, block_k: int,
+    tile_budget: float, sink_tiles: int, tile_cap: bool = False, selector: str = "gate", shared_heads: bool = False,
 ) -> jax.Array:
     """bool [B, H, T, nk]: the key tiles each query row i keeps when it is gated as the decoding
     step at slot i gates it (`decode_kept_tiles`), for all rows in one pass. This is teacher-forced
@@ -113,6 +151,9 @@ def decode_rows_kept_tiles(
     last = np.arange(t) // block_k
     tiles = np.arange(optional.shape[-1])[None, :]
     mandatory = (tiles == last[:, None]) | (tiles < np.minimum(sink_tiles, last)[:, None])
+    if selector != "gate":
+        scores = decode_rows_tile_scores(q, k, scale=scale, block_k=block_k, selector=selector)
+        return mandatory | cap_optional(optional, scores, budgets, shared_heads=shared_heads)
     keep_all = optional.sum(axis=-1) <= budgets  # [T]: rows with nothing to choose keep every tile
     rows = np.minimum(last, tile_theta_decode.shape[-1] - 1)
     theta = jnp.asarray(tile_theta_decode, jnp.float32)[:, rows]  # [H, T]
@@ -125,20 +166,25 @@ def decode_rows_kept_tiles(
 
 def selector_kept_tiles(q: jax.Array, k: jax.Array, visible: jax.Array, *, scale: float, config) -> jax.Array:
     """bool [B, H, nq, nk]: the tiles a budgeted selector keeps (`config.tile_selector` other than the
-    calibrated gate). Prefill geometry: queries and keys both at slots 0..T-1."""
+    calibrated gate). Prefill geometry: the queries sit at slots 0..Tq-1, and so do the keys they
+    see; slots past Tq (a prompt written into a larger, empty KV cache) hold no key yet, so the
+    selector ranks the first Tq slots and the tiles past them stay dropped."""
     from condensa.attention.dense import attention_scores, masked_softmax
     from condensa.tiling.selectors import select_tiles
 
     tq, tk = q.shape[1], k.shape[1]
-    if tq != tk:
-        raise ConfigError(f"tile_selector={config.tile_selector!r} selects tiles for prefill (queries at slots "
-                          f"0..T-1); this call has {tq} queries against {tk} keys. Use the calibrated gate "
-                          "(tile_selector='gate') for decoding.")
-    probs = masked_softmax(attention_scores(q, k, scale), visible) if config.tile_selector == "oracle" else None
-    return select_tiles(q, k, scale=scale, block_q=config.block_q, block_k=config.block_k,
-                        tile_budget=config.tile_budget, sink_tiles=config.sink_tiles,
-                        selector=config.tile_selector, probs=probs, sub_block=config.sub_block or None,
-                        shared_heads=config.shared_heads)
+    if tq > tk:
+        raise ConfigError(f"tile_selector={config.tile_selector!r} selects tiles for queries at slots 0..Tq-1; this "
+                          f"call has {tq} queries against {tk} keys.")
+    k = k[:, :tq]
+    probs = (masked_softmax(attention_scores(q, k, scale), visible[..., :tq]) if config.tile_selector == "oracle"
+             else None)
+    tiles = select_tiles(q, k, scale=scale, block_q=config.block_q, block_k=config.block_k,
+                         tile_budget=config.tile_budget, sink_tiles=config.sink_tiles,
+                         selector=config.tile_selector, probs=probs, sub_block=config.sub_block or None,
+                         shared_heads=config.shared_heads)
+    missing = tile_count(tk, config.block_k) - tiles.shape[-1]
+    return jnp.pad(tiles, [(0, 0)] * 3 + [(0, missing)])
 
 
 def gate_mask(
@@ -147,25 +193,27 @@ def gate_mask(
     """Elements [B, H, Tq, Tk] that lie in kept tiles and are visible. `layer`: a LayerThresholds
     (None for the selectors that need none)."""
     tq, tk = q.shape[1], k.shape[1]
-    if config.tile_selector != "gate":
-        tiles = selector_kept_tiles(q, k, visible, scale=scale, config=config)
-        return visible & expand_tiles(tiles, config.block_q, config.block_k, tq, tk)
+    selector = config.tile_selector
+    decoding = (config.decode_gate_rows and tq > 1) or tq == 1
+    whole_tiles = config.sub_block in (0, config.block_k)
+    if decoding and selector != "gate" and (selector not in DECODE_SELECTORS or not whole_tiles):
+        raise ConfigError(f"tile_selector={selector!r} selects tiles for prefill only; decoding runs the calibrated "
+                          f"gate or one of {', '.join(DECODE_SELECTORS)} (with whole-tile summaries, sub_block=0).")
+    decode_rule = dict(tile_theta_decode=None if layer is None else layer.tile_theta_decode, block_k=config.block_k,
+                       tile_budget=config.tile_budget, sink_tiles=config.sink_tiles, tile_cap=config.tile_cap,
+                       selector=selector, shared_heads=config.shared_heads)
     if config.decode_gate_rows and tq > 1:
         if tq != tk:
             raise ConfigError(f"decode_gate_rows gates {tq} queries as decoding steps from slot 0, but there are {tk} "
                               "keys; it needs the whole sequence at once (no KV cache).")
-        tiles = decode_rows_kept_tiles(
-            q, k, scale=scale, tile_theta_decode=layer.tile_theta_decode, block_k=config.block_k,
-            tile_budget=config.tile_budget, sink_tiles=config.sink_tiles, tile_cap=config.tile_cap,
-        )
+        tiles = decode_rows_kept_tiles(q, k, scale=scale, **decode_rule)
         return visible & expand_tiles(tiles, 1, config.block_k, tq, tk)
-    if tq == 1:
-        tiles = decode_kept_tiles(
-            q, k, scale=scale, visible=visible, tile_theta_decode=layer.tile_theta_decode,
-            block_k=config.block_k, tile_budget=config.tile_budget, sink_tiles=config.sink_tiles,
-            tile_cap=config.tile_cap,
-        )
+    if decoding:
+        tiles = decode_kept_tiles(q, k, scale=scale, visible=visible, **decode_rule)
         return visible & expand_tiles(tiles, 1, config.block_k, 1, tk)
+    if selector != "gate":
+        tiles = selector_kept_tiles(q, k, visible, scale=scale, config=config)
+        return visible & expand_tiles(tiles, config.block_q, config.block_k, tq, tk)
     tiles = prefill_kept_tiles(
         q, k, scale=scale, key_valid=key_validity(visible), tile_theta=layer.tile_theta,
         block_q=config.block_q, block_k=config.block_k, tile_budget=config.tile_budget, sink_tiles=config.sink_tiles,

@@ -67,6 +67,7 @@ from condensa.errors import ConfigError
 from condensa.kernels.backend import TPU_BACKENDS, resolve_backend
 from condensa.kernels.decode_combine import combine_splits
 from condensa.tiling import cap_at_budget
+from condensa.tiling.selectors import DECODE_SELECTORS, cap_optional, decode_tile_scores
 
 UNGATED_BLOCK_K = 128  # see default_block_k; measured on the H100 in docs/benchmarks.md
 WALKS = ("reduce", "lanes", "mma")  # see toptheta_decode's `walk`
@@ -373,7 +374,7 @@ def tile_budgets(n_tiles: int, tile_budget: float | None) -> np.ndarray | None:
 
 
 def kept_tiles(q, k_tile_mean, lengths, starts, *, n_tiles, scale, block_k, tile_theta_decode, sink_tiles,
-               budgets, queries_per_seq, tile_cap=False):
+               budgets, queries_per_seq, tile_cap=False, selector="gate", shared_heads=False):
     """bool [Bv, H, nk]: the key tiles each (sequence-query, head) visits.
 
     Geometry is in cache slots, as in the reference gate: the tile holding the last key (index
@@ -382,15 +383,29 @@ def kept_tiles(q, k_tile_mean, lengths, starts, *, n_tiles, scale, block_k, tile
     more optional tiles than `budgets[t_count - 1]` (see `tile_budgets`) keeps them all, and with
     `tile_cap` no row keeps more than that many (`cap_at_budget`). Tiles holding no visible
     key (all before `starts`, or past the cache length) are never visited.
+
+    A budgeted `selector` (`DECODE_SELECTORS`) keeps the `budgets[t_count - 1]` optional tiles it
+    scores highest instead (`decode_tile_scores`, `cap_optional`), per head or, with
+    `shared_heads`, H times as many over the row's (head, tile) pairs; it reads no Θ_dec.
     """
     nk = n_tiles
     t = jnp.arange(nk)[None, None, :]
     last = ((lengths - 1) // block_k)[:, None, None]  # [Bv, 1, 1]
     first = (starts // block_k)[:, None, None]
     in_cache = (t >= first) & (t <= last)
-    if tile_theta_decode is None:
+    if tile_theta_decode is None and selector == "gate":
         return jnp.broadcast_to(in_cache, (q.shape[0], q.shape[1], nk))
     k_bar = jnp.repeat(k_tile_mean.astype(jnp.float32), queries_per_seq, axis=0)  # [Bv, nk, Hkv, D]
+    mandatory = (t == last) | (t < jnp.minimum(sink_tiles, last))
+    optional = (t < last) & (t >= sink_tiles)
+    if selector != "gate":
+        slots = t[..., None] * block_k + jnp.arange(block_k)  # [1, 1, nk, block_k]
+        seen = (slots >= starts[:, None, None, None]) & (slots < lengths[:, None, None, None])
+        counts = jnp.sum(seen, axis=-1, dtype=jnp.int32)  # [Bv, 1, nk]: keys of each tile the row sees
+        scores = decode_tile_scores(q[:, None], k_bar, counts, scale=scale, selector=selector)  # [Bv, H, 1, nk]
+        budget = jnp.asarray(budgets)[last[:, 0]]  # [Bv, 1]
+        chosen = cap_optional((optional & (counts > 0))[:, None], scores, budget, shared_heads=shared_heads)
+        return in_cache & (mandatory | chosen[:, :, 0])
     bv, h, d = q.shape
     hkv = k_bar.shape[2]  # GQA: query head h is scored against the tile means of KV head h // G
     grouped = q.astype(jnp.float32).reshape(bv, hkv, h // hkv, d)
@@ -398,8 +413,6 @@ def kept_tiles(q, k_tile_mean, lengths, starts, *, n_tiles, scale, block_k, tile
     row = jnp.minimum(last[:, :, 0], tile_theta_decode.shape[-1] - 1)  # [Bv, 1]
     gate_theta = jnp.take(jnp.asarray(tile_theta_decode, jnp.float32), row[:, 0], axis=1).T  # [Bv, H]
     chosen = scores > gate_theta[:, :, None]
-    mandatory = (t == last) | (t < jnp.minimum(sink_tiles, last))
-    optional = (t < last) & (t >= sink_tiles)
     if budgets is not None:
         budget = jnp.asarray(budgets)[last]
         if tile_cap:
@@ -491,9 +504,10 @@ def _combine(acc, stats, v, seq_of_row, n_visible, sdc, v_mean, vmc):
     return out
 
 
-@functools.partial(jax.jit, static_argnames=("opts", "vmc", "sink_tiles", "sdc_gamma", "tile_cap"))
+@functools.partial(jax.jit, static_argnames=("opts", "vmc", "sink_tiles", "sdc_gamma", "tile_cap", "selector",
+                                             "shared_heads"))
 def _decode(q, k, v, lengths, starts, theta, sdc_delta, v_mean, k_tile_mean, tile_theta_decode, budgets, *,
-            sdc_gamma, opts: DecodeOptions, vmc, sink_tiles, tile_cap=False):
+            sdc_gamma, opts: DecodeOptions, vmc, sink_tiles, tile_cap=False, selector="gate", shared_heads=False):
     b, tq, h, d = q.shape
     lengths = lengths.astype(jnp.int32)
     starts = jnp.zeros((b,), jnp.int32) if starts is None else starts.astype(jnp.int32)
@@ -508,14 +522,14 @@ def _decode(q, k, v, lengths, starts, theta, sdc_delta, v_mean, k_tile_mean, til
     starts_v = jnp.repeat(starts, tq).astype(jnp.int32)
     n_visible = lengths_v - starts_v
 
-    if tile_theta_decode is None:
+    if tile_theta_decode is None and selector == "gate":
         tiles, count = contiguous_tiles(lengths_v, starts_v, heads=h, n_tiles=sp // bk, block_k=bk)
         if opts.contiguous:
             tiles = None  # the Triton kernel computes its tiles; the TPU kernel still reads the range
     else:
         keep = kept_tiles(qv, k_tile_mean, lengths_v, starts_v, n_tiles=sp // bk, scale=opts.scale, block_k=bk,
                           tile_theta_decode=tile_theta_decode, sink_tiles=sink_tiles, budgets=budgets,
-                          queries_per_seq=tq, tile_cap=tile_cap)
+                          queries_per_seq=tq, tile_cap=tile_cap, selector=selector, shared_heads=shared_heads)
         count = jnp.sum(keep, axis=-1, dtype=jnp.int32)  # [Bv, H]
         tiles = compact(keep)
     theta_row = (_lookup(theta, n_visible) if theta is not None
@@ -581,6 +595,8 @@ def toptheta_decode(
     sink_tiles: int = 1,
     tile_budget: float | None = None,
     tile_cap: bool = False,
+    tile_selector: str = "gate",
+    shared_heads: bool = False,
     block_k: int | None = None,
     num_splits: int | None = None,
     backend: str | None = None,
@@ -604,7 +620,10 @@ def toptheta_decode(
     mean of each tile's valid keys, from the cache state) with `tile_theta_decode[h, t_count - 1]`;
     None means no gate. `tile_budget` f (optional) keeps all optional tiles of a row that has no
     more than max(1, ceil(f t_count)) of them, as the reference gate does; `tile_cap` keeps at
-    most that many, the best of those above Θ_dec.
+    most that many, the best of those above Θ_dec. `tile_selector` "window" or "rowmean" (with
+    `k_tile_mean` and `tile_budget`, no Θ_dec) keeps the m optional tiles it ranks highest instead,
+    as the reference op's decoding selectors do; `shared_heads` gives a row's heads one budget of
+    H · m (rowmean).
     `block_k`: cache slots per tile; None: the gate's default of 64, or without a gate
     `UNGATED_BLOCK_K` with θ and `DENSE_BLOCK_K` without (`default_block_k`).
     `num_splits`: split-K shares per (sequence, head); None picks enough to fill a large GPU.
@@ -628,7 +647,8 @@ def toptheta_decode(
                           f"(grouped-query attention); got q {q.shape}, k {k.shape}, v {v.shape}.")
     b, tq, h, d = q.shape
     s, hkv = k.shape[1], k.shape[2]
-    block_k = default_block_k(tile_theta_decode is not None, theta is None) if block_k is None else int(block_k)
+    gated = tile_theta_decode is not None or tile_selector != "gate"
+    block_k = default_block_k(gated, theta is None) if block_k is None else int(block_k)
     if d not in (64, 128):
         raise ConfigError(f"head_dim {d} is not supported by the decode kernel; it takes 64 or 128.")
     if block_k < 16 or block_k & (block_k - 1):
@@ -641,6 +661,15 @@ def toptheta_decode(
     if tile_theta_decode is not None and k_tile_mean is None:
         raise ConfigError("the decode gate needs k_tile_mean [B, S/block_k, H, D] from the KV cache state; "
                           "pass it, or pass tile_theta_decode=None to turn the gate off.")
+    if tile_selector != "gate":
+        if tile_selector not in DECODE_SELECTORS:
+            raise ConfigError(f"tile_selector={tile_selector!r} does not run while decoding; choose 'gate' (with "
+                              f"tile_theta_decode) or one of {', '.join(DECODE_SELECTORS)}.")
+        if k_tile_mean is None or tile_budget is None or tile_theta_decode is not None:
+            raise ConfigError(f"tile_selector={tile_selector!r} keeps a budget of tiles ranked by the cache's tile "
+                              "means: pass k_tile_mean and tile_budget, and no tile_theta_decode.")
+    if shared_heads and tile_selector != "rowmean":
+        raise ConfigError("shared_heads compares tile scores across heads, which only tile_selector='rowmean' gives.")
     if k_tile_mean is not None and tuple(k_tile_mean.shape) != (b, nk, hkv, d):
         raise ConfigError(f"k_tile_mean has shape {tuple(k_tile_mean.shape)} but needs {(b, nk, hkv, d)} "
                           f"(one mean key per tile of block_k={block_k} cache slots).")
@@ -681,8 +710,9 @@ def toptheta_decode(
         scale=float(1.0 / math.sqrt(d) if scale is None else scale), block_k=block_k, num_splits=int(splits),
         queries_per_seq=tq, has_theta=theta is not None, backend=resolved,
         num_warps=num_warps, num_stages=num_stages, skip_v=skip_v, poison_output=bool(poison_output), walk=walk,
-        contiguous=tile_theta_decode is None and resolved not in TPU_BACKENDS)
-    budgets = tile_budgets(nk, None if tile_theta_decode is None or tile_budget is None else float(tile_budget))
+        contiguous=not gated and resolved not in TPU_BACKENDS)
+    budgets = tile_budgets(nk, None if not gated or tile_budget is None else float(tile_budget))
     return _decode(q, k, v, jnp.asarray(lengths), None if starts is None else jnp.asarray(starts), theta, sdc_delta,
                    v_mean if vmc else None, k_tile_mean, tile_theta_decode, budgets, sdc_gamma=float(sdc_gamma),
-                   opts=opts, vmc=bool(vmc), sink_tiles=int(sink_tiles), tile_cap=bool(tile_cap))
+                   opts=opts, vmc=bool(vmc), sink_tiles=int(sink_tiles), tile_cap=bool(tile_cap),
+                   selector=tile_selector, shared_heads=bool(shared_heads))

@@ -159,25 +159,60 @@ def tile_scores(q: jax.Array, k: jax.Array, *, scale: float, block_q: int, block
                                sub_block=sub_block)
 
 
+def cap_optional(optional: jax.Array, scores: jax.Array, budgets, *, shared_heads: bool = False) -> jax.Array:
+    """bool [B, H, R, nk]: the optional tiles each row keeps, the `budgets` (broadcast to [B, R])
+    with the highest scores, ties at the cut all going (`cap_at_budget`). A row with no more
+    optional tiles than its budget keeps them all. `shared_heads`: the H heads of a row share one
+    budget of H · m, given to the (head, tile) pairs with the highest scores."""
+    b, h, r, n = scores.shape
+    optional = jnp.broadcast_to(optional, scores.shape)
+    budgets = jnp.broadcast_to(jnp.asarray(budgets, jnp.int32), (b, r))
+    if not shared_heads:
+        return cap_at_budget(optional, scores, budgets[:, None, :])
+    by_row = lambda x: jnp.moveaxis(x, 1, 2).reshape(b, r, h * n)  # noqa: E731  [B, R, H·nk]
+    chosen = cap_at_budget(by_row(optional), by_row(scores), h * budgets)
+    return jnp.moveaxis(chosen.reshape(b, r, h, n), 2, 1)
+
+
 def keep_top_tiles(scores: jax.Array, *, block_q: int, block_k: int, tile_budget: float,
                    sink_tiles: int, shared_heads: bool = False) -> jax.Array:
     """bool [B, H, nq, nk]: the mandatory tiles plus the `m_b` optional tiles with the highest score
-    (ties at the cut all go, as in `cap_at_budget`). A query tile with no more optional tiles than
-    its budget keeps them all.
+    (`cap_optional`, per query tile). A query tile with no more optional tiles than its budget keeps
+    them all.
 
     `shared_heads`: the H heads of a query tile share one budget of H · m_b tiles, given to the
     (head, tile) pairs with the highest scores, so a head whose attention spreads out gets more
     tiles than one that looks at its diagonal. Scores must then be comparable across heads (the
     oracle's masses and the row selectors' estimated shares are)."""
-    b, h, nq, nk = scores.shape
+    nq, nk = scores.shape[2:]
     mandatory = mandatory_tiles(nq, nk, block_q, block_k, sink_tiles)
-    optional = jnp.broadcast_to(optional_tiles(nq, nk, block_q, block_k, sink_tiles), scores.shape)
-    budgets = tile_budgets(nq, tile_budget)  # [nq], broadcast over the leading axes
-    if not shared_heads:
-        return mandatory | cap_at_budget(optional, scores, budgets)
-    by_tile = lambda x: jnp.moveaxis(x, 1, 2).reshape(b, nq, h * nk)  # noqa: E731  [B, nq, H·nk]
-    chosen = cap_at_budget(by_tile(optional), by_tile(scores), h * budgets)
-    return mandatory | jnp.moveaxis(chosen.reshape(b, nq, h, nk), 2, 1)
+    optional = optional_tiles(nq, nk, block_q, block_k, sink_tiles)
+    return mandatory | cap_optional(optional, scores, tile_budgets(nq, tile_budget), shared_heads=shared_heads)
+
+
+# ---- decoding: one query row per step, scored from what the KV cache keeps per tile ----------------
+
+DECODE_SELECTORS = ("window", "rowmean")  # the budgeted selectors a decoding step can run
+
+
+def decode_tile_scores(q: jax.Array, k_tile_mean: jax.Array, counts: jax.Array, *, scale: float,
+                       selector: str) -> jax.Array:
+    """float32 [B, H, R, nk]: a budgeted selector's score of each key tile for decoding query rows
+    q [B, R, H, D], from the mean key of each tile k_tile_mean [B, nk, Hkv, D] and the number of keys
+    each row sees in each tile, counts [B | 1, R, nk] (0: a tile the row does not see).
+
+    `rowmean` scores each tile with the row's estimated share of its attention (the softmax over
+    the tiles it sees of `scale · q · k̄_t + log count_t`, as the prefill selector does for each row
+    of a query tile), so the scores compare across heads; `window` scores a tile by its index."""
+    b, r, h = q.shape[:3]
+    nk = k_tile_mean.shape[1]
+    if selector == "window":
+        return jnp.broadcast_to(jnp.arange(nk, dtype=jnp.float32), (b, h, r, nk))
+    if selector != "rowmean":
+        raise ValueError(f"{selector!r} does not run while decoding; one of {', '.join(DECODE_SELECTORS)}")
+    counts = jnp.asarray(counts, jnp.float32)[:, None]  # [B | 1, 1, R, nk]
+    logits = row_tile_logits(q, {"mean": k_tile_mean, "count": counts}, scale=scale, selector="rowmean")
+    return jax.nn.softmax(logits, axis=-1)  # log(0) = -inf: a tile the row does not see gets no share
 
 
 def select_tiles(q: jax.Array, k: jax.Array, *, scale: float, block_q: int, block_k: int, tile_budget: float,
