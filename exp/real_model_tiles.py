@@ -1,7 +1,15 @@
-"""Tile selection on a real model (SmolLM2-135M): perplexity at equal tile counts for every selector,
-exact top-k, and the gated prefill's speed against cuDNN, in one GPU run.
+"""Sparse attention on a real model (SmolLM2-135M): perplexity at equal tile counts for every
+selector, exact top-k, Top-θ calibrated at full length with and without compensation, and the
+gated prefill's speed against cuDNN, in one GPU run.
 
     python exp/real_model_tiles.py --model /tmp/smollm2.gguf --out $OUT/tiles
+    python exp/real_model_tiles.py --stages calibrate,topk,toptheta,compensation --seq 2048 --windows 4 \
+        --ks 64,128 --dtype float32 --out runs/toptheta-2k                     # Top-θ alone, on a CPU
+
+Stage calibrate writes thresholds-k{K}.safetensors for each k to OUT (calibrated on the books of
+--calibration_config, which hold neither WikiText nor Moby-Dick); stage toptheta evaluates them
+with each compensation variant; stage compensation compares, per layer and row length, the mass
+Top-θ really drops on held-out windows with the calibrated Δ̄ that SDC adds instead.
 
 Perplexity runs the model layer by layer, one jitted function per attention rule shared by all 30
 layers (their parameters have one structure), so a grid of rules costs one small compile each
@@ -10,12 +18,15 @@ instead of a whole-model compile. Each window scores every position but its firs
 The budgeted selectors keep exactly the mandatory tiles plus m_b per query tile, so every
 selector at one f keeps the same number of tiles.
 
-Results go to OUT/results.json (and a Markdown table to OUT/table.md), written after each stage.
+Results go to OUT/results.json, and the report `exp/real_model_report.py` renders from them to
+OUT/real-model.md, both written after each stage.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import functools
 import json
 import math
 import time
@@ -42,15 +53,26 @@ def parse_args():
     p.add_argument("--skip_windows", type=int, default=0, help="start the sparse rules' windows after this many")
     p.add_argument("--book_windows", type=int, default=8)
     p.add_argument("--budgets", default="0.5,0.25,0.125,0.0625")
-    p.add_argument("--selectors", default="oracle,window,moment,bound,rowmean,pooled",
+    p.add_argument("--selectors", default="oracle,oracle+shared,window,pooled,rowmean,rowmean+shared",
                    help="selector or selector/sub_block, comma-separated")
-    p.add_argument("--book_selectors", default="oracle,window,moment,bound")
+    p.add_argument("--book_selectors", default="oracle,window,rowmean+shared")
     p.add_argument("--ks", default="64,128,256,512")
     p.add_argument("--block", type=int, default=128)
-    p.add_argument("--time_selectors", default="window,moment,bound")
-    p.add_argument("--time_budgets", default="0.5,0.25")
+    p.add_argument("--time_selectors", default="window,rowmean+shared,rowmean")
+    p.add_argument("--time_budgets", default="0.4,0.25")
     p.add_argument("--time_batches", default="1,8")
-    p.add_argument("--stages", default="dense,selectors,topk,book,time")
+    p.add_argument("--calibration_config", default="configs/smollm2-calibrate.yaml",
+                   help="its books calibrate Top-θ (stage calibrate); Moby-Dick and WikiText stay held out")
+    p.add_argument("--calibration_data", nargs="*", default=None, help="override the config's books")
+    p.add_argument("--calibration_blocks", type=int, default=8, help="calibration blocks of --seq tokens")
+    p.add_argument("--thresholds", default="", help="a folder of thresholds-k{K}.safetensors (stage toptheta) "
+                   "instead of the ones stage calibrate writes to OUT")
+    p.add_argument("--compensation", default="none,sdc+vmc,exact",
+                   help="Top-θ variants per k (stage toptheta): none, sdc (calibrated Δ̄), vmc, sdc+vmc, exact and "
+                        "exact+vmc (the true Δ)")
+    p.add_argument("--dtype", default="bfloat16", help="model dtype (float32 on a CPU)")
+    p.add_argument("--stages", default="calibrate,dense,selectors,topk,toptheta,compensation,book,time",
+                   help="dense, selectors, topk, book, time, calibrate, toptheta, compensation")
     p.add_argument("--out", default="runs/real-model-tiles")
     return p.parse_args()
 
@@ -69,24 +91,45 @@ class LayerRunner:
             graph = self.graph
 
             @jax.jit
-            def run(state, x, cos, sin):
+            def run(state, x, cos, sin, thresholds):
                 block = nnx.merge(graph, state)
                 t = x.shape[1]
                 visible = jnp.tril(jnp.ones((t, t), bool))[None, None]
-                y, _, _ = block(x, cos, sin, visible=visible, attention=attention, thresholds=None,
+                y, _, _ = block(x, cos, sin, visible=visible, attention=attention, thresholds=thresholds,
                                 need_probs=False, causal=True)
                 return y
 
             self._layers[attention] = run
         return self._layers[attention]
 
-    def nll(self, ids, attention) -> np.ndarray:
+    def nll(self, ids, attention, thresholds=None) -> np.ndarray:
         """float32 [B, T-1]: -log p(token t | tokens < t) for t = 1..T-1."""
         x, cos, sin = _embed(self.model, ids)
         run = self.layer_fn(attention)
-        for state in self.states:
-            x = run(state, x, cos, sin)
+        for layer, state in enumerate(self.states):
+            x = run(state, x, cos, sin, layer_thresholds(thresholds, layer))
         return np.asarray(_nll(self.model, x, ids))
+
+    def layer_inputs(self, ids, attention, thresholds=None):
+        """(x entering each layer, cos, sin) with the model running `attention`."""
+        x, cos, sin = _embed(self.model, ids)
+        run = self.layer_fn(attention)
+        inputs = []
+        for layer, state in enumerate(self.states):
+            inputs.append(x)
+            x = run(state, x, cos, sin, layer_thresholds(thresholds, layer))
+        return inputs, cos, sin
+
+
+def layer_thresholds(thresholds, layer: int):
+    """The thresholds of one layer as a one-layer `Thresholds` (the runner's blocks all have layer
+    index 0, so one compiled layer serves the 30); None stays None."""
+    if thresholds is None:
+        return None
+    pick = lambda a: None if a is None else jnp.asarray(a[layer:layer + 1])  # noqa: E731
+    return dataclasses.replace(thresholds, theta=pick(thresholds.theta), sdc_delta=pick(thresholds.sdc_delta),
+                               tile_theta=pick(thresholds.tile_theta), tile_theta_decode=pick(thresholds.tile_theta_decode),
+                               layer_k=())
 
 
 @nnx.jit
@@ -108,11 +151,11 @@ def windows_of(ids: np.ndarray, seq: int, n: int | None) -> np.ndarray:
     return ids[: count * seq].reshape(count, seq)
 
 
-def evaluate(runner, windows, attention, tail) -> dict:
+def evaluate(runner, windows, attention, tail, thresholds=None) -> dict:
     total = []
     start = time.perf_counter()
     for w in windows:
-        total.append(runner.nll(jnp.asarray(w[None], jnp.int32), attention)[0])
+        total.append(runner.nll(jnp.asarray(w[None], jnp.int32), attention, thresholds)[0])
     nll = np.stack(total)  # [N, T-1]
     whole, last = nll.mean(), nll[:, -tail:].mean()
     per_window = nll.mean(axis=1)
@@ -141,8 +184,12 @@ def paired_delta(rule: dict, dense: dict, key: str = "nll_per_window") -> dict:
 
 
 def save(out: Path, results: dict) -> None:
+    """OUT/results.json, and the report rendered from it (OUT/real-model.md), after every stage."""
+    from real_model_report import render  # exp/ is on the path of a script run from it
+
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(results, indent=1))
+    (out / "real-model.md").write_text(render(results) + "\n")
 
 
 def time_prefill(model, seq: int, batches: list[int], rules: dict[str, AttentionConfig]) -> dict:
@@ -182,9 +229,11 @@ CUDNN = "cudnn" if jax.default_backend() == "gpu" else None
 
 
 def time_prepass(model, ids, layer: int, rules: dict[str, AttentionConfig]) -> dict:
-    """One layer's q, k, v from real text: the gated kernel's time, its pre-pass alone, and cuDNN's."""
+    """One layer's q, k, v from real text: the gated kernel's time, its pre-pass alone (the fused one
+    where the kernel runs it, and the XLA one), and cuDNN's."""
     from condensa.eval.bench.timing import measure
     from condensa.kernels import toptheta_prefill
+    from condensa.kernels.selector_prepass import fused_prepass_supported, fused_prepass_table
     from condensa.kernels.tile_gate_prepass import compact_tile_lists, prepass_keep
 
     captured = model.walk_layers(ids, AttentionConfig(), None, lambda l, q, k, v, scale: (q, k, v, scale))
@@ -203,23 +252,121 @@ def time_prepass(model, ids, layer: int, rules: dict[str, AttentionConfig]) -> d
             block_k=a.block_k, sub_block=a.sub_block or None, shared_heads=a.shared_heads)[0])
 
         @jax.jit
-        def prepass(q, k, a=attention):
+        def prepass(q, k, a=attention):  # the XLA pre-pass: scores and cut, then the lists
             keep = prepass_keep(q, k, None, scale=scale, block_q=a.block_q, block_k=a.block_k, length=t,
                                 sink_tiles=a.sink_tiles, tile_budget=a.tile_budget, tile_cap=False,
                                 selector=a.tile_selector, sub_block=a.sub_block or None, shared_heads=a.shared_heads)
             return compact_tile_lists(keep)
 
         out[name] = {"kernel": measure(lambda: kernel(q, k, v))["median_s"],
-                     "prepass": measure(lambda: prepass(q, k))["median_s"]}
+                     "prepass_xla": measure(lambda: prepass(q, k))["median_s"]}
+        if fused_prepass_supported(attention.tile_selector, attention.sub_block or None, attention.block_k, "triton"):
+            fused = jax.jit(lambda q, k, a=attention: fused_prepass_table(
+                q, k, scale=scale, block_q=a.block_q, block_k=a.block_k, length=t, sink_tiles=a.sink_tiles,
+                tile_budget=a.tile_budget, selector=a.tile_selector, shared_heads=a.shared_heads, backend="triton"))
+            out[name]["prepass_fused"] = measure(lambda: fused(q, k))["median_s"]  # what the kernel runs
+        out[name]["prepass"] = out[name].get("prepass_fused", out[name]["prepass_xla"])
+        out[name]["prepass_fraction"] = out[name]["prepass"] / out[name]["kernel"]
         print("layer", layer, name, out[name], "cudnn", out["cudnn"], flush=True)
     return out
+
+
+# ---- Top-θ on the real model: calibration at full length, then each k with and without compensation ----
+
+
+def threshold_path(folder, k: int) -> Path:
+    return Path(folder) / f"thresholds-k{k}.safetensors"
+
+
+def calibrate_stage(model, tokenizer, args, ks: list[int], out: Path) -> dict:
+    """Top-θ thresholds for each k on --calibration_blocks blocks of --seq tokens from the
+    calibration books (no gate), written to OUT; the time each took and the process's peak memory
+    after it (the device's peak covers everything the process ran before, so this stage runs first)."""
+    import yaml
+
+    from condensa.eval.bench.memory import peaks
+    from condensa.sparsity.calibrate import CalibrationConfig, calibrate, load_blocks
+
+    books = args.calibration_data or yaml.safe_load(Path(args.calibration_config).read_text())["data"]
+    settings = CalibrationConfig(model=args.model, data=tuple(books), samples=args.calibration_blocks,
+                                 seq_len=args.seq, batch_size=1, check_blocks=0, out=str(out))
+    blocks, _ = load_blocks(settings, tokenizer, args.seq)
+    report = {"books": list(books), "blocks": int(len(blocks)), "seq": args.seq, "per_k": {}}
+    for k in ks:
+        start = time.perf_counter()
+        thresholds = calibrate(model, blocks, k=k, batch_size=1, data=",".join(books))
+        seconds = time.perf_counter() - start
+        thresholds.save(threshold_path(out, k))
+        report["per_k"][str(k)] = {"seconds": seconds, **peaks()}
+        print("calibrated k", k, report["per_k"][str(k)], flush=True)
+    return report
+
+
+def toptheta_rule(k: int, variant: str) -> AttentionConfig:
+    """Top-θ at k with a compensation variant: none, sdc, vmc, sdc+vmc (calibrated Δ̄), exact, exact+vmc
+    (the true Δ: what calibrated SDC approximates at best)."""
+    sdc = {"none": "none", "vmc": "none", "sdc": "calibrated", "sdc+vmc": "calibrated", "exact": "exact",
+           "exact+vmc": "exact"}[variant]
+    return AttentionConfig(mode="toptheta", k=k, sdc=sdc, vmc=variant.endswith("vmc"))
+
+
+@functools.partial(jax.jit, static_argnames=("graph",))
+def _kept_and_dropped(graph, state, x, cos, sin, theta, k_l):
+    """One layer's rows under Top-θ (DESIGN.md: rows n <= k_l dense, a row where nothing passes keeps
+    its largest element): the kept mass D and the dropped mass Δ, as Σ exp(a − m) with m the row's
+    max, and the kept count, each float32 [B, H, T]. All rows at once: [H, T, T] scores fit here."""
+    from condensa.attention.dense import attention_scores
+    from condensa.attention.gqa import repeat_kv
+    from condensa.attention.rows import keep_largest_if_empty, lookup_by_length, masked_max
+
+    q, k, _, scale = nnx.merge(graph, state).attention_projections(x, cos, sin)
+    scores = attention_scores(q, repeat_kv(k, q.shape[2]), scale)  # [B, H, T, T] float32
+    b, _, t, _ = scores.shape
+    visible = jnp.broadcast_to(jnp.tril(jnp.ones((t, t), bool)), scores.shape)
+    lengths = jnp.broadcast_to(jnp.arange(1, t + 1), (b, t))
+    row_theta = lookup_by_length(theta, lengths)[..., None]  # [B, H, T, 1]
+    dense_rows = (jnp.arange(1, t + 1) <= k_l)[:, None]
+    kept = keep_largest_if_empty(visible & ((scores > row_theta) | dense_rows), scores, visible)
+    e = jnp.exp(jnp.where(visible, scores - masked_max(scores, visible), -jnp.inf))
+    return (jnp.where(kept, e, 0).sum(-1), jnp.where(visible & ~kept, e, 0).sum(-1),
+            kept.sum(-1).astype(jnp.float32))
+
+
+def compensation_stage(runner, windows, thresholds, k: int) -> dict:
+    """Per layer and row length: the mass Top-θ really drops (Δ) on held-out windows against the
+    calibrated Δ̄ that SDC adds instead, and the share of each row's mass that the kept elements
+    carry, exactly (D / (D + Δ)) and as calibrated SDC assumes (D / (D + Δ̄))."""
+    t = windows.shape[1]
+    edges = [k * 2**i for i in range(0, 20) if k * 2**i < t] + [t]
+    per_layer = [{} for _ in runner.states]
+    samples = [[] for _ in runner.states]
+    for w in windows:
+        inputs, cos, sin = runner.layer_inputs(jnp.asarray(w[None], jnp.int32), toptheta_rule(k, "none"), thresholds)
+        for layer, (state, x) in enumerate(zip(runner.states, inputs)):
+            theta = jnp.asarray(thresholds.theta[layer], jnp.float32)
+            kept, dropped, count = _kept_and_dropped(runner.graph, state, x, cos, sin, theta, jnp.int32(k))
+            samples[layer].append(tuple(np.asarray(a[0], np.float64) for a in (kept, dropped, count)))
+    for layer, pairs in enumerate(samples):
+        kept = np.concatenate([p[0] for p in pairs], axis=1)  # [H, N·T]
+        dropped = np.concatenate([p[1] for p in pairs], axis=1)
+        count = np.concatenate([p[2] for p in pairs], axis=1)
+        n = np.tile(np.arange(1, t + 1), len(pairs))
+        delta_bar = np.asarray(thresholds.sdc_delta[layer], np.float64)[:, np.minimum(n, thresholds.sdc_delta.shape[-1]) - 1]
+        for lo, hi in zip(edges[:-1], edges[1:]):
+            rows = (n > lo) & (n <= hi)
+            d, dd, kk = dropped[:, rows], delta_bar[:, rows], kept[:, rows]
+            per_layer[layer][f"{lo + 1}-{hi}"] = {
+                "dropped_mean": float(d.mean()), "dropped_median": float(np.median(d)), "delta_bar_mean": float(dd.mean()),
+                "kept_share_exact": float((kk / (kk + d)).mean()), "kept_share_sdc": float((kk / (kk + dd)).mean()),
+                "kept_mean": float(kk.mean()), "kept_elements": float(count[:, rows].mean())}
+    return {"edges": edges, "per_layer": per_layer}
 
 
 def main() -> None:
     args = parse_args()
     out = Path(args.out)
     results = {"args": vars(args), "device": str(jax.devices()[0]), "jax": jax.__version__}
-    model, config = load_pretrained(args.model, dtype=jnp.bfloat16)
+    model, config = load_pretrained(args.model, dtype=jnp.dtype(args.dtype))
     tokenizer = load_tokenizer(args.model)
     ids = np.asarray(tokenizer(Path(args.data).read_text(encoding="utf-8"))["input_ids"], np.int32)
     book = np.asarray(tokenizer(Path(args.book).read_text(encoding="utf-8"))["input_ids"], np.int32)
@@ -236,6 +383,10 @@ def main() -> None:
         return AttentionConfig(tile_gate=True, tile_selector=selector, tile_budget=f, block_q=args.block,
                                block_k=args.block, sub_block=int(sub or 0), shared_heads=shared)
 
+    ks = [int(x) for x in args.ks.split(",")]
+    if "calibrate" in stages:  # first, so the device's peak memory is calibration's
+        results["calibration"] = calibrate_stage(model, tokenizer, args, ks, out)
+        save(out, results)
     all_windows = windows_of(ids, args.seq, None)
     sub = all_windows[args.skip_windows: args.skip_windows + args.windows]
     if "dense" in stages:
@@ -257,12 +408,29 @@ def main() -> None:
                 save(out, results)
     if "topk" in stages:
         grid = results.setdefault("topk", {})
-        for k in [int(x) for x in args.ks.split(",")]:
+        for k in ks:
             r = evaluate(runner, sub, AttentionConfig(mode="topk", k=k), args.tail)
             r.update(paired_delta(r, dense_sub), tail=paired_delta(r, dense_sub, "nll_tail_per_window"))
             grid[str(k)] = r
             print("topk", k, f"ppl {r['ppl']:.3f} ({r['delta_pct']:+.2f}%)", flush=True)
             save(out, results)
+    thresholds = {}
+    if "toptheta" in stages or "compensation" in stages:
+        from condensa.sparsity.thresholds import Thresholds
+
+        thresholds = {k: Thresholds.load(threshold_path(args.thresholds or out, k)) for k in ks}
+    if "toptheta" in stages:
+        grid = results.setdefault("toptheta", {})
+        for k in ks:
+            for variant in args.compensation.split(","):
+                r = evaluate(runner, sub, toptheta_rule(k, variant), args.tail, thresholds[k])
+                r.update(paired_delta(r, dense_sub), tail=paired_delta(r, dense_sub, "nll_tail_per_window"))
+                grid[f"{k}/{variant}"] = r
+                print("toptheta", k, variant, f"ppl {r['ppl']:.3f} ({r['delta_pct']:+.2f}%)", flush=True)
+                save(out, results)
+    if "compensation" in stages:
+        results["compensation"] = {str(k): compensation_stage(runner, sub[:2], thresholds[k], k) for k in ks}
+        save(out, results)
     if "book" in stages:
         book_windows = windows_of(book, args.seq, args.book_windows)
         grid = results.setdefault("book", {})
@@ -286,7 +454,8 @@ def main() -> None:
             window_ids = jnp.asarray(np.resize(sub, (batch, args.seq)))
             results[f"prepass_seconds_b{batch}"] = time_prepass(model, window_ids, 10, rules)
         save(out, results)
-    print(json.dumps({k: v for k, v in results.items() if k not in ("selectors", "topk", "book")}, indent=1)[:3000])
+    print(json.dumps({k: v for k, v in results.items() if k not in ("selectors", "topk", "book", "toptheta", "compensation")},
+                     indent=1)[:3000])
 
 
 if __name__ == "__main__":
