@@ -310,11 +310,12 @@ def toptheta_rule(k: int, variant: str) -> AttentionConfig:
     return AttentionConfig(mode="toptheta", k=k, sdc=sdc, vmc=variant.endswith("vmc"))
 
 
-@functools.partial(jax.jit, static_argnames=("graph",))
-def _kept_and_dropped(graph, state, x, cos, sin, theta, k_l):
+@functools.partial(jax.jit, static_argnames=("graph", "k_max"))
+def _kept_and_dropped(graph, state, x, cos, sin, theta, k_l, k_max):
     """One layer's rows under Top-θ (DESIGN.md: rows n <= k_l dense, a row where nothing passes keeps
     its largest element): the kept mass D and the dropped mass Δ, as Σ exp(a − m) with m the row's
-    max, and the kept count, each float32 [B, H, T]. All rows at once: [H, T, T] scores fit here."""
+    max, the kept count, and the mass exact top-k_l keeps (k_l <= k_max), each float32 [B, H, T].
+    All rows at once: [H, T, T] scores fit here."""
     from condensa.attention.dense import attention_scores
     from condensa.attention.gqa import repeat_kv
     from condensa.attention.rows import keep_largest_if_empty, lookup_by_length, masked_max
@@ -328,14 +329,17 @@ def _kept_and_dropped(graph, state, x, cos, sin, theta, k_l):
     dense_rows = (jnp.arange(1, t + 1) <= k_l)[:, None]
     kept = keep_largest_if_empty(visible & ((scores > row_theta) | dense_rows), scores, visible)
     e = jnp.exp(jnp.where(visible, scores - masked_max(scores, visible), -jnp.inf))
+    top = jax.lax.top_k(e, min(k_max, t))[0]  # exact top-k's kept mass, for the same k
+    topk_mass = jnp.where(jnp.arange(top.shape[-1]) < k_l, top, 0).sum(-1)
     return (jnp.where(kept, e, 0).sum(-1), jnp.where(visible & ~kept, e, 0).sum(-1),
-            kept.sum(-1).astype(jnp.float32))
+            kept.sum(-1).astype(jnp.float32), topk_mass)
 
 
 def compensation_stage(runner, windows, thresholds, k: int) -> dict:
     """Per layer and row length: the mass Top-θ really drops (Δ) on held-out windows against the
-    calibrated Δ̄ that SDC adds instead, and the share of each row's mass that the kept elements
-    carry, exactly (D / (D + Δ)) and as calibrated SDC assumes (D / (D + Δ̄))."""
+    calibrated Δ̄ that SDC adds instead; the share of each row's mass that the kept elements
+    carry, exactly (D / (D + Δ)), as calibrated SDC assumes (D / (D + Δ̄)), and under exact top-k;
+    how many elements Top-θ keeps, and how often fewer than k / 2."""
     t = windows.shape[1]
     edges = [k * 2**i for i in range(0, 20) if k * 2**i < t] + [t]
     per_layer = [{} for _ in runner.states]
@@ -344,12 +348,13 @@ def compensation_stage(runner, windows, thresholds, k: int) -> dict:
         inputs, cos, sin = runner.layer_inputs(jnp.asarray(w[None], jnp.int32), toptheta_rule(k, "none"), thresholds)
         for layer, (state, x) in enumerate(zip(runner.states, inputs)):
             theta = jnp.asarray(thresholds.theta[layer], jnp.float32)
-            kept, dropped, count = _kept_and_dropped(runner.graph, state, x, cos, sin, theta, jnp.int32(k))
-            samples[layer].append(tuple(np.asarray(a[0], np.float64) for a in (kept, dropped, count)))
+            arrays = _kept_and_dropped(runner.graph, state, x, cos, sin, theta, jnp.int32(k), k_max=k)
+            samples[layer].append(tuple(np.asarray(a[0], np.float64) for a in arrays))
     for layer, pairs in enumerate(samples):
         kept = np.concatenate([p[0] for p in pairs], axis=1)  # [H, N·T]
         dropped = np.concatenate([p[1] for p in pairs], axis=1)
         count = np.concatenate([p[2] for p in pairs], axis=1)
+        topk = np.concatenate([p[3] for p in pairs], axis=1)
         n = np.tile(np.arange(1, t + 1), len(pairs))
         delta_bar = np.asarray(thresholds.sdc_delta[layer], np.float64)[:, np.minimum(n, thresholds.sdc_delta.shape[-1]) - 1]
         for lo, hi in zip(edges[:-1], edges[1:]):
@@ -358,7 +363,9 @@ def compensation_stage(runner, windows, thresholds, k: int) -> dict:
             per_layer[layer][f"{lo + 1}-{hi}"] = {
                 "dropped_mean": float(d.mean()), "dropped_median": float(np.median(d)), "delta_bar_mean": float(dd.mean()),
                 "kept_share_exact": float((kk / (kk + d)).mean()), "kept_share_sdc": float((kk / (kk + dd)).mean()),
-                "kept_mean": float(kk.mean()), "kept_elements": float(count[:, rows].mean())}
+                "kept_mean": float(kk.mean()), "kept_elements": float(count[:, rows].mean()),
+                "rows_below_half_k": float((count[:, rows] < k / 2).mean()),
+                "kept_share_topk": float((topk[:, rows] / (kk + d)).mean())}
     return {"edges": edges, "per_layer": per_layer}
 
 
