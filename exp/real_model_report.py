@@ -4,8 +4,8 @@
     python exp/real_model_report.py runs/real/results.json --into docs/real-model.md
 
 `exp/real_model_tiles.py` writes OUT/real-model.md with this after every run, so one command gives
-the whole report. `--into` replaces the part of a page between the markers below and keeps the
-hand-written text around it. Several results files are merged in order (a later run's entry
+the whole report. `--into` replaces the part of a page between the markers of `--block` (see
+`markers`) and keeps the hand-written text around it. Several results files are merged in order (a later run's entry
 replaces an earlier one of the same name), for runs split into stages.
 """
 
@@ -15,7 +15,9 @@ import argparse
 import json
 from pathlib import Path
 
-BEGIN, END = "<!-- real-model report: begin -->", "<!-- real-model report: end -->"
+def markers(block: str) -> tuple[str, str]:
+    """The comments around a generated block named `block` in a page."""
+    return f"<!-- generated {block}: begin -->", f"<!-- generated {block}: end -->"
 
 
 def _pct(x: float) -> str:
@@ -189,14 +191,15 @@ def merge(paths: list[str]) -> dict:
     return merged
 
 
-def write_into(page: Path, report: str) -> None:
-    """Replaces the text between the markers of `page` (or appends the markers and the report)."""
+def write_into(page: Path, report: str, block: str) -> None:
+    """Replaces the text between the markers of `block` in `page` (or appends the markers and the report)."""
+    begin, end = markers(block)
     text = page.read_text() if page.exists() else ""
-    block = f"{BEGIN}\n{report}\n{END}"
-    if BEGIN in text and END in text:
-        text = text[: text.index(BEGIN)] + block + text[text.index(END) + len(END):]
+    generated = f"{begin}\n{report}\n{end}"
+    if begin in text and end in text:
+        text = text[: text.index(begin)] + generated + text[text.index(end) + len(end):]
     else:
-        text = text.rstrip("\n") + ("\n\n" if text else "") + block + "\n"
+        text = text.rstrip("\n") + ("\n\n" if text else "") + generated + "\n"
     page.write_text(text)
 
 
@@ -204,10 +207,11 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("results", nargs="+", help="results.json files of exp/real_model_tiles.py, merged in order")
     p.add_argument("--into", default="", help="a Markdown page whose marked block to replace (default: print)")
+    p.add_argument("--block", default="report", help="the name of that block (a page may hold several)")
     args = p.parse_args()
     report = render(merge(args.results))
     if args.into:
-        write_into(Path(args.into), report)
+        write_into(Path(args.into), report, args.block)
     else:
         print(report)
 

@@ -135,6 +135,29 @@ def test_topk_mode_through_attend():
         np.testing.assert_allclose(np.asarray(probs), want, atol=1e-5)
 
 
+def test_post_placement_topk_keeps_softmax_probabilities_without_renormalising():
+    """Top-k with placement="post" (the Top-θ reference's top-k at calibration for post-softmax
+    Top-θ): the full row's softmax, zero outside the k largest; the rows sum to less than 1."""
+    q, k, v = _qkv(2)
+    vis = _visible()
+    cfg = AttentionConfig(mode="topk", k=3, placement="post")
+    _, probs = attend(q, k, v, visible=vis, scale=SCALE, layer_idx=0, config=cfg)
+
+    def row(a, vv, al, *_):
+        if not al.any():  # a padding row
+            return np.zeros_like(a)
+        e = np.where(al, np.exp(a - a[al].max()), 0.0)
+        p = e / e.sum()
+        top = [j for j in np.argsort(-a, kind="stable") if al[j]][:3]
+        return np.where(np.isin(np.arange(a.size), top), p, 0.0)
+
+    want = np_rows(row, _scores_np(q, k), vis)
+    np.testing.assert_allclose(np.asarray(probs), want, atol=1e-6)
+    sums = np.asarray(probs).sum(-1)
+    long_rows = np.broadcast_to(np.asarray(vis)[:, :, :, :].sum(-1) > 3, sums.shape)
+    assert (sums[long_rows] < 1 - 1e-4).all()
+
+
 # ---- Top-θ ------------------------------------------------------------------------------------------
 
 

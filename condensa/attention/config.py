@@ -76,7 +76,10 @@ class AttentionConfig:
 
     mode: dense | topk (exact oracle) | toptheta (calibrated thresholds).
     placement: Top-θ compares scaled logits before the softmax ("pre") or probabilities after
-      it ("post"). sdc / gamma: softmax-denominator compensation for "pre". vmc: V-mean compensation.
+      it ("post", no renormalisation). Top-k follows it: "pre" renormalises over the k kept
+      elements, "post" keeps their softmax probabilities as they are (the Top-θ reference's top-k
+      at calibration for that placement). sdc / gamma: softmax-denominator compensation for "pre".
+      vmc: V-mean compensation.
     k / layer_k: the target kept elements per row (rows with n <= k stay dense).
     dense_layers: layers that always run dense attention.
     tile_gate with block_q, block_k, tile_budget (f) and sink_tiles: the tile gate in front of the

@@ -26,3 +26,10 @@ def topk_keep(scores: jax.Array, allowed: jax.Array, k: int) -> jax.Array:
 def topk_probs(scores: jax.Array, allowed: jax.Array, k: int) -> jax.Array:
     """Softmax over the k largest allowed scores of each row, float32 [B, H, Tq, Tk]."""
     return masked_softmax(scores, topk_keep(scores, allowed, k))
+
+
+def topk_post_probs(scores: jax.Array, allowed: jax.Array, k: int) -> jax.Array:
+    """Post-softmax top-k: the softmax over the allowed scores, kept on the k largest and zero
+    elsewhere, without renormalisation (the kept probabilities sum to less than 1), as post-softmax
+    Top-θ prunes and as the Top-θ reference runs top-k at calibration for that placement."""
+    return jnp.where(topk_keep(scores, allowed, k), masked_softmax(scores, allowed), 0.0)

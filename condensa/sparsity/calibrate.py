@@ -343,7 +343,10 @@ def calibrate(
     with the finished θ. `progress` wraps the batches of both passes in one iterable, so it counts
     every batch twice. topk_at_calibration: layers run exact top-k while later layers are
     calibrated, so the statistics of layer l see the sparse activations of layers < l (as at
-    inference); both passes walk the model the same way.
+    inference); both passes walk the model the same way. Top-k follows the placement, as in the
+    Top-θ reference: renormalised for "pre", not for "post" (whose Top-θ does not renormalise
+    either). Unlike the reference, the walk applies no VMC: one thresholds file serves inference
+    with and without compensation.
     """
     config = model.config
     probe = AttentionConfig(mode="topk", k=k, layer_k=layer_k, placement=placement)  # validates k/layer_k
