@@ -29,6 +29,8 @@ _FLAGS = {  # flag -> (config key, help)
     "--layer-k": ("layer_k", "per-layer k overrides, e.g. 0:512,1:512"),
     "--placement": ("placement", "pre (threshold the scaled logits) or post (threshold the probabilities)"),
     "--sigma-add": ("sigma_add", "theta = mean + sigma_add * std of the per-row thresholds (default 0.1)"),
+    "--length-pooling": ("length_pooling", "theta and the SDC table of row length n pool the samples of lengths "
+                         "within n (1 +- this), against the noise of few blocks (default 0: one length per cell)"),
     "--tile": ("tile", "tile size of the gate (block_q = block_k); 0 or absent = no gate"),
     "--tile-budget": ("tile_budget", "gate budget f: m_b = max(1, ceil(f (b + 1))) optional tiles (default 0.125)"),
     "--sink-tiles": ("sink_tiles", "leading key tiles the gate always keeps (default 1)"),

@@ -110,6 +110,40 @@ def test_dropped_mass_matches_numpy(placement, rows, monkeypatch):
     assert placement == "post" or empty_rows > 0  # the empty-row rule was exercised
 
 
+def test_length_pooling_merges_the_samples_of_nearby_lengths():
+    """`pooled_over_lengths` against the mean and std of the raw samples of lengths n (1 ± s), with
+    rows that have no sample (NaN) and batches merged one at a time."""
+    from condensa.sparsity.calibrate import RunningStats
+
+    rng = np.random.default_rng(3)
+    samples = rng.normal(np.arange(40) / 8.0, 1.0, size=(6, 2, 40))  # [blocks, heads, lengths]
+    samples[rng.random(samples.shape) < 0.2] = np.nan
+    stats = RunningStats()
+    for block in np.split(samples, 3):
+        stats.update(block, axis=0)
+    spread = 0.25
+    pooled = stats.pooled_over_lengths(spread)
+    for h, i in np.ndindex(2, 40):
+        n = i + 1
+        lo = max(1, int(np.floor(n * (1 - spread))))
+        hi = min(40, int(np.ceil(n * (1 + spread))))
+        values = samples[:, h, lo - 1:hi].ravel()
+        values = values[np.isfinite(values)]
+        assert pooled.count[h, i] == values.size
+        np.testing.assert_allclose(pooled.mean[h, i], values.mean(), rtol=1e-10)
+        np.testing.assert_allclose(pooled.std[h, i], values.std(), rtol=1e-8)
+    same = stats.pooled_over_lengths(0.0)
+    np.testing.assert_array_equal(same.mean, stats.mean)
+
+
+def test_length_pooling_out_of_range_is_a_config_error():
+    from condensa.errors import ConfigError
+    from condensa.sparsity.calibrate import CalibrationConfig
+
+    with pytest.raises(ConfigError, match="length_pooling must be in"):
+        CalibrationConfig(model="m", data=("d",), out="o", length_pooling=1.5)
+
+
 def test_post_placement_thresholds_probabilities():
     q, k = (jax.random.normal(key, (1, 10, 1, 4)) for key in jax.random.split(jax.random.key(1), 2))
     stats = jax.jit(lambda q, k: layer_row_statistics(q, k, 1.0, k_l=2, placement="post", gate=None))

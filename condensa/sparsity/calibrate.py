@@ -307,6 +307,33 @@ class RunningStats:
     def std(self) -> np.ndarray:
         return np.sqrt(np.divide(self.m2, self.count, out=np.zeros_like(self.m2), where=self.count > 0))
 
+    def pooled_over_lengths(self, spread: float) -> "RunningStats":
+        """The statistics of each row length n (the last axis, n = index + 1) over the samples of
+        every length within n · (1 ± spread), merged exactly (sums of counts, means and squares).
+
+        One calibration block gives each row length one sample per (layer, head), so a table of a
+        few blocks is noisy from one length to the next, while θ changes slowly with n. Pooling
+        proportionally to n keeps the short rows, where θ moves fastest, nearly unpooled."""
+        out = RunningStats()
+        if spread <= 0:
+            out.count, out.mean, out.m2 = self.count, self.mean, self.m2
+            return out
+        n = self.count.shape[-1]
+        lengths = np.arange(1, n + 1)
+        lo = np.clip(np.floor(lengths * (1 - spread)).astype(int), 1, n) - 1
+        hi = np.clip(np.ceil(lengths * (1 + spread)).astype(int), 1, n)
+
+        def window_sums(x):
+            c = np.concatenate([np.zeros(x.shape[:-1] + (1,)), np.cumsum(x, axis=-1)], axis=-1)
+            return c[..., hi] - c[..., lo]
+
+        out.count = window_sums(self.count)
+        total = window_sums(self.count * self.mean)
+        squares = window_sums(self.m2 + self.count * self.mean**2)
+        out.mean = np.divide(total, out.count, out=np.zeros_like(total), where=out.count > 0)
+        out.m2 = np.maximum(squares - out.count * out.mean**2, 0.0)
+        return out
+
     def threshold(self, sigma_add: float) -> np.ndarray:
         """mean + σ_add · std, with uncalibrated cells filled from their neighbours along the last axis."""
         return fill_uncalibrated(self.mean + sigma_add * self.std, self.count > 0)
@@ -334,6 +361,7 @@ def calibrate(
     gate: GateSpec | None = None,
     batch_size: int = 8,
     topk_at_calibration: bool = False,
+    length_pooling: float = 0.0,
     data: str = "",
     progress: Callable[[Iterable], Iterable] | None = None,
 ) -> Thresholds:
@@ -346,7 +374,9 @@ def calibrate(
     inference); both passes walk the model the same way. Top-k follows the placement, as in the
     Top-θ reference: renormalised for "pre", not for "post" (whose Top-θ does not renormalise
     either). Unlike the reference, the walk applies no VMC: one thresholds file serves inference
-    with and without compensation.
+    with and without compensation. length_pooling s > 0: θ and Δ̄ of row length n pool the samples
+    of lengths within n · (1 ± s) (`RunningStats.pooled_over_lengths`); 0 keeps one length per cell,
+    as DESIGN.md and the reference do.
     """
     config = model.config
     probe = AttentionConfig(mode="topk", k=k, layer_k=layer_k, placement=placement)  # validates k/layer_k
@@ -385,11 +415,13 @@ def calibrate(
             _merge_samples(stats, jax.device_get(walk.run(ids, samples)), real, gate)
             continue
         if theta is None:  # the first batch of the second pass: θ is finished
-            theta = _resize(stats["theta"].threshold(sigma_add), n_pos).astype(np.float32)
+            theta = _resize(stats["theta"].pooled_over_lengths(length_pooling).threshold(sigma_add), n_pos)
+            theta = theta.astype(np.float32)
             layer_theta = [jnp.asarray(table) for table in theta]  # what inference looks θ up in
         deltas = jax.device_get(walk.run(ids, dropped_mass))
         stats["delta"].update(np.stack(deltas)[:, :real], axis=1)  # [L, B, H, T]
-    delta = _resize(fill_uncalibrated(stats["delta"].mean, stats["delta"].count > 0), n_pos)
+    pooled_delta = stats["delta"].pooled_over_lengths(length_pooling)
+    delta = _resize(fill_uncalibrated(pooled_delta.mean, pooled_delta.count > 0), n_pos)
     tile_theta = tile_theta_decode = None
     if gate is not None:
         tile_theta = _resize(stats["tile"].threshold(sigma_add), tile_count(n_pos, gate.block_q))
@@ -475,6 +507,7 @@ class CalibrationConfig:
     seq_len: int = 0  # 0 = the model's n_positions
     batch_size: int = 8
     topk_at_calibration: bool = False
+    length_pooling: float = 0.0  # pool the samples of row lengths within n (1 ± this); 0 = none
     check_blocks: int = 8  # held-out blocks for the summary's achieved kept-per-row
     seed: int = 0
     out: str = ""
@@ -489,6 +522,8 @@ class CalibrationConfig:
         for name in ("k", "samples", "batch_size"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1; got {getattr(self, name)}.")
+        if not 0 <= self.length_pooling < 1:
+            raise ConfigError(f"length_pooling must be in [0, 1) (a fraction of the row length); got {self.length_pooling}.")
         if self.tile < 0 or self.seq_len < 0 or self.check_blocks < 0:
             raise ConfigError("tile, seq_len and check_blocks must be >= 0 (0 means: off / the default).")
         if not self.tile_budget > 0 or self.tile_budget > 1:
@@ -606,7 +641,8 @@ def run_calibration(config: CalibrationConfig, *, progress=None) -> dict[str, An
     thresholds = calibrate(
         model, calibration, k=config.k, layer_k=config.layer_k, placement=config.placement,
         sigma_add=config.sigma_add, gate=config.gate, batch_size=config.batch_size,
-        topk_at_calibration=config.topk_at_calibration, data=",".join(config.data), progress=progress,
+        topk_at_calibration=config.topk_at_calibration, length_pooling=config.length_pooling,
+        data=",".join(config.data), progress=progress,
     )
     out = Path(config.out)
     thresholds.save(out / "thresholds.safetensors")
