@@ -135,12 +135,12 @@ def test_topk_mode_through_attend():
         np.testing.assert_allclose(np.asarray(probs), want, atol=1e-5)
 
 
-def test_post_placement_topk_keeps_softmax_probabilities_without_renormalising():
-    """Top-k with placement="post" (the Top-θ reference's top-k at calibration for post-softmax
+def test_topk_with_exact_sdc_keeps_softmax_probabilities_without_renormalising():
+    """Top-k with sdc="exact" (the Top-θ reference's top-k at calibration for post-softmax
     Top-θ): the full row's softmax, zero outside the k largest; the rows sum to less than 1."""
     q, k, v = _qkv(2)
     vis = _visible()
-    cfg = AttentionConfig(mode="topk", k=3, placement="post")
+    cfg = AttentionConfig(mode="topk", k=3, sdc="exact")
     _, probs = attend(q, k, v, visible=vis, scale=SCALE, layer_idx=0, config=cfg)
 
     def row(a, vv, al, *_):
@@ -393,7 +393,7 @@ def test_decode_gate_matches_numpy():
     (dict(placement="middle"), "placement"),
     (dict(mode="toptheta", sdc="exactly"), "Did you mean 'exact'"),
     (dict(mode="toptheta", placement="post", sdc="exact"), "only applies"),
-    (dict(mode="topk", sdc="exact"), "only applies"),
+    (dict(mode="topk", sdc="calibrated"), "only applies"),
     (dict(k=0), "k must be"),
     (dict(gamma=-1.0), "gamma"),
     (dict(layer_k="0=5"), "LAYER:K"),

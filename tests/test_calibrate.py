@@ -213,7 +213,8 @@ def test_calibrate_matches_two_pass_brute_force(family, placement, topk_walk):
     k, layer_k, sigma_add = 4, {1: 6}, 0.1
     got = calibrate(model, blocks, k=k, layer_k=layer_k, placement=placement, sigma_add=sigma_add, batch_size=2,
                     topk_at_calibration=topk_walk)
-    walk = AttentionConfig(mode="topk", k=k, layer_k=layer_k, placement=placement) if topk_walk else AttentionConfig()
+    sdc = "exact" if placement == "post" else "none"  # post-softmax: top-k without renormalisation
+    walk = AttentionConfig(mode="topk", k=k, layer_k=layer_k, sdc=sdc) if topk_walk else AttentionConfig()
     inputs = model(jnp.asarray(blocks), attention=walk, return_attention="inputs").attentions
     ks = [k, 6, k]
     theta, delta = _brute_force_two_pass(inputs, ks, placement, sigma_add)

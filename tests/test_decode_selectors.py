@@ -156,3 +156,22 @@ def test_prefill_only_selectors_refuse_to_decode():
                         tile_budget=F, k_tile_mean=jnp.zeros((1, 4, 2, 64)), block_k=BK, backend="interpret")
     with pytest.raises(ConfigError, match="decode_gate_rows"):
         AttentionConfig(tile_gate=True, tile_selector="rowmean", sub_block=4, decode_gate_rows=True)
+
+
+def test_a_lone_token_without_a_cache_is_prefill_for_every_selector():
+    """One query against one key (a one-token prompt, no cache) is not a decoding step: the
+    prefill-only selectors run on it."""
+    q, k, v = _cache(4, 1, 1, 2, 2, 8)
+    vis = np.ones((1, 1, 1, 1), bool)
+    config = AttentionConfig(tile_gate=True, tile_selector="moment", block_q=BK, block_k=BK)
+    out, _ = attend(jnp.asarray(q), jnp.asarray(k), jnp.asarray(v), visible=jnp.asarray(vis), scale=0.3,
+                    layer_idx=0, config=config)
+    np.testing.assert_allclose(np.asarray(out)[0, 0], np.repeat(v[0, 0], 1, axis=0), rtol=1e-6)
+
+
+def test_shared_budget_decodes_one_query_per_sequence():
+    q, k, v = _cache(5, 1, 64, 2, 2, 64)
+    with pytest.raises(ConfigError, match="one new query per sequence"):
+        toptheta_decode(jnp.asarray(np.repeat(q, 2, axis=1)), jnp.asarray(k), jnp.asarray(v), jnp.asarray([64]),
+                        tile_selector="rowmean", shared_heads=True, tile_budget=F, k_tile_mean=jnp.zeros((1, 4, 2, 64)),
+                        block_k=BK, backend="interpret")

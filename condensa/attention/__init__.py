@@ -18,7 +18,7 @@ from condensa.attention.dense import attention_scores, masked_softmax, weighted_
 from condensa.attention.gqa import repeat_kv
 from condensa.attention.rows import join_rows, lookup_by_length, row_lengths, split_rows
 from condensa.attention.tile_gate import gate_mask
-from condensa.attention.topk import topk_post_probs, topk_probs
+from condensa.attention.topk import topk_probs, topk_unnormalised_probs
 from condensa.attention.toptheta import toptheta_post_probs, toptheta_pre_probs, v_mean_compensation
 from condensa.errors import ThresholdsError
 
@@ -67,8 +67,8 @@ def sparse_probs(q, k, *, visible, scale, layer_idx, config: AttentionConfig, th
         return masked_softmax(scores, allowed)
     k_l = config.k_for(layer_idx)
     if config.mode == "topk":
-        if config.placement == "post":
-            return topk_post_probs(scores, allowed, k_l)
+        if config.sdc == "exact":  # the dropped mass stays in the denominator: no renormalisation
+            return topk_unnormalised_probs(scores, allowed, k_l)
         return topk_probs(scores, allowed, k_l)
     n = row_lengths(visible)
     dense_rows = (n <= k_l)[:, None, :]

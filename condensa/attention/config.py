@@ -76,10 +76,9 @@ class AttentionConfig:
 
     mode: dense | topk (exact oracle) | toptheta (calibrated thresholds).
     placement: Top-θ compares scaled logits before the softmax ("pre") or probabilities after
-      it ("post", no renormalisation). Top-k follows it: "pre" renormalises over the k kept
-      elements, "post" keeps their softmax probabilities as they are (the Top-θ reference's top-k
-      at calibration for that placement). sdc / gamma: softmax-denominator compensation for "pre".
-      vmc: V-mean compensation.
+      it ("post", no renormalisation). sdc / gamma: softmax-denominator compensation for "pre";
+      top-k takes sdc="exact" too (the dropped mass stays in the denominator: the k largest keep
+      their softmax probabilities, not renormalised). vmc: V-mean compensation.
     k / layer_k: the target kept elements per row (rows with n <= k stay dense).
     dense_layers: layers that always run dense attention.
     tile_gate with block_q, block_k, tile_budget (f) and sink_tiles: the tile gate in front of the
@@ -137,10 +136,12 @@ class AttentionConfig:
             raise ConfigError(f"attention k must be >= 1; got {self.k}.")
         if not self.gamma >= 0:
             raise ConfigError(f"attention gamma must be >= 0; got {self.gamma}.")
-        if self.sdc != "none" and (self.mode != "toptheta" or self.placement != "pre"):
+        topk_unnormalised = self.mode == "topk" and self.sdc == "exact"
+        if self.sdc != "none" and not topk_unnormalised and (self.mode != "toptheta" or self.placement != "pre"):
             raise ConfigError(
-                f"sdc={self.sdc!r} only applies to mode='toptheta' with placement='pre' (got mode={self.mode!r}, "
-                f"placement={self.placement!r}); set sdc='none' or switch to pre-softmax Top-θ."
+                f"sdc={self.sdc!r} only applies to mode='toptheta' with placement='pre', or as sdc='exact' to "
+                f"mode='topk' (got mode={self.mode!r}, placement={self.placement!r}); set sdc='none' or switch to "
+                "pre-softmax Top-θ."
             )
         if self.block_q < 1 or self.block_k < 1:
             raise ConfigError(f"tile sizes must be >= 1; got block_q={self.block_q}, block_k={self.block_k}.")

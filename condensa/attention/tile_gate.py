@@ -118,7 +118,7 @@ def decode_rows_tile_scores(q: jax.Array, k: jax.Array, *, scale: float, block_k
     logits = jnp.einsum("bihd,bthd->bhit", qf, full) * jnp.float32(scale) + jnp.log(jnp.asarray(counts, jnp.float32))
     own = jnp.einsum("bihd,bihd->bhi", qf, running) * jnp.float32(scale) + jnp.log(jnp.float32(1) + rows % block_k)
     own_tile = (rows // block_k)[:, None] == np.arange(nk)[None, :]  # [T, nk]
-    return jax.nn.softmax(jnp.where(own_tile, own[..., None], logits), axis=-1)
+    return jax.nn.log_softmax(jnp.where(own_tile, own[..., None], logits), axis=-1)
 
 
 def decode_gate_scores(q: jax.Array, k: jax.Array, scale: float, block_k: int) -> jax.Array:
@@ -194,7 +194,8 @@ def gate_mask(
     (None for the selectors that need none)."""
     tq, tk = q.shape[1], k.shape[1]
     selector = config.tile_selector
-    decoding = (config.decode_gate_rows and tq > 1) or tq == 1
+    # one query against a cache decodes; a lone token without one (tk == 1) is prefill for the selectors
+    decoding = (config.decode_gate_rows and tq > 1) or (tq == 1 and (tk > 1 or selector == "gate"))
     whole_tiles = config.sub_block in (0, config.block_k)
     if decoding and selector != "gate" and (selector not in DECODE_SELECTORS or not whole_tiles):
         raise ConfigError(f"tile_selector={selector!r} selects tiles for prefill only; decoding runs the calibrated "

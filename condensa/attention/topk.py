@@ -28,8 +28,8 @@ def topk_probs(scores: jax.Array, allowed: jax.Array, k: int) -> jax.Array:
     return masked_softmax(scores, topk_keep(scores, allowed, k))
 
 
-def topk_post_probs(scores: jax.Array, allowed: jax.Array, k: int) -> jax.Array:
-    """Post-softmax top-k: the softmax over the allowed scores, kept on the k largest and zero
-    elsewhere, without renormalisation (the kept probabilities sum to less than 1), as post-softmax
-    Top-θ prunes and as the Top-θ reference runs top-k at calibration for that placement."""
+def topk_unnormalised_probs(scores: jax.Array, allowed: jax.Array, k: int) -> jax.Array:
+    """Top-k with exact SDC: the softmax over all allowed scores, kept on the k largest and zero
+    elsewhere, not renormalised (the kept probabilities sum to less than 1). This is how the Top-θ
+    reference runs top-k at calibration for post-softmax placement, whose Top-θ does not renormalise."""
     return jnp.where(topk_keep(scores, allowed, k), masked_softmax(scores, allowed), 0.0)

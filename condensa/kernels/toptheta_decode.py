@@ -670,6 +670,9 @@ def toptheta_decode(
                               "means: pass k_tile_mean and tile_budget, and no tile_theta_decode.")
     if shared_heads and tile_selector != "rowmean":
         raise ConfigError("shared_heads compares tile scores across heads, which only tile_selector='rowmean' gives.")
+    if shared_heads and tq > 1:  # the cache's mean of the own tile already holds the later queries' keys
+        raise ConfigError("tile_selector='rowmean' with shared_heads ranks one new query per sequence; got "
+                          f"Tq = {tq}. Decode one token at a time, or use per-head budgets (shared_heads=False).")
     if k_tile_mean is not None and tuple(k_tile_mean.shape) != (b, nk, hkv, d):
         raise ConfigError(f"k_tile_mean has shape {tuple(k_tile_mean.shape)} but needs {(b, nk, hkv, d)} "
                           f"(one mean key per tile of block_k={block_k} cache slots).")

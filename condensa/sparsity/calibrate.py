@@ -309,7 +309,8 @@ class RunningStats:
 
     def pooled_over_lengths(self, spread: float) -> "RunningStats":
         """The statistics of each row length n (the last axis, n = index + 1) over the samples of
-        every length within n · (1 ± spread), merged exactly (sums of counts, means and squares).
+        every length from floor(n (1 - spread)) to ceil(n (1 + spread)), merged exactly (sums of
+        counts, means and squares).
 
         One calibration block gives each row length one sample per (layer, head), so a table of a
         few blocks is noisy from one length to the next, while θ changes slowly with n. Pooling
@@ -371,10 +372,10 @@ def calibrate(
     with the finished θ. `progress` wraps the batches of both passes in one iterable, so it counts
     every batch twice. topk_at_calibration: layers run exact top-k while later layers are
     calibrated, so the statistics of layer l see the sparse activations of layers < l (as at
-    inference); both passes walk the model the same way. Top-k follows the placement, as in the
-    Top-θ reference: renormalised for "pre", not for "post" (whose Top-θ does not renormalise
-    either). Unlike the reference, the walk applies no VMC: one thresholds file serves inference
-    with and without compensation. length_pooling s > 0: θ and Δ̄ of row length n pool the samples
+    inference); both passes walk the model the same way. As in the Top-θ reference, that top-k
+    renormalises for "pre" and not for "post" (sdc="exact"; post-softmax Top-θ does not
+    renormalise either). Unlike the reference, the walk applies no VMC: one thresholds file serves
+    inference with and without compensation. length_pooling s > 0: θ and Δ̄ of row length n pool the samples
     of lengths within n · (1 ± s) (`RunningStats.pooled_over_lengths`); 0 keeps one length per cell,
     as DESIGN.md and the reference do.
     """
@@ -395,7 +396,8 @@ def calibrate(
     if int(blocks.max()) >= config.vocab_size or int(blocks.min()) < 0:
         raise DataError(f"the tokenized text holds ids outside the model's vocabulary ({config.vocab_size}); "
                         "use the tokenizer that belongs to this model (--tokenizer).")
-    walk = LayerWalk(model, probe if topk_at_calibration else AttentionConfig())
+    walk_topk = probe.replace(sdc="exact") if placement == "post" else probe
+    walk = LayerWalk(model, walk_topk if topk_at_calibration else AttentionConfig())
     ks = [jnp.int32(k_l) for k_l in ks]
     stats = {name: RunningStats() for name in ("theta", "delta", "tile", "decode")}
     n_pos = config.n_positions
@@ -418,10 +420,16 @@ def calibrate(
             theta = _resize(stats["theta"].pooled_over_lengths(length_pooling).threshold(sigma_add), n_pos)
             theta = theta.astype(np.float32)
             layer_theta = [jnp.asarray(table) for table in theta]  # what inference looks θ up in
-        deltas = jax.device_get(walk.run(ids, dropped_mass))
-        stats["delta"].update(np.stack(deltas)[:, :real], axis=1)  # [L, B, H, T]
+        deltas = np.stack(jax.device_get(walk.run(ids, dropped_mass)))[:, :real]  # [L, B, H, T]
+        if gate is None:  # rows n <= k_l stay dense and drop nothing: no sample, so pooling never averages them in
+            for layer, k_l in enumerate(ks):
+                deltas[layer, ..., : int(k_l)] = np.nan
+        stats["delta"].update(deltas, axis=1)
     pooled_delta = stats["delta"].pooled_over_lengths(length_pooling)
     delta = _resize(fill_uncalibrated(pooled_delta.mean, pooled_delta.count > 0), n_pos)
+    if gate is None:  # dense rows drop nothing
+        for layer, k_l in enumerate(ks):
+            delta[layer, :, : int(k_l)] = 0.0
     tile_theta = tile_theta_decode = None
     if gate is not None:
         tile_theta = _resize(stats["tile"].threshold(sigma_add), tile_count(n_pos, gate.block_q))

@@ -201,9 +201,10 @@ def decode_tile_scores(q: jax.Array, k_tile_mean: jax.Array, counts: jax.Array, 
     q [B, R, H, D], from the mean key of each tile k_tile_mean [B, nk, Hkv, D] and the number of keys
     each row sees in each tile, counts [B | 1, R, nk] (0: a tile the row does not see).
 
-    `rowmean` scores each tile with the row's estimated share of its attention (the softmax over
-    the tiles it sees of `scale · q · k̄_t + log count_t`, as the prefill selector does for each row
-    of a query tile), so the scores compare across heads; `window` scores a tile by its index."""
+    `rowmean` scores each tile with the log of the row's estimated share of its attention (the
+    log-softmax over the tiles it sees of `scale · q · k̄_t + log count_t`, as the prefill selector
+    does for each row of a query tile), so the scores compare across heads; the log keeps shares
+    too small for float32 apart. `window` scores a tile by its index."""
     b, r, h = q.shape[:3]
     nk = k_tile_mean.shape[1]
     if selector == "window":
@@ -212,7 +213,7 @@ def decode_tile_scores(q: jax.Array, k_tile_mean: jax.Array, counts: jax.Array, 
         raise ValueError(f"{selector!r} does not run while decoding; one of {', '.join(DECODE_SELECTORS)}")
     counts = jnp.asarray(counts, jnp.float32)[:, None]  # [B | 1, 1, R, nk]
     logits = row_tile_logits(q, {"mean": k_tile_mean, "count": counts}, scale=scale, selector="rowmean")
-    return jax.nn.softmax(logits, axis=-1)  # log(0) = -inf: a tile the row does not see gets no share
+    return jax.nn.log_softmax(logits, axis=-1)  # log(0) = -inf: a tile the row does not see ranks last
 
 
 def select_tiles(q: jax.Array, k: jax.Array, *, scale: float, block_q: int, block_k: int, tile_budget: float,
