@@ -65,6 +65,7 @@ def parse_args():
                    help="its books calibrate Top-θ (stage calibrate); Moby-Dick and WikiText stay held out")
     p.add_argument("--calibration_data", nargs="*", default=None, help="override the config's books")
     p.add_argument("--calibration_blocks", type=int, default=8, help="calibration blocks of --seq tokens")
+    p.add_argument("--length_pooling", type=float, default=0.0, help="calibrate(length_pooling=...): pool row lengths")
     p.add_argument("--thresholds", default="", help="a folder of thresholds-k{K}.safetensors (stage toptheta) "
                    "instead of the ones stage calibrate writes to OUT")
     p.add_argument("--compensation", default="none,sdc+vmc,exact",
@@ -294,7 +295,8 @@ def calibrate_stage(model, tokenizer, args, ks: list[int], out: Path) -> dict:
     report = {"books": list(books), "blocks": int(len(blocks)), "seq": args.seq, "per_k": {}}
     for k in ks:
         start = time.perf_counter()
-        thresholds = calibrate(model, blocks, k=k, batch_size=1, data=",".join(books))
+        thresholds = calibrate(model, blocks, k=k, batch_size=1, length_pooling=args.length_pooling,
+                               data=",".join(books))
         seconds = time.perf_counter() - start
         thresholds.save(threshold_path(out, k))
         report["per_k"][str(k)] = {"seconds": seconds, **peaks()}
