@@ -1,0 +1,64 @@
+"""How much do the rows of one (layer, head, row length) differ in their (k+1)-th largest score,
+the per-row threshold that exact top-k would use? A single Top-θ per (layer, head, length) can
+only match top-k row by row if they do not. Also measured: how much of that spread a per-row
+reference would remove (the row's log-sum-exp, i.e. thresholding probabilities; the query norm),
+and how often the row's largest score is on the first key (an attention sink).
+
+    PYTHONPATH=. python exp/theta_spread.py 2048 64 2      # T, k, WikiText-2 windows; CPU, a few minutes
+
+Writes runs/theta_spread_{T}_{k}.json: per layer and row-length bucket, the mean over heads of the
+std over rows of the (k+1)-th largest scaled logit: absolute ("abs"), minus the row's
+log-sum-exp ("lse"), and scaled by the row's query norm over the mean norm ("qnorm").
+"""
+import json
+import sys
+import numpy as np, jax, jax.numpy as jnp
+from pathlib import Path
+from condensa import AttentionConfig, load_pretrained
+from condensa.data import load_tokenizer
+seq, k, nwin = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
+model, _ = load_pretrained("smollm2-135m")
+tok = load_tokenizer("smollm2-135m")
+ids = np.asarray(tok(Path("../shared/data/wikitext-2-raw/wiki.test.raw").read_text())["input_ids"], np.int32)
+wins = ids[: nwin * seq].reshape(nwin, seq)
+
+@jax.jit
+def stats(q, kk, scale):
+    a = jnp.einsum("bihd,bjhd->bhij", q.astype(jnp.float32), kk.astype(jnp.float32)) * scale
+    t = a.shape[-1]
+    vis = jnp.tril(jnp.ones((t, t), bool))
+    a = jnp.where(vis, a, -jnp.inf)
+    top = jax.lax.top_k(a, k + 1)[0][..., k]           # (k+1)-th largest
+    m = a.max(-1)
+    sink = a[..., 0]
+    own = jnp.diagonal(a, axis1=-2, axis2=-1)
+    ref2 = jnp.maximum(sink, own)
+    lse = jax.nn.logsumexp(a, axis=-1)
+    argmax0 = (jnp.argmax(a, -1) == 0)
+    qn = jnp.linalg.norm(q.astype(jnp.float32), axis=-1).transpose(0, 2, 1)  # [B, H, T]
+    qscaled = top / qn * qn.mean(-1, keepdims=True)
+    return top, top - m, top - sink, top - ref2, top - lse, argmax0, qscaled
+
+rows = {n: [] for n in ("abs", "max", "sink", "sink_own", "lse")}
+per_layer = []
+allv = [[] for _ in range(30)]
+for w in wins:
+    res = model.walk_layers(jnp.asarray(w[None]), AttentionConfig(), None,
+                            lambda l, q, kk, v, scale: stats(q, kk, scale))
+    for l, r in enumerate(res):
+        allv[l].append([np.asarray(x[0]) for x in r])
+buckets = [(k, 2 * k), (2 * k, 4 * k), (4 * k, seq)]
+out = {}
+for l in range(30):
+    arrs = [np.concatenate([w[i] for w in allv[l]], axis=1) for i in range(7)]  # [H, N*T]
+    n = np.tile(np.arange(1, seq + 1), len(allv[l]))
+    entry = {}
+    for lo, hi in buckets:
+        sel = (n > lo) & (n <= hi)
+        entry[f"{lo+1}-{hi}"] = {name: float(np.mean(np.std(arrs[i][:, sel], axis=1)))
+                                 for i, name in [(0, "abs"), (4, "lse"), (6, "qnorm")]}
+        entry[f"{lo+1}-{hi}"]["argmax_is_key0"] = float(arrs[5][:, sel].mean())
+    out[l] = entry
+json.dump(out, open(f"runs/theta_spread_{seq}_{k}.json", "w"), indent=1)
+for l in (0, 1, 2, 5, 10, 15, 20, 25, 29):
+    print(l, {b: {kk: round(v, 2) for kk, v in e.items()} for b, e in out[l].items()})
