@@ -28,19 +28,13 @@ def stats(q, kk, scale):
     t = a.shape[-1]
     vis = jnp.tril(jnp.ones((t, t), bool))
     a = jnp.where(vis, a, -jnp.inf)
-    top = jax.lax.top_k(a, k + 1)[0][..., k]           # (k+1)-th largest
-    m = a.max(-1)
-    sink = a[..., 0]
-    own = jnp.diagonal(a, axis1=-2, axis2=-1)
-    ref2 = jnp.maximum(sink, own)
+    top = jax.lax.top_k(a, k + 1)[0][..., k]  # (k+1)-th largest
     lse = jax.nn.logsumexp(a, axis=-1)
-    argmax0 = (jnp.argmax(a, -1) == 0)
+    argmax0 = jnp.argmax(a, -1) == 0
     qn = jnp.linalg.norm(q.astype(jnp.float32), axis=-1).transpose(0, 2, 1)  # [B, H, T]
     qscaled = top / qn * qn.mean(-1, keepdims=True)
-    return top, top - m, top - sink, top - ref2, top - lse, argmax0, qscaled
+    return top, top - lse, qscaled, argmax0
 
-rows = {n: [] for n in ("abs", "max", "sink", "sink_own", "lse")}
-per_layer = []
 allv = [[] for _ in range(30)]
 for w in wins:
     res = model.walk_layers(jnp.asarray(w[None]), AttentionConfig(), None,
@@ -50,14 +44,14 @@ for w in wins:
 buckets = [(k, 2 * k), (2 * k, 4 * k), (4 * k, seq)]
 out = {}
 for l in range(30):
-    arrs = [np.concatenate([w[i] for w in allv[l]], axis=1) for i in range(7)]  # [H, N*T]
+    arrs = [np.concatenate([w[i] for w in allv[l]], axis=1) for i in range(4)]  # [H, N*T]
     n = np.tile(np.arange(1, seq + 1), len(allv[l]))
     entry = {}
     for lo, hi in buckets:
         sel = (n > lo) & (n <= hi)
         entry[f"{lo+1}-{hi}"] = {name: float(np.mean(np.std(arrs[i][:, sel], axis=1)))
-                                 for i, name in [(0, "abs"), (4, "lse"), (6, "qnorm")]}
-        entry[f"{lo+1}-{hi}"]["argmax_is_key0"] = float(arrs[5][:, sel].mean())
+                                 for i, name in enumerate(("abs", "lse", "qnorm"))}
+        entry[f"{lo+1}-{hi}"]["argmax_is_key0"] = float(arrs[3][:, sel].mean())
     out[l] = entry
 json.dump(out, open(f"runs/theta_spread_{seq}_{k}.json", "w"), indent=1)
 for l in (0, 1, 2, 5, 10, 15, 20, 25, 29):
