@@ -69,8 +69,9 @@ def parse_args():
     p.add_argument("--thresholds", default="", help="a folder of thresholds-k{K}.safetensors (stage toptheta) "
                    "instead of the ones stage calibrate writes to OUT")
     p.add_argument("--compensation", default="none,sdc+vmc,exact",
-                   help="Top-θ variants per k (stage toptheta): none, sdc (calibrated Δ̄), vmc, sdc+vmc, exact and "
-                        "exact+vmc (the true Δ)")
+                   help="Top-θ variants per k (stage toptheta): none, vmc, and SDC sdc (calibrated Δ̄), exact (the "
+                        "true Δ) or expthr (exp-threshold), each alone or with +vmc; post and post+vmc: post-softmax "
+                        "placement (calibrated too)")
     p.add_argument("--dtype", default="bfloat16", help="model dtype (float32 on a CPU)")
     p.add_argument("--stages", default="calibrate,dense,selectors,topk,toptheta,compensation,book,time",
                    help="dense, selectors, topk, book, time, calibrate, toptheta, compensation")
@@ -275,8 +276,15 @@ def time_prepass(model, ids, layer: int, rules: dict[str, AttentionConfig]) -> d
 # ---- Top-θ on the real model: calibration at full length, then each k with and without compensation ----
 
 
-def threshold_path(folder, k: int) -> Path:
-    return Path(folder) / f"thresholds-k{k}.safetensors"
+def threshold_path(folder, k: int, placement: str = "pre") -> Path:
+    return Path(folder) / f"thresholds-k{k}{'' if placement == 'pre' else '-' + placement}.safetensors"
+
+
+def placements(variants: str) -> list[str]:
+    """The placements the Top-θ variants need thresholds for ("post..." variants: post-softmax)."""
+    names = variants.split(",")
+    return [p for p, needed in (("pre", any(not v.startswith("post") for v in names)),
+                                ("post", any(v.startswith("post") for v in names))) if needed]
 
 
 def calibrate_stage(model, tokenizer, args, ks: list[int], out: Path) -> dict:
@@ -293,23 +301,30 @@ def calibrate_stage(model, tokenizer, args, ks: list[int], out: Path) -> dict:
                                  seq_len=args.seq, batch_size=1, check_blocks=0, out=str(out))
     blocks, _ = load_blocks(settings, tokenizer, args.seq)
     report = {"books": list(books), "blocks": int(len(blocks)), "seq": args.seq, "per_k": {}}
-    for k in ks:
-        start = time.perf_counter()
-        thresholds = calibrate(model, blocks, k=k, batch_size=1, length_pooling=args.length_pooling,
-                               data=",".join(books))
-        seconds = time.perf_counter() - start
-        thresholds.save(threshold_path(out, k))
-        report["per_k"][str(k)] = {"seconds": seconds, **peaks()}
-        print("calibrated k", k, report["per_k"][str(k)], flush=True)
+    for placement in placements(args.compensation):
+        for k in ks:
+            start = time.perf_counter()
+            thresholds = calibrate(model, blocks, k=k, placement=placement, batch_size=1,
+                                   length_pooling=args.length_pooling, data=",".join(books))
+            seconds = time.perf_counter() - start
+            thresholds.save(threshold_path(out, k, placement))
+            key = str(k) if placement == "pre" else f"{k} ({placement})"
+            report["per_k"][key] = {"seconds": seconds, **peaks()}
+            print("calibrated k", key, report["per_k"][key], flush=True)
     return report
 
 
 def toptheta_rule(k: int, variant: str) -> AttentionConfig:
-    """Top-θ at k with a compensation variant: none, sdc, vmc, sdc+vmc (calibrated Δ̄), exact, exact+vmc
-    (the true Δ: what calibrated SDC approximates at best)."""
-    sdc = {"none": "none", "vmc": "none", "sdc": "calibrated", "sdc+vmc": "calibrated", "exact": "exact",
-           "exact+vmc": "exact"}[variant]
-    return AttentionConfig(mode="toptheta", k=k, sdc=sdc, vmc=variant.endswith("vmc"))
+    """Top-θ at k with a compensation variant "SDC[+vmc]": SDC none, sdc (the calibrated Δ̄), exact
+    (the true Δ: what calibrated SDC approximates at best) or expthr (DESIGN.md's exp-threshold
+    estimate from the count of dropped elements); "+vmc" adds V-mean compensation ("vmc" alone:
+    VMC without SDC). "post[+vmc]": post-softmax placement instead (thresholds on probabilities)."""
+    sdc, _, vmc = variant.partition("+")
+    vmc = vmc == "vmc" or variant == "vmc"
+    if sdc == "post":  # post-softmax placement, as the reference: no renormalisation, no SDC
+        return AttentionConfig(mode="toptheta", k=k, placement="post", vmc=vmc)
+    sdc = {"none": "none", "vmc": "none", "sdc": "calibrated", "exact": "exact", "expthr": "exp-threshold"}[sdc]
+    return AttentionConfig(mode="toptheta", k=k, sdc=sdc, vmc=vmc)
 
 
 @functools.partial(jax.jit, static_argnames=("graph", "k_max"))
@@ -427,18 +442,21 @@ def main() -> None:
     if "toptheta" in stages or "compensation" in stages:
         from condensa.sparsity.thresholds import Thresholds
 
-        thresholds = {k: Thresholds.load(threshold_path(args.thresholds or out, k)) for k in ks}
+        needed = set(placements(args.compensation)) | ({"pre"} if "compensation" in stages else set())
+        thresholds = {(k, placement): Thresholds.load(threshold_path(args.thresholds or out, k, placement))
+                      for k in ks for placement in needed}
     if "toptheta" in stages:
         grid = results.setdefault("toptheta", {})
         for k in ks:
             for variant in args.compensation.split(","):
-                r = evaluate(runner, sub, toptheta_rule(k, variant), args.tail, thresholds[k])
+                rule = toptheta_rule(k, variant)
+                r = evaluate(runner, sub, rule, args.tail, thresholds[k, rule.placement])
                 r.update(paired_delta(r, dense_sub), tail=paired_delta(r, dense_sub, "nll_tail_per_window"))
                 grid[f"{k}/{variant}"] = r
                 print("toptheta", k, variant, f"ppl {r['ppl']:.3f} ({r['delta_pct']:+.2f}%)", flush=True)
                 save(out, results)
     if "compensation" in stages:
-        results["compensation"] = {str(k): compensation_stage(runner, sub[:2], thresholds[k], k) for k in ks}
+        results["compensation"] = {str(k): compensation_stage(runner, sub[:2], thresholds[k, "pre"], k) for k in ks}
         save(out, results)
     if "book" in stages:
         book_windows = windows_of(book, args.seq, args.book_windows)

@@ -226,12 +226,12 @@ def markdown_table(results: dict) -> str:
     lines += ["| " + " | ".join(_cell(row, key, fmt) for key, _, fmt in COLUMNS) + " |" for row in results["rows"]]
     effect = results.get("compensation_effect", [])
     if effect:
-        lines += ["", "## Compensation (SDC calibrated + VMC) on Top-θ", "",
-                  "| k | gate f | Δppl without | Δppl with | helped |", "|---|---|---|---|---|"]
+        lines += ["", "## Compensation on Top-θ", "",
+                  "| k | gate f | compensation | Δppl without | Δppl with | helped |", "|---|---|---|---|---|---|"]
         for e in effect:
             f = "off" if e["tile_budget"] is None else f"{e['tile_budget']:g}"
-            lines.append(f"| {e['k']} | {f} | {e['delta_ppl_rel_none']:+.2%} | {e['delta_ppl_rel_sdc_vmc']:+.2%} | "
-                         f"{'yes' if e['helped'] else 'no'} |")
+            lines.append(f"| {e['k']} | {f} | {e['compensation']} | {e['delta_ppl_rel_none']:+.2%} | "
+                         f"{e['delta_ppl_rel_compensated']:+.2%} | {'yes' if e['helped'] else 'no'} |")
     plots = results.get("plots", {})
     if plots:
         lines += [""] + [f"![{name}]({Path(path).name})" for name, path in plots.items()]
@@ -252,7 +252,7 @@ def text_table(results: dict) -> str:
 PARSER = dict(  # the command line, shared by main() and build_parser()
     prog="python -m condensa.eval sweep",
     description="Perplexity against sparsity for top-k, Top-θ and gate + Top-θ, at every k, tile budget f "
-    "(or 'off') and compensation variant (none, sdc+vmc). Thresholds are calibrated on --calibration_data and "
+    "(or 'off') and compensation variant (none, sdc+vmc, exact+vmc). Thresholds are calibrated on --calibration_data and "
     "cached under OUT/thresholds. Any key of the config can be set as --key value, lists as a,b,c.",
     epilog="example: python -m condensa.eval sweep --model runs/quickstart/hf --tokenizer ../shared/data/gpt2-tokenizer "
     "--data ../shared/data/wikitext-2-raw/wiki.test.raw --calibration_data ../shared/data/corpus "
