@@ -76,8 +76,9 @@ def elements_section(results: dict) -> list[str]:
     rows = [[str(k), _cell(topk.get(str(k))), *[_cell(toptheta.get(f"{k}/{v}")) for v in variants]] for k in ks]
     return ["### Elements: exact top-k and Top-θ", "",
             "Top-θ variants: none (renormalised over the kept elements), sdc (calibrated Δ̄ added to the "
-            "denominator), vmc (V-mean compensation), exact (the true dropped mass in the denominator: "
-            "no renormalisation).", "", *_table(header, rows), ""]
+            "denominator), exact (the true dropped mass in the denominator: no renormalisation), expthr "
+            "(the exp-threshold estimate of it), each alone or +vmc (V-mean compensation); post: thresholds "
+            "on the probabilities (post-softmax placement, not renormalised).", "", *_table(header, rows), ""]
 
 
 def compensation_section(results: dict) -> list[str]:
@@ -179,15 +180,20 @@ def render(results: dict) -> str:
     return "\n".join(lines)
 
 
+def _merge_into(merged: dict, new: dict) -> None:
+    """Nested dicts merge key by key; anything else (and `args`) is replaced."""
+    for key, value in new.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict) and key != "args":
+            _merge_into(merged[key], value)
+        else:
+            merged[key] = value
+
+
 def merge(paths: list[str]) -> dict:
     """The results of several runs, later entries replacing earlier ones of the same name."""
     merged: dict = {}
     for path in paths:
-        for key, value in json.loads(Path(path).read_text()).items():
-            if isinstance(value, dict) and isinstance(merged.get(key), dict) and key not in ("args",):
-                merged[key] = {**merged[key], **value}
-            else:
-                merged[key] = value
+        _merge_into(merged, json.loads(Path(path).read_text()))
     return merged
 
 
