@@ -164,8 +164,7 @@ class AttentionConfig:
         if self.sub_block < 0 or (self.sub_block and sub_of % self.sub_block):
             raise ConfigError(f"sub_block={self.sub_block} must divide {sub_of} (block_q for 'sampled', else "
                               "block_k), or be 0.")
-        decodes = self.tile_selector in DECODE_SELECTORS and self.sub_block in (0, self.block_k)
-        if self.decode_gate_rows and self.tile_selector != "gate" and not decodes:
+        if self.decode_gate_rows and not self.tile_choice_decodes:
             raise ConfigError(f"decode_gate_rows gates rows as decoding steps, which run the calibrated gate or one of "
                               f"{', '.join(DECODE_SELECTORS)} with whole-tile summaries (sub_block=0); got "
                               f"tile_selector={self.tile_selector!r}, sub_block={self.sub_block}.")
@@ -186,6 +185,13 @@ class AttentionConfig:
     @property
     def gate_is_calibrated(self) -> bool:
         return self.tile_gate and self.tile_selector == "gate"
+
+    @property
+    def tile_choice_decodes(self) -> bool:
+        """Whether a decoding step can run this tile choice: the calibrated gate, or one of
+        `DECODE_SELECTORS` on whole-tile summaries (the cache keeps one mean key per tile)."""
+        whole_tiles = self.sub_block in (0, self.block_k)
+        return self.tile_selector == "gate" or (self.tile_selector in DECODE_SELECTORS and whole_tiles)
 
     def replace(self, **changes: Any) -> "AttentionConfig":
         return dataclasses.replace(self, **changes)

@@ -41,18 +41,9 @@ def decode_kernel_applies(config, layer_idx: int, q, decode_state, *, need_probs
     cache's running sums (and its tile means when the gate is on)."""
     if decode_state is None or q.shape[1] != 1 or need_probs or dropout is not None:
         return False
-    if _is_gated(config, layer_idx) and (decode_state.k_tile_mean is None or not _decode_selects(config)):
+    if _is_gated(config, layer_idx) and (decode_state.k_tile_mean is None or not config.tile_choice_decodes):
         return False
     return _element_rule_supported(config, layer_idx)
-
-
-def _decode_selects(config) -> bool:
-    """Whether the decode kernel runs the gate's tile choice: the calibrated gate, or a decoding
-    selector on whole tiles."""
-    from condensa.tiling.selectors import DECODE_SELECTORS
-
-    whole_tiles = config.sub_block in (0, config.block_k)
-    return config.tile_selector == "gate" or (config.tile_selector in DECODE_SELECTORS and whole_tiles)
 
 
 def _is_gated(config, layer_idx: int) -> bool:

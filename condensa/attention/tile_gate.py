@@ -26,7 +26,7 @@ from condensa.attention.tiles import (
 )
 from condensa.errors import ConfigError
 from condensa.tiling import cap_at_budget
-from condensa.tiling.selectors import DECODE_SELECTORS, cap_optional, decode_tile_scores
+from condensa.tiling.selectors import DECODE_SELECTORS, cap_optional, decode_tile_scores, row_tile_logits
 
 
 def key_validity(visible: jax.Array) -> jax.Array:
@@ -113,10 +113,10 @@ def decode_rows_tile_scores(q: jax.Array, k: jax.Array, *, scale: float, block_k
     kf = _pad_to_tiles(jnp.moveaxis(k.astype(jnp.float32), 1, -1), block_k)  # [B, H, D, nk, block_k]
     running = jnp.cumsum(kf, axis=-1) / jnp.arange(1, block_k + 1, dtype=jnp.float32)
     running = jnp.moveaxis(running.reshape(b, h, d, nk * block_k)[..., :t], -1, 1)  # [B, T, H, D]: own tile
-    full = tile_means(k, block_k)  # [B, nk, H, D]
-    qf = q.astype(jnp.float32)
-    logits = jnp.einsum("bihd,bthd->bhit", qf, full) * jnp.float32(scale) + jnp.log(jnp.asarray(counts, jnp.float32))
-    own = jnp.einsum("bihd,bihd->bhi", qf, running) * jnp.float32(scale) + jnp.log(jnp.float32(1) + rows % block_k)
+    logits = row_tile_logits(q, {"mean": tile_means(k, block_k), "count": counts.astype(np.float32)},
+                             scale=scale, selector="rowmean")  # [B, H, T, nk], full tiles
+    own = (jnp.einsum("bihd,bihd->bhi", q.astype(jnp.float32), running) * jnp.float32(scale)
+           + jnp.log(jnp.float32(1) + rows % block_k))
     own_tile = (rows // block_k)[:, None] == np.arange(nk)[None, :]  # [T, nk]
     return jax.nn.log_softmax(jnp.where(own_tile, own[..., None], logits), axis=-1)
 
@@ -196,8 +196,7 @@ def gate_mask(
     selector = config.tile_selector
     # one query against a cache decodes; a lone token without one (tk == 1) is prefill for the selectors
     decoding = (config.decode_gate_rows and tq > 1) or (tq == 1 and (tk > 1 or selector == "gate"))
-    whole_tiles = config.sub_block in (0, config.block_k)
-    if decoding and selector != "gate" and (selector not in DECODE_SELECTORS or not whole_tiles):
+    if decoding and not config.tile_choice_decodes:
         raise ConfigError(f"tile_selector={selector!r} selects tiles for prefill only; decoding runs the calibrated "
                           f"gate or one of {', '.join(DECODE_SELECTORS)} (with whole-tile summaries, sub_block=0).")
     decode_rule = dict(tile_theta_decode=None if layer is None else layer.tile_theta_decode, block_k=config.block_k,
