@@ -70,7 +70,13 @@ def combine_splits(meta, theta_pair, acc, stats, v, v_mean, *, num_splits, queri
         in_specs.append(pl.BlockSpec((None, None, d), lambda b, hi: (b, hi // groups, 0)))
         inputs.append(v_mean)
     kernel = functools.partial(_combine_kernel, num_splits=num_splits, has_sdc=has_sdc, vmc=v_mean is not None)
+    kwargs = {}
+    if not interpret:  # name Triton: without compiler params, newer jax lowers to Mosaic GPU, which refuses this kernel
+        from jax.experimental.pallas import triton as pltriton
+
+        kwargs["compiler_params"] = pltriton.CompilerParams(num_warps=4, num_stages=1)
     return pl.pallas_call(
         kernel, grid=(bv, h), in_specs=in_specs, out_specs=per_head(d),
         out_shape=jax.ShapeDtypeStruct((bv, h, d), v.dtype), interpret=interpret, name="toptheta_decode_combine",
+        **kwargs,
     )(*inputs)

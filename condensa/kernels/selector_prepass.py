@@ -135,11 +135,12 @@ def _write_lists(table_ref, keep, *, heads, list_chunk):
     n_tiles = keep.shape[1]
     width = table_ref.shape[-1]
     slot = jnp.cumsum(keep.astype(jnp.int32), axis=1)  # [heads_p, n_tiles]
-    count = slot[:, n_tiles - 1:n_tiles]
+    count = jnp.sum(keep.astype(jnp.int32), axis=1)  # [heads_p] (no slices: Triton lowers none)
     head_ids = jax.lax.broadcasted_iota(jnp.int32, slot.shape, 0)
+    head_of_count = jax.lax.broadcasted_iota(jnp.int32, count.shape, 0)
     for h in range(heads):
         slot_h = jnp.sum(jnp.where(head_ids == h, slot, 0), axis=0)  # [n_tiles]
-        count_h = jnp.sum(jnp.where(head_ids[:, :1] == h, count, 0))
+        count_h = jnp.sum(jnp.where(head_of_count == h, count, 0))
         for start in range(0, width, list_chunk):
             j = start + jax.lax.broadcasted_iota(jnp.int32, (list_chunk, n_tiles), 0)
             tile = jnp.sum((slot_h[None, :] < j).astype(jnp.int32), axis=1)  # [list_chunk]
