@@ -32,6 +32,12 @@ def parse_args():
     p.add_argument("--kv_heads", type=int, default=3)
     p.add_argument("--head_dim", type=int, default=64)
     p.add_argument("--rules", default="rowmean+shared@0.4,rowmean+shared@0.25,rowmean@0.4,window@0.4")
+    p.add_argument("--variants", default="split:2048,split:1024,one:2048,one:8192",
+                   help="fused pre-pass layouts to time: split (scores in a launch of their own, one program per "
+                        "head) or one (one program scores every head), with the register block size")
+    p.add_argument("--calls", type=int, default=20,
+                   help="calls per timed repeat: the host's dispatch overlaps the device, so small kernels are "
+                        "timed on the device, not on Python")
     p.add_argument("--out", default="runs/prepass")
     return p.parse_args()
 
@@ -71,29 +77,33 @@ def main() -> None:
         results["rules"].setdefault(rule, {})["max_rel_err_vs_reference_T1000"] = err
         print(rule, "max relative error against the reference op at T=1000:", err, flush=True)
 
+    timed = lambda fn: measure(fn, calls_per_repeat=args.calls)["median_s"]  # noqa: E731
     cudnn = jax.jit(lambda q, k, v: jax.nn.dot_product_attention(q, k, v, scale=scale, is_causal=True,
                                                                   implementation="cudnn"))
     for batch in [int(b) for b in args.batches.split(",")]:
         q, k, v = inputs(batch, args)
-        row = results.setdefault(f"b{batch}", {"cudnn_s": measure(lambda: cudnn(q, k, v))["median_s"]})
+        row = results.setdefault(f"b{batch}", {"cudnn_s": timed(lambda: cudnn(q, k, v))})
         for rule in rules:
             r = parse_rule(rule)
             common = dict(scale=scale, block_q=128, block_k=128, length=args.seq, sink_tiles=1,
                           tile_budget=r["tile_budget"], selector=r["selector"], shared_heads=r["shared_heads"])
-            fused = jax.jit(lambda q, k, c=common: fused_prepass_table(q, k, backend="triton", **c))
             xla = jax.jit(lambda q, k, c=common: compact_tile_lists(prepass_keep(
                 q, k, None, tile_cap=False, **{key: c[key] for key in c if key != "selector"},
                 selector=c["selector"])))
             kernel = jax.jit(lambda q, k, v, r=r: toptheta_prefill(q, k, v, scale=scale, backend="triton",
                                                                            **_kernel_args(r))[0])
-            a, b = np.asarray(fused(q, k)), np.asarray(xla(q, k))
-            entry = {
-                "table_rows_differing": int(np.sum(np.any(a != b, axis=-1))), "table_rows": int(np.prod(a.shape[:-1])),
-                "kept_off_diagonal_tiles": int(a[..., 0].sum()),
-                "fused_prepass_s": measure(lambda: fused(q, k))["median_s"],
-                "xla_prepass_s": measure(lambda: xla(q, k))["median_s"],
-                "kernel_s": measure(lambda: kernel(q, k, v))["median_s"],
-            }
+            b = np.asarray(xla(q, k))
+            entry = {"xla_prepass_s": timed(lambda: xla(q, k)), "kernel_s": timed(lambda: kernel(q, k, v)),
+                     "kept_off_diagonal_tiles": int(b[..., 0].sum()), "table_rows": int(np.prod(b.shape[:-1]))}
+            for variant in args.variants.split(","):
+                layout, _, size = variant.partition(":")
+                fused = jax.jit(lambda q, k, c=common, s=layout == "split", n=int(size): fused_prepass_table(
+                    q, k, backend="triton", split_heads=s, register_elements=n, **c))
+                a = np.asarray(fused(q, k))
+                entry[variant] = {"table_rows_differing": int(np.sum(np.any(a != b, axis=-1))),
+                                  "prepass_s": timed(lambda: fused(q, k))}
+            default = jax.jit(lambda q, k, c=common: fused_prepass_table(q, k, backend="triton", **c))
+            entry["fused_prepass_s"] = timed(lambda: default(q, k))  # the kernel's own choice
             entry["prepass_fraction_of_kernel"] = entry["fused_prepass_s"] / entry["kernel_s"]
             entry["speedup_vs_cudnn"] = row["cudnn_s"] / entry["kernel_s"]
             row[rule] = entry

@@ -50,11 +50,13 @@ def _spec(*shape, dtype=jnp.bfloat16):
 SELECTIONS = [("rowmean", True), ("rowmean", False), ("window", False)]
 
 
+@pytest.mark.parametrize("split_heads", [True, False])
 @pytest.mark.parametrize("selector,shared", SELECTIONS)
-def test_fused_prepass_lowers(selector, shared):
+def test_fused_prepass_lowers(selector, shared, split_heads):
     text = lower_for_cuda(
         lambda q, k: fused_prepass_table(q, k, scale=0.125, block_q=128, block_k=128, length=T, sink_tiles=1,
-                                         tile_budget=0.4, selector=selector, shared_heads=shared, backend="triton"),
+                                         tile_budget=0.4, selector=selector, shared_heads=shared, backend="triton",
+                                         split_heads=split_heads),
         _spec(B, T, H, D), _spec(B, T, HKV, D))
     assert "tile_selector_prepass" in text and TRITON_CALL in text
 

@@ -32,7 +32,7 @@ from condensa.kernels.tile_gate_prepass import table_width
 from condensa.tiling import tile_budgets
 
 FUSED_SELECTORS = ("rowmean", "window")
-_REGISTER_ELEMENTS = 8192  # the largest [rows, tiles] float32 block one program holds at a time
+_REGISTER_ELEMENTS = 2048  # the largest [rows, tiles] float32 block one program holds at a time
 
 
 def fused_prepass_supported(selector: str, sub_block: int | None, block_k: int, backend: str) -> bool:
@@ -57,42 +57,63 @@ def key_tile_means(k: jax.Array, block_k: int, length: int, width: int) -> tuple
     return means, jnp.asarray(np.log(np.maximum(count, 1.0)))
 
 
-def _prepass_kernel(q_ref, kbar_ref, log_count_ref, budget_ref, table_ref, *, selector, scale, heads, groups,
-                    block_q, block_k, length, sink_tiles, shared_heads, row_chunk, list_chunk, precision):
+def _row_chunk_shares(q_ref, kbar, log_count, q_tile, *, scale, block_q, block_k, length, row_chunk, precision,
+                      head=None):
+    """[n_tiles]: the mean, over the query tile's real rows, of each row's estimated share of its
+    attention in each key tile; `row_chunk` rows at a time, so the [rows, tiles] block stays in
+    registers."""
+    n_tiles = kbar.shape[0]
+    first_row = q_tile * block_q
+    at = (lambda c: (pl.ds(c * row_chunk, row_chunk), slice(None))) if head is None else \
+        (lambda c: (pl.ds(c * row_chunk, row_chunk), head, slice(None)))
+
+    def chunk(c, total):
+        rows = first_row + c * row_chunk + jax.lax.broadcasted_iota(jnp.int32, (row_chunk, n_tiles), 0)
+        cols = jax.lax.broadcasted_iota(jnp.int32, (row_chunk, n_tiles), 1)
+        q = q_ref[at(c)].astype(jnp.float32)
+        logits = jax.lax.dot_general(q, kbar, (((1,), (1,)), ((), ())), precision=precision,
+                                     preferred_element_type=jnp.float32) * scale + log_count[None, :]
+        logits = jnp.where(cols * block_k <= rows, logits, -jnp.inf)  # tiles the row has started
+        e = jnp.exp(logits - jnp.max(logits, axis=1, keepdims=True))
+        shares = e / jnp.sum(e, axis=1, keepdims=True)
+        return total + jnp.sum(jnp.where(rows < length, shares, 0.0), axis=0)
+
+    total = jax.lax.fori_loop(0, block_q // row_chunk, chunk, jnp.zeros((n_tiles,), jnp.float32))
+    return total / jnp.minimum(block_q, length - first_row).astype(jnp.float32)
+
+
+def _share_kernel(q_ref, kbar_ref, log_count_ref, shares_ref, **options):
+    """Grid (query tile, head, batch row): one head's rowmean scores of one query tile."""
+    shares_ref[...] = _row_chunk_shares(q_ref, kbar_ref[...], log_count_ref[...], pl.program_id(0), **options)
+
+
+def _cut_kernel(*refs, selector, heads, groups, block_q, block_k, length, sink_tiles, shared_heads, list_chunk,
+                share_options):
+    """Grid (query tile, batch row): every head's scores of one query tile (read from the share
+    kernel's output, computed here, or the tile index for `window`), the budget cut and the lists."""
+    if selector == "window":
+        kbar_ref = shares_ref = q_ref = None
+        log_count_ref, budget_ref, table_ref = refs
+    elif share_options is None:
+        shares_ref, log_count_ref, budget_ref, table_ref = refs
+    else:
+        q_ref, kbar_ref, log_count_ref, budget_ref, table_ref = refs
     q_tile = pl.program_id(0)
-    n_tiles = kbar_ref.shape[0]  # padded key-tile count (a power of two)
+    n_tiles = log_count_ref.shape[0]  # padded key-tile count (a power of two)
     heads_p = _pow2_at_least(heads)
     ratio = block_q // block_k
     tile_ids = jax.lax.broadcasted_iota(jnp.int32, (heads_p, n_tiles), 1)
     head_ids = jax.lax.broadcasted_iota(jnp.int32, (heads_p, n_tiles), 0)
-    first_row = q_tile * block_q
-    real_rows = jnp.minimum(block_q, length - first_row).astype(jnp.float32)
-
-    def tile_shares(h):
-        """[n_tiles]: head h's rows' mean estimated share of their attention in each key tile."""
-        kbar = kbar_ref[:, h // groups, :]  # [n_tiles, D] float32
-        log_count = log_count_ref[...]
-
-        def chunk(c, total):
-            rows = first_row + c * row_chunk + jax.lax.broadcasted_iota(jnp.int32, (row_chunk, n_tiles), 0)
-            cols = jax.lax.broadcasted_iota(jnp.int32, (row_chunk, n_tiles), 1)
-            q = q_ref[pl.ds(c * row_chunk, row_chunk), h, :].astype(jnp.float32)
-            logits = jax.lax.dot_general(q, kbar, (((1,), (1,)), ((), ())), precision=precision,
-                                         preferred_element_type=jnp.float32) * scale + log_count[None, :]
-            logits = jnp.where(cols * block_k <= rows, logits, -jnp.inf)  # tiles the row has started
-            e = jnp.exp(logits - jnp.max(logits, axis=1, keepdims=True))
-            shares = e / jnp.sum(e, axis=1, keepdims=True)
-            return total + jnp.sum(jnp.where(rows < length, shares, 0.0), axis=0)
-
-        total = jax.lax.fori_loop(0, block_q // row_chunk, chunk, jnp.zeros((n_tiles,), jnp.float32))
-        return total / real_rows
 
     if selector == "window":
         scores = tile_ids.astype(jnp.float32)
     else:
         scores = jnp.zeros((heads_p, n_tiles), jnp.float32)
         for h in range(heads):
-            scores = jnp.where(head_ids == h, tile_shares(h)[None, :], scores)
+            row = (shares_ref[h, :] if share_options is None else
+                   _row_chunk_shares(q_ref, kbar_ref[:, h // groups, :], log_count_ref[...], q_tile, head=h,
+                                     **share_options))
+            scores = jnp.where(head_ids == h, row[None, :], scores)
 
     off_diagonal = tile_ids < q_tile * ratio
     sinks = off_diagonal & (tile_ids < sink_tiles) & (head_ids < heads)
@@ -151,12 +172,16 @@ def _write_lists(table_ref, keep, *, heads, list_chunk):
 
 def fused_prepass_table(q, k, *, scale: float, block_q: int, block_k: int, length: int, sink_tiles: int,
                         tile_budget: float, selector: str, shared_heads: bool, backend: str,
-                        num_warps: int | None = None) -> jax.Array:
+                        num_warps: int | None = None, split_heads: bool = True,
+                        register_elements: int = _REGISTER_ELEMENTS) -> jax.Array:
     """int32 [B, H, nq, W]: the visit lists of `compact_tile_lists(prepass_keep(...))` (the kept
-    off-diagonal tiles of each query tile: sinks plus the budgeted choice) from one kernel launch.
+    off-diagonal tiles of each query tile: sinks plus the budgeted choice).
 
     q [B, Tp, H, D] and k [B, Tp, Hkv, D] are padded with zeros to whole query tiles past the real
-    `length`."""
+    `length`. `split_heads` scores rowmean in a launch of its own, one program per (query tile,
+    head), before the cut; otherwise one program per query tile scores every head in turn (fewer
+    launches, H times less parallel). `register_elements` bounds the [rows, tiles] blocks a program
+    holds at once: larger blocks spill registers."""
     b, tp, h, d = q.shape
     hkv = k.shape[2]
     nq, nk = tp // block_q, tp // block_k
@@ -165,25 +190,44 @@ def fused_prepass_table(q, k, *, scale: float, block_q: int, block_k: int, lengt
     kbar, log_count = key_tile_means(k, block_k, length, n_tiles)
     budgets = np.zeros(_pow2_at_least(nq), np.int32)
     budgets[:nq] = tile_budgets(nq, tile_budget)
-    row_chunk = max(16, min(block_q, _REGISTER_ELEMENTS // n_tiles))
-    list_chunk = max(16, min(width, _REGISTER_ELEMENTS // n_tiles))
-    kernel = functools.partial(
-        _prepass_kernel, selector=selector, scale=float(scale), heads=h, groups=h // hkv, block_q=block_q,
-        block_k=block_k, length=int(length), sink_tiles=int(sink_tiles), shared_heads=bool(shared_heads),
-        row_chunk=row_chunk, list_chunk=min(list_chunk, width),
-        precision=jax.lax.Precision.HIGHEST if q.dtype == jnp.float32 else None)
+    row_chunk = max(16, min(block_q, register_elements // n_tiles))
+    share_options = dict(scale=float(scale), block_q=block_q, block_k=block_k, length=int(length),
+                         row_chunk=row_chunk, precision=jax.lax.Precision.HIGHEST if q.dtype == jnp.float32 else None)
     kwargs = {}
     if backend == "triton":
         from jax.experimental.pallas import triton as pltriton
 
         kwargs["compiler_params"] = pltriton.CompilerParams(num_warps=num_warps or 4, num_stages=1)
+    interpret = backend == "interpret"
+    tile_spec = pl.BlockSpec((n_tiles,), lambda *_: (0,))
+    budget_spec = pl.BlockSpec((budgets.shape[0],), lambda *_: (0,))
+    if selector == "window":
+        in_specs, inputs = [tile_spec, budget_spec], [log_count, jnp.asarray(budgets)]
+    elif split_heads:
+        shares = pl.pallas_call(
+            functools.partial(_share_kernel, **share_options), grid=(nq, h, b),
+            in_specs=[pl.BlockSpec((None, block_q, None, d), lambda i, hi, bi: (bi, i, hi, 0)),
+                      pl.BlockSpec((None, n_tiles, None, d), lambda i, hi, bi: (bi, 0, hi // (h // hkv), 0)),
+                      tile_spec],
+            out_specs=pl.BlockSpec((None, None, None, n_tiles), lambda i, hi, bi: (bi, hi, i, 0)),
+            out_shape=jax.ShapeDtypeStruct((b, h, nq, n_tiles), jnp.float32),
+            interpret=interpret, name="tile_selector_scores", **kwargs,
+        )(q, kbar, log_count)
+        in_specs = [pl.BlockSpec((None, h, None, n_tiles), lambda i, bi: (bi, 0, i, 0)), tile_spec, budget_spec]
+        inputs = [shares, log_count, jnp.asarray(budgets)]
+        share_options = None
+    else:
+        in_specs = [pl.BlockSpec((None, block_q, h, d), lambda i, bi: (bi, i, 0, 0)),
+                    pl.BlockSpec((None, n_tiles, hkv, d), lambda i, bi: (bi, 0, 0, 0)), tile_spec, budget_spec]
+        inputs = [q, kbar, log_count, jnp.asarray(budgets)]
+    list_chunk = max(16, min(width, register_elements // n_tiles))
+    kernel = functools.partial(
+        _cut_kernel, selector=selector, heads=h, groups=h // hkv, block_q=block_q, block_k=block_k,
+        length=int(length), sink_tiles=int(sink_tiles), shared_heads=bool(shared_heads), list_chunk=list_chunk,
+        share_options=None if selector == "window" else share_options)
     return pl.pallas_call(
-        kernel, grid=(nq, b),
-        in_specs=[pl.BlockSpec((None, block_q, h, d), lambda i, bi: (bi, i, 0, 0)),
-                  pl.BlockSpec((None, n_tiles, hkv, d), lambda i, bi: (bi, 0, 0, 0)),
-                  pl.BlockSpec((n_tiles,), lambda i, bi: (0,)),
-                  pl.BlockSpec((budgets.shape[0],), lambda i, bi: (0,))],
+        kernel, grid=(nq, b), in_specs=in_specs,
         out_specs=pl.BlockSpec((None, h, None, width), lambda i, bi: (bi, 0, i, 0)),
         out_shape=jax.ShapeDtypeStruct((b, h, nq, width), jnp.int32),
-        interpret=backend == "interpret", name="tile_selector_prepass", **kwargs,
-    )(q, kbar, log_count, jnp.asarray(budgets))
+        interpret=interpret, name="tile_selector_prepass", **kwargs,
+    )(*inputs)
