@@ -34,7 +34,8 @@ def parse_args():
     p.add_argument("--rules", default="rowmean+shared@0.4,rowmean+shared@0.25,rowmean@0.4,window@0.4")
     p.add_argument("--variants", default="split:2048,split:1024,one:2048,one:8192",
                    help="fused pre-pass layouts to time: split (scores in a launch of their own, one program per "
-                        "head) or one (one program scores every head), with the register block size")
+                        "head) or one (one program scores every head), +lists for one program per head writing "
+                        "the lists, with the register block size")
     p.add_argument("--calls", type=int, default=20,
                    help="calls per timed repeat: the host's dispatch overlaps the device, so small kernels are "
                         "timed on the device, not on Python")
@@ -97,8 +98,9 @@ def main() -> None:
                      "kept_off_diagonal_tiles": int(b[..., 0].sum()), "table_rows": int(np.prod(b.shape[:-1]))}
             for variant in args.variants.split(","):
                 layout, _, size = variant.partition(":")
-                fused = jax.jit(lambda q, k, c=common, s=layout == "split", n=int(size): fused_prepass_table(
-                    q, k, backend="triton", split_heads=s, register_elements=n, **c))
+                fused = jax.jit(lambda q, k, c=common, s=layout.startswith("split"), n=int(size),
+                                per_head=layout.endswith("+lists"): fused_prepass_table(
+                    q, k, backend="triton", split_heads=s, lists_per_head=per_head, register_elements=n, **c))
                 a = np.asarray(fused(q, k))
                 entry[variant] = {"table_rows_differing": int(np.sum(np.any(a != b, axis=-1))),
                                   "prepass_s": timed(lambda: fused(q, k))}

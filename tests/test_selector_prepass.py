@@ -20,9 +20,10 @@ CASES = [  # (length, block_q, block_k, heads, kv heads, selector, shared budget
 ]
 
 
-@pytest.mark.parametrize("split_heads", [True, False])
+@pytest.mark.parametrize("split_heads,lists_per_head", [(True, False), (False, False), (True, True)])
 @pytest.mark.parametrize("length,block_q,block_k,heads,kv_heads,selector,shared,f", CASES)
-def test_fused_table_equals_the_xla_prepass(length, block_q, block_k, heads, kv_heads, selector, shared, f, split_heads):
+def test_fused_table_equals_the_xla_prepass(length, block_q, block_k, heads, kv_heads, selector, shared, f, split_heads,
+                                            lists_per_head):
     rng = np.random.default_rng(length + heads)
     padded = -(-length // block_q) * block_q
 
@@ -34,7 +35,7 @@ def test_fused_table_equals_the_xla_prepass(length, block_q, block_k, heads, kv_
     common = dict(scale=0.25, block_q=block_q, block_k=block_k, length=length, sink_tiles=1, tile_budget=f)
     want = compact_tile_lists(prepass_keep(q, k, None, tile_cap=False, selector=selector, shared_heads=shared, **common))
     got = fused_prepass_table(q, k, selector=selector, shared_heads=shared, backend="interpret",
-                              split_heads=split_heads, register_elements=64, **common)  # several row chunks
+                              split_heads=split_heads, lists_per_head=lists_per_head, register_elements=64, **common)  # several row chunks
     assert got.shape == want.shape and got.dtype == want.dtype
     np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
 

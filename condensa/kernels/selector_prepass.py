@@ -88,9 +88,11 @@ def _share_kernel(q_ref, kbar_ref, log_count_ref, shares_ref, **options):
 
 
 def _cut_kernel(*refs, selector, heads, groups, block_q, block_k, length, sink_tiles, shared_heads, list_chunk,
-                share_options):
-    """Grid (query tile, batch row): every head's scores of one query tile (read from the share
-    kernel's output, computed here, or the tile index for `window`), the budget cut and the lists."""
+                share_options, lists_per_head):
+    """Grid (query tile, batch row), or (query tile, head, batch row) with `lists_per_head`: every
+    head's scores of one query tile (read from the share kernel's output, computed here, or the
+    tile index for `window`), the budget cut, and the lists of every head or of the program's own
+    (the cut is then repeated by each head's program, which shortens the serial path)."""
     if selector == "window":
         kbar_ref = shares_ref = q_ref = None
         log_count_ref, budget_ref, table_ref = refs
@@ -120,7 +122,8 @@ def _cut_kernel(*refs, selector, heads, groups, block_q, block_k, length, sink_t
     optional = off_diagonal & (tile_ids >= sink_tiles) & (head_ids < heads)
     budget = budget_ref[q_tile]
     keep = optional & ~_below_cut(scores, optional, budget * heads if shared_heads else budget, shared_heads)
-    _write_lists(table_ref, keep | sinks, heads=heads, list_chunk=list_chunk)
+    _write_lists(table_ref, keep | sinks, heads=heads, list_chunk=list_chunk,
+                 own_head=pl.program_id(1) if lists_per_head else None)
 
 
 def _below_cut(scores, chosen, budget, shared_heads):
@@ -150,16 +153,17 @@ def _below_cut(scores, chosen, budget, shared_heads):
     return chosen & capped & (bits <= lo)
 
 
-def _write_lists(table_ref, keep, *, heads, list_chunk):
+def _write_lists(table_ref, keep, *, heads, list_chunk, own_head=None):
     """Row h of the table: the count, then the kept tiles in ascending order, then zeros. The j-th
-    kept tile (from 1) is the number of tiles whose running count of kept tiles is below j."""
+    kept tile (from 1) is the number of tiles whose running count of kept tiles is below j.
+    With `own_head` (a traced head index) the program writes that head's row only."""
     n_tiles = keep.shape[1]
     width = table_ref.shape[-1]
     slot = jnp.cumsum(keep.astype(jnp.int32), axis=1)  # [heads_p, n_tiles]
     count = jnp.sum(keep.astype(jnp.int32), axis=1)  # [heads_p] (no slices: Triton lowers none)
     head_ids = jax.lax.broadcasted_iota(jnp.int32, slot.shape, 0)
     head_of_count = jax.lax.broadcasted_iota(jnp.int32, count.shape, 0)
-    for h in range(heads):
+    for h in ([own_head] if own_head is not None else range(heads)):
         slot_h = jnp.sum(jnp.where(head_ids == h, slot, 0), axis=0)  # [n_tiles]
         count_h = jnp.sum(jnp.where(head_of_count == h, count, 0))
         for start in range(0, width, list_chunk):
@@ -167,12 +171,15 @@ def _write_lists(table_ref, keep, *, heads, list_chunk):
             tile = jnp.sum((slot_h[None, :] < j).astype(jnp.int32), axis=1)  # [list_chunk]
             j_col = start + jax.lax.broadcasted_iota(jnp.int32, (list_chunk,), 0)
             entry = jnp.where(j_col == 0, count_h, jnp.where(j_col <= count_h, tile, 0))
-            table_ref[h, pl.ds(start, list_chunk)] = entry
+            if own_head is None:
+                table_ref[h, pl.ds(start, list_chunk)] = entry
+            else:
+                table_ref[pl.ds(start, list_chunk)] = entry
 
 
 def fused_prepass_table(q, k, *, scale: float, block_q: int, block_k: int, length: int, sink_tiles: int,
                         tile_budget: float, selector: str, shared_heads: bool, backend: str,
-                        num_warps: int | None = None, split_heads: bool = True,
+                        num_warps: int | None = None, split_heads: bool = True, lists_per_head: bool = False,
                         register_elements: int = _REGISTER_ELEMENTS) -> jax.Array:
     """int32 [B, H, nq, W]: the visit lists of `compact_tile_lists(prepass_keep(...))` (the kept
     off-diagonal tiles of each query tile: sinks plus the budgeted choice).
@@ -180,7 +187,8 @@ def fused_prepass_table(q, k, *, scale: float, block_q: int, block_k: int, lengt
     q [B, Tp, H, D] and k [B, Tp, Hkv, D] are padded with zeros to whole query tiles past the real
     `length`. `split_heads` scores rowmean in a launch of its own, one program per (query tile,
     head), before the cut; otherwise one program per query tile scores every head in turn (fewer
-    launches, H times less parallel). `register_elements` bounds the [rows, tiles] blocks a program
+    launches, H times less parallel). `lists_per_head` runs the cut once per (query tile, head)
+    and lets each program write its own head's list. `register_elements` bounds the [rows, tiles] blocks a program
     holds at once: larger blocks spill registers."""
     b, tp, h, d = q.shape
     hkv = k.shape[2]
@@ -224,10 +232,16 @@ def fused_prepass_table(q, k, *, scale: float, block_q: int, block_k: int, lengt
     kernel = functools.partial(
         _cut_kernel, selector=selector, heads=h, groups=h // hkv, block_q=block_q, block_k=block_k,
         length=int(length), sink_tiles=int(sink_tiles), shared_heads=bool(shared_heads), list_chunk=list_chunk,
-        share_options=None if selector == "window" else share_options)
+        share_options=None if selector == "window" else share_options, lists_per_head=lists_per_head)
+    if lists_per_head:  # the same inputs for every head's program: the head axis only picks the output row
+        grid = (nq, h, b)
+        in_specs = [pl.BlockSpec(spec.block_shape, lambda i, hi, bi, f=spec.index_map: f(i, bi)) for spec in in_specs]
+        out_spec = pl.BlockSpec((None, None, None, width), lambda i, hi, bi: (bi, hi, i, 0))
+    else:
+        grid = (nq, b)
+        out_spec = pl.BlockSpec((None, h, None, width), lambda i, bi: (bi, 0, i, 0))
     return pl.pallas_call(
-        kernel, grid=(nq, b), in_specs=in_specs,
-        out_specs=pl.BlockSpec((None, h, None, width), lambda i, bi: (bi, 0, i, 0)),
+        kernel, grid=grid, in_specs=in_specs, out_specs=out_spec,
         out_shape=jax.ShapeDtypeStruct((b, h, nq, width), jnp.int32),
         interpret=interpret, name="tile_selector_prepass", **kwargs,
     )(*inputs)
