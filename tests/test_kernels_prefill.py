@@ -9,6 +9,7 @@ tiny (T <= 96, blocks of 16/32) because interpret mode evaluates the kernel body
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -352,3 +353,192 @@ def test_tpu_kernel_takes_half_precision_inputs(dtype):
     assert out.dtype == dtype
     assert rel_err(out, ref) < 1e-2
     assert rel_err(out, np.asarray(other, np.float64)) < 1e-2
+
+
+# ---- post-softmax placement and exact SDC, against the attention package's reference op ---------
+
+# name: (T, H, Hkv, block_q, block_k, AttentionConfig fields, skip_empty)
+VARIANTS = {
+    "post_vmc": (72, 2, 2, 32, 16, dict(placement="post", vmc=True), False),
+    "post": (50, 2, 2, 16, 16, dict(placement="post"), False),
+    "post_vmc_skip_empty": (72, 2, 2, 32, 16, dict(placement="post", vmc=True), True),
+    "post_vmc_gate": (80, 2, 2, 16, 16, dict(placement="post", vmc=True, tile_gate=True, tile_budget=0.25), False),
+    # a fused pre-pass needs at least eight key tiles (its lists are written sixteen entries at a time)
+    "post_vmc_rowmean_shared_gqa": (120, 4, 2, 32, 16, dict(placement="post", vmc=True, tile_gate=True,
+                                                            tile_selector="rowmean", shared_heads=True,
+                                                            tile_budget=0.4), False),
+    "post_rowmean_gqa_skip_empty": (120, 4, 2, 32, 16, dict(placement="post", tile_gate=True,
+                                                            tile_selector="rowmean", tile_budget=0.4), True),
+    "exact_vmc": (72, 2, 2, 32, 16, dict(sdc="exact", vmc=True), False),
+    "exact_gamma": (50, 2, 2, 16, 16, dict(sdc="exact", gamma=0.7), False),
+    "exact_vmc_skip_empty_gqa": (72, 4, 2, 32, 16, dict(sdc="exact", vmc=True), True),
+}
+DENSE_K = 5  # rows of at most this many keys stay dense
+NOTHING_PASSES = 9  # every ninth row gets a θ that no element beats
+
+
+def variant_thresholds(rng, placement, t, h, n_q):
+    """θ per (head, row): probabilities near 1/n for post, logits for pre; every ninth row beyond
+    the dense ones is impossible to pass (θ = 1 for post, +inf for pre)."""
+    n = np.arange(1, t + 1)
+    if placement == "post":
+        theta = rng.uniform(0.3, 3.0, (h, t)) / n
+        theta[:, NOTHING_PASSES::NOTHING_PASSES] = 1.0
+    else:
+        theta = rng.normal(1.0, 0.6, (h, t))
+        theta[:, NOTHING_PASSES::NOTHING_PASSES] = np.inf
+    from condensa.sparsity.thresholds import Thresholds
+
+    return Thresholds(theta=jnp.asarray(theta[None], jnp.float32), sdc_delta=jnp.zeros((1, h, t), jnp.float32),
+                      tile_theta=jnp.asarray(rng.normal(0.0, 0.05, (1, h, n_q)), jnp.float32), placement=placement,
+                      k=DENSE_K)
+
+
+class Variant(NamedTuple):
+    """One case's inputs, rule, thresholds and the kernel arguments the Pallas backend derives."""
+
+    q: jax.Array
+    k: jax.Array
+    v: jax.Array
+    scale: float
+    config: object
+    thresholds: object
+    kwargs: dict
+
+    def reference(self):
+        """`attend`'s reference op: (out, probs)."""
+        from condensa.attention import attend
+
+        t = self.q.shape[1]
+        visible = jnp.tril(jnp.ones((t, t), bool))[None, None]
+        return attend(self.q, self.k, self.v, visible=visible, scale=self.scale, layer_idx=0, config=self.config,
+                      thresholds=self.thresholds)
+
+    def kernel(self, **overrides):
+        return toptheta_prefill(self.q, self.k, self.v, scale=self.scale, backend="interpret",
+                                **{**self.kwargs, **overrides})
+
+
+def variant(name) -> Variant:
+    from condensa.attention import AttentionConfig
+    from condensa.attention.pallas_backend import kernel_applies, prefill_kernel_args
+
+    t, h, hkv, bq, bk, fields, _ = VARIANTS[name]
+    rng = np.random.default_rng(len(name))
+    b, d = (1 if h > hkv else 2), 64  # GQA cases hold more heads: one batch row keeps them fast
+    q = jnp.asarray(rng.standard_normal((b, t, h, d)), jnp.float32)
+    k, v = (jnp.asarray(rng.standard_normal((b, t, hkv, d)), jnp.float32) for _ in range(2))
+    config = AttentionConfig(mode="toptheta", k=DENSE_K, block_q=bq, block_k=bk, **fields)
+    thresholds = variant_thresholds(rng, config.placement, t, h, -(-t // bq))
+    assert kernel_applies(config, 0, causal=True, need_probs=False, dropout=None)
+    kwargs = dict(prefill_kernel_args(config, thresholds.for_layer(0), 0, t), block_q=bq, block_k=bk)
+    return Variant(q, k, v, 1.0 / math.sqrt(d), config, thresholds, kwargs)
+
+
+@pytest.mark.parametrize("name", list(VARIANTS))
+def test_post_placement_and_exact_sdc_match_the_reference_op(name):
+    """The kernel (interpret mode, NaN-poisoned output) against `attend`'s reference op, with θ
+    looked up per row as the Pallas backend does: dense rows (n <= k), rows where nothing passes
+    (they keep their largest element), GQA and a partial last query tile."""
+    case = variant(name)
+    out, _ = case.kernel(skip_empty=VARIANTS[name][-1], poison_output=True)
+    ref, probs = case.reference()
+    assert rel_err(out, np.asarray(ref, np.float64)) < RTOL
+    # the inputs exercise what the rule does: it prunes, dense rows keep all, some rows keep one
+    t = case.q.shape[1]
+    per_row = (np.asarray(probs) > 0).sum(-1)  # [B, H, T]
+    assert per_row.sum() < per_row.shape[0] * per_row.shape[1] * t * (t + 1) // 2
+    assert (per_row[..., :DENSE_K] == np.arange(1, DENSE_K + 1)).all()
+    assert (per_row[..., NOTHING_PASSES::NOTHING_PASSES] == 1).all()
+    # the kernel's jnp twin (its backward pass) follows the same rule
+    twin = toptheta_prefill_reference(case.q, case.k, case.v, scale=case.scale, **case.kwargs)
+    assert rel_err(twin, np.asarray(ref, np.float64)) < RTOL
+
+
+@pytest.mark.parametrize("name,flag", [("post_vmc", "placement"), ("exact_vmc", "sdc_exact")])
+def test_variants_differ_from_the_default_rule(name, flag):
+    """Without its flag the kernel runs another rule on the same θ, far from the reference: the
+    checks above tell the variants apart from what the kernel computed before."""
+    case = variant(name)
+    ref, _ = case.reference()
+    plain = {key: value for key, value in case.kwargs.items() if key != flag}
+    if flag == "placement":  # probabilities read as logits would keep nearly everything
+        plain["theta"] = None
+    other, _ = toptheta_prefill(case.q, case.k, case.v, scale=case.scale, backend="interpret", **plain)
+    assert rel_err(other, np.asarray(ref, np.float64)) > 1e-2
+
+
+def sink_inputs(t, d):
+    """One strong key at position 0 that every query aligns with, so most later tiles hold
+    nothing a row keeps: the empty tiles that `skip_empty` skips."""
+    q, k, v = random_qkv(11, t, d, b=1, h=1)
+    direction = jnp.ones((d,), jnp.float32) / math.sqrt(d)
+    return q + 2.0 * direction, k.at[:, 0].add(40.0 * direction), v
+
+
+@pytest.mark.parametrize("placement", ["post", "pre"])
+def test_skipped_empty_tiles_keep_their_mass_in_the_denominator(placement):
+    """With `skip_empty` an empty tile skips its P·V, but post's l_all and exact SDC's full sum
+    must still count its mass: the output equals the unskipped kernel's and the twin's."""
+    t, d, bq, bk = 64, 64, 16, 16
+    q, k, v = sink_inputs(t, d)
+    if placement == "post":
+        kw = dict(placement="post", theta=jnp.full((1, t), 0.05, jnp.float32), vmc=True)
+    else:
+        kw = dict(sdc_exact=True, theta=jnp.full((1, t), 3.5, jnp.float32), vmc=True)
+    skipped, stats = toptheta_prefill(q, k, v, block_q=bq, block_k=bk, backend="interpret", skip_empty=True,
+                                      poison_output=True, **kw)
+    computed, stats_all = toptheta_prefill(q, k, v, block_q=bq, block_k=bk, backend="interpret", **kw)
+    twin = toptheta_prefill_reference(q, k, v, scale=1.0 / math.sqrt(d), block_q=bq, block_k=bk, **kw)
+    assert int(stats.empty) == int(stats_all.empty) > 0
+    assert rel_err(skipped, np.asarray(twin, np.float64)) < RTOL
+    assert rel_err(computed, np.asarray(twin, np.float64)) < RTOL
+    # the dropped mass is not negligible here, or a lost tile would not show
+    dropped = 1.0 - np.asarray(_kept_mass(q, k, d, kw))
+    assert dropped.max() > 1e-3
+
+
+def _kept_mass(q, k, d, kw):
+    """Σ_j p_ij per row under the rule in `kw` (for one batch row and head), from the scores."""
+    a = np.asarray(q[0, :, 0], np.float64) @ np.asarray(k[0, :, 0], np.float64).T / math.sqrt(d)
+    a = np.where(np.tril(np.ones_like(a, bool)), a, -np.inf)
+    p = np.exp(a - a.max(-1, keepdims=True))
+    p /= p.sum(-1, keepdims=True)
+    theta = np.asarray(kw["theta"][0], np.float64)[:, None]
+    keep = p > theta if kw.get("placement") == "post" else a > theta
+    return np.where(keep, p, 0.0).sum(-1)
+
+
+@pytest.mark.parametrize("name", ["post_vmc_gate", "exact_vmc"])
+def test_variant_gradients_match_the_reference_op(name):
+    """jax.grad through the kernel (its custom VJP: the twin's) equals jax.grad of `attend`'s
+    reference op, so training through the kernel sees the same rule."""
+    case = variant(name)
+    w = jnp.asarray(np.random.default_rng(1).standard_normal(case.q.shape), jnp.float32)
+
+    def kernel_loss(q, k, v):
+        return jnp.sum(case._replace(q=q, k=k, v=v).kernel()[0] * w)
+
+    def reference_loss(q, k, v):
+        return jnp.sum(case._replace(q=q, k=k, v=v).reference()[0] * w)
+
+    got = jax.grad(kernel_loss, argnums=(0, 1, 2))(case.q, case.k, case.v)
+    want = jax.grad(reference_loss, argnums=(0, 1, 2))(case.q, case.k, case.v)
+    for g, r in zip(got, want):
+        assert rel_err(g, np.asarray(r, np.float64)) < 1e-4
+
+
+@pytest.mark.parametrize("change, message", [
+    (dict(sdc_exact=True, tile_budget=0.5, tile_selector="rowmean"), "never reads the tiles"),
+    (dict(sdc_exact=True, sdc_delta=True), "two SDC modes"),
+    (dict(placement="post", sdc_exact=True), "takes no SDC"),
+    (dict(placement="post", backend="tpu_interpret"), "TPU prefill kernel"),
+    (dict(placement="middle"), "placement must be"),
+])
+def test_variants_the_kernel_cannot_run_are_refused(change, message):
+    q = jnp.zeros((1, 32, 2, 64))
+    change = dict(change)
+    sdc = jnp.zeros((2, 32)) if change.pop("sdc_delta", False) else None
+    with pytest.raises(ConfigError, match=message):
+        toptheta_prefill(q, q, q, theta=jnp.zeros((2, 32)), sdc_delta=sdc, block_q=16, block_k=16,
+                         **{"backend": "interpret", **change})

@@ -83,6 +83,27 @@ def test_prefill_kernel_with_gqa_matches_the_numpy_oracle_without_repeating_kv()
     assert shapes.count((1, t, HQ, D)) == 1 and shapes.count((1, t, HKV, D)) == 2
 
 
+@pytest.mark.parametrize("variant", [dict(placement="post", vmc=True), dict(sdc_exact=True, vmc=True)])
+def test_prefill_variants_with_gqa_read_kv_heads_without_repeating_them(variant):
+    """Post-softmax Top-θ walks K twice and exact SDC sums every score: both still hand the kernel
+    K and V with their own HKV heads, and match the reference op (which repeats them)."""
+    from condensa.kernels import toptheta_prefill_reference
+
+    t = 48
+    rng = np.random.default_rng(4)
+    q = jnp.asarray(rng.standard_normal((1, t, HQ, D)), jnp.float32)
+    k, v = (jnp.asarray(rng.standard_normal((1, t, HKV, D)), jnp.float32) for _ in range(2))
+    theta = (jnp.asarray(rng.uniform(0.3, 3.0, (HQ, t)) / np.arange(1, t + 1), jnp.float32)
+             if variant.get("placement") == "post" else jnp.asarray(rng.normal(1.0, 0.6, (HQ, t)), jnp.float32))
+    run = lambda q, k, v: toptheta_prefill(q, k, v, theta=theta, scale=1 / 8, block_q=16, block_k=16,  # noqa: E731
+                                           backend="interpret", **variant)
+    out, _ = run(q, k, v)
+    ref = toptheta_prefill_reference(q, k, v, theta=theta, scale=1 / 8, block_q=16, block_k=16, **variant)
+    assert rel_err(out, np.asarray(ref, np.float64)) < 1e-5
+    shapes = _pallas_operand_heads(run, q, k, v)
+    assert shapes.count((1, t, HQ, D)) == 1 and shapes.count((1, t, HKV, D)) == 2
+
+
 def test_decode_kernel_with_gqa_matches_the_reference_op_without_repeating_kv():
     b, s, bk = 2, 96, 16
     lengths = np.asarray([96, 53])

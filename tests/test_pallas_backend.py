@@ -1,5 +1,6 @@
 """AttentionConfig(backend="pallas"): the model runs the Pallas prefill kernel (interpret mode on CPU)
-and gives the reference op's numbers, for dense and for calibrated Top-θ with SDC, VMC and the gate."""
+and gives the reference op's numbers, for dense and for calibrated Top-θ with SDC, VMC and the gate,
+post-softmax Top-θ (with and without a gate or selector) and exact SDC without a gate."""
 
 from __future__ import annotations
 
@@ -83,6 +84,82 @@ def test_a_layer_left_dense_runs_the_fused_dense_path(setup, monkeypatch):
     ker = model(ids, attention=config.replace(backend="pallas"), thresholds=thresholds).logits
     np.testing.assert_allclose(np.asarray(ker), np.asarray(ref), rtol=1e-5, atol=1e-5)
     assert len(calls) == model.config.n_layer - 1 and all(kw["tile_theta"] is not None for kw in calls)
+
+
+VARIANTS = {  # the rules the prefill kernel runs beyond calibrated pre-softmax Top-θ
+    "post+vmc": AttentionConfig(mode="toptheta", k=6, placement="post", vmc=True),
+    "post": AttentionConfig(mode="toptheta", k=6, placement="post"),
+    "post+vmc+gate": AttentionConfig(mode="toptheta", k=6, placement="post", vmc=True, tile_gate=True, block_q=16,
+                                     block_k=16, tile_budget=0.34),
+    "post+rowmean+shared": AttentionConfig(mode="toptheta", k=6, placement="post", tile_gate=True, block_q=16,
+                                           block_k=16, tile_budget=0.34, tile_selector="rowmean", sub_block=8,
+                                           shared_heads=True),
+    "exact+vmc": AttentionConfig(mode="toptheta", k=6, sdc="exact", vmc=True),
+    "exact": AttentionConfig(mode="toptheta", k=6, sdc="exact"),
+}
+
+
+@pytest.fixture(scope="module")
+def post_thresholds(setup):
+    """θ calibrated as probabilities (post-softmax placement), with the gate, on the setup's model."""
+    model = setup[0]
+    blocks = np.random.default_rng(0).integers(0, 98, size=(8, T))
+    return calibrate(model, blocks, k=6, placement="post", gate=GateSpec(16, 16, 0.34, 1), batch_size=8,
+                     sigma_add=0.0)
+
+
+def _count_prefill_calls(monkeypatch) -> list:
+    import condensa.kernels as kernels
+
+    calls = []
+    original = kernels.toptheta_prefill
+    monkeypatch.setattr(kernels, "toptheta_prefill", lambda *a, **kw: calls.append(kw) or original(*a, **kw))
+    return calls
+
+
+@pytest.mark.parametrize("name", list(VARIANTS))
+def test_post_placement_and_exact_sdc_run_the_kernel(setup, post_thresholds, name, monkeypatch):
+    """The Pallas backend runs these rules on the prefill kernel in every layer (no fallback to the
+    reference op) and gives the reference backend's logits; the rule really prunes."""
+    import jax.numpy as jnp
+
+    from condensa.attention.pallas_backend import kernel_applies
+
+    model, pre_thresholds, text = setup
+    config = VARIANTS[name]
+    thresholds = post_thresholds if config.placement == "post" else pre_thresholds
+    assert kernel_applies(config, 0, causal=True, need_probs=False, dropout=None)
+    ids = jnp.asarray(text[:T].reshape(1, T))
+    ref = model(ids, attention=config, thresholds=thresholds).logits
+    calls = _count_prefill_calls(monkeypatch)
+    ker = model(ids, attention=config.replace(backend="pallas"), thresholds=thresholds).logits
+    assert len(calls) == model.config.n_layer
+    assert all(kw.get("placement", "pre") == config.placement and kw.get("sdc_exact", False) == (config.sdc == "exact")
+               for kw in calls)
+    np.testing.assert_allclose(np.asarray(ker), np.asarray(ref), rtol=1e-5, atol=1e-5)
+    assert float(jnp.abs(ref - model(ids).logits).max()) > 1e-2
+
+
+def test_exact_sdc_behind_a_gate_and_the_tpu_twin_fall_back_to_the_reference(setup, monkeypatch):
+    """Exact SDC behind a gate needs the mass of tiles the kernel never reads, and the TPU kernel
+    has neither variant: those calls run the reference op, with its logits."""
+    import jax.numpy as jnp
+
+    from condensa.attention.pallas_backend import kernel_applies
+
+    model, thresholds, text = setup
+    gated = VARIANTS["exact+vmc"].replace(tile_gate=True, block_q=16, block_k=16, tile_budget=0.34)
+    assert not kernel_applies(gated, 0, causal=True, need_probs=False, dropout=None)
+    ids = jnp.asarray(text[:T].reshape(1, T))
+    calls = _count_prefill_calls(monkeypatch)
+    ker = model(ids, attention=gated.replace(backend="pallas"), thresholds=thresholds).logits
+    assert not calls
+    np.testing.assert_allclose(np.asarray(ker), np.asarray(model(ids, attention=gated, thresholds=thresholds).logits),
+                               rtol=1e-5, atol=1e-5)
+    monkeypatch.setenv("CONDENSA_KERNEL_BACKEND", "tpu_interpret")
+    for name in ("post+vmc", "exact+vmc"):
+        assert not kernel_applies(VARIANTS[name], 0, causal=True, need_probs=False, dropout=None)
+    assert kernel_applies(CONFIGS["toptheta+sdc+vmc+gate"], 0, causal=True, need_probs=False, dropout=None)
 
 
 @pytest.fixture(scope="module")

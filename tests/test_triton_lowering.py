@@ -50,13 +50,13 @@ def _spec(*shape, dtype=jnp.bfloat16):
 SELECTIONS = [("rowmean", True), ("rowmean", False), ("window", False)]
 
 
-@pytest.mark.parametrize("split_heads", [True, False])
+@pytest.mark.parametrize("split_heads,lists_per_head", [(True, False), (False, False), (True, True)])
 @pytest.mark.parametrize("selector,shared", SELECTIONS)
-def test_fused_prepass_lowers(selector, shared, split_heads):
+def test_fused_prepass_lowers(selector, shared, split_heads, lists_per_head):
     text = lower_for_cuda(
         lambda q, k: fused_prepass_table(q, k, scale=0.125, block_q=128, block_k=128, length=T, sink_tiles=1,
                                          tile_budget=0.4, selector=selector, shared_heads=shared, backend="triton",
-                                         split_heads=split_heads),
+                                         split_heads=split_heads, lists_per_head=lists_per_head),
         _spec(B, T, H, D), _spec(B, T, HKV, D))
     assert "tile_selector_prepass" in text and TRITON_CALL in text
 
@@ -81,3 +81,22 @@ def test_selector_decode_lowers(selector, shared):
                                                block_k=128, backend="triton")[0],
         _spec(B, 1, H, D), _spec(B, S, HKV, D), _spec(B, S, HKV, D), _spec(B, S // 128, HKV, D, dtype=jnp.float32))
     assert TRITON_CALL in text
+
+
+# post-softmax Top-θ (two Q·Kᵀ walks) without and behind a budgeted selector; exact SDC without a gate
+VARIANTS = {
+    "post": dict(placement="post"),
+    "post_skip_empty": dict(placement="post", skip_empty=True),
+    "post_rowmean_shared": dict(placement="post", tile_selector="rowmean", shared_heads=True, tile_budget=0.4),
+    "exact_sdc": dict(sdc_exact=True),
+    "exact_sdc_skip_empty": dict(sdc_exact=True, skip_empty=True),
+}
+
+
+@pytest.mark.parametrize("name", list(VARIANTS))
+def test_prefill_variants_lower(name):
+    text = lower_for_cuda(
+        lambda q, k, v: toptheta_prefill(q, k, v, scale=0.125, backend="triton", block_q=128, block_k=128,
+                                         theta=jnp.full((H, T), 0.01), vmc=True, **VARIANTS[name])[0],
+        _spec(B, T, H, D), _spec(B, T, HKV, D), _spec(B, T, HKV, D))
+    assert "toptheta_prefill" in text and TRITON_CALL in text

@@ -2,12 +2,13 @@
 
 The prefill kernel covers causal prefill with no padding, and the decode kernel one new token per
 sequence against the KV cache, both for dense attention and pre-softmax Top-θ (SDC none or
-calibrated, VMC, the tile gate). Everything else (prompts written into a cache, padded prefill,
-top-k, post-softmax placement, exact / exp-threshold SDC, callers that need the probabilities,
-attention dropout, rows gated as decoding steps) runs the reference op, which gives the same
-numbers by construction. In prefill, layers the rule leaves dense (`dense_layers`) run the fused
-dense path of the reference backend (cuDNN on the GPU); in decoding they run the decode kernel's
-dense mode.
+calibrated, VMC, the tile gate). The prefill kernel also runs post-softmax Top-θ (with the gate
+too) and exact SDC without a gate, on Triton and in interpret mode. Everything else (prompts
+written into a cache, padded prefill, top-k, exp-threshold SDC, exact SDC behind a gate, the TPU
+twin for those variants, callers that need the probabilities, attention dropout, rows gated as
+decoding steps) runs the reference op, which gives the same numbers by construction. In prefill,
+layers the rule leaves dense (`dense_layers`) run the fused dense path of the reference backend
+(cuDNN on the GPU); in decoding they run the decode kernel's dense mode.
 """
 
 from __future__ import annotations
@@ -24,6 +25,30 @@ def _element_rule_supported(config, layer_idx: int) -> bool:
     return config.mode == "toptheta" and config.placement == "pre" and config.sdc in ("none", "calibrated")
 
 
+def _prefill_rule_supported(config, layer_idx: int) -> bool:
+    """The decode kernel's rules, plus two the prefill kernel alone implements: post-softmax Top-θ
+    and exact SDC without a gate (behind a gate the exact Δ needs the mass of tiles the kernel never
+    reads). Neither has a TPU twin."""
+    if _element_rule_supported(config, layer_idx):
+        return True
+    if config.mode != "toptheta" or not _variant_backend():
+        return False
+    if config.placement == "post":
+        return True
+    return config.sdc == "exact" and not _is_gated(config, layer_idx)
+
+
+def _variant_backend() -> bool:
+    """Whether the kernel backend this call resolves to runs the post / exact-SDC variants."""
+    from condensa.errors import ConfigError
+    from condensa.kernels.backend import TPU_BACKENDS, resolve_backend
+
+    try:
+        return resolve_backend() not in TPU_BACKENDS
+    except ConfigError:
+        return False
+
+
 def kernel_applies(config, layer_idx: int, *, causal: bool, need_probs: bool, dropout) -> bool:
     """Whether the prefill kernel implements this call exactly (rows gated as decoding steps are
     not: the prefill kernel gates query tiles). A layer the rule leaves dense (`dense_layers`)
@@ -33,7 +58,7 @@ def kernel_applies(config, layer_idx: int, *, causal: bool, need_probs: bool, dr
         return False
     if _is_gated(config, layer_idx) and config.tile_selector == "oracle":
         return False  # the oracle ranks by the attention itself: there is nothing for a pre-pass to run
-    return not config.is_dense_layer(layer_idx) and _element_rule_supported(config, layer_idx)
+    return not config.is_dense_layer(layer_idx) and _prefill_rule_supported(config, layer_idx)
 
 
 def decode_kernel_applies(config, layer_idx: int, q, decode_state, *, need_probs: bool, dropout) -> bool:
@@ -107,7 +132,7 @@ def _rule_args(config, layer, layer_idx: int, n: int) -> dict:
 def prefill_kernel_args(config, layer, layer_idx: int, t: int) -> dict:
     """The keyword arguments of `toptheta_prefill` that carry this layer's rule at T = t (also used
     by benchmarks that call the kernel on a model's own q, k, v)."""
-    args = _rule_args(config, layer, layer_idx, t)
+    args = dict(_rule_args(config, layer, layer_idx, t), **_variant_args(config, layer_idx))
     if not _is_gated(config, layer_idx):
         return dict(args, tile_theta=None)  # without the gate the kernel's tuned 128 x 128 tiles win
     if config.tile_selector != "gate":  # a budgeted selector ranks the tiles in the pre-pass: no Θ
@@ -117,6 +142,16 @@ def prefill_kernel_args(config, layer, layer_idx: int, t: int) -> dict:
     # the gate is calibrated on its own tiles
     return dict(args, tile_theta=gate_table(layer.tile_theta, -(-t // config.block_q)), block_q=config.block_q,
                 block_k=config.block_k)
+
+
+def _variant_args(config, layer_idx: int) -> dict:
+    """Post placement (θ holds probabilities) and exact SDC, for the Top-θ layers that use them;
+    nothing otherwise, so the other rules call the kernel as before."""
+    if config.mode != "toptheta" or config.is_dense_layer(layer_idx):
+        return {}
+    if config.placement == "post":
+        return dict(placement="post")
+    return dict(sdc_exact=True) if config.sdc == "exact" else {}
 
 
 def _prefill(q, k, v, *, scale, layer_idx, config, layer):

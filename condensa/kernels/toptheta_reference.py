@@ -10,6 +10,10 @@ keys inside the tiles the gate keeps (all causal keys without a gate):
   p_ij = exp(a_ij - m_i) / (Σ_{S_i} exp(a - m_i) + γ Δ̄_i)  (Δ̄_i only if row i dropped something),
   o_i = Σ p_ij v_j  (+ (1 - Σ_j p_ij) v̄_i with VMC, v̄_i the mean of v_0..v_i).
 m_i is the max over C_i, which is the same as the max over the visible row when no gate is used.
+Exact SDC (`sdc_exact`) adds γ times the exact Σ exp(a_ij - m_i) over the visible keys not in S_i
+(the gate's dropped keys included) instead of Δ̄. Post-softmax placement (`placement="post"`,
+θ_i a probability): p_ij = softmax over C_i, kept where p_ij > θ_i (or the single argmax), with no
+renormalisation.
 K and V may have fewer heads than q (grouped-query attention); this oracle repeats them to every
 query head (query head h reads KV head h // G), which the kernels never do.
 """
@@ -47,7 +51,7 @@ def candidate_mask(q, k, *, scale, tile_theta, block_q, block_k, sink_tiles, til
 def toptheta_prefill_reference(
     q, k, v, *, scale, theta=None, sdc_delta=None, sdc_gamma=1.0, vmc=False, tile_theta=None,
     sink_tiles=1, tile_budget=None, tile_cap=False, block_q=128, block_k=64, tile_selector="gate", sub_block=None,
-    shared_heads=False,
+    shared_heads=False, sdc_exact=False, placement="pre",
 ) -> jax.Array:
     """Output [B, T, H, D] in v's dtype; every statistic in float32. Arguments as the kernel's."""
     groups = q.shape[2] // k.shape[2]
@@ -59,22 +63,42 @@ def toptheta_prefill_reference(
                           tile_selector=tile_selector, sub_block=sub_block, shared_heads=shared_heads)
     masked = jnp.where(cand, a, -jnp.inf)
     m = jnp.max(masked, axis=-1, keepdims=True)
-    if theta is None:
-        keep = cand
+    if placement == "post":
+        p = _post_probs(a, cand, m, theta)
     else:
-        surv = cand & (a > theta.astype(jnp.float32)[None, :, :, None])
-        single = jax.nn.one_hot(jnp.argmax(masked, axis=-1), a.shape[-1], dtype=bool)
-        keep = jnp.where(jnp.any(surv, axis=-1, keepdims=True), surv, single)
-    e = jnp.where(keep, jnp.exp(jnp.where(keep, a - m, 0.0)), 0.0)
-    denom = e.sum(-1)
-    if sdc_delta is not None:  # only rows that dropped something are compensated
-        dropped_any = jnp.any(~keep & (jnp.arange(a.shape[-1])[None, :] <= jnp.arange(a.shape[-2])[:, None]), -1)
-        denom = denom + jnp.where(dropped_any, jnp.float32(sdc_gamma) * sdc_delta.astype(jnp.float32)[None], 0.0)
-    p = e / denom[..., None]
+        keep = cand if theta is None else _kept(a, cand, masked, theta)
+        e = jnp.where(keep, jnp.exp(jnp.where(keep, a - m, 0.0)), 0.0)
+        denom = e.sum(-1)
+        causal = jnp.arange(a.shape[-1])[None, :] <= jnp.arange(a.shape[-2])[:, None]
+        if sdc_delta is not None:  # only rows that dropped something are compensated
+            dropped_any = jnp.any(~keep & causal, -1)
+            denom = denom + jnp.where(dropped_any, jnp.float32(sdc_gamma) * sdc_delta.astype(jnp.float32)[None], 0.0)
+        if sdc_exact:  # m_i is finite on every row (the diagonal is always a candidate)
+            dropped = ~keep & causal
+            denom = denom + jnp.float32(sdc_gamma) * jnp.where(dropped, jnp.exp(jnp.where(dropped, a - m, 0.0)),
+                                                               0.0).sum(-1)
+        p = e / denom[..., None]
     out = jnp.einsum("bhqk,bkhd->bqhd", p, v.astype(jnp.float32))
     if vmc:
         out = out + jnp.transpose(1.0 - p.sum(-1), (0, 2, 1))[..., None] * visible_v_mean(v)
     return out.astype(v.dtype)
+
+
+def _kept(a, cand, masked, theta):
+    """S_i = the candidates with `a > θ_i`, or the row's single largest candidate when none is."""
+    surv = cand & (a > theta.astype(jnp.float32)[None, :, :, None])
+    single = jax.nn.one_hot(jnp.argmax(masked, axis=-1), a.shape[-1], dtype=bool)
+    return jnp.where(jnp.any(surv, axis=-1, keepdims=True), surv, single)
+
+
+def _post_probs(a, cand, m, theta):
+    """Softmax over the candidates, then only the probabilities above θ_i (no renormalisation)."""
+    e = jnp.where(cand, jnp.exp(jnp.where(cand, a - m, 0.0)), 0.0)
+    p = e / e.sum(-1, keepdims=True)
+    if theta is None:
+        return p
+    keep = _kept(p, cand, jnp.where(cand, a, -jnp.inf), theta)
+    return jnp.where(keep, p, 0.0)
 
 
 def visible_v_mean(v: jax.Array) -> jax.Array:
