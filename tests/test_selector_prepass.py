@@ -17,6 +17,7 @@ CASES = [  # (length, block_q, block_k, heads, kv heads, selector, shared budget
     (300, 32, 32, 3, 1, "rowmean", False, 0.4),
     (250, 32, 16, 2, 2, "window", False, 0.125),
     (200, 16, 16, 3, 3, "rowmean", True, 0.5),
+    (60, 16, 16, 2, 1, "window", False, 0.5),  # fewer key tiles than a list chunk: the table is narrower
 ]
 
 

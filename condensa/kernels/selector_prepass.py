@@ -228,7 +228,7 @@ def fused_prepass_table(q, k, *, scale: float, block_q: int, block_k: int, lengt
         in_specs = [pl.BlockSpec((None, block_q, h, d), lambda i, bi: (bi, i, 0, 0)),
                     pl.BlockSpec((None, n_tiles, hkv, d), lambda i, bi: (bi, 0, 0, 0)), tile_spec, budget_spec]
         inputs = [q, kbar, log_count, jnp.asarray(budgets)]
-    list_chunk = max(16, min(width, register_elements // n_tiles))
+    list_chunk = min(width, max(16, register_elements // n_tiles))  # never past the table
     kernel = functools.partial(
         _cut_kernel, selector=selector, heads=h, groups=h // hkv, block_q=block_q, block_k=block_k,
         length=int(length), sink_tiles=int(sink_tiles), shared_heads=bool(shared_heads), list_chunk=list_chunk,
