@@ -1,22 +1,25 @@
-"""The budgeted tile selectors' pre-pass as one Pallas kernel: scores, the budget cut and the
-compacted visit lists of a query tile in one program, for every head at once.
+"""The budgeted tile selectors' pre-pass in Pallas: scores, the budget cut and the compacted
+visit lists, in two launches (or one).
 
 The same selection in plain XLA (`prepass_keep` + `compact_tile_lists`) writes a [B, H, T, nk]
 score array, reduces it in several passes, sorts every query tile's scores and scatters the lists:
-a dozen launches and a round trip through memory for what is a few kilobytes of result. Here one
-program per (query tile, batch row) keeps everything in registers:
-- `rowmean`: each query row's estimated share of its attention in each key tile, a softmax of
-  `scale · q_i · k̄_t + log(keys in t)` over the tiles the row has started, averaged over the
-  tile's real rows (`condensa.tiling.selectors.estimated_tile_mass` with whole-tile summaries);
-- `window`: recency, the tile index itself;
-- the cut: the (budget + 1)-th largest score among the optional tiles, found exactly by bisection
-  on the bit patterns of the (non-negative) float32 scores, with the shared budget of H · m_b over
-  all heads or m_b per head; ties at the cut all go, as in `cap_at_budget`;
+a dozen launches and a round trip through memory for what is a few kilobytes of result. Here:
+- `rowmean` scores (`split_heads`, the default) in a launch of their own, one program per
+  (query tile, head): each query row's estimated share of its attention in each key tile, a
+  softmax of `scale · q_i · k̄_t + log(keys in t)` over the tiles the row has started, averaged
+  over the tile's real rows (`condensa.tiling.selectors.estimated_tile_mass` with whole-tile
+  summaries). One program per query tile scoring every head in turn is H times less parallel;
+- `window`: recency, the tile index itself, so it needs no scoring launch;
+- the cut, one program per query tile (or per query tile and head, `lists_per_head`): the
+  (budget + 1)-th largest score among the optional tiles, found exactly by bisection on the bit
+  patterns of the (non-negative) float32 scores, with the shared budget of H · m_b over all
+  heads or m_b per head; ties at the cut all go, as in `cap_at_budget`;
 - the lists: a cumulative sum gives each kept tile its slot, and slot j holds the number of tiles
   whose slot is below j (the first tile to reach j), so no scatter is needed.
 
-The key-tile means (a [B, nk, Hkv, D] array) are one cheap XLA reduction before the launch.
-Tables equal `compact_tile_lists(prepass_keep(...))` up to scores that tie within float rounding.
+The key-tile means (a [B, nk, Hkv, D] array) are one cheap XLA reduction before the launches.
+Blocks of [rows, tiles] stay small (`register_elements`): larger ones spill registers. Tables
+equal `compact_tile_lists(prepass_keep(...))` up to scores that tie within float rounding.
 """
 
 from __future__ import annotations
