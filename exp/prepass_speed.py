@@ -18,9 +18,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from condensa.eval.bench.timing import environment, measure
+from condensa.eval.bench.timing import environment, measure_unrolled
 from condensa.kernels import toptheta_prefill
-from condensa.kernels.selector_prepass import fused_prepass_table
+from condensa.kernels.selector_prepass import fused_prepass_table, layout_from_text
 from condensa.kernels.tile_gate_prepass import compact_tile_lists, prepass_keep
 
 
@@ -32,13 +32,15 @@ def parse_args():
     p.add_argument("--kv_heads", type=int, default=3)
     p.add_argument("--head_dim", type=int, default=64)
     p.add_argument("--rules", default="rowmean+shared@0.4,rowmean+shared@0.25,rowmean@0.4,window@0.4")
-    p.add_argument("--variants", default="split:2048,split:1024,one:2048,one:8192",
-                   help="fused pre-pass layouts to time: split (scores in a launch of their own, one program per "
-                        "head) or one (one program scores every head), +lists for one program per head writing "
-                        "the lists, with the register block size")
+    p.add_argument("--variants", default="split:2048,split:2048:cw1,split:2048:cw2,split:2048:chunked,split+lists:2048",
+                   help="fused pre-pass layouts to time, as LAYOUT:REGISTER_ELEMENTS[:OPTION...]: split (scores in "
+                        "a launch of their own, one program per head) or one (one program scores every head), "
+                        "+lists for one program per head writing the lists; options cwN / swN (the cut's / the "
+                        "scoring's Triton warps) and chunked (lists written slot by slot, not by one masked store). "
+                        "The fastest exact one goes in the results as fastest_variant")
     p.add_argument("--calls", type=int, default=20,
-                   help="calls per timed repeat: the host's dispatch overlaps the device, so small kernels are "
-                        "timed on the device, not on Python")
+                   help="calls per timed repeat, on as many distinct inputs inside one jit: Python's dispatch is "
+                        "paid once per repeat, so small kernels are timed on the device, not on the host")
     p.add_argument("--out", default="runs/prepass")
     return p.parse_args()
 
@@ -78,12 +80,15 @@ def main() -> None:
         results["rules"].setdefault(rule, {})["max_rel_err_vs_reference_T1000"] = err
         print(rule, "max relative error against the reference op at T=1000:", err, flush=True)
 
-    timed = lambda fn: measure(fn, calls_per_repeat=args.calls)["median_s"]  # noqa: E731
+    def timed(fn):  # fn(q, k, v), on args.calls different q
+        return measure_unrolled(fn, input_sets)["median_s"]
+
     cudnn = jax.jit(lambda q, k, v: jax.nn.dot_product_attention(q, k, v, scale=scale, is_causal=True,
                                                                   implementation="cudnn"))
     for batch in [int(b) for b in args.batches.split(",")]:
         q, k, v = inputs(batch, args)
-        row = results.setdefault(f"b{batch}", {"cudnn_s": timed(lambda: cudnn(q, k, v))})
+        input_sets = [((q.astype(jnp.float32) * (1 + 1e-3 * i)).astype(q.dtype), k, v) for i in range(args.calls)]
+        row = results.setdefault(f"b{batch}", {"cudnn_s": timed(cudnn)})
         for rule in rules:
             r = parse_rule(rule)
             common = dict(scale=scale, block_q=128, block_k=128, length=args.seq, sink_tiles=1,
@@ -94,24 +99,33 @@ def main() -> None:
             kernel = jax.jit(lambda q, k, v, r=r: toptheta_prefill(q, k, v, scale=scale, backend="triton",
                                                                            **_kernel_args(r))[0])
             b = np.asarray(xla(q, k))
-            entry = {"xla_prepass_s": timed(lambda: xla(q, k)), "kernel_s": timed(lambda: kernel(q, k, v)),
+            entry = {"xla_prepass_s": timed(lambda q, k, v: xla(q, k)), "kernel_s": timed(kernel),
                      "kept_off_diagonal_tiles": int(b[..., 0].sum()), "table_rows": int(np.prod(b.shape[:-1]))}
             for variant in args.variants.split(","):
-                layout, _, size = variant.partition(":")
-                fused = jax.jit(lambda q, k, c=common, s=layout.startswith("split"), n=int(size),
-                                per_head=layout.endswith("+lists"): fused_prepass_table(
-                    q, k, backend="triton", split_heads=s, lists_per_head=per_head, register_elements=n, **c))
+                fused = jax.jit(lambda q, k, c=common, o=layout_from_text(variant): fused_prepass_table(
+                    q, k, backend="triton", **o, **c))
                 a = np.asarray(fused(q, k))
                 entry[variant] = {"table_rows_differing": int(np.sum(np.any(a != b, axis=-1))),
-                                  "prepass_s": timed(lambda: fused(q, k))}
+                                  "prepass_s": timed(lambda q, k, v, f=fused: f(q, k))}
             default = jax.jit(lambda q, k, c=common: fused_prepass_table(q, k, backend="triton", **c))
-            entry["fused_prepass_s"] = timed(lambda: default(q, k))  # the kernel's own choice
+            entry["fused_prepass_s"] = timed(lambda q, k, v: default(q, k))  # the kernel's own choice
             entry["prepass_fraction_of_kernel"] = entry["fused_prepass_s"] / entry["kernel_s"]
             entry["speedup_vs_cudnn"] = row["cudnn_s"] / entry["kernel_s"]
             row[rule] = entry
             print(f"B={batch} {rule}: {json.dumps(entry)}", flush=True)
         print(f"B={batch} cudnn {row['cudnn_s'] * 1e3:.3f} ms", flush=True)
         (out / "prepass.json").write_text(json.dumps(results, indent=1))
+    results["fastest_variant"] = fastest_variant(results, rules[0], args.variants.split(","))
+    print("fastest exact layout for", rules[0], "over the batches:", results["fastest_variant"], flush=True)
+    (out / "prepass.json").write_text(json.dumps(results, indent=1))
+
+
+def fastest_variant(results: dict, rule: str, variants: list[str]) -> str | None:
+    """The layout with the least pre-pass time summed over the batches, among those whose tables
+    equal the XLA pre-pass's in every row at every batch."""
+    rows = [results[key][rule] for key in results if key.startswith("b")]
+    exact = [v for v in variants if all(row[v]["table_rows_differing"] == 0 for row in rows)]
+    return min(exact, key=lambda v: sum(row[v]["prepass_s"] for row in rows), default=None)
 
 
 def _kernel_args(r: dict) -> dict:

@@ -61,6 +61,9 @@ def parse_args():
     p.add_argument("--time_selectors", default="window,rowmean+shared,rowmean")
     p.add_argument("--time_budgets", default="0.4,0.25")
     p.add_argument("--time_batches", default="1,8")
+    p.add_argument("--prepass_layout", default="",
+                   help="the fused pre-pass's layout while timing (selector_prepass.layout_from_text, e.g. "
+                        "split:2048:cw1), instead of its DEFAULT_LAYOUT")
     p.add_argument("--calibration_config", default="configs/smollm2-calibrate.yaml",
                    help="its books calibrate Top-θ (stage calibrate); Moby-Dick and WikiText stay held out")
     p.add_argument("--calibration_data", nargs="*", default=None, help="override the config's books")
@@ -233,7 +236,7 @@ CUDNN = "cudnn" if jax.default_backend() == "gpu" else None
 def time_prepass(model, ids, layer: int, rules: dict[str, AttentionConfig]) -> dict:
     """One layer's q, k, v from real text: the gated kernel's time, its pre-pass alone (the fused one
     where the kernel runs it, and the XLA one), and cuDNN's."""
-    from condensa.eval.bench.timing import measure
+    from condensa.eval.bench.timing import measure_unrolled
     from condensa.kernels import toptheta_prefill
     from condensa.kernels.selector_prepass import fused_prepass_supported, fused_prepass_table
     from condensa.kernels.tile_gate_prepass import compact_tile_lists, prepass_keep
@@ -245,8 +248,12 @@ def time_prepass(model, ids, layer: int, rules: dict[str, AttentionConfig]) -> d
     t = q.shape[1]
     cudnn = jax.jit(lambda q, k, v: jax.nn.dot_product_attention(q, k, v, scale=scale, is_causal=True,
                                                                   implementation=CUDNN))
-    timed = lambda fn: measure(fn, calls_per_repeat=20)["median_s"]  # noqa: E731  (device time, not dispatch)
-    out = {"cudnn": timed(lambda: cudnn(q, k, v)), "dtype": str(q.dtype), "shape": list(q.shape)}
+    input_sets = [((q.astype(jnp.float32) * (1 + 1e-3 * i)).astype(q.dtype), k, v) for i in range(10)]
+
+    def timed(fn):  # device time of fn(q, k, v): ten calls on different q in one jit, one dispatch
+        return measure_unrolled(fn, input_sets)["median_s"]
+
+    out = {"cudnn": timed(cudnn), "dtype": str(q.dtype), "shape": list(q.shape)}
     for name, attention in rules.items():
         if attention.tile_selector == "gate":
             continue
@@ -261,12 +268,12 @@ def time_prepass(model, ids, layer: int, rules: dict[str, AttentionConfig]) -> d
                                 selector=a.tile_selector, sub_block=a.sub_block or None, shared_heads=a.shared_heads)
             return compact_tile_lists(keep)
 
-        out[name] = {"kernel": timed(lambda: kernel(q, k, v)), "prepass_xla": timed(lambda: prepass(q, k))}
+        out[name] = {"kernel": timed(kernel), "prepass_xla": timed(lambda q, k, v, p=prepass: p(q, k))}
         if fused_prepass_supported(attention.tile_selector, attention.sub_block or None, attention.block_k, "triton"):
             fused = jax.jit(lambda q, k, a=attention: fused_prepass_table(
                 q, k, scale=scale, block_q=a.block_q, block_k=a.block_k, length=t, sink_tiles=a.sink_tiles,
                 tile_budget=a.tile_budget, selector=a.tile_selector, shared_heads=a.shared_heads, backend="triton"))
-            out[name]["prepass_fused"] = timed(lambda: fused(q, k))  # what the kernel runs
+            out[name]["prepass_fused"] = timed(lambda q, k, v, f=fused: f(q, k))  # what the kernel runs
         out[name]["prepass"] = out[name].get("prepass_fused", out[name]["prepass_xla"])
         out[name]["prepass_fraction"] = out[name]["prepass"] / out[name]["kernel"]
         print("layer", layer, name, out[name], "cudnn", out["cudnn"], flush=True)
@@ -390,6 +397,11 @@ def main() -> None:
     args = parse_args()
     out = Path(args.out)
     results = {"args": vars(args), "device": str(jax.devices()[0]), "jax": jax.__version__}
+    if args.prepass_layout:  # every pre-pass this process runs, the model's included
+        from condensa.kernels import selector_prepass
+
+        selector_prepass.DEFAULT_LAYOUT.update(selector_prepass.layout_from_text(args.prepass_layout))
+        results["prepass_layout"] = dict(selector_prepass.DEFAULT_LAYOUT)
     model, config = load_pretrained(args.model, dtype=jnp.dtype(args.dtype))
     tokenizer = load_tokenizer(args.model)
     ids = np.asarray(tokenizer(Path(args.data).read_text(encoding="utf-8"))["input_ids"], np.int32)

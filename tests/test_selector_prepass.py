@@ -18,13 +18,18 @@ CASES = [  # (length, block_q, block_k, heads, kv heads, selector, shared budget
     (250, 32, 16, 2, 2, "window", False, 0.125),
     (200, 16, 16, 3, 3, "rowmean", True, 0.5),
     (60, 16, 16, 2, 1, "window", False, 0.5),  # fewer key tiles than a list chunk: the table is narrower
+    (600, 16, 16, 2, 1, "rowmean", True, 0.25),  # 64 padded key tiles: early query tiles score half of them
 ]
 
 
-@pytest.mark.parametrize("split_heads,lists_per_head", [(True, False), (False, False), (True, True)])
+LAYOUTS = [  # (split_heads, lists_per_head, scatter_lists)
+    (True, False, True), (False, False, True), (True, True, True), (True, False, False), (True, True, False)]
+
+
+@pytest.mark.parametrize("split_heads,lists_per_head,scatter_lists", LAYOUTS)
 @pytest.mark.parametrize("length,block_q,block_k,heads,kv_heads,selector,shared,f", CASES)
 def test_fused_table_equals_the_xla_prepass(length, block_q, block_k, heads, kv_heads, selector, shared, f, split_heads,
-                                            lists_per_head):
+                                            lists_per_head, scatter_lists):
     rng = np.random.default_rng(length + heads)
     padded = -(-length // block_q) * block_q
 
@@ -36,7 +41,8 @@ def test_fused_table_equals_the_xla_prepass(length, block_q, block_k, heads, kv_
     common = dict(scale=0.25, block_q=block_q, block_k=block_k, length=length, sink_tiles=1, tile_budget=f)
     want = compact_tile_lists(prepass_keep(q, k, None, tile_cap=False, selector=selector, shared_heads=shared, **common))
     got = fused_prepass_table(q, k, selector=selector, shared_heads=shared, backend="interpret",
-                              split_heads=split_heads, lists_per_head=lists_per_head, register_elements=64, **common)  # several row chunks
+                              split_heads=split_heads, lists_per_head=lists_per_head, scatter_lists=scatter_lists,
+                              register_elements=64, **common)  # several row chunks
     assert got.shape == want.shape and got.dtype == want.dtype
     np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
 
@@ -47,3 +53,19 @@ def test_fused_prepass_supports_whole_tiles_on_its_backends_only():
     assert not fused_prepass_supported("rowmean", 32, 128, "triton")  # sub-blocks: the XLA pre-pass
     assert not fused_prepass_supported("moment", None, 128, "triton")
     assert not fused_prepass_supported("rowmean", None, 128, "mosaic_tpu")
+
+
+def test_layouts_are_named_on_the_command_line_and_bad_names_are_refused():
+    from condensa.kernels.selector_prepass import layout_from_text
+
+    assert layout_from_text("split+lists:1024:cw1:sw8:chunked") == {
+        "split_heads": True, "lists_per_head": True, "register_elements": 1024, "scatter_lists": False,
+        "cut_warps": 1, "score_warps": 8}
+    assert layout_from_text("one")["split_heads"] is False
+    for bad in ("split:many", "diagonal:2048", "split:2048:cw", "split:2048:fast"):
+        with pytest.raises(ValueError, match="pre-pass layout"):
+            layout_from_text(bad)
+    with pytest.raises(TypeError, match="unknown layout options"):
+        fused_prepass_table(jnp.zeros((1, 32, 1, 16)), jnp.zeros((1, 32, 1, 16)), scale=0.25, block_q=16, block_k=16,
+                            length=32, sink_tiles=1, tile_budget=0.5, selector="window", shared_heads=False,
+                            backend="interpret", warps=4)

@@ -50,13 +50,15 @@ def _spec(*shape, dtype=jnp.bfloat16):
 SELECTIONS = [("rowmean", True), ("rowmean", False), ("window", False)]
 
 
-@pytest.mark.parametrize("split_heads,lists_per_head", [(True, False), (False, False), (True, True)])
+@pytest.mark.parametrize("split_heads,lists_per_head,scatter_lists",
+                         [(True, False, True), (False, False, True), (True, True, True), (True, False, False)])
 @pytest.mark.parametrize("selector,shared", SELECTIONS)
-def test_fused_prepass_lowers(selector, shared, split_heads, lists_per_head):
+def test_fused_prepass_lowers(selector, shared, split_heads, lists_per_head, scatter_lists):
     text = lower_for_cuda(
         lambda q, k: fused_prepass_table(q, k, scale=0.125, block_q=128, block_k=128, length=T, sink_tiles=1,
                                          tile_budget=0.4, selector=selector, shared_heads=shared, backend="triton",
-                                         split_heads=split_heads, lists_per_head=lists_per_head),
+                                         split_heads=split_heads, lists_per_head=lists_per_head,
+                                         scatter_lists=scatter_lists, cut_warps=1),
         _spec(B, T, H, D), _spec(B, T, HKV, D))
     assert "tile_selector_prepass" in text and TRITON_CALL in text
 

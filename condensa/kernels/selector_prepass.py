@@ -35,7 +35,29 @@ from condensa.kernels.tile_gate_prepass import table_width
 from condensa.tiling import tile_budgets
 
 FUSED_SELECTORS = ("rowmean", "window")
-_REGISTER_ELEMENTS = 2048  # the largest [rows, tiles] float32 block one program holds at a time
+# How the pre-pass is laid out on the GPU unless a caller says otherwise (see `fused_prepass_table`);
+# chosen by `exp/prepass_speed.py`, whose results docs/real-model.md records.
+DEFAULT_LAYOUT = {"split_heads": True, "lists_per_head": False, "scatter_lists": True, "register_elements": 4096,
+                  "score_warps": 4, "cut_warps": 2}
+
+
+def layout_from_text(text: str) -> dict:
+    """'split+lists:2048:cw1:chunked' -> layout options of `fused_prepass_table`: `split` (scores in
+    a launch of their own) or `one`, `+lists` for one list-writing program per head, the register
+    block size, then any of cwN / swN (the cut's / the scoring's warps) and `chunked` (lists slot
+    by slot). For tuning scripts, which name layouts on the command line."""
+    layout, _, rest = text.partition(":")
+    size, *options = rest.split(":") if rest else [str(DEFAULT_LAYOUT["register_elements"])]
+    if layout not in ("split", "one", "split+lists", "one+lists") or not size.isdigit():
+        raise ValueError(f"pre-pass layout {text!r}: expected split|one[+lists]:REGISTER_ELEMENTS[:cwN][:swN][:chunked]")
+    chosen = {"split_heads": layout.startswith("split"), "lists_per_head": layout.endswith("+lists"),
+              "register_elements": int(size), "scatter_lists": "chunked" not in options}
+    for option in options:
+        if option[:2] in ("cw", "sw") and option[2:].isdigit():
+            chosen["cut_warps" if option.startswith("cw") else "score_warps"] = int(option[2:])
+        elif option != "chunked":
+            raise ValueError(f"pre-pass layout {text!r}: unknown option {option!r} (use cwN, swN or chunked)")
+    return chosen
 
 
 def fused_prepass_supported(selector: str, sub_block: int | None, block_k: int, backend: str) -> bool:
@@ -70,28 +92,50 @@ def _row_chunk_shares(q_ref, kbar, log_count, q_tile, *, scale, block_q, block_k
     at = (lambda c: (pl.ds(c * row_chunk, row_chunk), slice(None))) if head is None else \
         (lambda c: (pl.ds(c * row_chunk, row_chunk), head, slice(None)))
 
+    # Base-2 units (exp2 is one instruction, exp a libdevice call), one reciprocal per row instead
+    # of a division per entry, and the padding rows' weight folded into that reciprocal.
+    log2_count = log_count * np.float32(np.log2(np.e))
+    scale2 = scale * float(np.log2(np.e))
+
     def chunk(c, total):
-        rows = first_row + c * row_chunk + jax.lax.broadcasted_iota(jnp.int32, (row_chunk, n_tiles), 0)
+        rows = first_row + c * row_chunk + jax.lax.broadcasted_iota(jnp.int32, (row_chunk, 1), 0)
         cols = jax.lax.broadcasted_iota(jnp.int32, (row_chunk, n_tiles), 1)
         q = q_ref[at(c)].astype(jnp.float32)
         logits = jax.lax.dot_general(q, kbar, (((1,), (1,)), ((), ())), precision=precision,
-                                     preferred_element_type=jnp.float32) * scale + log_count[None, :]
-        logits = jnp.where(cols * block_k <= rows, logits, -jnp.inf)  # tiles the row has started
-        e = jnp.exp(logits - jnp.max(logits, axis=1, keepdims=True))
-        shares = e / jnp.sum(e, axis=1, keepdims=True)
-        return total + jnp.sum(jnp.where(rows < length, shares, 0.0), axis=0)
+                                     preferred_element_type=jnp.float32) * scale2 + log2_count[None, :]
+        logits = jnp.where(cols <= rows // block_k, logits, -jnp.inf)  # tiles the row has started
+        e = jnp.exp2(logits - jnp.max(logits, axis=1, keepdims=True))
+        weight = jnp.where(rows < length, 1.0 / jnp.sum(e, axis=1, keepdims=True), 0.0)
+        return total + jnp.sum(e * weight, axis=0)
 
     total = jax.lax.fori_loop(0, block_q // row_chunk, chunk, jnp.zeros((n_tiles,), jnp.float32))
     return total / jnp.minimum(block_q, length - first_row).astype(jnp.float32)
 
 
 def _share_kernel(q_ref, kbar_ref, log_count_ref, shares_ref, **options):
-    """Grid (query tile, head, batch row): one head's rowmean scores of one query tile."""
-    shares_ref[...] = _row_chunk_shares(q_ref, kbar_ref[...], log_count_ref[...], pl.program_id(0), **options)
+    """Grid (query tile, head, batch row): one head's rowmean scores of one query tile. Query tiles
+    in the first half of the sequence have started none of the second half's key tiles, so they
+    score the first half only: a quarter of the work, over the grid, that was all masked out."""
+    q_tile = pl.program_id(0)
+    n_tiles = kbar_ref.shape[0]
+    half = n_tiles // 2
+
+    def wide():
+        shares_ref[...] = _row_chunk_shares(q_ref, kbar_ref[...], log_count_ref[...], q_tile, **options)
+
+    def narrow():
+        shares_ref[pl.ds(0, half)] = _row_chunk_shares(q_ref, kbar_ref[pl.ds(0, half), :],
+                                                       log_count_ref[pl.ds(0, half)], q_tile, **options)
+        shares_ref[pl.ds(half, half)] = jnp.zeros((half,), jnp.float32)
+
+    if half < 16:  # Triton blocks are at least 16 wide
+        return wide()
+    last_started = ((q_tile + 1) * options["block_q"] - 1) // options["block_k"]
+    jax.lax.cond(last_started < half, narrow, wide)
 
 
 def _cut_kernel(*refs, selector, heads, groups, block_q, block_k, length, sink_tiles, shared_heads, list_chunk,
-                share_options, lists_per_head):
+                share_options, lists_per_head, scatter_lists):
     """Grid (query tile, batch row), or (query tile, head, batch row) with `lists_per_head`: every
     head's scores of one query tile (read from the share kernel's output, computed here, or the
     tile index for `window`), the budget cut, and the lists of every head or of the program's own
@@ -126,14 +170,16 @@ def _cut_kernel(*refs, selector, heads, groups, block_q, block_k, length, sink_t
     budget = budget_ref[q_tile]
     keep = optional & ~_below_cut(scores, optional, budget * heads if shared_heads else budget, shared_heads)
     _write_lists(table_ref, keep | sinks, heads=heads, list_chunk=list_chunk,
-                 own_head=pl.program_id(1) if lists_per_head else None)
+                 own_head=pl.program_id(1) if lists_per_head else None, scatter=scatter_lists)
 
 
 def _below_cut(scores, chosen, budget, shared_heads):
     """bool: chosen entries at or below the (budget + 1)-th largest chosen score (all False where
     no more than `budget` are chosen). Bisection on the int32 bit patterns of non-negative float32
     scores (ordered like the floats) finds that score exactly; over the whole array with a shared
-    budget, per row otherwise."""
+    budget, per row otherwise. It stops as soon as exactly budget + 1 patterns lie at or above the
+    lower bound (the answer is then their minimum), which with distinct scores takes about as many
+    steps as the scores have significant bits between neighbours, not all 32."""
     bits = jnp.where(chosen, jax.lax.bitcast_convert_type(scores, jnp.int32), -1)
     need = budget + 1
 
@@ -144,26 +190,66 @@ def _below_cut(scores, chosen, budget, shared_heads):
     shape = () if shared_heads else (bits.shape[0], 1)
     lo = jnp.zeros(shape, jnp.int32)  # count(bits >= lo) >= need whenever a cut is needed
     hi = jnp.full(shape, 0x7F800001, jnp.int32)  # past +inf: count is 0
+    at_lo = count_at_least(lo)
+    capped = at_lo >= need
 
-    def step(_, bounds):
-        lo, hi = bounds
+    def searching(lo, hi, at_lo):
+        return (at_lo > need) & (hi - lo > 1)
+
+    def step(state):
+        lo, hi, at_lo = state
         mid = lo + (hi - lo) // 2
-        enough = count_at_least(mid) >= need
-        return jnp.where(enough, mid, lo), jnp.where(enough, hi, mid)
+        at_mid = count_at_least(mid)
+        active = searching(lo, hi, at_lo)
+        raise_lo = active & (at_mid >= need)
+        return (jnp.where(raise_lo, mid, lo), jnp.where(active & ~raise_lo, mid, hi),
+                jnp.where(raise_lo, at_mid, at_lo))
 
-    lo, _ = jax.lax.fori_loop(0, 32, step, (lo, hi))
-    capped = count_at_least(0) >= need
-    return chosen & capped & (bits <= lo)
+    def more(state):  # a scalar for the loop, also with one bound per row
+        return jnp.max(searching(*state).astype(jnp.int32)) > 0
+
+    lo, _, _ = jax.lax.while_loop(more, step, (lo, hi, at_lo))
+    above = jnp.where(bits >= lo, bits, jnp.int32(0x7FFFFFFF))
+    cut = jnp.min(above) if shared_heads else jnp.min(above, axis=1, keepdims=True)
+    return chosen & capped & (bits <= cut)
 
 
-def _write_lists(table_ref, keep, *, heads, list_chunk, own_head=None):
-    """Row h of the table: the count, then the kept tiles in ascending order, then zeros. The j-th
-    kept tile (from 1) is the number of tiles whose running count of kept tiles is below j.
-    With `own_head` (a traced head index) the program writes that head's row only."""
-    n_tiles = keep.shape[1]
+def _write_lists(table_ref, keep, *, heads, list_chunk, own_head=None, scatter=True):
+    """Row h of the table: the count, then the kept tiles in ascending order, then zeros. With
+    `own_head` (a traced head index) the program writes that head's row only.
+
+    `scatter`: a running count gives each kept tile its slot, and one masked store writes every
+    kept tile to its slot (a second store fills column 0 and the columns past the count; the two
+    never touch the same entry, so their order does not matter). Otherwise slot j is found as the
+    number of tiles whose running count is below j, `list_chunk` slots of one head at a time."""
+    heads_p, n_tiles = keep.shape
     width = table_ref.shape[-1]
     slot = jnp.cumsum(keep.astype(jnp.int32), axis=1)  # [heads_p, n_tiles]
-    count = jnp.sum(keep.astype(jnp.int32), axis=1)  # [heads_p] (no slices: Triton lowers none)
+    count = jnp.sum(keep.astype(jnp.int32), axis=1, keepdims=True)  # [heads_p, 1]
+    if scatter:
+        from jax.experimental.pallas import triton as pltriton  # stores with masks; interpret mode runs them too
+
+        if own_head is None:
+            def store(columns, value, mask):
+                rows = jax.lax.broadcasted_iota(jnp.int32, columns.shape, 0)
+                pltriton.store(table_ref.at[rows, columns], value, mask=mask & (rows < heads))
+        else:  # the program's own row, as [1, n] arrays, into its one-row table block
+            def pick(x):
+                rows = jax.lax.broadcasted_iota(jnp.int32, x.shape, 0)
+                return jnp.sum(jnp.where(rows == own_head, x, 0), axis=0, keepdims=True)
+
+            keep, slot, count = pick(keep.astype(jnp.int32)) > 0, pick(slot), pick(count)
+
+            def store(columns, value, mask):
+                pltriton.store(table_ref.at[columns], value, mask=mask)
+        tiles = jax.lax.broadcasted_iota(jnp.int32, slot.shape, 1)
+        # skipped tiles aim past the kept ones, each at a column of its own: the GPU masks them
+        # out, and interpret mode, which stores every lane, must not see two lanes on one entry
+        store(jnp.where(keep, slot, count + tiles + 1 - slot), tiles, keep)
+        columns = jax.lax.broadcasted_iota(jnp.int32, (slot.shape[0], width), 1)
+        store(columns, jnp.where(columns == 0, count, 0), (columns == 0) | (columns > count))
+        return
+    count = count[:, 0]
     head_ids = jax.lax.broadcasted_iota(jnp.int32, slot.shape, 0)
     head_of_count = jax.lax.broadcasted_iota(jnp.int32, count.shape, 0)
     for h in ([own_head] if own_head is not None else range(heads)):
@@ -182,17 +268,29 @@ def _write_lists(table_ref, keep, *, heads, list_chunk, own_head=None):
 
 def fused_prepass_table(q, k, *, scale: float, block_q: int, block_k: int, length: int, sink_tiles: int,
                         tile_budget: float, selector: str, shared_heads: bool, backend: str,
-                        num_warps: int | None = None, split_heads: bool = True, lists_per_head: bool = False,
-                        register_elements: int = _REGISTER_ELEMENTS) -> jax.Array:
+                        **layout) -> jax.Array:
     """int32 [B, H, nq, W]: the visit lists of `compact_tile_lists(prepass_keep(...))` (the kept
     off-diagonal tiles of each query tile: sinks plus the budgeted choice).
 
+    `layout` overrides `DEFAULT_LAYOUT`, which decides only speed, never the table:
+
     q [B, Tp, H, D] and k [B, Tp, Hkv, D] are padded with zeros to whole query tiles past the real
-    `length`. `split_heads` scores rowmean in a launch of its own, one program per (query tile,
+    `length`.
+
+    `split_heads` scores rowmean in a launch of its own, one program per (query tile,
     head), before the cut; otherwise one program per query tile scores every head in turn (fewer
     launches, H times less parallel). `lists_per_head` runs the cut once per (query tile, head)
-    and lets each program write its own head's list. `register_elements` bounds the [rows, tiles] blocks a program
-    holds at once: larger blocks spill registers."""
+    and lets each program write its own head's list. `scatter_lists` writes the lists with one masked
+    store (else slot by slot). `register_elements` bounds the [rows, tiles] blocks a program holds at
+    once: larger blocks spill registers. `score_warps` and `cut_warps` are the Triton warps of the
+    scoring and the cut programs: the cut is a chain of small reductions, whose latency grows with
+    the warps that must meet in shared memory."""
+    unknown = set(layout) - set(DEFAULT_LAYOUT)
+    if unknown:
+        raise TypeError(f"fused_prepass_table: unknown layout options {sorted(unknown)}; known: {sorted(DEFAULT_LAYOUT)}")
+    layout = {**DEFAULT_LAYOUT, **layout}
+    split_heads, lists_per_head, scatter_lists = layout["split_heads"], layout["lists_per_head"], layout["scatter_lists"]
+    register_elements, score_warps, cut_warps = layout["register_elements"], layout["score_warps"], layout["cut_warps"]
     b, tp, h, d = q.shape
     hkv = k.shape[2]
     nq, nk = tp // block_q, tp // block_k
@@ -204,11 +302,14 @@ def fused_prepass_table(q, k, *, scale: float, block_q: int, block_k: int, lengt
     row_chunk = max(16, min(block_q, register_elements // n_tiles))
     share_options = dict(scale=float(scale), block_q=block_q, block_k=block_k, length=int(length),
                          row_chunk=row_chunk, precision=jax.lax.Precision.HIGHEST if q.dtype == jnp.float32 else None)
-    kwargs = {}
-    if backend == "triton":
+
+    def launch_options(warps):
+        if backend != "triton":
+            return {}
         from jax.experimental.pallas import triton as pltriton
 
-        kwargs["compiler_params"] = pltriton.CompilerParams(num_warps=num_warps or 4, num_stages=1)
+        return {"compiler_params": pltriton.CompilerParams(num_warps=warps, num_stages=1)}
+
     interpret = backend == "interpret"
     tile_spec = pl.BlockSpec((n_tiles,), lambda *_: (0,))
     budget_spec = pl.BlockSpec((budgets.shape[0],), lambda *_: (0,))
@@ -222,7 +323,7 @@ def fused_prepass_table(q, k, *, scale: float, block_q: int, block_k: int, lengt
                       tile_spec],
             out_specs=pl.BlockSpec((None, None, None, n_tiles), lambda i, hi, bi: (bi, hi, i, 0)),
             out_shape=jax.ShapeDtypeStruct((b, h, nq, n_tiles), jnp.float32),
-            interpret=interpret, name="tile_selector_scores", **kwargs,
+            interpret=interpret, name="tile_selector_scores", **launch_options(score_warps),
         )(q, kbar, log_count)
         in_specs = [pl.BlockSpec((None, h, None, n_tiles), lambda i, bi: (bi, 0, i, 0)), tile_spec, budget_spec]
         inputs = [shares, log_count, jnp.asarray(budgets)]
@@ -235,7 +336,8 @@ def fused_prepass_table(q, k, *, scale: float, block_q: int, block_k: int, lengt
     kernel = functools.partial(
         _cut_kernel, selector=selector, heads=h, groups=h // hkv, block_q=block_q, block_k=block_k,
         length=int(length), sink_tiles=int(sink_tiles), shared_heads=bool(shared_heads), list_chunk=list_chunk,
-        share_options=None if selector == "window" else share_options, lists_per_head=lists_per_head)
+        share_options=None if selector == "window" else share_options, lists_per_head=lists_per_head,
+        scatter_lists=scatter_lists)
     if lists_per_head:  # the same inputs for every head's program: the head axis only picks the output row
         grid = (nq, h, b)
         in_specs = [pl.BlockSpec(spec.block_shape, lambda i, hi, bi, f=spec.index_map: f(i, bi)) for spec in in_specs]
@@ -246,5 +348,5 @@ def fused_prepass_table(q, k, *, scale: float, block_q: int, block_k: int, lengt
     return pl.pallas_call(
         kernel, grid=grid, in_specs=in_specs, out_specs=out_spec,
         out_shape=jax.ShapeDtypeStruct((b, h, nq, width), jnp.int32),
-        interpret=interpret, name="tile_selector_prepass", **kwargs,
+        interpret=interpret, name="tile_selector_prepass", **launch_options(cut_warps),
     )(*inputs)

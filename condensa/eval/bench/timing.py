@@ -33,6 +33,19 @@ def measure(run_once: Callable[[], Any], *, warmup: int = 3, repeats: int = 10, 
             "calls_per_repeat": calls_per_repeat}
 
 
+def measure_unrolled(fn: Callable[..., Any], input_sets: list[tuple], *, warmup: int = 2,
+                     repeats: int = 10) -> dict[str, float]:
+    """Seconds per call of `fn` on the device: one jit runs it once per input set, so the host's
+    dispatch (tens of microseconds for a jit with several launches, more than a small kernel takes
+    on the device) is paid once for them all. The input sets must differ, or XLA would compute
+    the calls once."""
+    every = jax.jit(lambda sets: [fn(*inputs) for inputs in sets])
+    timing = measure(lambda: every(input_sets), warmup=warmup, repeats=repeats)
+    n = len(input_sets)
+    return {**{key: timing[key] / n for key in ("median_s", "min_s", "max_s")}, "repeats": repeats,
+            "calls_per_repeat": n, "unrolled": True}
+
+
 def environment() -> dict[str, Any]:
     """What a benchmark table must name: the device, the software versions and the date."""
     import flax
