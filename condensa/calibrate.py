@@ -14,11 +14,10 @@ import argparse
 import json
 import dataclasses
 from collections.abc import Sequence
-from pathlib import Path
 
 import yaml
 
-from condensa.cli import load_config, progress, run_main
+from condensa.cli import check_writable, load_config, progress, run_main
 from condensa.sparsity.calibrate import CalibrationConfig, run_calibration
 
 _FLAGS = {  # flag -> (config key, help)
@@ -82,10 +81,12 @@ def parse_config(argv: Sequence[str] | None) -> CalibrationConfig:
 
 def main(argv: Sequence[str] | None = None) -> None:
     config = parse_config(argv)
-    out = Path(config.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "config.yaml").write_text(yaml.safe_dump(_plain(dataclasses.asdict(config)), sort_keys=False))
+    out = check_writable(config.out)
     summary = run_calibration(config, progress=lambda it: progress(it, desc="calibrating", unit="batch"))
+    # the config only beside the thresholds it made (a failed run leaves the folder's old pair as it was)
+    config_tmp = out / ".config.yaml.tmp"
+    config_tmp.write_text(yaml.safe_dump(_plain(dataclasses.asdict(config)), sort_keys=False))
+    config_tmp.replace(out / "config.yaml")
     for entry in summary["layers"]:
         line = f"layer {entry['layer']}: kept/row {entry['kept_per_row']:.1f} vs k={entry['k']} ({entry['ratio']:.2f}x)"
         if "tiles_ratio" in entry:

@@ -7,6 +7,8 @@ import argparse
 import dataclasses
 import functools
 import json
+import math
+import os
 import sys
 import types
 import typing
@@ -56,10 +58,43 @@ def write_json(path: str | Path, value: Any) -> None:
 
 
 def append_jsonl(path: str | Path, record: dict[str, Any]) -> None:
+    """Appends one JSON line; NaN and infinities become null, since JSON has no spelling for them."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("a") as f:
-        f.write(json.dumps(record, default=_json_default) + "\n")
+        f.write(json.dumps(_finite_or_null(record), default=_json_default, allow_nan=False) + "\n")
+
+
+def _finite_or_null(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite_or_null(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite_or_null(v) for v in value]
+    return value
+
+
+def check_writable(folder: str | Path, flag: str = "--out", *, create: bool = True) -> Path:
+    """Proves that `folder` takes a file, before any work starts: an unwritable output folder found
+    only when the results are saved wastes the run. It creates the folder, or with `create=False`
+    (for commands that must leave nothing behind when they refuse) probes its nearest existing
+    parent instead."""
+    folder = Path(folder).expanduser()
+    where = folder
+    if not create:
+        while not where.exists() and where.parent != where:
+            where = where.parent
+    probe = where / f".condensa-write-check-{os.getpid()}"
+    try:
+        if create:
+            folder.mkdir(parents=True, exist_ok=True)
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as err:
+        raise CondensaError(f"cannot write to the output folder {folder} ({err.strerror or err}); "
+                            f"choose another {flag} or fix its permissions.") from None
+    return folder
 
 
 def _json_default(value: Any) -> Any:
@@ -217,6 +252,8 @@ def _coerce(hint, value, name: str):
                 pass
         if isinstance(value, bool) or not isinstance(value, (int, float)) or (hint is int and isinstance(value, float)):
             raise ConfigError(f"config key {name!r} must be a {hint.__name__}; got {value!r}.")
+        if hint is float and math.isnan(value):
+            raise ConfigError(f"config key {name!r} is NaN; give it a number.")
         return hint(value)
     if hint is str:
         return str(value)

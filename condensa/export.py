@@ -23,9 +23,8 @@ import dataclasses
 import json
 import shutil
 from collections.abc import Sequence
-from pathlib import Path
 
-from condensa.cli import config_to_dict, load_config, run_main, write_json
+from condensa.cli import check_writable, config_to_dict, load_config, run_main, write_json
 from condensa.errors import CheckpointError, ConfigError
 
 THRESHOLDS_FILE = "thresholds.safetensors"
@@ -92,11 +91,13 @@ def export(cfg: ExportConfig) -> dict:
     from condensa.sparsity import Thresholds
     from condensa.train.export import loaded_model, restore_run, save_hf
 
+    if cfg.out:  # before restoring, which takes a while; a refused export leaves no folder behind
+        check_writable(cfg.out, create=False)
     restored = restore_run(cfg.run, cfg.step) if cfg.run else loaded_model(cfg.model)
     thresholds = None
     if cfg.thresholds:
         thresholds = Thresholds.load(cfg.thresholds).validate_for(restored.config, source=cfg.thresholds)
-    out = Path(cfg.out or restored.run / f"hf-step{restored.step}")
+    out = check_writable(cfg.out or restored.run / f"hf-step{restored.step}", create=False)
     save_hf(restored.model, restored.config, out, tokenizer=restored.tokenizer, kept_ids=restored.kept_ids,
             vocab_size=restored.vocab_size)
     if thresholds is not None:

@@ -64,3 +64,103 @@ def test_nan_loss_stops_the_run_and_saves_nothing_bad(tmp_path):
     steps = Checkpointer(tmp_path / "run" / "checkpoints").steps()
     assert steps and max(steps) < bad_step
     assert not (tmp_path / "run" / "hf").exists()  # no export of a broken model
+
+
+def test_unwritable_output_folder_fails_before_any_work(tmp_path, capsys):
+    (tmp_path / "a-file").write_text("not a folder")
+    status, err = _main(tiny_args(tmp_path / "a-file" / "run", 4), capsys)
+    assert status == 2 and "cannot write to the output folder" in err and "a-file" in err and "Traceback" not in err
+
+
+def test_nan_parameters_are_never_checkpointed(tmp_path):
+    """The loss a step reports is from before its update: the saved parameters are checked too."""
+    import jax
+    import numpy as np
+
+    from condensa.checkpoint import Checkpointer, flatten
+    from condensa.train.loop import train
+
+    # an lr that overflows float32: the first update already poisons the parameters, while the
+    # loss it reports (from before that update) is still finite
+    cfg = tiny_config(tmp_path / "run", 20, "--optimizer.lr", "1e300", "--optimizer.grad_clip", "0",
+                      "--optimizer.warmup_steps", "0", "--checkpoint.every", "1", "--checkpoint.keep", "50")
+    with pytest.raises(TrainingError, match=r"last good checkpoint: step (\d+)") as info:
+        train(cfg)
+    named = int(re.search(r"last good checkpoint: step (\d+)", str(info.value)).group(1))
+    manager = Checkpointer(tmp_path / "run" / "checkpoints")
+    assert max(manager.steps(), default=0) == named  # here the very first update overflowed: none
+    for step in manager.steps():
+        restored = manager._manager.restore(step)["state"]
+        flat, _ = flatten(dict(restored))
+        bad = [k for k, v in flat.items() if np.issubdtype(np.asarray(v).dtype, np.floating)
+               and not np.all(np.isfinite(np.asarray(jax.device_get(v))))]
+        assert not bad, f"checkpoint {step} holds non-finite arrays: {bad[:3]}"
+    manager.close()
+
+
+def test_every_checkpoint_corrupt_is_refused_until_restart(tmp_path, capsys):
+    from tests.train_helpers import read_jsonl
+
+    out = tmp_path / "run"
+    args = tiny_args(out, 4, "--checkpoint.every", "2", "--train.export", "false")
+    assert _main(args, capsys)[0] == 0
+    lines_before = (out / "metrics.jsonl").read_text()
+    for step_dir in (out / "checkpoints").iterdir():
+        for f in step_dir.rglob("*"):
+            if f.is_file() and f.stat().st_size > 0:
+                f.write_bytes(b"\x00garbage" * 4)
+    with pytest.warns(UserWarning, match="corrupt"):
+        status, err = _main(args, capsys)
+    assert status == 2 and "--restart" in err and "corrupt" in err
+    assert (out / "metrics.jsonl").read_text() == lines_before  # nothing overwritten
+    assert _main(args, capsys)[0] == 2  # still refused once the corrupt ones are set aside
+    status, err = _main(args + ["--restart"], capsys)
+    assert status == 0
+    steps = [r["step"] for r in read_jsonl(out / "metrics.jsonl") if r["kind"] == "train"]
+    assert steps == sorted(set(steps)) == [1, 2, 3, 4]  # one copy of the metrics, not two
+
+
+def test_a_second_run_in_a_locked_folder_is_refused_and_a_stale_lock_taken_over(tmp_path, capsys):
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from condensa.train.run_lock import LOCK_FILE, StaleLockWarning
+
+    out = tmp_path / "run"
+    out.mkdir()
+    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        (out / LOCK_FILE).write_text(json.dumps({"pid": holder.pid, "host": os.uname().nodename,
+                                                 "started": "2026-12-05T10:00:00+00:00"}))
+        status, err = _main(tiny_args(out, 2, "--train.export", "false"), capsys)
+        assert status == 2 and f"pid {holder.pid}" in err and "2026-12-05T10:00:00" in err
+        assert not (out / "metrics.jsonl").exists()
+    finally:
+        holder.kill()
+        holder.wait()
+    with pytest.warns(StaleLockWarning, match=f"pid {holder.pid}"):
+        status, _ = _main(tiny_args(out, 2, "--train.export", "false"), capsys)
+    assert status == 0 and not (out / LOCK_FILE).exists()  # released at the end
+
+
+@pytest.mark.parametrize("flag,value,expected", [
+    ("--optimizer.lr", "-1e-3", "cannot be negative"),
+    ("--optimizer.lr", "nan", "is NaN"),
+    ("--loss.tile.f", "nan", "is NaN"),
+])
+def test_bad_numbers_are_refused_at_parse_time(tmp_path, capsys, flag, value, expected):
+    status, err = _main(tiny_args(tmp_path / "run", 2) + [flag, value], capsys)
+    assert status == 2 and expected in err and not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+def test_metrics_lines_are_json_even_for_nan(tmp_path):
+    import json
+
+    from condensa.cli import append_jsonl
+
+    append_jsonl(tmp_path / "m.jsonl", {"step": 1, "loss": float("nan"), "ppl": [float("inf"), 2.0]})
+    line = (tmp_path / "m.jsonl").read_text()
+    assert json.loads(line, parse_constant=lambda c: pytest.fail(f"{c} is not JSON")) == {
+        "step": 1, "loss": None, "ppl": [None, 2.0]}

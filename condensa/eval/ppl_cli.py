@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from pathlib import Path
 
 import jax.numpy as jnp
 
 from condensa.attention import AttentionConfig
-from condensa.cli import config_parser, parse_config_args, config_to_dict, progress, write_json
+from condensa.cli import check_writable, config_parser, config_to_dict, parse_config_args, progress, write_json
 from condensa.errors import ConfigError, DataError
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
@@ -60,9 +59,7 @@ def run(cfg: PerplexityConfig) -> dict:
         raise ConfigError("no model given; pass --model DIR (a Hugging Face GPT-2 directory) or a hub id.")
     if cfg.dtype not in DTYPES:
         raise ConfigError(f"--dtype {cfg.dtype!r} is not one of {', '.join(DTYPES)}.")
-    out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
-    write_json(out / "config.json", config_to_dict(cfg))
+    out = check_writable(cfg.out)
     model, _ = load_pretrained(cfg.model, dtype=DTYPES[cfg.dtype])
     thresholds = None
     if cfg.thresholds:
@@ -81,6 +78,7 @@ def run(cfg: PerplexityConfig) -> dict:
     )
     result.update(seconds=time.perf_counter() - start, mode=cfg.attention.mode, stride=cfg.stride)
     write_json(out / "results.json", result)
+    write_json(out / "config.json", config_to_dict(cfg))  # only with the results it made
     print(f"perplexity {result['ppl']:.4f}  (nll {result['nll']:.4f}, {result['tokens']} tokens, "
           f"{result['windows']} windows, {cfg.attention.mode} attention) -> {out / 'results.json'}")
     return result

@@ -4,7 +4,8 @@ Fine-tunes a GPT-2 (`--model gpt2` or a directory) or pretrains one from scratch
 --model-config tiny`) with the concentration losses of DESIGN.md. The output folder (`--out`)
 receives the resolved config.yaml, metrics.jsonl (and TensorBoard events with tensorboardX),
 orbax checkpoints, and the final HF export in hf/. Running the same command again resumes from
-the newest good checkpoint there.
+the newest good checkpoint there. One run at a time holds a folder (run.lock). When every
+checkpoint there is corrupt the run refuses to start; add --restart to start over from step 0.
 
 Examples:
   python -m condensa.train configs/quickstart.yaml
@@ -34,6 +35,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m condensa.train", description=__doc__.split("\n\n", 1)[1],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("config", nargs="?", help="YAML file with TrainConfig keys (configs/*.yaml)")
+    parser.add_argument("--restart", action="store_true",
+                        help="start over from step 0 when no checkpoint in --out reads back intact")
     parser.add_argument("overrides", nargs=argparse.REMAINDER, help="--section.key value pairs that override it")
     return parser
 
@@ -52,8 +55,10 @@ def main(argv=None) -> None:
     from condensa.train.config import TrainConfig
     from condensa.train.loop import train
 
+    restart = "--restart" in argv
+    argv = [a for a in argv if a != "--restart"]
     cfg = load_config(TrainConfig, path, argv)
-    result = train(cfg)
+    result = train(cfg, restart=restart)
     if result:
         print(" ".join(f"{k}={v:.4g}" for k, v in result.items()))
 

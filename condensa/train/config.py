@@ -138,6 +138,9 @@ class TrainConfig:
         for name, value in positive.items():
             if value <= 0:
                 raise ConfigError(f"{name} must be a positive integer; got {value}.")
+        if self.optimizer.lr < 0 or self.optimizer.weight_decay < 0:
+            raise ConfigError(f"optimizer.lr and optimizer.weight_decay cannot be negative; got lr {self.optimizer.lr}, "
+                              f"weight_decay {self.optimizer.weight_decay}.")
         if self.loss.topk.k < 1:
             raise ConfigError(f"loss.topk.k must be at least 1; got {self.loss.topk.k}.")
         if not 0 < self.loss.tile.f <= 1:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import sys
 import time
 import warnings
 from pathlib import Path
@@ -14,8 +15,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from condensa.checkpoint import Checkpointer
-from condensa.cli import progress
+from condensa.checkpoint import CORRUPT_DIR, Checkpointer
+from condensa.cli import check_writable, progress
 from condensa.data import (
     BatchIterator, compact_vocabulary, is_local_source, load_token_stream, load_tokenizer, pack_blocks, split_blocks,
 )
@@ -25,6 +26,7 @@ from condensa.train.config import TrainConfig
 from condensa.train.export import save_hf
 from condensa.train.metrics_log import MetricsLog
 from condensa.train.output_folder import check_compatible, write_config
+from condensa.train.run_lock import RunLock
 from condensa.train.setup import build_model, build_optimizer, learning_rate
 from condensa.train.step import FlatState, make_eval_step, make_train_step
 
@@ -80,9 +82,24 @@ def _host(metrics) -> dict[str, float]:
     return {k: float(v) for k, v in jax.device_get(metrics).items()}
 
 
-def train(cfg: TrainConfig) -> dict[str, float]:
-    """Runs (or resumes) the training run described by `cfg`; returns the last evaluation."""
-    out = Path(cfg.out)
+@jax.jit
+def _all_finite(state) -> jax.Array:
+    leaves = [x for x in jax.tree_util.tree_leaves(state)
+              if hasattr(x, "dtype") and jnp.issubdtype(x.dtype, jnp.floating)]
+    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves])) if leaves else jnp.bool_(True)
+
+
+def train(cfg: TrainConfig, *, restart: bool = False) -> dict[str, float]:
+    """Runs (or resumes) the training run described by `cfg`; returns the last evaluation.
+
+    The output folder is checked for writing and locked for the run's lifetime before any work.
+    `restart` starts over from step 0 when every checkpoint there is corrupt (otherwise refused)."""
+    out = check_writable(cfg.out)
+    with RunLock(out):
+        return _train(cfg, out, restart)
+
+
+def _train(cfg: TrainConfig, out: Path, restart: bool) -> dict[str, float]:
     check_compatible(out, cfg)
     data = load_data(cfg)
     mesh = parallel.make_mesh(cfg.mesh.data)
@@ -104,10 +121,17 @@ def train(cfg: TrainConfig) -> dict[str, float]:
     log = MetricsLog(out)
     start = 0
     restored = checkpoints.restore_latest(state)
+    corrupt = checkpoints.directory.parent / CORRUPT_DIR
+    if restored is None and not restart and corrupt.is_dir() and any(corrupt.iterdir()):
+        raise TrainingError(
+            f"no checkpoint in {checkpoints.directory} reads back intact; the corrupt ones are in {corrupt}, and "
+            "nothing else in the folder was changed. To start this run over from step 0 on purpose, run the same "
+            "command with --restart.")
     if restored is not None:
         start, state, record = restored
         loader.restore(record["data"])
-        log.truncate_after(start)
+        print(f"resumed from step {start} of {checkpoints.directory}", file=sys.stderr, flush=True)
+    log.truncate_after(start)  # a restart from step 0 drops the old lines too
     write_config(out, cfg)
     flat = FlatState.of(state)
     del state  # the loop carries `flat`; `flat.state` rebuilds the nnx.State when one is needed
@@ -135,10 +159,17 @@ def train(cfg: TrainConfig) -> dict[str, float]:
         if not math.isfinite(metrics["loss"]):
             raise TrainingError(
                 f"the loss became {metrics['loss']} at step {done}; training stopped and nothing from that step "
-                f"was saved (last checkpoint: step {max(checkpoints.steps(), default=0)}). Lower optimizer.lr "
+                f"was saved (last good checkpoint: step {max(checkpoints.steps(), default=0)}). Lower optimizer.lr "
                 "or the loss weights, or turn on optimizer.grad_clip."
             )
         return metrics
+
+    def require_finite(done: int) -> None:  # the loss is from before the update: check what is saved
+        if not bool(_all_finite(flat.state)):
+            raise TrainingError(
+                f"the parameters became non-finite at step {done}; training stopped and nothing from that step was "
+                f"saved (last good checkpoint: step {max(checkpoints.steps(), default=0)}). Lower optimizer.lr or the "
+                "loss weights, or turn on optimizer.grad_clip.")
 
     def next_batch():
         return parallel.put_batch(next(loader).reshape(accum, cfg.train.batch_size, cfg.data.seq_len + 1), batch_sharding)
@@ -167,6 +198,7 @@ def train(cfg: TrainConfig) -> dict[str, float]:
             if evaluates:
                 last = evaluate(done)
             if saves:
+                require_finite(done)
                 checkpoints.save(done, flat.state, {"data": loader.state()})
             if pending is None and done < cfg.train.steps:
                 pending = train_step(flat, next_batch(), jnp.int32(done))
