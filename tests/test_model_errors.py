@@ -83,3 +83,18 @@ def test_input_ids_outside_vocab_or_too_long(tiny_hf_dir):
         model(jnp.zeros((1, config.n_positions + 1), jnp.int32))
     with pytest.raises(ModelInputError, match="n_positions"):
         model.init_cache(1, config.n_positions + 1)
+
+
+@pytest.mark.parametrize("layer", [2, 7, -3])
+def test_attention_figure_refuses_a_layer_the_model_does_not_have(tiny_hf_dir, layer):
+    from condensa.eval.attention_figure import FigureConfig, draw
+
+    with pytest.raises(ConfigError, match=rf"--layer {layer} is not a layer of this model \(0\.\.1"):
+        draw(FigureConfig(model=str(tiny_hf_dir), thresholds="checked-after-the-layer.safetensors", layer=layer))
+
+
+def test_model_overrides_typo_gets_a_suggestion():
+    from condensa.model.registry import preset
+
+    with pytest.raises(ConfigError, match="n_embdd.*Did you mean 'n_embd'"):
+        preset("tiny", n_embdd=32)

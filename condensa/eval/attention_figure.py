@@ -55,6 +55,9 @@ def draw(cfg: FigureConfig) -> Path:
     if not cfg.model or not cfg.thresholds:
         raise ConfigError("pass --model DIR and --thresholds FILE (from python -m condensa.calibrate).")
     model, config = load_pretrained(cfg.model)
+    if not -config.n_layer <= cfg.layer < config.n_layer:
+        raise ConfigError(f"--layer {cfg.layer} is not a layer of this model (0..{config.n_layer - 1}, or -1 for "
+                          "the last).")
     thresholds = Thresholds.load(cfg.thresholds)
     attention = sparse_attention_of(thresholds)
     thresholds.validate_for(config, attention, source=cfg.thresholds)

@@ -113,4 +113,10 @@ def preset(name: str, **overrides: Any) -> GPT2Config:
             f"unknown model preset {name!r}.{did_you_mean(name, PRESETS)} "
             f"Choose one of: {', '.join(PRESETS)}."
         )
+    unknown = sorted(set(overrides) - set(GPT2Config.field_names()))
+    if unknown:
+        raise ConfigError(
+            f"model_overrides {', '.join(unknown)} are not fields of the GPT-2 config of preset {name!r}."
+            f"{did_you_mean(unknown[0], GPT2Config.field_names())} GPT-2 presets take n_embd, n_layer, n_head, "
+            "n_positions, ...")
     return GPT2Config(**{**PRESETS[name], **overrides})
