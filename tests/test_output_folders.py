@@ -43,3 +43,10 @@ def test_a_failed_run_leaves_the_folders_config_alone(command, config_file, tmp_
     assert cli(args + ["--out", str(out)]) == 2  # the model does not exist
     capsys.readouterr()
     assert (out / config_file).read_text() == earlier
+
+
+def test_ppl_without_thresholds_names_the_cli_flag_not_the_python_api(tmp_path, capsys):
+    cli, args = _commands()["ppl"]
+    assert cli(args + ["--attention.mode", "toptheta", "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert "--thresholds FILE" in err and "Thresholds.load" not in err

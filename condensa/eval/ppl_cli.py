@@ -59,6 +59,9 @@ def run(cfg: PerplexityConfig) -> dict:
         raise ConfigError("no model given; pass --model DIR (a Hugging Face GPT-2 directory) or a hub id.")
     if cfg.dtype not in DTYPES:
         raise ConfigError(f"--dtype {cfg.dtype!r} is not one of {', '.join(DTYPES)}.")
+    if cfg.attention.needs_thresholds and not cfg.thresholds:
+        raise ConfigError(f"--attention.mode {cfg.attention.mode} needs calibrated thresholds: pass --thresholds FILE "
+                          "(made by python -m condensa.calibrate).")
     out = check_writable(cfg.out)
     model, _ = load_pretrained(cfg.model, dtype=DTYPES[cfg.dtype])
     thresholds = None
