@@ -104,6 +104,22 @@ def text_files(source: str | os.PathLike) -> list[Path]:
     raise DataError(f"text source {path} does not exist; pass a text file or a folder of .txt files.")
 
 
+MAX_UNDECODABLE_FRACTION = 0.001  # a stray bad byte or two in a book is fine; binary data is not
+
+
+def read_text_file(path: Path) -> str:
+    """A UTF-8 text file, with the odd undecodable byte replaced; refused when more than a small
+    fraction of it is not UTF-8 (a binary file, or another encoding), which would otherwise train
+    or evaluate on noise without a word."""
+    raw = path.read_bytes()
+    text = raw.decode("utf-8", errors="replace")
+    bad = text.count("\ufffd") - raw.decode("utf-8", errors="ignore").count("\ufffd")
+    if raw and bad > MAX_UNDECODABLE_FRACTION * max(len(text), 1):
+        raise DataError(f"{path} is not UTF-8 text ({bad} of its {len(text)} characters cannot be decoded); "
+                        "convert it to UTF-8 (for example with iconv) or leave it out.")
+    return text
+
+
 def read_documents(sources: str | os.PathLike | Sequence[str | os.PathLike]) -> list[str]:
     """The non-empty documents (one per file) of one or several sources."""
     if isinstance(sources, (str, os.PathLike)):
@@ -111,7 +127,7 @@ def read_documents(sources: str | os.PathLike | Sequence[str | os.PathLike]) -> 
     docs = []
     for source in sources:
         for f in text_files(source):
-            text = f.read_text(encoding="utf-8", errors="replace")
+            text = read_text_file(f)
             if text.strip():
                 docs.append(text)
     if not docs:

@@ -103,3 +103,23 @@ def test_compact_vocabulary_keeps_the_most_frequent_ids():
     assert set(kept.tolist()) == set(top) and 7 in kept.tolist()
     for old, new in zip(stream[:500], mapped[:500]):
         assert (kept[new] == old) if old in top else new == 19
+
+
+def test_binary_or_non_utf8_text_is_refused_but_a_stray_bad_byte_is_not(tmp_path):
+    import numpy as np
+
+    from condensa.data import read_documents
+    from condensa.errors import DataError
+
+    binary = tmp_path / "random.txt"
+    binary.write_bytes(np.random.default_rng(0).integers(0, 256, 4000, dtype=np.uint8).tobytes())
+    with pytest.raises(DataError, match="random.txt is not UTF-8 text"):
+        read_documents(binary)
+    latin1 = tmp_path / "latin1.txt"
+    latin1.write_bytes(("café au lait, déjà vu. " * 50).encode("latin-1"))
+    with pytest.raises(DataError, match="latin1.txt is not UTF-8 text"):
+        read_documents(latin1)
+    book = tmp_path / "book.txt"
+    book.write_bytes(b"A long and honest book. " * 200 + b"\xff" + b" The end.")
+    [text] = read_documents(book)
+    assert text.count("\ufffd") == 1
