@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from condensa.errors import DataError, HubUnavailableError
-from condensa.hub import is_probably_hub_id
+from condensa.hub import is_probably_hub_id, require_hub
 
 
 def load_tokenizer(name_or_path: str | os.PathLike):
@@ -43,6 +43,7 @@ def load_tokenizer(name_or_path: str | os.PathLike):
             ) from None
     if not is_probably_hub_id(str(name_or_path)):
         raise DataError(f"tokenizer {path} does not exist; pass an existing directory, a .gguf file or a hub id.")
+    require_hub(str(name_or_path), "tokenizer")
     try:
         return AutoTokenizer.from_pretrained(str(name_or_path), use_fast=True)
     except OSError as err:

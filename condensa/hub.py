@@ -12,9 +12,44 @@ from condensa.errors import CheckpointError, HubUnavailableError
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*(/[\w.\-]+)?$")
 
 
+HUB_PROBE_SECONDS = 4.0  # how long to wait for the hub's address before calling it unreachable
+
+
 def is_probably_hub_id(name: str) -> bool:
-    """True for strings shaped like a hub id and not like a filesystem path (./x, /x, ~/x, a/b/c)."""
-    return bool(_HUB_ID.match(name)) and not name.startswith((".", "/", "~")) and not name.endswith((".json", ".txt"))
+    """True for strings shaped like a hub id and not like a filesystem path (./x, /x, ~/x, a/b/c),
+    nor like a path under a local folder (`runs/nomodel` where `runs/` exists)."""
+    if not _HUB_ID.match(name) or name.startswith((".", "/", "~")) or name.endswith((".json", ".txt")):
+        return False
+    return not ("/" in name and Path(name.split("/")[0]).is_dir())
+
+
+def require_hub(name: str, what: str) -> None:
+    """Fails within seconds when the hub cannot be reached, instead of hanging on DNS: the name
+    resolution runs in a thread that is given up on after `HUB_PROBE_SECONDS`."""
+    import socket
+    import threading
+    from urllib.parse import urlparse
+
+    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0", "false", "False"):
+        return  # the hub client serves its local cache, or says it has nothing
+    host = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname or "huggingface.co"
+    reached, done = [], threading.Event()
+
+    def probe():  # a daemon thread: a hanging lookup must not hold up the process's exit either
+        try:
+            socket.create_connection((host, 443), HUB_PROBE_SECONDS).close()
+            reached.append(True)
+        except Exception:  # DNS failure, refused, timeout: all mean "not reachable from here"
+            pass
+        finally:
+            done.set()
+
+    threading.Thread(target=probe, daemon=True).start()
+    done.wait(HUB_PROBE_SECONDS)
+    if not reached:
+        raise HubUnavailableError(
+            f"{what} {name!r} is neither a local folder (no such folder here) nor reachable on the Hugging Face hub "
+            f"({host} did not answer within {HUB_PROBE_SECONDS:g} s). Check the path, or the network.")
 
 
 def resolve_model_dir(name_or_path: str | os.PathLike, allow_patterns: list[str]) -> Path:
@@ -30,6 +65,7 @@ def resolve_model_dir(name_or_path: str | os.PathLike, allow_patterns: list[str]
             f"model {path} does not exist; pass a directory with config.json and model.safetensors, a .gguf "
             "file, a named model (smollm2-135m) or a hub id such as 'gpt2'."
         )
+    require_hub(name, "model")
     try:
         from huggingface_hub import snapshot_download
 

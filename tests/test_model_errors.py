@@ -98,3 +98,33 @@ def test_model_overrides_typo_gets_a_suggestion():
 
     with pytest.raises(ConfigError, match="n_embdd.*Did you mean 'n_embd'"):
         preset("tiny", n_embdd=32)
+
+
+def test_a_missing_path_under_a_local_folder_is_not_sent_to_the_hub(tmp_path, monkeypatch):
+    import huggingface_hub
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs").mkdir()
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", lambda **_: pytest.fail("asked the hub"))
+    with pytest.raises(CheckpointError, match="runs/nomodel does not exist"):
+        condensa.load_pretrained("runs/nomodel")
+    from condensa.data import load_tokenizer
+    from condensa.errors import DataError
+
+    with pytest.raises(DataError, match="runs/missing does not exist"):
+        load_tokenizer("runs/missing")
+
+
+def test_an_unreachable_hub_fails_within_seconds_and_names_both_possibilities(monkeypatch):
+    import socket
+    import time
+
+    from condensa import hub
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(hub, "HUB_PROBE_SECONDS", 0.5)
+    monkeypatch.setattr(socket, "create_connection", lambda *a, **k: time.sleep(30))  # DNS that hangs
+    start = time.perf_counter()
+    with pytest.raises(HubUnavailableError, match="neither a local folder.*nor reachable on the Hugging Face hub"):
+        condensa.load_pretrained("someone/some-model")
+    assert time.perf_counter() - start < 5
