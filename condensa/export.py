@@ -23,6 +23,7 @@ import dataclasses
 import json
 import shutil
 from collections.abc import Sequence
+from pathlib import Path
 
 from condensa.cli import check_writable, config_to_dict, load_config, run_main, write_json
 from condensa.errors import CheckpointError, ConfigError
@@ -39,6 +40,7 @@ class ExportConfig:
     thresholds: str | None = None  # a file from python -m condensa.calibrate, copied next to the weights
     verify: bool = False  # compare logits with transformers (AutoModelForCausalLM: GPT2LMHeadModel, LlamaForCausalLM, ...; needs torch)
     tolerance: float = 1e-4  # --verify fails when max |logit difference| is larger
+    force: bool = False  # write into an --out that holds another model's files (they are cleared first)
 
     def __post_init__(self) -> None:
         if not self.run and not self.model:
@@ -73,6 +75,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--verify", action="store_true",
                         help="reload OUT in transformers (torch, CPU) and compare logits with condensa")
     parser.add_argument("--tolerance", type=float, help="largest max |logit difference| --verify accepts (1e-4)")
+    parser.add_argument("--force", action="store_true",
+                        help="write into an --out that holds something other than an export of the same run or "
+                             "model; the files an export writes are removed from it first")
     return parser
 
 
@@ -83,6 +88,36 @@ def parse_config(argv: Sequence[str] | None) -> ExportConfig:
     for key, value in values.items():
         overrides += [f"--{key}", json.dumps(value)]  # JSON is YAML: strings stay strings
     return load_config(ExportConfig, config_path, overrides)
+
+
+# What an export writes (the tokenizer's files vary by tokenizer): replacing an export clears them
+# all, so no stale tokenizer or thresholds of another model stay beside the new weights.
+_EXPORT_FILES = ("config.json", "model.safetensors", "generation_config.json", "vocab_map.json", "export.json",
+                 THRESHOLDS_FILE, "vocab.json", "merges.txt", "special_tokens_map.json", "added_tokens.json",
+                 "chat_template.jinja")
+
+
+def _source_of(cfg: ExportConfig, restored) -> str:
+    """What an export is of, as export.json records it: the run's folder, or the model as given."""
+    return str(Path(restored.run).resolve()) if cfg.run else str(cfg.model)
+
+
+def _prepare_target(out: Path, cfg: ExportConfig, source: str) -> None:
+    """Refuses an --out that holds anything but an export of the same run or model (unless
+    --force), and clears the files of the export it replaces."""
+    if not out.is_dir() or not any(out.iterdir()):
+        return
+    try:
+        earlier = json.loads((out / "export.json").read_text()).get("source")
+    except (OSError, ValueError, AttributeError):
+        earlier = None
+    if not (earlier == source or cfg.force):
+        held = ", ".join(sorted(p.name for p in out.iterdir())[:5])
+        raise CheckpointError(f"{out} already holds files ({held}, ...) that are not an export of {source}; "
+                              "choose an empty --out, or pass --force to replace the export files in it.")
+    for path in out.iterdir():
+        if path.is_file() and (path.name in _EXPORT_FILES or path.name.startswith("tokenizer")):
+            path.unlink()
 
 
 def export(cfg: ExportConfig) -> dict:
@@ -98,11 +133,12 @@ def export(cfg: ExportConfig) -> dict:
     if cfg.thresholds:
         thresholds = Thresholds.load(cfg.thresholds).validate_for(restored.config, source=cfg.thresholds)
     out = check_writable(cfg.out or restored.run / f"hf-step{restored.step}", create=False)
+    _prepare_target(out, cfg, _source_of(cfg, restored))
     save_hf(restored.model, restored.config, out, tokenizer=restored.tokenizer, kept_ids=restored.kept_ids,
             vocab_size=restored.vocab_size)
     if thresholds is not None:
         shutil.copyfile(cfg.thresholds, out / THRESHOLDS_FILE)
-    record = {"config": config_to_dict(cfg), "step": restored.step, "out": str(out)}
+    record = {"config": config_to_dict(cfg), "step": restored.step, "out": str(out), "source": _source_of(cfg, restored)}
     what = f"step {restored.step} of {cfg.run}" if cfg.run else cfg.model
     print(f"exported {what} to {out}" + ("" if restored.tokenizer is not None else " (the model has no tokenizer to copy)"))
     if cfg.verify:

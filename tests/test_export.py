@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
+from condensa.export import THRESHOLDS_FILE as THRESHOLDS
 from condensa.export import cli
 from tests.train_helpers import tiny_config
 
@@ -162,3 +163,21 @@ def test_verify_reports_a_mismatch_and_a_missing_torch(run, tmp_path, capsys, mo
     monkeypatch.setitem(sys.modules, "torch", None)  # `import torch` now raises ImportError
     assert cli([str(run), "--out", str(tmp_path / "notorch"), "--verify"]) == 2
     assert "pip install torch" in capsys.readouterr().err
+
+
+def test_export_into_another_models_folder_is_refused_unless_forced(run, tmp_path, capsys):
+    out = tmp_path / "hf"
+    assert cli([str(run), "--out", str(out)]) == 0
+    assert cli([str(run), "--out", str(out)]) == 0  # the same run again: replaced without --force
+    (out / THRESHOLDS).write_bytes(b"another model's thresholds")
+    (out / "notes.md").write_text("the user's own file")
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    capsys.readouterr()
+    assert cli(["--model", str(run / "hf"), "--out", str(out)]) == 2  # another source
+    err = capsys.readouterr().err
+    assert "not an export of" in err and "--force" in err
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # nothing touched
+    assert cli(["--model", str(run / "hf"), "--out", str(out), "--force"]) == 0
+    assert not (out / THRESHOLDS).exists()  # the stale thresholds went with the old export
+    assert (out / "notes.md").read_text() == "the user's own file"
+    assert json.loads((out / "export.json").read_text())["source"] == str(run / "hf")
