@@ -21,6 +21,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from condensa.errors import CheckpointError
+from condensa.faults import kill_point
 
 CORRUPT_DIR = "corrupt"  # beside the checkpoints folder; bad checkpoints are moved here, not deleted
 
@@ -110,6 +111,7 @@ class Checkpointer:
         self._manager.save(
             int(step), args=ocp.args.Composite(state=ocp.args.StandardSave(flat), record=ocp.args.JsonSave(record))
         )
+        kill_point("checkpoint-save", step)  # for the fault-injection tests: the save is in flight here
 
     def restore(self, step: int, template) -> tuple[Any, dict[str, Any]]:
         """(state, record) of checkpoint `step`, read-only: a checkpoint that fails to read or to

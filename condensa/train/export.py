@@ -18,6 +18,7 @@ import numpy as np
 
 from condensa.cli import load_config, write_json
 from condensa.errors import CheckpointError
+from condensa.faults import kill_point
 from condensa.train.config import TrainConfig
 from condensa.train.output_folder import CONFIG_FILE
 
@@ -149,6 +150,7 @@ def save_hf(model, model_config, path: str | Path, *, tokenizer, kept_ids: np.nd
     if kept_ids is None:
         return save_pretrained(model, model_config, path, tokenizer=tokenizer)
     path = save_pretrained(model, model_config, path)
+    kill_point("export")  # for the fault-injection tests: weights written, the vocabulary map not yet
     write_json(Path(path) / VOCAB_MAP, {"tokenizer_id_of_model_id": np.asarray(kept_ids).tolist(),
                                         "other_tokens_id": int(vocab_size - 1)})
     return path
