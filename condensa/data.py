@@ -118,7 +118,8 @@ def read_text_file(path: Path) -> str:
     if raw and bad > MAX_UNDECODABLE_FRACTION * max(len(text), 1):
         raise DataError(f"{path} is not UTF-8 text ({bad} of its {len(text)} characters cannot be decoded); "
                         "convert it to UTF-8 (for example with iconv) or leave it out.")
-    return text
+    # universal newlines, as Path.read_text gives: every earlier measurement tokenised text read that way
+    return text.replace("\r\n", "\n").replace("\r", "\n")
 
 
 def read_documents(sources: str | os.PathLike | Sequence[str | os.PathLike]) -> list[str]:

@@ -123,3 +123,12 @@ def test_binary_or_non_utf8_text_is_refused_but_a_stray_bad_byte_is_not(tmp_path
     book.write_bytes(b"A long and honest book. " * 200 + b"\xff" + b" The end.")
     [text] = read_documents(book)
     assert text.count("\ufffd") == 1
+
+
+def test_windows_and_old_mac_line_ends_read_as_newlines(tmp_path):
+    """As Path.read_text reads them (universal newlines), so perplexities match earlier runs."""
+    from condensa.data import read_documents
+
+    crlf = tmp_path / "crlf.txt"
+    crlf.write_bytes(b"one line\r\ntwo lines\rthree\n")
+    assert read_documents(crlf) == [crlf.read_text()] == ["one line\ntwo lines\nthree\n"]
