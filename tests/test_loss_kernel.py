@@ -22,7 +22,9 @@ from condensa.kernels import attention_masses
 from condensa.kernels.attention_masses import padded_length, row_tile_masses
 from condensa.sparsity import loss as conc
 from condensa.sparsity import loss_from_qk
-from condensa.train.config import GateLoss, LossConfig, TileLoss, TopkLoss
+from condensa.tiling.pooling import tile_masses
+from condensa.tiling.selectors import select_tiles
+from condensa.train.config import GateLoss, LossConfig, SelectLoss, TileLoss, TopkLoss
 from condensa.train.objective import objective, uses_mass_kernel
 
 
@@ -109,22 +111,25 @@ def test_padding_is_to_a_power_of_two_of_tiles():
     assert [padded_length(t, 64) for t in (64, 65, 192, 1024, 1025)] == [64, 128, 256, 1024, 2048]
 
 
-@pytest.mark.parametrize("name", ["topk", "tile", "gate"])
+@pytest.mark.parametrize("name", ["topk", "tile", "gate", "select"])
 def test_losses_from_qk_equal_the_reference_losses(name):
     t, block = 32, 8
     q, k = _qk(7, t)
     cfg = LossConfig(topk=TopkLoss(weight=1.0, k=5), tile=TileLoss(weight=1.0, f=0.25), gate=GateLoss(weight=1.0),
-                     tile_size=block)
+                     select=SelectLoss(weight=1.0, f=0.25), tile_size=block)
     cfg = dataclasses.replace(cfg, **{other: dataclasses.replace(getattr(cfg, other), weight=0.0)
-                                      for other in ("topk", "tile", "gate") if other != name})
+                                      for other in ("topk", "tile", "gate", "select") if other != name})
 
     def fused(q, k):
         return loss_from_qk.concentration_terms([AttentionInputs(q, k, 0.5)], cfg, backend="interpret")[name]
 
     def reference(q, k):
         p = _probs(q, k, 0.5)
+        kept = lambda: select_tiles(q, k, scale=0.5, block_q=block, block_k=block, tile_budget=0.25,  # noqa: E731
+                                    sink_tiles=1, selector="rowmean", shared_heads=True)
         return {"topk": lambda: conc.topk_loss(p, 5), "tile": lambda: conc.tile_loss(p, block, 0.25),
-                "gate": lambda: conc.gate_loss(p, block)}[name]()
+                "gate": lambda: conc.gate_loss(p, block),
+                "select": lambda: jnp.mean(1 - jnp.where(kept(), tile_masses(p, block, block), 0).sum(-1))}[name]()
 
     np.testing.assert_allclose(float(fused(q, k)), float(reference(q, k)), rtol=1e-5)
     for a, b in zip(jax.grad(fused, (0, 1))(q, k), jax.grad(reference, (0, 1))(q, k)):
@@ -140,11 +145,14 @@ def _tiny_gpt2(attention=None):
     return GPT2(config, attention=attention, rngs=nnx.Rngs(0))
 
 
-def test_objective_with_the_kernel_equals_the_reference_objective():
-    """A whole training objective (two losses on), its value and its parameter gradients."""
+@pytest.mark.parametrize("third", ["tile", "select"])
+def test_objective_with_the_kernel_equals_the_reference_objective(third):
+    """A whole training objective (two losses on), its value and its parameter gradients. The
+    select loss's reference path takes q and k from the model and recomputes the probabilities."""
     model = _tiny_gpt2()
     batch = jnp.asarray(np.random.default_rng(3).integers(0, 97, (2, 33)), jnp.int32)
-    base = LossConfig(topk=TopkLoss(weight=0.5, k=4), tile=TileLoss(weight=0.5, f=0.25), tile_size=8)
+    second = {"tile": TileLoss(weight=0.5, f=0.25)} if third == "tile" else {"select": SelectLoss(weight=0.5, f=0.25)}
+    base = LossConfig(topk=TopkLoss(weight=0.5, k=4), tile_size=8, **second)
     results = {}
     for kernel in ("pallas", "reference"):
         cfg = dataclasses.replace(base, kernel=kernel)
@@ -152,9 +160,9 @@ def test_objective_with_the_kernel_equals_the_reference_objective():
         (value, metrics), grads = nnx.value_and_grad(lambda m: objective(m, batch, cfg, 0), has_aux=True)(model)
         results[kernel] = (float(value), {k: float(v) for k, v in metrics.items()}, jax.tree.leaves(grads))
     (v1, m1, g1), (v2, m2, g2) = results["pallas"], results["reference"]
-    assert m1["L_topk"] > 0.05 and m1["L_tile"] > 0.05  # the losses are really on
+    assert m1["L_topk"] > 0.05 and m1[f"L_{third}"] > 0.05  # the losses are really on
     np.testing.assert_allclose(v1, v2, rtol=1e-5)
-    for name in ("L_topk", "L_tile", "lm_loss"):
+    for name in ("L_topk", f"L_{third}", "lm_loss"):
         np.testing.assert_allclose(m1[name], m2[name], rtol=1e-5)
     for a, b in zip(g1, g2):
         assert _rel(a, b) < 1e-4

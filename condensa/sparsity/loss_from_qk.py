@@ -10,7 +10,6 @@ from p, so they are taken from q and k directly.
 from __future__ import annotations
 
 import jax
-import jax.numpy as jnp
 
 from condensa.attention.inputs import AttentionInputs
 from condensa.attention.tiles import pooled_gate_scores
@@ -18,6 +17,7 @@ from condensa.kernels.attention_masses import row_tile_masses
 from condensa.sparsity.loss import (
     _check_tiles, gate_cross_entropy, mean_over_layers, tile_loss_of_masses, topk_loss_of_row_mass,
 )
+from condensa.sparsity.selector_loss import selector_loss_of_masses
 
 TOPK_TILE = 64  # the top-k loss sums R over all tiles, so its tile size only shapes the kernel
 
@@ -43,10 +43,17 @@ def gate_loss_from_masses(x: AttentionInputs, masses: jax.Array, block: int, tau
     return gate_cross_entropy(masses, scores, block, tau, sink_tiles)
 
 
+def select_loss(x: AttentionInputs, masses: jax.Array, cfg) -> jax.Array:
+    """The `select` loss of one layer from its inputs and tile masses; `cfg` is a `LossConfig`."""
+    sel = cfg.select
+    return selector_loss_of_masses(x, masses, block=cfg.tile_size, f=sel.f, sink_tiles=cfg.sink_tiles,
+                                   selector=sel.selector, shared_heads=sel.shared_heads)
+
+
 def concentration_terms(inputs, cfg, *, backend: str | None = None) -> dict[str, jax.Array]:
     """The active losses' values (unweighted, averaged over their layers) from per-layer
-    `AttentionInputs`; `cfg` is a `LossConfig`. The tile and gate losses share one mass kernel
-    call per layer."""
+    `AttentionInputs`; `cfg` is a `LossConfig`. The tile, gate and select losses share one mass
+    kernel call per layer."""
     terms = {}
     if cfg.topk.weight > 0:
         terms["topk"] = mean_over_layers(lambda x: topk_loss(x, cfg.topk.k, backend=backend), inputs, cfg.topk.layers)
@@ -66,4 +73,7 @@ def concentration_terms(inputs, cfg, *, backend: str | None = None) -> dict[str,
         terms["gate"] = mean_over_layers(
             lambda i: gate_loss_from_masses(inputs[i], layer_masses(i), cfg.tile_size, cfg.gate.tau, cfg.sink_tiles),
             layers, cfg.gate.layers)
+    if cfg.select.weight > 0:
+        terms["select"] = mean_over_layers(lambda i: select_loss(inputs[i], layer_masses(i), cfg), layers,
+                                           cfg.select.layers)
     return terms

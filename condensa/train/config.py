@@ -65,10 +65,22 @@ class GateLoss:
 
 
 @dataclasses.dataclass(frozen=True)
+class SelectLoss:
+    """The mass outside the tiles a budgeted selector keeps (`condensa.sparsity.selector_loss`)."""
+    weight: float = 0.0
+    f: float = 0.25  # the selector's tile budget, as `--attention.tile_budget` at evaluation
+    selector: str = "rowmean"  # one the kernels' pre-pass runs: rowmean or window
+    shared_heads: bool = True  # one budget for the heads of a query tile (`--attention.shared_heads`)
+    layers: tuple[int, ...] = ()
+    warmup_steps: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
 class LossConfig:
     topk: TopkLoss = TopkLoss()
     tile: TileLoss = TileLoss()
     gate: GateLoss = GateLoss()
+    select: SelectLoss = SelectLoss()
     tile_size: int = 64  # b_q = b_k for the tile and gate losses and metrics
     sink_tiles: int = 1
     # How the losses get what they need: "reference" takes the probabilities from the model (its
@@ -80,7 +92,7 @@ class LossConfig:
 
     @property
     def active(self) -> bool:
-        return any(x.weight > 0 for x in (self.topk, self.tile, self.gate))
+        return any(x.weight > 0 for x in (self.topk, self.tile, self.gate, self.select))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -143,9 +155,15 @@ class TrainConfig:
                               f"weight_decay {self.optimizer.weight_decay}.")
         if self.loss.topk.k < 1:
             raise ConfigError(f"loss.topk.k must be at least 1; got {self.loss.topk.k}.")
-        if not 0 < self.loss.tile.f <= 1:
-            raise ConfigError(f"loss.tile.f is a fraction of tiles in (0, 1]; got {self.loss.tile.f}.")
+        for name, f in (("loss.tile.f", self.loss.tile.f), ("loss.select.f", self.loss.select.f)):
+            if not 0 < f <= 1:
+                raise ConfigError(f"{name} is a fraction of tiles in (0, 1]; got {f}.")
+        if self.loss.select.selector not in SELECT_LOSS_SELECTORS:
+            raise ConfigError(f"loss.select.selector must be one the kernels' pre-pass runs: "
+                              f"{', '.join(SELECT_LOSS_SELECTORS)}; got {self.loss.select.selector!r}.")
 
+
+SELECT_LOSS_SELECTORS = ("rowmean", "window")  # the budgeted selectors of the fused prefill pre-pass
 
 # Sections whose change makes an existing run's checkpoints meaningless to resume.
 RESUME_SENSITIVE = (
