@@ -140,8 +140,8 @@ def eval_stage(args, results: dict, save) -> None:
         return AttentionConfig(tile_gate=True, tile_selector=spec, tile_budget=f, block_q=args.block,
                                block_k=args.block, shared_heads=shared)
 
-    names = (["original"] if args.original else []) + [
-        run_name(spec, int(seed)) for seed in args.seeds.split(",") for spec in args.runs.split(",")]
+    names = [run_name(spec, int(seed)) for seed in args.seeds.split(",") for spec in args.runs.split(",")]
+    names += ["original"] if args.original else []  # last: its numbers are known from docs/real-model.md
     for name in names:
         if name in results["eval"]:
             continue
@@ -153,10 +153,10 @@ def eval_stage(args, results: dict, save) -> None:
         row = {"wikitext": {}, "book": {}}
         row["wikitext"]["dense"] = evaluate(runner, windows, AttentionConfig(), 2048)
         row["book"]["dense"] = evaluate(runner, book_windows, AttentionConfig(), 2048)
-        for selector in args.selectors.split(","):
+        for selector in filter(None, args.selectors.split(",")):
             for f in budgets:
                 row["wikitext"][f"{selector}@{f}"] = evaluate(runner, windows, gate(selector, f), 2048)
-        for selector in args.book_selectors.split(","):
+        for selector in filter(None, args.book_selectors.split(",")):
             for f in budgets:
                 row["book"][f"{selector}@{f}"] = evaluate(runner, book_windows, gate(selector, f), 2048)
         row["seconds"] = time.perf_counter() - start
