@@ -9,7 +9,11 @@ step, moved aside (never deleted) and the previous one is tried.
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import logging
 import shutil
+import sys
 import time
 import warnings
 from pathlib import Path
@@ -24,6 +28,9 @@ from condensa.errors import CheckpointError
 from condensa.faults import kill_point
 
 CORRUPT_DIR = "corrupt"  # beside the checkpoints folder; bad checkpoints are moved here, not deleted
+PARTIAL = "orbax-checkpoint-tmp"  # in the name of a save orbax has not finished (it renames it when done)
+# How a full disk shows through orbax: tensorstore reports ENOSPC as RESOURCE_EXHAUSTED in a ValueError
+_DISK_FULL_SIGNS = ("No space left on device", "RESOURCE_EXHAUSTED", "Disk quota exceeded")
 
 
 class CorruptCheckpointWarning(UserWarning):
@@ -88,6 +95,74 @@ def _reason(err: Exception) -> str:
     return str(err).splitlines()[0][:200] if str(err) else type(err).__name__
 
 
+def disk_full(err: BaseException | None) -> bool:
+    """Whether an error, or one it was raised from, says the disk (or the quota) is full."""
+    while err is not None:
+        if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        if any(sign in str(err) for sign in _DISK_FULL_SIGNS):
+            return True
+        err = err.__cause__ or err.__context__
+    return False
+
+
+class _DropDiskFullReports(logging.Filter):
+    """orbax logs a full disk from each of its background save threads, with a traceback each
+    (about 450 lines for one save); `Checkpointer` raises it once, as one clear error, instead."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        error = record.exc_info[1] if record.exc_info else None
+        return not (disk_full(error) or any(sign in record.getMessage() for sign in _DISK_FULL_SIGNS))
+
+
+_ABSL_LOG = logging.getLogger("absl")
+if not any(isinstance(f, _DropDiskFullReports) for f in _ABSL_LOG.filters):
+    _ABSL_LOG.addFilter(_DropDiskFullReports())
+
+
+def _is_abandoned_read(unraisable) -> bool:
+    exc = unraisable.exc_value
+    return isinstance(exc, RuntimeError) and str(exc) == "Event loop is closed"
+
+
+def _from_orbax(error: BaseException | None) -> bool:
+    tb = error.__traceback__ if error is not None else None
+    while tb is not None:
+        if "orbax" in tb.tb_frame.f_code.co_filename:
+            return True
+        tb = tb.tb_next
+    return False
+
+
+class _DropAbandonedReads(logging.Filter):
+    """asyncio's "Task exception was never retrieved", for the reads of a failed restore."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.exc_info and _from_orbax(record.exc_info[1]))
+
+
+def quiet_abandoned_reads() -> None:
+    """A restore that fails leaves tensorstore reads in flight. Each ends later, either by calling
+    back into an asyncio loop that orbax has closed (Python prints `RuntimeError: Event loop is
+    closed` through `sys.unraisablehook`) or as a task whose error nobody retrieves (asyncio logs
+    it with a traceback): hundreds of lines for one truncated checkpoint, on top of the one
+    warning that matters. Those results are unwanted, since the restore already failed, so
+    exactly those reports are dropped; every other one goes on as before."""
+    asyncio_log = logging.getLogger("asyncio")
+    if not any(isinstance(f, _DropAbandonedReads) for f in asyncio_log.filters):
+        asyncio_log.addFilter(_DropAbandonedReads())
+    previous = sys.unraisablehook
+    if getattr(previous, "drops_abandoned_reads", False):
+        return
+
+    def hook(unraisable):
+        if not _is_abandoned_read(unraisable):
+            previous(unraisable)
+
+    hook.drops_abandoned_reads = True
+    sys.unraisablehook = hook
+
+
 class Checkpointer:
     """Save / resume for one run's `checkpoints/` folder."""
 
@@ -95,6 +170,7 @@ class Checkpointer:
         self.directory = Path(directory).absolute()
         self.keep = keep
         self.async_save = async_save
+        self._failed = False  # a save failed and was reported: closing stays quiet
         self._manager = self._open()
 
     def _open(self) -> ocp.CheckpointManager:
@@ -108,10 +184,36 @@ class Checkpointer:
         """Starts saving (in the background when async); `record` must be JSON-serialisable."""
         flat, _ = flatten(state)
         record = {**record, "step": int(step), "fingerprint": fingerprint(flat)}
-        self._manager.save(
-            int(step), args=ocp.args.Composite(state=ocp.args.StandardSave(flat), record=ocp.args.JsonSave(record))
-        )
+        with self._saving(step):  # an earlier async save that failed surfaces here too
+            self._manager.save(
+                int(step), args=ocp.args.Composite(state=ocp.args.StandardSave(flat), record=ocp.args.JsonSave(record))
+            )
         kill_point("checkpoint-save", step)  # for the fault-injection tests: the save is in flight here
+
+    @contextlib.contextmanager
+    def _saving(self, step: int | None):
+        """Turns a failed save (a full disk, a folder gone read-only) into one `CheckpointError`
+        that names the last complete checkpoint, which stays; the partial save is removed."""
+        try:
+            yield
+        except Exception as err:
+            self._failed = True
+            partial = sorted(self.directory.glob(f"*{PARTIAL}*"))
+            steps = [int(p.name.split(".")[0]) for p in partial if p.name.split(".")[0].isdigit()]
+            failed = f"checkpoint step {steps[0]}" if steps else "a checkpoint" if step is None else f"checkpoint step {step}"
+            for p in partial:
+                shutil.rmtree(p, ignore_errors=True)
+            complete = [int(p.name) for p in self.directory.iterdir() if p.name.isdigit()] if self.directory.is_dir() else []
+            kept = (f"the last complete checkpoint, step {max(complete)}, is kept" if complete
+                    else "no checkpoint of this run was complete yet")
+            if disk_full(err):
+                raise CheckpointError(
+                    f"no space left on the device of {self.directory} while saving {failed}; {kept} "
+                    "and the partial save was removed. Free some space (or choose an --out on a larger disk) and run "
+                    "the same command again: it resumes from the last complete checkpoint.") from None
+            raise CheckpointError(
+                f"saving {failed} to {self.directory} failed ({_reason(err)}); {kept}. Fix the "
+                "folder and run the same command again: it resumes from the last complete checkpoint.") from err
 
     def restore(self, step: int, template) -> tuple[Any, dict[str, Any]]:
         """(state, record) of checkpoint `step`, read-only: a checkpoint that fails to read or to
@@ -133,6 +235,7 @@ class Checkpointer:
             if not _fingerprints_match(record.get("fingerprint", {}), fingerprint(flat)):
                 raise CheckpointError("its arrays do not match the fingerprint saved with them")
         except Exception as err:  # orbax / tensorstore raise many types for truncated or garbled files
+            quiet_abandoned_reads()
             raise CheckpointError(
                 f"checkpoint step {step} in {self.directory} is truncated or corrupt ({_reason(err)})."
             ) from err
@@ -167,8 +270,16 @@ class Checkpointer:
 
     def wait(self) -> None:
         """Blocks until background saves are on disk: call before exit, or a save may be lost."""
-        self._manager.wait_until_finished()
+        with self._saving(None):
+            self._manager.wait_until_finished()
 
     def close(self) -> None:
-        self._manager.wait_until_finished()
+        """Waits for background saves, then lets go of the folder. After a save failure that was
+        already raised, the rest of the same failure is not raised again."""
+        if self._failed:
+            with contextlib.suppress(Exception):
+                self._manager.close()
+            return
+        with self._saving(None):
+            self._manager.wait_until_finished()
         self._manager.close()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import errno
 import functools
 import json
 import math
@@ -12,6 +13,7 @@ import os
 import sys
 import types
 import typing
+import warnings
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
@@ -24,11 +26,18 @@ from condensa.errors import CondensaError, ConfigError, did_you_mean
 T = TypeVar("T")
 
 
+def _one_line_warning(message, category, filename, lineno, line=None) -> str:
+    """A warning as a command-line user reads it: `warning: ...`, without the source line of the
+    library call that raised it."""
+    return f"warning: {message}\n"
+
+
 def run_main(main: Callable[[Sequence[str] | None], Any]) -> Callable[[Sequence[str] | None], int]:
     """Wraps a CLI entry point: a `CondensaError` becomes one line on stderr and exit status 2."""
 
     @functools.wraps(main)
     def wrapper(argv: Sequence[str] | None = None) -> int:
+        formatwarning, warnings.formatwarning = warnings.formatwarning, _one_line_warning
         try:
             main(argv)
         except CondensaError as err:
@@ -37,6 +46,14 @@ def run_main(main: Callable[[Sequence[str] | None], Any]) -> Callable[[Sequence[
         except KeyboardInterrupt:
             print("interrupted", file=sys.stderr)
             return 130
+        except OSError as err:
+            if err.errno not in (errno.ENOSPC, errno.EDQUOT):
+                raise
+            print(f"error: no space left on the device of {err.filename or 'the output folder'} ({err.strerror}). "
+                  "Free some space and run the same command again.", file=sys.stderr)
+            return 2
+        finally:
+            warnings.formatwarning = formatwarning
         return 0
 
     return wrapper

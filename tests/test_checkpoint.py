@@ -78,3 +78,86 @@ def test_corrupt_latest_falls_back_with_a_warning_and_deletes_nothing(saved, dam
     ckpt.save(4, _state(4.5), {"data": {}})
     ckpt.close()
     assert Checkpointer(saved / "checkpoints").steps() == [2, 3, 4]
+
+
+def test_a_full_disk_while_saving_is_one_error_naming_the_checkpoint_that_is_kept(saved, monkeypatch):
+    """What orbax raises when the disk fills (tensorstore's ENOSPC as a ValueError) becomes one
+    CheckpointError; the partial save is removed, the complete checkpoints stay, and the reports
+    orbax logs from its save threads are dropped (the error says it once)."""
+    import logging
+
+    from condensa.checkpoint import PARTIAL
+    from condensa.errors import CheckpointError
+
+    full = ValueError("RESOURCE_EXHAUSTED: Error writing local file \"x/_sharding\": Failed to write 3922 bytes to "
+                      "file 4: No space left on device [os_error_code='28']")
+    ckpt = Checkpointer(saved / "checkpoints", keep=3, async_save=True)
+    partial = saved / "checkpoints" / f"5.{PARTIAL}"
+    (partial / "state").mkdir(parents=True)
+
+    def fail(*args, **kwargs):
+        raise full
+
+    monkeypatch.setattr(ckpt._manager, "save", fail)
+    with pytest.raises(CheckpointError) as caught:
+        ckpt.save(5, _state(5), {"data": {}})
+    message = str(caught.value)
+    assert message.startswith(f"no space left on the device of {saved / 'checkpoints'} while saving checkpoint step 5")
+    assert "the last complete checkpoint, step 4, is kept" in message and "run the same command again" in message
+    assert not partial.exists()
+    ckpt.close()  # quiet after the reported failure
+    assert Checkpointer(saved / "checkpoints").steps() == [2, 3, 4]
+
+    record = logging.LogRecord("absl", logging.ERROR, __file__, 1, "Save Finalize thread failed.", None,
+                               (ValueError, full, None))
+    other = logging.LogRecord("absl", logging.ERROR, __file__, 1, "something else broke", None, None)
+    assert [bool(logging.getLogger("absl").filter(r)) for r in (record, other)] == [False, True]
+
+
+def test_other_save_failures_keep_their_reason(saved, monkeypatch):
+    from condensa.errors import CheckpointError
+
+    ckpt = Checkpointer(saved / "checkpoints", keep=3)
+    monkeypatch.setattr(ckpt._manager, "save", lambda *a, **k: (_ for _ in ()).throw(PermissionError(13, "denied")))
+    with pytest.raises(CheckpointError, match=r"saving checkpoint step 5 to .* failed \(\[Errno 13\] denied\); the last "
+                                              r"complete checkpoint, step 4, is kept"):
+        ckpt.save(5, _state(5), {"data": {}})
+    ckpt.close()
+
+
+def test_the_reads_a_failed_restore_abandons_are_not_reported_but_other_errors_are(monkeypatch):
+    """The two ways tensorstore's abandoned reads surface (an `Event loop is closed` through
+    sys.unraisablehook, an unretrieved task error of orbax's through the asyncio logger) are
+    dropped; the same kinds of report from anywhere else still go through."""
+    import logging
+    import sys
+    import types
+
+    from condensa.checkpoint import quiet_abandoned_reads
+
+    seen = []
+    monkeypatch.setattr(sys, "unraisablehook", seen.append)
+    monkeypatch.setattr(logging.getLogger("asyncio"), "filters", [])
+    quiet_abandoned_reads()
+    closed = types.SimpleNamespace(exc_value=RuntimeError("Event loop is closed"))
+    other = types.SimpleNamespace(exc_value=RuntimeError("something else"))
+    sys.unraisablehook(closed)
+    sys.unraisablehook(other)
+    assert seen == [other]
+
+    def raised_in(filename: str) -> BaseException:
+        namespace = {}
+        exec(compile("def read():\n    raise ValueError('OUT_OF_RANGE')\n", filename, "exec"), namespace)
+        try:
+            namespace["read"]()
+        except ValueError as err:
+            return err
+
+    def record(err):
+        return logging.LogRecord("asyncio", logging.ERROR, __file__, 1, "Task exception was never retrieved", None,
+                                 (type(err), err, err.__traceback__))
+
+    log = logging.getLogger("asyncio")
+    orbax_read = raised_in("/site-packages/orbax/checkpoint/_src/serialization/serialization.py")
+    assert not log.filter(record(orbax_read))
+    assert log.filter(record(raised_in("/home/user/my_code.py")))

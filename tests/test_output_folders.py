@@ -18,10 +18,11 @@ def _commands():
         "calibrate": (run_main(calibrate.main), ["--model", "/nonexistent-model", "--data", "/nonexistent.txt"]),
         "ppl": (run_main(evaluate.main), ["ppl", "--model", "/nonexistent-model", "--data", "/nonexistent.txt"]),
         "export": (run_main(export.main), ["--model", "/nonexistent-model"]),
+        "generate": (run_main(evaluate.main), ["generate", "--model", "/nonexistent-model", "--attention.mode", "topk"]),
     }
 
 
-@pytest.mark.parametrize("command", ["calibrate", "ppl", "export"])
+@pytest.mark.parametrize("command", ["calibrate", "ppl", "export", "generate"])
 def test_an_unwritable_output_folder_is_named_before_any_work(command, tmp_path, capsys):
     """The model path does not exist either: the folder is checked first, so the user learns of it
     before a long load or run, not after."""
@@ -33,7 +34,8 @@ def test_an_unwritable_output_folder_is_named_before_any_work(command, tmp_path,
     assert "Traceback" not in err
 
 
-@pytest.mark.parametrize("command,config_file", [("calibrate", "config.yaml"), ("ppl", "config.json")])
+@pytest.mark.parametrize("command,config_file", [("calibrate", "config.yaml"), ("ppl", "config.json"),
+                                                 ("generate", "config.json")])
 def test_a_failed_run_leaves_the_folders_config_alone(command, config_file, tmp_path, capsys):
     out = tmp_path / "out"
     out.mkdir()
@@ -45,8 +47,31 @@ def test_a_failed_run_leaves_the_folders_config_alone(command, config_file, tmp_
     assert (out / config_file).read_text() == earlier
 
 
-def test_ppl_without_thresholds_names_the_cli_flag_not_the_python_api(tmp_path, capsys):
-    cli, args = _commands()["ppl"]
+@pytest.mark.parametrize("command", ["ppl", "generate"])
+def test_a_rule_without_thresholds_names_the_cli_flag_not_the_python_api(command, tmp_path, capsys):
+    """Checked before the model loads (the model path does not exist here)."""
+    cli, args = _commands()[command]
     assert cli(args + ["--attention.mode", "toptheta", "--out", str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err
-    assert "--thresholds FILE" in err and "Thresholds.load" not in err
+    assert "--thresholds FILE" in err and "Thresholds.load" not in err and "does not exist" not in err
+
+
+def test_a_full_disk_anywhere_in_a_command_is_one_line_and_other_os_errors_stay_bugs(capsys):
+    """The backstop for writes outside the checkpointer (metrics.jsonl, an export, a report)."""
+    import errno
+
+    from condensa.cli import run_main
+
+    def fills_the_disk(argv):
+        raise OSError(errno.ENOSPC, "No space left on device", "/data/run/metrics.jsonl")
+
+    assert run_main(fills_the_disk)([]) == 2
+    err = capsys.readouterr().err
+    assert err == ("error: no space left on the device of /data/run/metrics.jsonl (No space left on device). "
+                   "Free some space and run the same command again.\n")
+
+    def a_bug(argv):
+        raise OSError(errno.EBADF, "Bad file descriptor")
+
+    with pytest.raises(OSError):
+        run_main(a_bug)([])

@@ -164,3 +164,85 @@ def test_metrics_lines_are_json_even_for_nan(tmp_path):
     line = (tmp_path / "m.jsonl").read_text()
     assert json.loads(line, parse_constant=lambda c: pytest.fail(f"{c} is not JSON")) == {
         "step": 1, "loss": None, "ppl": [None, 2.0]}
+
+
+def test_a_truncated_checkpoint_gives_one_warning_line_and_the_resume_is_said_and_logged(tmp_path, capsys):
+    """Resumed in a fresh process with stderr a pipe, as a script or a job scheduler runs it: the
+    truncated checkpoint is one `warning:` line (orbax's abandoned reads used to add about 600
+    lines of `Event loop is closed` tracebacks), and the resume is on stderr and in metrics.jsonl."""
+    import os
+    import subprocess
+    import sys
+
+    from tests.train_helpers import read_jsonl
+
+    out = tmp_path / "run"
+    args = tiny_args(out, 4, "--checkpoint.every", "2", "--train.export", "false")
+    assert _main(args, capsys)[0] == 0
+    for f in (out / "checkpoints" / "4").rglob("*"):
+        if f.is_file() and "/d/" in str(f):  # the array data: half of each file
+            f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+    proc = subprocess.run([sys.executable, "-m", "condensa.train", *args], capture_output=True, text=True,
+                          env={**os.environ, "JAX_PLATFORMS": "cpu"}, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr and "Event loop is closed" not in proc.stderr
+    warned = [line for line in proc.stderr.splitlines() if line.startswith("warning: ")]
+    assert len(warned) == 1 and "checkpoint step 4" in warned[0] and "truncated or corrupt" in warned[0]
+    assert "resumed from step 2 of" in proc.stderr
+    resumes = [r for r in read_jsonl(out / "metrics.jsonl") if r["kind"] == "resume"]
+    assert [r["step"] for r in resumes] == [2]
+
+
+@pytest.fixture()
+def small_disk(tmp_path):
+    """A mount point whose size the test sets (tmpfs); skipped where mounting is not allowed."""
+    import shutil
+    import subprocess
+
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    if shutil.which("mount") is None or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m", "tmpfs", str(mount)],
+                                                        capture_output=True).returncode:
+        pytest.skip("cannot mount a small tmpfs here (needs root), so a full disk cannot be made")
+
+    def resize(size_bytes: int) -> None:
+        subprocess.run(["mount", "-o", f"remount,size={size_bytes}", str(mount)], check=True)
+
+    yield mount, resize
+    subprocess.run(["umount", str(mount)], check=False)
+
+
+def test_a_full_disk_while_saving_is_one_line_and_the_run_resumes_once_space_is_freed(tmp_path, small_disk):
+    """A real full disk (a tmpfs with room for one checkpoint): one `error:` line, exit status 2,
+    the complete checkpoint kept; with room again, the same command resumes and ends where an
+    uninterrupted run ends. The run is a subprocess, as the user runs it (orbax's threads log there)."""
+    import os
+    import subprocess
+    import sys
+
+    from tests.train_helpers import read_jsonl
+
+    mount, resize = small_disk
+    extra = ("--checkpoint.every", "2", "--checkpoint.keep", "1", "--train.export", "false",
+             "--data.cache_dir", str(tmp_path / "token-cache"))
+
+    def run(out):
+        return subprocess.run([sys.executable, "-m", "condensa.train", *tiny_args(out, 6, *extra)], capture_output=True,
+                              text=True, env={**os.environ, "JAX_PLATFORMS": "cpu"}, timeout=600)
+
+    straight = run(tmp_path / "straight")
+    assert straight.returncode == 0, straight.stderr[-2000:]
+    one = sum(f.stat().st_size for f in (tmp_path / "straight" / "checkpoints" / "6").rglob("*") if f.is_file())
+    resize(int(one * 1.5) + 64 * 1024)  # the first checkpoint fits, the second does not
+    full = run(mount / "run")
+    assert full.returncode == 2, full.stderr[-3000:]
+    lines = [line for line in full.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: no space left on the device of"), full.stderr[-3000:]
+    assert "the last complete checkpoint, step 2, is kept" in lines[0]
+    assert sorted(p.name for p in (mount / "run" / "checkpoints").iterdir()) == ["2"]
+
+    resize(64 * 1024 * 1024)
+    resumed = run(mount / "run")
+    assert resumed.returncode == 0 and "resumed from step 2" in resumed.stderr, resumed.stderr[-2000:]
+    losses = lambda out: [r["loss"] for r in read_jsonl(out / "metrics.jsonl") if r["kind"] == "train"]  # noqa: E731
+    assert losses(mount / "run") == losses(tmp_path / "straight")

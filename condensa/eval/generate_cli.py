@@ -18,7 +18,7 @@ import numpy as np
 from flax import nnx
 
 from condensa.attention import AttentionConfig
-from condensa.cli import config_parser, parse_config_args, config_to_dict, progress, write_json
+from condensa.cli import check_writable, config_parser, parse_config_args, config_to_dict, progress, write_json
 from condensa.errors import ConfigError, ModelInputError
 
 
@@ -116,9 +116,10 @@ def run(cfg: GenerateConfig) -> dict:
     if cfg.attention.mode == "dense" and not cfg.attention.tile_gate:
         raise ConfigError("generate compares a sparse rule with dense decoding; set --attention.mode topk or toptheta "
                           "(Top-θ also needs --thresholds FILE), or turn on --attention.tile_gate.")
-    out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
-    write_json(out / "config.json", config_to_dict(cfg))
+    if cfg.attention.needs_thresholds and not cfg.thresholds:
+        raise ConfigError(f"attention mode {cfg.attention.mode!r} (or the tile gate) needs --thresholds FILE "
+                          "from python -m condensa.calibrate.")
+    out = check_writable(cfg.out)
     model, _ = load_pretrained(cfg.model)
     text = ModelText.for_model(cfg.model, cfg.tokenizer)
     prompts = prompt_ids(cfg, text.encode)
@@ -129,9 +130,6 @@ def run(cfg: GenerateConfig) -> dict:
                           "tokens): every row would stay dense. Use a smaller k or a longer prompt.")
     thresholds = None
     if cfg.attention.needs_thresholds:
-        if not cfg.thresholds:
-            raise ConfigError(f"attention mode {cfg.attention.mode!r} (or the tile gate) needs --thresholds FILE "
-                              "from python -m condensa.calibrate.")
         from condensa.sparsity import Thresholds
 
         thresholds = Thresholds.load(cfg.thresholds).validate(model.config, cfg.attention, source=cfg.thresholds)
@@ -147,6 +145,7 @@ def run(cfg: GenerateConfig) -> dict:
                          for p, d, s in zip(prompts, dense["tokens"], sparse["tokens"])]
     result["attention"] = dataclasses.asdict(cfg.attention)
     write_json(out / "results.json", result)
+    write_json(out / "config.json", config_to_dict(cfg))  # with the results: a failed run leaves a folder's config alone
     from condensa.eval.plots import plot_decode_v_rows
 
     plot_decode_v_rows(result, out / "v_rows.png")

@@ -132,6 +132,8 @@ def _train(cfg: TrainConfig, out: Path, restart: bool) -> dict[str, float]:
         loader.restore(record["data"])
         print(f"resumed from step {start} of {checkpoints.directory}", file=sys.stderr, flush=True)
     log.truncate_after(start)  # a restart from step 0 drops the old lines too
+    if restored is not None:  # in the log as well: stderr may be gone by the time someone asks
+        log.write({"kind": "resume", "step": start, "checkpoints": str(checkpoints.directory)})
     write_config(out, cfg)
     flat = FlatState.of(state)
     del state  # the loop carries `flat`; `flat.state` rebuilds the nnx.State when one is needed
