@@ -169,7 +169,7 @@ def test_decode_gate_rows_needs_the_whole_sequence(model, thresholds):
 def test_long_sequences_run_the_reference_in_row_chunks(model, thresholds, attention, monkeypatch):
     """Past ROW_CHUNK_SCORES the reference op works through the query rows in chunks (so a 16k
     context fits in memory); the logits are those of the one-pass op, which still returns probs."""
-    import condensa.attention as attention_module
+    import condensa.attention.reference as attention_module
 
     ids = np.random.default_rng(7).integers(0, 98, size=(2, T))
     whole, _, _ = forward(model, ids, attention=attention, thresholds=thresholds)  # with probs: one pass

@@ -17,14 +17,7 @@ MODES = ("dense", "topk", "toptheta")
 PLACEMENTS = ("pre", "post")
 SDC_MODES = ("none", "exact", "exp-threshold", "calibrated")
 TILE_SELECTORS = ("gate", *SELECTORS)  # the calibrated gate, or a budgeted selector
-BACKENDS = ("reference",)  # kernel backends are added by `condensa.attention.register_backend`
-
-
-def add_backend_name(name: str) -> None:
-    """Makes `name` a valid `AttentionConfig.backend` (read at validation time, so late additions count)."""
-    global BACKENDS
-    if name not in BACKENDS:
-        BACKENDS = (*BACKENDS, name)
+BACKENDS = ("reference", "pallas")  # `condensa.attention.attend` dispatches on these
 
 
 def parse_layer_k(value: Any) -> tuple[tuple[int, int], ...]:
@@ -128,7 +121,7 @@ class AttentionConfig:
         _choice("mode", self.mode, MODES)
         _choice("placement", self.placement, PLACEMENTS)
         _choice("sdc", self.sdc, SDC_MODES)
-        _choice("backend", self.backend, globals()["BACKENDS"])
+        _choice("backend", self.backend, BACKENDS)
         _choice("tile_selector", self.tile_selector, TILE_SELECTORS)
         object.__setattr__(self, "layer_k", parse_layer_k(self.layer_k))
         object.__setattr__(self, "dense_layers", tuple(sorted({int(x) for x in self.dense_layers})))

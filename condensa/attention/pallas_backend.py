@@ -17,6 +17,8 @@ import dataclasses
 
 import jax.numpy as jnp
 
+from condensa.attention.reference import layer_thresholds, reference_attend
+
 
 def _element_rule_supported(config, layer_idx: int) -> bool:
     """Dense, or pre-softmax Top-θ with SDC none / calibrated: the rules the kernels implement."""
@@ -101,15 +103,13 @@ def gate_table(table, n_tiles: int):
 def attend_with_pallas(q, k, v, *, visible, scale, layer_idx, config, thresholds, probs_dropout,
                        need_probs=True, causal=False, decode_state=None):
     """`attend` for backend="pallas": a kernel where one applies, the reference op elsewhere."""
-    from condensa.attention import _layer_thresholds, attend
-
     needs = _is_sparse(config, layer_idx) and config.needs_thresholds
-    layer = _layer_thresholds(config, thresholds, layer_idx) if needs else None
+    layer = layer_thresholds(config, thresholds, layer_idx) if needs else None
     if decode_kernel_applies(config, layer_idx, q, decode_state, need_probs=need_probs, dropout=probs_dropout):
         return _decode(q, k, v, scale=scale, layer_idx=layer_idx, config=config, layer=layer, state=decode_state), None
     if kernel_applies(config, layer_idx, causal=causal, need_probs=need_probs, dropout=probs_dropout):
         return _prefill(q, k, v, scale=scale, layer_idx=layer_idx, config=config, layer=layer), None
-    return attend(
+    return reference_attend(
         q, k, v, visible=visible, scale=scale, layer_idx=layer_idx,
         config=dataclasses.replace(config, backend="reference"), thresholds=thresholds,
         probs_dropout=probs_dropout, need_probs=need_probs, causal=causal,

@@ -137,7 +137,7 @@ def time_prefill_rule(attention, thresholds, qkv, scale, settings, cudnn_s: floa
     op on the first sequence of each layer (the output is NaN-poisoned before the checked call).
     A layer the rule leaves dense runs `dense_attention(q, k, v)` (cuDNN), as the model runs it,
     and counts every causal tile of the rule's tiling as computed."""
-    from condensa.attention import _layer_thresholds
+    from condensa.attention import layer_thresholds
     from condensa.attention.pallas_backend import prefill_kernel_args
     from condensa.attention.tiles import tile_count, visible_tiles
     from condensa.eval.bench.timing import first_output, jit_with_options, measure
@@ -154,7 +154,7 @@ def time_prefill_rule(attention, thresholds, qkv, scale, settings, cudnn_s: floa
             acc["causal"] += causal
             acc["listed"] += causal
             continue
-        layer_table = _layer_thresholds(attention, thresholds, layer) if thresholds is not None else None  # dense
+        layer_table = layer_thresholds(attention, thresholds, layer) if thresholds is not None else None  # dense
         kwargs = prefill_kernel_args(attention, layer_table, layer, t)
         out, stats = toptheta_prefill(q, k, v, scale=scale, poison_output=True, **kwargs)
         ref = reference_attention(q[:1], k[:1], v[:1], scale=scale, layer=layer, attention=attention,
@@ -215,7 +215,7 @@ def time_decode_rule(attention, thresholds, per_layer, lengths, scale, skip_v, s
     """One decode rule on every layer's cache: its error against the reference op, its time per
     decode step (all layers, `step_seconds`), and the fractions of K blocks, V blocks and V rows it
     loaded."""
-    from condensa.attention import _layer_thresholds
+    from condensa.attention import layer_thresholds
     from condensa.attention.pallas_backend import decode_kernel_args
     from condensa.kernels.toptheta_decode import default_block_k, toptheta_decode
 
@@ -223,7 +223,7 @@ def time_decode_rule(attention, thresholds, per_layer, lengths, scale, skip_v, s
            "max_rel_error": 0.0}
     layer_args = []
     for layer, c in enumerate(per_layer):
-        kwargs = decode_kernel_args(attention, _layer_thresholds(attention, thresholds, layer), layer, c["k"].shape[1])
+        kwargs = decode_kernel_args(attention, layer_thresholds(attention, thresholds, layer), layer, c["k"].shape[1])
         # toptheta_decode's default, named so that the V rows can be counted
         kwargs.setdefault("block_k", default_block_k(kwargs["tile_theta_decode"] is not None, kwargs["theta"] is None))
         layer_args.append(dict(kwargs, skip_v=skip_v, scale=scale))
