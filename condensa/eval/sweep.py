@@ -209,7 +209,7 @@ def probs_and_gate_tiles(graphdef, state, ids, thresholds, *, attention):
     """Each layer's probabilities and, with a gate, its kept tiles, in one compiled program.
     (`calibrate.forward_probs_and_gates` also counts decode-gate tiles, which the sweep measures by
     decoding, and which would add a third model pass to every compile.)"""
-    from condensa.sparsity.calibrate import gate_tiles_per_layer
+    from condensa.sparsity.gated_forward import gate_tiles_per_layer
 
     model = nnx.merge(graphdef, state)
     probs = model(ids, attention=attention, thresholds=thresholds, return_attention=True).attentions

@@ -38,11 +38,13 @@ from condensa.attention import AttentionConfig
 from condensa.attention.dense import attention_scores
 from condensa.attention.gqa import repeat_kv
 from condensa.attention.rows import join_rows, keep_largest_if_empty, lookup_by_length, masked_max, split_rows
-from condensa.attention.tile_gate import decode_gate_layout, decode_gate_scores, decode_rows_kept_tiles
+from condensa.attention.tile_gate import decode_gate_layout, decode_gate_scores
 from condensa.attention.tiles import (
     expand_tiles, optional_tiles, pooled_gate_scores, tile_budgets, tile_count, top_m_tiles,
 )
 from condensa.errors import ConfigError, DataError
+from condensa.sparsity.gated_forward import forward_probs_and_gates
+from condensa.sparsity.metrics import causal_visible, kept_per_row, nanmean
 from condensa.sparsity.thresholds import Thresholds, fill_uncalibrated, model_fingerprint
 
 STATISTICS_CHUNK_SCORES = 2**27  # float32 scores [B, H, rows, T] in one row chunk of the element statistics
@@ -59,16 +61,6 @@ class GateSpec:
 
 
 # ---- walking the model layer by layer ------------------------------------------------------------
-
-
-def walk_layers(model, ids: jax.Array, attention: AttentionConfig, thresholds, per_layer: Callable) -> list:
-    """Runs `model` on ids [B, T] (no padding) and calls `per_layer(layer, q, k, v, scale)` on each
-    layer's projections before the layer runs with `attention`. Returns the callbacks' results.
-
-    The whole walk in one trace (`CausalLM.walk_layers`): for the metrics that run it under one jit
-    at modest lengths. Calibration itself goes layer by layer (`LayerWalk`).
-    """
-    return model.walk_layers(ids, attention, thresholds, per_layer)
 
 
 class LayerWalk:
@@ -475,25 +467,6 @@ def _by_key_tile(rows: np.ndarray, block_k: int) -> np.ndarray:
     return rows.reshape(*rows.shape[:-1], nk, block_k)
 
 
-def gate_tiles_per_layer(model, ids, attention: AttentionConfig, thresholds) -> list:
-    """The key tiles the prefill gate keeps in each layer, bool [B, H, nq, nk] (None for dense
-    layers), with the model running `attention` so the inputs are those of the gated model."""
-    from condensa.attention.tile_gate import prefill_kept_tiles
-
-    ids = jnp.asarray(ids)
-
-    def per_layer(layer, q, k, v, scale):
-        if attention.is_dense_layer(layer):
-            return None
-        return prefill_kept_tiles(
-            q, k, scale=scale, key_valid=jnp.ones(ids.shape, bool), tile_theta=thresholds.for_layer(layer).tile_theta,
-            block_q=attention.block_q, block_k=attention.block_k, tile_budget=attention.tile_budget,
-            sink_tiles=attention.sink_tiles,
-        )
-
-    return walk_layers(model, ids, attention, thresholds, per_layer)
-
-
 # ---- the calibration run (what the CLI does) ----------------------------------------------------------
 
 
@@ -568,8 +541,6 @@ def load_blocks(config: CalibrationConfig, tokenizer, seq_len: int) -> tuple[np.
 def achieved_sparsity(model, blocks: np.ndarray, thresholds: Thresholds, attention: AttentionConfig) -> list[dict]:
     """Per layer: the mean kept elements per row (rows with n > k_l) against k_l, and with a gate the
     mean kept optional tiles per query tile (where it has more than m_b) against m_b."""
-    from condensa.sparsity.metrics import causal_visible, kept_per_row, nanmean
-
     ids = jnp.asarray(blocks, jnp.int32)
     t = ids.shape[1]
     graphdef, state = nnx.split(model)
@@ -590,32 +561,6 @@ def achieved_sparsity(model, blocks: np.ndarray, thresholds: Thresholds, attenti
                 entry["decode_tiles_ratio"] = float(kept_dec / budgets[decode_rows].sum())
         report.append(entry)
     return report
-
-
-@functools.partial(jax.jit, static_argnames=("graphdef", "attention"))
-def forward_probs_and_gates(graphdef, state, ids, thresholds, *, attention):
-    """One compiled forward: each layer's probabilities and, with a gate, its kept tiles."""
-    model = nnx.merge(graphdef, state)
-    probs = model(ids, attention=attention, thresholds=thresholds, return_attention=True).attentions
-    gates = None
-    if attention.tile_gate:
-        gates = (gate_tiles_per_layer(model, ids, attention, thresholds),
-                 decode_gate_kept_counts(model, ids, attention, thresholds))
-    return probs, gates
-
-
-def decode_gate_kept_counts(model, ids, attention: AttentionConfig, thresholds) -> list:
-    """Per layer, int32 [B, H, T]: how many optional key tiles the decode gate would keep for each
-    position if it were decoded as a single query (rows with nothing to gate keep all)."""
-    optional, _ = decode_gate_layout(ids.shape[1], attention.block_k, attention.tile_budget, attention.sink_tiles)
-
-    def per_layer(layer, q, k, v, scale):
-        kept = decode_rows_kept_tiles(
-            q, k, scale=scale, tile_theta_decode=thresholds.for_layer(layer).tile_theta_decode,
-            block_k=attention.block_k, tile_budget=attention.tile_budget, sink_tiles=attention.sink_tiles)
-        return (kept & optional).sum(axis=-1)
-
-    return walk_layers(model, ids, attention, thresholds, per_layer)
 
 
 def gate_tile_counts(kept_tiles: np.ndarray, attention: AttentionConfig) -> dict[str, float]:

@@ -13,9 +13,12 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 
+from condensa.attention import AttentionConfig
 from condensa.attention.gqa import kv_groups
 from condensa.attention.tiles import tile_count, tile_masses, top_m_tiles, visible_tiles
+from condensa.sparsity.gated_forward import forward_probs_and_gates
 
 
 def nanmean(values) -> float:
@@ -142,11 +145,6 @@ def _layer_arrays(probs, visible, dense_probs, gate_tiles, *, k: int, tiles) -> 
 def sparsity_report(model, input_ids, *, attention, thresholds=None) -> dict[str, Any]:
     """Runs `model` on `input_ids` [B, T] with `attention` (and densely, for the true masses) and
     returns the metrics per layer and their mean over layers."""
-    from flax import nnx
-
-    from condensa.attention import AttentionConfig
-    from condensa.sparsity.calibrate import forward_probs_and_gates
-
     ids = jnp.asarray(input_ids, jnp.int32)
     graphdef, state = nnx.split(model)
     sparse, gates = forward_probs_and_gates(graphdef, state, ids, thresholds, attention=attention)
