@@ -103,7 +103,7 @@ def main():
 
     base_cfg = DecodeBenchConfig()
     dense = {}
-    for name, fn in dense_baselines(base_cfg, scale).items():
+    for name, fn in dense_baselines(base_cfg.baselines, scale).items():
         dense[name] = step_us(lambda c, fn=fn: fn(c["q"], c["k"], c["v"], c["k_t"], c["v_t"], lengths))
         print(json.dumps(dict(method=name, us=dense[name])), flush=True)
     best = min(dense.values())

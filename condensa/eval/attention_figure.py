@@ -48,7 +48,7 @@ def sparse_attention_of(thresholds):
 
 def draw(cfg: FigureConfig) -> Path:
     from condensa.eval.plots import plot_attention_heatmaps
-    from condensa.eval.ppl_cli import read_eval_text, tokenizer_for
+    from condensa.eval.text import read_eval_text, tokenizer_for
     from condensa.model import load_pretrained
     from condensa.sparsity import Thresholds
 

@@ -9,7 +9,8 @@ import jax.numpy as jnp
 
 from condensa.attention import AttentionConfig
 from condensa.cli import check_writable, config_parser, config_to_dict, parse_config_args, progress, write_json
-from condensa.errors import ConfigError, DataError
+from condensa.errors import ConfigError
+from condensa.eval.text import read_eval_text, tokenizer_for
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
@@ -28,27 +29,6 @@ class PerplexityConfig:
     thresholds: str | None = None  # a thresholds file from `python -m condensa.calibrate`
     attention: AttentionConfig = dataclasses.field(default_factory=AttentionConfig)
     out: str = "runs/eval-ppl"
-
-
-def read_eval_text(sources: list[str], split: str) -> str:
-    """The evaluation text as one string; documents joined by blank lines, as HF's recipe does."""
-    from condensa.data import is_local_source, read_documents, read_hf_dataset
-
-    if not sources:
-        raise ConfigError("no evaluation text given; pass --data FILE (or a folder, or an HF dataset name[:config]).")
-    parts = []
-    for source in sources:
-        parts.extend(read_documents(source) if is_local_source(source) else read_hf_dataset(source, split=split))
-    text = "\n\n".join(parts)
-    if not text.strip():
-        raise DataError(f"{', '.join(sources)} holds no text to evaluate.")
-    return text
-
-
-def tokenizer_for(model: str, explicit: str | None):
-    from condensa.data import model_tokenizer
-
-    return model_tokenizer(model, explicit)
 
 
 def run(cfg: PerplexityConfig) -> dict:

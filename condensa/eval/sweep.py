@@ -207,7 +207,7 @@ def sparsity_metrics(model, blocks, attention: AttentionConfig, thresholds, *, t
 @functools.partial(jax.jit, static_argnames=("graphdef", "attention"))
 def probs_and_gate_tiles(graphdef, state, ids, thresholds, *, attention):
     """Each layer's probabilities and, with a gate, its kept tiles, in one compiled program.
-    (`calibrate.forward_probs_and_gates` also counts decode-gate tiles, which the sweep measures by
+    (`gated_forward.forward_probs_and_gates` also counts decode-gate tiles, which the sweep measures by
     decoding, and which would add a third model pass to every compile.)"""
     from condensa.sparsity.gated_forward import gate_tiles_per_layer
 
@@ -265,7 +265,7 @@ def run_sweep(
     progress: Callable | None = None,
 ) -> dict[str, Any]:
     """Measures every variant; returns the JSON-ready results (see the module docstring)."""
-    from condensa.eval.generate_cli import decode_trace
+    from condensa.eval.decode_trace import decode_trace
     from condensa.eval.perplexity import perplexity
     from condensa.sparsity.calibrate import GateSpec, calibrate
 

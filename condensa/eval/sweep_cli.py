@@ -8,8 +8,6 @@ calibrated thresholds (`thresholds/`, reused by the next run with the same model
 from __future__ import annotations
 
 import dataclasses
-import functools
-import json
 import math
 from pathlib import Path
 from typing import Any
@@ -18,65 +16,7 @@ import numpy as np
 
 from condensa.cli import config_parser, parse_config_args, config_to_dict, progress, write_json
 from condensa.errors import ConfigError
-
-
-@functools.lru_cache(maxsize=4)
-def _tokenizer(model_dir: str, explicit: str | None):
-    """Loading a tokenizer takes seconds; commands run from one process (tests, notebooks) share it."""
-    from condensa.eval.ppl_cli import tokenizer_for
-
-    return tokenizer_for(model_dir, explicit)
-
-
-@dataclasses.dataclass
-class ModelText:
-    """Text <-> the model's token ids. A model trained with `data.vocab_limit` uses its own ids
-    (its `vocab_map.json` maps them to tokenizer ids); tokens it dropped become its shared id."""
-
-    tokenizer: Any
-    tokenizer_id_of: np.ndarray | None = None  # model id -> tokenizer id
-    other_id: int | None = None
-
-    @classmethod
-    def for_model(cls, model_dir: str, tokenizer: str | None) -> "ModelText":
-        vocab_map = Path(model_dir) / "vocab_map.json"
-        if vocab_map.is_file():
-            if not tokenizer:
-                raise ConfigError(f"{model_dir} uses a reduced vocabulary (vocab_map.json) and holds no tokenizer; "
-                                  "pass --tokenizer DIR, the one it was trained with (e.g. ../shared/data/gpt2-tokenizer).")
-            spec = json.loads(vocab_map.read_text())
-            return cls(_tokenizer(str(model_dir), tokenizer), np.asarray(spec["tokenizer_id_of_model_id"], np.int64),
-                       int(spec["other_tokens_id"]))
-        return cls(_tokenizer(str(model_dir), tokenizer))
-
-    def to_model_ids(self, ids) -> np.ndarray:
-        ids = np.asarray(ids, np.int64)
-        if self.tokenizer_id_of is None:
-            return ids.astype(np.int32)
-        lookup = np.full(max(len(self.tokenizer), int(ids.max(initial=0)) + 1), self.other_id, np.int32)
-        lookup[self.tokenizer_id_of] = np.arange(self.tokenizer_id_of.size, dtype=np.int32)
-        return lookup[ids]
-
-    def encode(self, text: str, max_tokens: int | None = None) -> np.ndarray:
-        """Model ids of `text`; with `max_tokens`, only as much text as those need is tokenized
-        (quick runs on a slice of a long file should not pay for all of it)."""
-        if max_tokens:
-            chars = 8 * max_tokens
-            while chars < len(text):
-                ids = self.tokenizer(text[:chars], verbose=False)["input_ids"]
-                if len(ids) > max_tokens + 1:  # the last token may be cut mid-word: drop it
-                    return self.to_model_ids(ids[:max_tokens])
-                chars *= 2
-        ids = self.tokenizer(text, verbose=False)["input_ids"]
-        return self.to_model_ids(ids[:max_tokens] if max_tokens else ids)
-
-    def decode(self, model_ids) -> str:
-        ids = np.asarray(model_ids, np.int64)
-        if self.tokenizer_id_of is not None:
-            known = ids < self.tokenizer_id_of.size
-            ids = np.where(known, self.tokenizer_id_of[np.minimum(ids, self.tokenizer_id_of.size - 1)], -1)
-            return "".join(self.tokenizer.decode([int(i)]) if i >= 0 else "\N{REPLACEMENT CHARACTER}" for i in ids)
-        return self.tokenizer.decode([int(i) for i in ids])
+from condensa.eval.text import ModelText, read_eval_text
 
 
 @dataclasses.dataclass
@@ -123,7 +63,6 @@ def calibration_blocks(cfg: SweepConfig, text: ModelText, context: int) -> np.nd
 
 
 def run(cfg: SweepConfig) -> dict:
-    from condensa.eval.ppl_cli import read_eval_text
     from condensa.eval.sweep import SweepSettings, check_ks, parse_tile_budgets, run_sweep
     from condensa.model import load_pretrained
 

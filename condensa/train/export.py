@@ -76,7 +76,7 @@ def restore_run(path: str | Path, step: int | None = None) -> RunModel:
     from flax import nnx
 
     from condensa.checkpoint import Checkpointer
-    from condensa.train.loop import load_data, load_run_tokenizer
+    from condensa.train.run_data import load_data, load_run_tokenizer
     from condensa.train.setup import build_model, build_optimizer
 
     run, cfg = find_run(path)

@@ -2,12 +2,9 @@
 
 from __future__ import annotations
 
-import dataclasses
-import functools
 import math
 import sys
 import time
-import warnings
 from pathlib import Path
 
 import jax
@@ -17,58 +14,17 @@ from flax import nnx
 
 from condensa.checkpoint import CORRUPT_DIR, Checkpointer
 from condensa.cli import check_writable, progress
-from condensa.data import (
-    BatchIterator, compact_vocabulary, is_local_source, load_token_stream, load_tokenizer, pack_blocks, split_blocks,
-)
+from condensa.data import BatchIterator
 from condensa.errors import TrainingError
 from condensa.train import parallel
 from condensa.train.config import TrainConfig
 from condensa.train.export import save_hf
 from condensa.train.metrics_log import MetricsLog
 from condensa.train.output_folder import check_compatible, write_config
+from condensa.train.run_data import Data, load_data
 from condensa.train.run_lock import RunLock
 from condensa.train.setup import build_model, build_optimizer, learning_rate
 from condensa.train.step import FlatState, make_eval_step, make_train_step
-
-
-@dataclasses.dataclass
-class Data:
-    tokenizer: object
-    train: np.ndarray  # [N, seq_len + 1]
-    validation: np.ndarray
-    vocab_size: int
-    kept_ids: np.ndarray | None = None  # with data.vocab_limit: the tokenizer id of each model id
-
-
-def _with_fallback(value: str, fallback: str | None, what: str) -> str:
-    if fallback is None or not is_local_source(value) or Path(value).expanduser().exists():
-        return value
-    warnings.warn(f"{what} {value} does not exist; using data.fallback_{what} {fallback!r} instead.", stacklevel=3)
-    return fallback
-
-
-@functools.lru_cache(maxsize=4)
-def _tokenizer(name: str):
-    """Loading a tokenizer takes seconds; runs started from one process (sweeps, tests) share it."""
-    return load_tokenizer(name)
-
-
-def load_run_tokenizer(cfg: TrainConfig):
-    """The run's tokenizer (data.tokenizer, or data.fallback_tokenizer when that path is missing)."""
-    return _tokenizer(_with_fallback(cfg.data.tokenizer, cfg.data.fallback_tokenizer, "tokenizer"))
-
-
-def load_data(cfg: TrainConfig) -> Data:
-    tokenizer = load_run_tokenizer(cfg)
-    stream = load_token_stream(
-        _with_fallback(cfg.data.source, cfg.data.fallback_source, "source"), tokenizer, cache_dir=cfg.data.cache_dir, split=cfg.data.split, text_field=cfg.data.text_field
-    )
-    kept, vocab_size = None, len(tokenizer)
-    if cfg.data.vocab_limit is not None:
-        stream, kept = compact_vocabulary(stream, cfg.data.vocab_limit, tokenizer.eos_token_id)
-        vocab_size = cfg.data.vocab_limit
-    train, validation = split_blocks(pack_blocks(stream, cfg.data.seq_len + 1), cfg.data.validation_fraction)
-    return Data(tokenizer, train, validation, vocab_size, kept)
 
 
 def _eval_batches(data: Data, cfg: TrainConfig) -> list[np.ndarray]:

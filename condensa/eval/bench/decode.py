@@ -43,6 +43,7 @@ import numpy as np
 from condensa.attention.tiles import tile_budget
 from condensa.cli import config_parser, parse_config_args, append_jsonl, config_to_dict, progress, run_main, write_json
 from condensa.errors import ConfigError
+from condensa.eval.bench.decode_baselines import dense_baselines, head_major, tile_state
 from condensa.eval.bench.timing import correctness_summary, jit_with_options
 from condensa.kernels.toptheta_decode import (SKIP_V_MODES, compact, default_num_splits, kept_tiles, tile_budgets,
                                               toptheta_decode)
@@ -122,26 +123,6 @@ def structured_cache(key, b: int, s: int, h: int, d: int, dtype, *, block_k: int
     return q.astype(dtype), k, v
 
 
-@functools.partial(jax.jit, static_argnums=3)
-def tile_state(k, v, lengths, block_k):
-    """What the KV cache keeps beside K and V: k̄ per tile [B, nk, H, D] over the valid keys and
-    v̄ [B, 1, H, D] (the mean of the valid V rows), both float32."""
-    return _tile_means(k, lengths, block_k), _v_mean(v, lengths)
-
-
-def _tile_means(k, lengths, block_k):
-    b, s, h, d = k.shape
-    valid = (jnp.arange(s)[None, :] < lengths[:, None]).astype(jnp.float32)
-    sums = jnp.einsum("bs,bshd->bshd", valid, k.astype(jnp.float32)).reshape(b, s // block_k, block_k, h, d).sum(2)
-    counts = valid.reshape(b, s // block_k, block_k).sum(-1)
-    return sums / jnp.maximum(counts, 1.0)[:, :, None, None]
-
-
-def _v_mean(v, lengths):
-    valid = (jnp.arange(v.shape[1])[None, :] < lengths[:, None]).astype(jnp.float32)
-    return (jnp.einsum("bs,bshd->bhd", valid, v.astype(jnp.float32)) / lengths[:, None, None])[:, None]
-
-
 @jax.jit
 def _scores(q, k, scale):
     return jnp.einsum("bhd,bshd->bhs", q[:, 0], k, preferred_element_type=jnp.float32) * scale
@@ -212,44 +193,6 @@ def relative_error(out, ref) -> float:
 
 
 # ---- dense baselines ------------------------------------------------------------------------
-
-
-def dense_baselines(cfg: DecodeBenchConfig, scale: float) -> dict[str, Callable]:
-    """name -> function (q, k, v, k_t, v_t, lengths) -> output. k_t/v_t: [B·H, S, D] copies for
-    JAX's Pallas decode kernel (laid out once, outside the timing)."""
-    out: dict[str, Callable] = {}
-
-    if "xla" in cfg.baselines:
-        @jax.jit
-        def xla(q, k, v, k_t, v_t, lengths):
-            a = jnp.einsum("bhd,bshd->bhs", q[:, 0], k, preferred_element_type=jnp.float32) * scale
-            a = jnp.where(jnp.arange(k.shape[1])[None, None, :] < lengths[:, None, None], a, -jnp.inf)
-            p = jax.nn.softmax(a, axis=-1).astype(v.dtype)
-            return jnp.einsum("bhs,bshd->bhd", p, v, preferred_element_type=jnp.float32)[:, None].astype(v.dtype)
-        out["xla"] = xla
-    if "cudnn" in cfg.baselines:
-        @jax.jit
-        def cudnn(q, k, v, k_t, v_t, lengths):
-            return jax.nn.dot_product_attention(q, k, v, scale=scale, implementation="cudnn",
-                                                query_seq_lengths=jnp.ones_like(lengths),
-                                                key_value_seq_lengths=lengths)
-        out["cudnn"] = cudnn
-    if "pallas_decode" in cfg.baselines:
-        from jax.experimental.pallas.ops.gpu.decode_attention import mqa
-
-        @jax.jit
-        def pallas_decode(q, k, v, k_t, v_t, lengths):
-            b, _, h, d = q.shape
-            o = mqa(q.reshape(b * h, 1, d), k_t, v_t, kv_seq_len=jnp.repeat(lengths, h), sm_scale=scale)
-            return o.reshape(b, 1, h, d)
-        out["pallas_decode"] = pallas_decode
-    return out
-
-
-def head_major(x):
-    """[B, S, H, D] -> [B·H, S, D], the layout JAX's Pallas decode kernel reads."""
-    b, s, h, d = x.shape
-    return jnp.swapaxes(x, 1, 2).reshape(b * h, s, d)
 
 
 # ---- correctness ----------------------------------------------------------------------------
@@ -349,7 +292,7 @@ def time_shape(cfg: DecodeBenchConfig, b: int, s: int, d: int, dtype, copy_bw: f
         print(json.dumps(rec), flush=True)
         records.append(rec)
 
-    baselines = dense_baselines(cfg, scale)
+    baselines = dense_baselines(cfg.baselines, scale)
     if "pallas_decode" in baselines:
         for st in sets:
             st["k_t"], st["v_t"] = head_major(st["k"]), head_major(st["v"])

@@ -250,12 +250,7 @@ def time_decode_rule(attention, thresholds, per_layer, lengths, scale, skip_v, s
 
 
 def time_model(config: StudyConfig, name: str, evaluation: dict) -> dict:
-    from condensa.eval.bench.decode import (
-        DecodeBenchConfig,
-        dense_baselines,
-        head_major,
-        tile_state,
-    )
+    from condensa.eval.bench.decode_baselines import dense_baselines, head_major, tile_state
     from condensa.eval.bench.timing import measure
     from condensa.eval.study.data import held_out
     from condensa.eval.study.training import ensure_model
@@ -340,7 +335,7 @@ def time_model(config: StudyConfig, name: str, evaluation: dict) -> dict:
 
     # ---- decoding: the last position against the full cache ---------------------------------
     lengths = jnp.full((b,), t, jnp.int32)
-    baselines = dense_baselines(DecodeBenchConfig(baselines=["xla", "cudnn", "pallas_decode"]), scale)
+    baselines = dense_baselines(["xla", "cudnn", "pallas_decode"], scale)
     decode = {"dense_s": {}, "rules": {}}
     per_layer = []
     for q, k, v in qkv:
