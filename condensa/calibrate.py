@@ -18,7 +18,7 @@ from collections.abc import Sequence
 import yaml
 
 from condensa.cli import check_writable, load_config, progress, run_main
-from condensa.sparsity.calibrate import CalibrationConfig, run_calibration
+from condensa.sparsity.calibration import CalibrationConfig, run_calibration
 
 _FLAGS = {  # flag -> (config key, help)
     "--model": ("model", "model: HF directory (config.json + weights), .gguf file, named model (smollm2-135m) or hub id"),

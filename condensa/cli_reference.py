@@ -37,7 +37,7 @@ class Tool:
 TOOLS = (
     Tool("python -m condensa.train", "condensa.train.__main__", "condensa.train.config:TrainConfig",
          "fine-tune or pretrain GPT-2 with the concentration losses"),
-    Tool("python -m condensa.calibrate", "condensa.calibrate", "condensa.sparsity.calibrate:CalibrationConfig",
+    Tool("python -m condensa.calibrate", "condensa.calibrate", "condensa.sparsity.calibration:CalibrationConfig",
          "calibrate Top-θ thresholds and the tile gate"),
     Tool("python -m condensa.export", "condensa.export", "condensa.export:ExportConfig",
          "a training checkpoint to a Hugging Face directory (with thresholds), verified in transformers"),

@@ -124,7 +124,7 @@ def export(cfg: ExportConfig) -> dict:
     """Restores, validates, writes and (optionally) verifies; returns what export.json records."""
     from condensa.model.transformers_check import max_logit_difference, sample_ids
     from condensa.sparsity import Thresholds
-    from condensa.train.export import loaded_model, restore_run, save_hf
+    from condensa.train.run_model import loaded_model, restore_run, save_hf
 
     if cfg.out:  # before restoring, which takes a while; a refused export leaves no folder behind
         check_writable(cfg.out, create=False)

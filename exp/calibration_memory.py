@@ -5,7 +5,7 @@
         --seq_len 8192 --blocks 2 --out $OUT/calibration-memory                                 # one GPU
 
 Calibration runs the model one layer at a time, so its peak should be about one layer's
-statistics (condensa/sparsity/calibrate.py). This measures it: the host's peak resident memory
+statistics (condensa/sparsity/calibration.py). This measures it: the host's peak resident memory
 (VmHWM, which on a GPU machine counts only host buffers) and, where the device reports it, the
 device's peak bytes in use. Both are read after the text is tokenised (first reading) and after
 calibration (second). The defaults are configs/smollm2-calibrate.yaml's: its model, its books,
@@ -31,7 +31,7 @@ from condensa.attention import AttentionConfig
 from condensa.data import model_tokenizer
 from condensa.eval.bench.memory import peaks
 from condensa.model import load_pretrained
-from condensa.sparsity.calibrate import (
+from condensa.sparsity.calibration import (
     CalibrationConfig, GateSpec, LayerWalk, _embed, _layer_dropped_mass, _layer_samples, calibrate, load_blocks,
 )
 

@@ -118,7 +118,7 @@ def train_stage(args, results: dict, save) -> None:
 
 def fine_tuned(base, run: Path):
     """The bf16 base model with the parameters of the run's last checkpoint."""
-    from condensa.train.export import restore_run
+    from condensa.train.run_model import restore_run
 
     restored = restore_run(run).model
     nnx.update(base, nnx.state(restored, nnx.Param))

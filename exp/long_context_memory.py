@@ -20,7 +20,7 @@ from flax import nnx
 
 from condensa.attention import AttentionConfig
 from condensa.model.registry import build_model, preset
-from condensa.sparsity.calibrate import GateSpec, LayerWalk, _embed, _layer_dropped_mass, _layer_samples
+from condensa.sparsity.calibration import GateSpec, LayerWalk, _embed, _layer_dropped_mass, _layer_samples
 from condensa.sparsity.thresholds import Thresholds, model_fingerprint
 
 

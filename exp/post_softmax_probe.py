@@ -15,7 +15,7 @@ from condensa.attention.rows import keep_largest_if_empty, masked_max, safe_divi
 from real_model_tiles import LayerRunner, evaluate, windows_of, paired_delta
 from condensa import AttentionConfig, load_pretrained
 from condensa.data import load_tokenizer
-from condensa.sparsity.calibrate import CalibrationConfig, calibrate, load_blocks
+from condensa.sparsity.calibration import CalibrationConfig, calibrate, load_blocks
 import yaml
 k, seq, nwin = 64, 2048, 4
 model, _ = load_pretrained("smollm2-135m")

@@ -301,7 +301,7 @@ def calibrate_stage(model, tokenizer, args, ks: list[int], out: Path) -> dict:
     import yaml
 
     from condensa.eval.bench.memory import peaks
-    from condensa.sparsity.calibrate import CalibrationConfig, calibrate, load_blocks
+    from condensa.sparsity.calibration import CalibrationConfig, calibrate, load_blocks
 
     books = args.calibration_data or yaml.safe_load(Path(args.calibration_config).read_text())["data"]
     settings = CalibrationConfig(model=args.model, data=tuple(books), samples=args.calibration_blocks,

@@ -96,7 +96,7 @@ sample = jnp.asarray(eval_ids[:T])[None]  # one block of evaluation text
 print(f"{{len(eval_ids)}} evaluation tokens, {{len(blocks)}} calibration blocks of {{T}}; fine-tuning text: {{TRAIN_SOURCE}}")'''
 
 CALIBRATE = '''\
-from condensa.sparsity.calibrate import GateSpec, calibrate
+from condensa.sparsity.calibration import GateSpec, calibrate
 
 start = time.perf_counter()
 thresholds = calibrate(model, blocks, k=K, gate=GateSpec(block_q=TILE, block_k=TILE, tile_budget=BUDGET))

@@ -14,7 +14,7 @@ import yaml
 
 from condensa.attention import AttentionConfig
 from condensa.sparsity import load_thresholds
-from condensa.sparsity.calibrate import (
+from condensa.sparsity.calibration import (
     GateSpec, RunningStats, achieved_sparsity, calibrate, layer_dropped_mass, layer_row_statistics,
 )
 from tests.conftest import CORPUS_DIR, TOKENIZER_DIR, WIKITEXT_TEST, make_hf_model, require_shared
@@ -29,7 +29,7 @@ SIGMA_ADD = 0.3  # see test_thresholds_reproduce_k_on_held_out_text
 @pytest.mark.parametrize("rows", [16, 4, 5])
 def test_row_statistics_match_numpy(rows, monkeypatch):
     """`rows`: the element statistics taken that many rows at a time, as at long T (5: a padded last chunk)."""
-    import condensa.sparsity.calibrate as calibrate_module
+    import condensa.sparsity.calibration as calibrate_module
 
     monkeypatch.setattr(calibrate_module, "_chunk_rows", lambda b, h, t: rows)
     t, h, d, k_l, scale = 16, 2, 4, 3, 0.7
@@ -75,7 +75,7 @@ def test_dropped_mass_matches_numpy(placement, rows, monkeypatch):
     """The second pass, gated: Σ exp(a − m) over the visible elements that θ (looked up by row
     length) drops, the elements of the tiles the exact gate drops included, m the max over the
     gate's tiles; rows n <= k_l keep their tiles whole; a row with nothing above θ keeps its max."""
-    import condensa.sparsity.calibrate as calibrate_module
+    import condensa.sparsity.calibration as calibrate_module
 
     monkeypatch.setattr(calibrate_module, "_chunk_rows", lambda b, h, t: rows)
     t, h, d, k_l, scale = 16, 2, 4, 3, 0.7
@@ -113,7 +113,7 @@ def test_dropped_mass_matches_numpy(placement, rows, monkeypatch):
 def test_length_pooling_merges_the_samples_of_nearby_lengths():
     """`pooled_over_lengths` against the mean and std of the raw samples of lengths n (1 ± s), with
     rows that have no sample (NaN) and batches merged one at a time."""
-    from condensa.sparsity.calibrate import RunningStats
+    from condensa.sparsity.calibration import RunningStats
 
     rng = np.random.default_rng(3)
     samples = rng.normal(np.arange(40) / 8.0, 1.0, size=(6, 2, 40))  # [blocks, heads, lengths]
@@ -138,7 +138,7 @@ def test_length_pooling_merges_the_samples_of_nearby_lengths():
 
 def test_length_pooling_out_of_range_is_a_config_error():
     from condensa.errors import ConfigError
-    from condensa.sparsity.calibrate import CalibrationConfig
+    from condensa.sparsity.calibration import CalibrationConfig
 
     with pytest.raises(ConfigError, match="length_pooling must be in"):
         CalibrationConfig(model="m", data=("d",), out="o", length_pooling=1.5)
@@ -229,7 +229,7 @@ def test_layer_by_layer_matches_whole_model_walk():
     """With a gate and top-k walking a GQA model: every table of `calibrate` equals the same
     statistics taken along one whole-model walk (`walk_layers` under one jit), as calibration ran
     before it went layer by layer."""
-    from condensa.sparsity.calibrate import _by_key_tile
+    from condensa.sparsity.calibration import _by_key_tile
 
     model = _tiny_model("llama")
     blocks = np.random.default_rng(5).integers(0, 97, size=(3, 32))

@@ -21,7 +21,7 @@ def setup(trained_model_dir, tmp_path_factory):  # noqa: F811
     from condensa.data import load_token_stream, pack_blocks
     from condensa.eval.sweep_cli import ModelText
     from condensa.model import load_pretrained
-    from condensa.sparsity.calibrate import GateSpec, calibrate
+    from condensa.sparsity.calibration import GateSpec, calibrate
 
     model, _ = load_pretrained(trained_model_dir)
     text = ModelText.for_model(str(trained_model_dir), str(TOKENIZER_DIR))

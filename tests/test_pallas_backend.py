@@ -10,7 +10,7 @@ import pytest
 import condensa
 from condensa.attention import AttentionConfig
 from condensa.eval.perplexity import perplexity
-from condensa.sparsity.calibrate import GateSpec, calibrate
+from condensa.sparsity.calibration import GateSpec, calibrate
 from tests.conftest import make_hf_model
 
 T = 48  # not a multiple of the 16-wide tiles: the kernel wrapper pads

@@ -12,7 +12,7 @@ from flax import nnx
 
 from condensa.attention import AttentionConfig
 from condensa.model import generate, load_pretrained
-from condensa.sparsity.calibrate import GateSpec, calibrate
+from condensa.sparsity.calibration import GateSpec, calibrate
 from condensa.sparsity.metrics import kept_fraction
 
 T = 32

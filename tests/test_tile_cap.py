@@ -15,7 +15,7 @@ from condensa.attention import AttentionConfig
 from condensa.attention.tile_gate import prefill_kept_tiles
 from condensa.attention.tiles import tile_budgets
 from condensa.tiling import cap_at_budget
-from condensa.sparsity.calibrate import GateSpec, calibrate
+from condensa.sparsity.calibration import GateSpec, calibrate
 from tests.conftest import make_hf_model
 
 

@@ -267,7 +267,7 @@ def run_sweep(
     """Measures every variant; returns the JSON-ready results (see the module docstring)."""
     from condensa.eval.decode_trace import decode_trace
     from condensa.eval.perplexity import perplexity
-    from condensa.sparsity.calibrate import GateSpec, calibrate
+    from condensa.sparsity.calibration import GateSpec, calibrate
 
     context = settings.max_length or model.config.n_positions
     ks = check_ks(settings.ks, context)

@@ -12,8 +12,8 @@ import importlib
 _EXPORTS = {
     "Thresholds": "condensa.sparsity.thresholds",
     "load_thresholds": "condensa.sparsity.thresholds",
-    "calibrate": "condensa.sparsity.calibrate",
-    "CalibrationConfig": "condensa.sparsity.calibrate",
+    "calibrate": "condensa.sparsity.calibration",
+    "CalibrationConfig": "condensa.sparsity.calibration",
 }
 
 __all__ = sorted(_EXPORTS)

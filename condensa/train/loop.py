@@ -18,7 +18,7 @@ from condensa.data import BatchIterator
 from condensa.errors import TrainingError
 from condensa.train import parallel
 from condensa.train.config import TrainConfig
-from condensa.train.export import save_hf
+from condensa.train.run_model import save_hf
 from condensa.train.metrics_log import MetricsLog
 from condensa.train.output_folder import check_compatible, write_config
 from condensa.train.run_data import Data, load_data

@@ -67,7 +67,7 @@ def thresholds_for(config: StudyConfig, name: str, k: int, f: float | None):
     from condensa.eval.study.training import ensure_model
     from condensa.model import load_pretrained
     from condensa.sparsity import Thresholds
-    from condensa.sparsity.calibrate import GateSpec, calibrate
+    from condensa.sparsity.calibration import GateSpec, calibrate
 
     cal = config.calibration
     path = Path(config.out) / "thresholds" / name / f"k{k}-f{'off' if f is None else f'{f:g}'}.safetensors"
