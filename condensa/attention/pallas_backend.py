@@ -14,6 +14,7 @@ layers the rule leaves dense (`dense_layers`) run the fused dense path of the re
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import jax.numpy as jnp
 
@@ -182,3 +183,11 @@ def _decode(q, k, v, *, scale, layer_idx, config, layer, state):
         k_tile_mean=state.k_tile_mean if gated else None, **decode_kernel_args(config, layer, layer_idx, k.shape[1]),
     )
     return out
+
+
+def decode_cache_alignment(config) -> int:
+    """Slots a KV cache should hold a multiple of, so the decode kernel reads it without padding
+    (a copy at every step): the tiles of gated and of ungated layers, which may share the cache."""
+    from condensa.kernels.toptheta_decode import UNGATED_BLOCK_K  # kernels load Pallas: only when asked
+
+    return math.lcm(config.block_k, UNGATED_BLOCK_K)

@@ -8,13 +8,13 @@ the cache, and for attention rules whose decode differs from prefill.
 from __future__ import annotations
 
 import functools
-import math
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from condensa.attention.pallas_backend import decode_cache_alignment
 from condensa.errors import ConfigError, ModelInputError
 from condensa.model.causal_lm import check_input_ids
 from condensa.model.gpt2 import GPT2
@@ -49,9 +49,7 @@ def _cache_length(total: int, attention, n_positions: int) -> int:
     any other size at every step. The extra slots stay invalid."""
     if attention.backend != "pallas":
         return total
-    from condensa.kernels.toptheta_decode import UNGATED_BLOCK_K
-
-    align = math.lcm(attention.block_k, UNGATED_BLOCK_K)  # gated and ungated layers may share the cache
+    align = decode_cache_alignment(attention)
     return min(-(-total // align) * align, n_positions)
 
 
