@@ -8,9 +8,8 @@ count (the kept set of the top-k loss), so Σ_t R[i, t] is the row's top-k mass.
 - the top-k loss's mass is Σ_t R[i, t].
 
 Why a kernel: the reference losses take the probabilities from the model, which forces the
-reference attention op (float32 [B, H, T, T] written and read many times, forward and backward).
-On the H100 that made the tile loss cost 47% of the training throughput of GPT-2 small and the
-top-k loss 73% (docs/benchmarks.md). Here the model's attention stays on the fused cuDNN path and
+reference attention op (float32 [B, H, T, T] written and read many times, forward and backward;
+its cost is in docs/benchmarks.md). Here the model's attention stays on the fused cuDNN path and
 the loss recomputes the scores block by block: one program holds BQ whole rows (so the row's
 softmax and its k-th largest score need no second pass), and nothing bigger than R leaves it.
 
@@ -21,8 +20,7 @@ top k plus any score within (max − min) · 2⁻²⁴ below the k-th (near-ties
 threshold sits midway between the smallest kept and the largest dropped score. Rows with at most
 k visible keys keep them all (the loss leaves those rows out). Nothing but the scores stays alive
 through the search (the causal mask is folded into them as -inf; the visible count is the row
-index + 1). With the early stop, float counts and causal row groups, the threshold kernel's device
-time on the H100 fell from 0.56 to 0.26 ms (B 8, H 12, T 1024; docs/benchmarks.md).
+index + 1).
 
 Gradient (with w_ij = 1 for kept elements, G = ∂L/∂R, c_i = Σ_t G[i, t] R[i, t]):
   ∂L/∂a_ij = p_ij (w_ij G[i, t(j)] − c_i),  dq = scale · (∂L/∂a) k,  dk = scale · (∂L/∂a)ᵀ q.
@@ -30,9 +28,9 @@ As in the reference loss, the kept set itself carries no gradient.
 
 The threshold kernel holds whole rows in registers, so with a top-k cut the padded length is
 limited (`MAX_LENGTH`); without one, each program keeps [tile, n_tiles] sums in registers, so the
-tile count is (`MAX_TILES`). Longer sequences use the reference path (`fits`). Block shapes in Triton must be powers of two, so the length is padded
-to `tile` times a power of two; the padding is masked by causality (a padded key is visible only
-to padded rows, which are cut off).
+tile count is (`MAX_TILES`). Longer sequences use the reference path (`fits`). Triton block
+shapes are powers of two, so the length is padded to `tile` times a power of two; the padding is
+masked by causality (a padded key is visible only to padded rows, which are cut off).
 """
 
 from __future__ import annotations
@@ -65,7 +63,7 @@ class MassOptions:
     block_q: int = 16  # rows per program in the whole-row threshold kernel (top-k only)
     block_q_dk: int = 64  # query rows per step of the dk kernel's walk
     num_warps: int = 4
-    num_stages: int = 3  # Triton pipelining depth; the key/query walks gain (3 vs 1: dk 0.094 → 0.076 ms, H100)
+    num_stages: int = 3  # Triton pipelining depth; deeper pipelines speed the key/query walks (docs/benchmarks.md)
     rows: int | None = None  # real (unpadded) rows; padded rows past them need no threshold. None: all real
     backend: str = "interpret"
 
@@ -121,10 +119,10 @@ def _kth_threshold(pieces, n_visible, needs, top_k: int, steps: int):
 
     Bisection keeps count(s >= lo) >= k, moves `hi` down to any midpoint that keeps fewer than k,
     and stops once every row that needs a threshold has count(s >= lo) == k exactly, or after
-    `steps`. The counts are float32 sums of 1.0/0.0 (exact below 2^24; 11% faster on the H100 than
-    int32 sums). The threshold returned is the midpoint between the smallest score kept and the largest one dropped, so the backward
-    kernels, which recompute the scores in other block shapes (and may round them an ulp
-    differently), draw the same line.
+    `steps`. The counts are float32 sums of 1.0/0.0 (exact below 2^24; faster than int32 sums,
+    docs/benchmarks.md). The threshold returned is the midpoint between the smallest score kept and
+    the largest one dropped, so the backward kernels, which recompute the scores in other block
+    shapes (and may round them an ulp differently), draw the same line.
     """
     hi = _row_reduce(pieces, jnp.max, jnp.maximum)
     lo = _row_reduce([jnp.where(s == -jnp.inf, jnp.inf, s) for s in pieces], jnp.min, jnp.minimum)

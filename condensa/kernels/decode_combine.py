@@ -2,10 +2,9 @@
 
 Why a kernel: written in jax.numpy, the combine (the largest survivor max, the rescaled sums, the
 fallback V row of a row where nothing survived, SDC and VMC) became about eight small XLA ops per
-layer and decode step, each a launch and a round trip through memory. On the H100 at S = 16k it
-took 6-7 µs per layer beside a ~50 µs decode kernel; this kernel takes 3-4 (docs/benchmarks.md,
-third run). One program per (sequence-query, head) reads its split partials once and writes the
-output row.
+layer and decode step, each a launch and a round trip through memory (timed in
+docs/benchmarks.md, "The split-K combine as one kernel"). One program per (sequence-query, head)
+reads its split partials once and writes the output row.
 
 The semantics are those of `toptheta_decode._combine` (the TPU path still runs that one):
 partials of splits whose survivor max m is -inf weigh nothing; a row with no survivor at all

@@ -5,34 +5,27 @@ a cheap pre-pass (plain jax.numpy, fused by XLA) scores the per-tile mean keys k
 keeps, `s_t = scale * q · k̄_t`, against the decode gate threshold `Θ_dec[h, t_count - 1]`, keeps
 the first `sink_tiles` tiles and the tile holding the last key, and writes a compacted list of the
 tiles to visit (the `MaskInfo.data_next` pattern of JAX's splash attention). The kernel then loads
-K only for listed tiles, applies the element rule `a > θ` inside them, and loads V only for the
-tiles that hold a surviving element: only the surviving V rows with masked loads
-(`skip_v="rows"`, the default on GPU), or whole V blocks behind a branch (`skip_v="blocks"`, the
-TPU kernel's only mode). On trained models (docs/study-8k, docs/study-16k: S = 8k and 16k, batch
-8-16, one jitted step over 6 layers on the H100) rows were faster in all 8 rule × model cases,
-1.03-1.37× over blocks: real survivors spread over 5-47% of the V blocks but 0.3-4.5% of the rows.
-Blocks win only where survivors cluster in a few blocks (the synthetic caches of `bench decode`;
-and once on a trained model, the gated step with every layer sparse). `skip_v="rows_branch"` reads
-the surviving rows behind a branch per tile, so a tile without a survivor does no V work; it was
-fastest on synthetic caches, where 3% of the tiles hold a survivor, but not on a trained model,
-where most do (docs/benchmarks.md, fourth run).
+K only for listed tiles, applies the element rule `a > θ` inside them, and loads V only where an
+element survives (`skip_v`): the surviving rows with masked loads ("rows", the default on GPU: on
+trained models survivors spread over many V blocks but few rows), the same behind a branch per
+tile ("rows_branch": no V work in a tile without a survivor, which pays only where few tiles hold
+one), or whole V blocks behind a branch ("blocks", the TPU kernel's only mode; it pays only where
+survivors cluster in a few blocks). Timings: docs/benchmarks.md (decoding at S = 16k).
 
 Without a gate every row visits its visible tiles in order, so the Triton kernel computes the
 i-th tile as `first + i` and reads no list, and the tile size is free of the gate's: it defaults
-to 128 keys (`UNGATED_BLOCK_K`), which ran 1.15× faster than 64 on the H100 (docs/benchmarks.md,
-third run).
+to 128 keys (`UNGATED_BLOCK_K`), which streams K faster than 64 on Hopper-class GPUs.
 
 A program walks its tiles in one of three ways (`walk`): in float32 with five reductions across
 the tile per tile ("reduce", the default with θ), with q·Kᵀ and P·V on tensor cores ("mma", the
-default for dense decoding, where it runs 0.98× cuDNN against 0.91-0.93×), or with the softmax
-state kept per key slot ("lanes", slower everywhere it was timed). None of them changes how fast K
-streams, about 2 TB/s on the H100 (docs/benchmarks.md, fourth run).
+default for dense decoding, where it comes closest to cuDNN), or with the softmax state kept per
+key slot ("lanes", never the fastest). None of them changes how fast K streams.
 
 Split-K (flash-decoding): the list of one (sequence, head) is cut into `num_splits` equal shares,
 one program each, so a long cache or a small batch still fills the GPU; the partial results
 (unnormalised output, survivor max m, denominator l, survivor count, the largest score and its
-slot) are combined in jax.numpy, where the calibrated SDC and VMC are applied too (they need only
-per-row scalars and v̄).
+slot) are combined (`decode_combine.py`; jax.numpy on TPU), where the calibrated SDC and VMC are
+applied too (they need only per-row scalars and v̄).
 
 The accumulator holds survivors only, so a split whose tiles hold none never reads V. A row where
 nothing survives anywhere keeps its single largest element (DESIGN.md): each program tracks the
@@ -44,8 +37,8 @@ Tq times; decoding uses Tq = 1).
 
 Grouped-query attention: the cache may hold Hkv = H / G heads. The program of query head h reads
 KV head h // G through the BlockSpec index map (and the gate scores the tile means of that head),
-so the cache is never repeated. Each query head still loads V only for its own survivors (their
-blocks, or with `skip_v="rows"` the rows alone); the V rows a whole KV group needs (the union over its query heads) are measured by
+so the cache is never repeated. Each query head still loads V only for its own survivors; the V
+rows a whole KV group needs (the union over its query heads) are measured by
 `condensa.sparsity.metrics.v_rows_fraction(..., n_kv_head=Hkv)`.
 """
 
@@ -69,11 +62,11 @@ from condensa.kernels.decode_combine import combine_splits
 from condensa.tiling import cap_at_budget
 from condensa.tiling.selectors import DECODE_SELECTORS, cap_optional, decode_tile_scores
 
-UNGATED_BLOCK_K = 128  # see default_block_k; measured on the H100 in docs/benchmarks.md
+UNGATED_BLOCK_K = 128  # see default_block_k; timings in docs/benchmarks.md
 WALKS = ("reduce", "lanes", "mma")  # see toptheta_decode's `walk`
 ROW_MODES = ("rows", "rows_branch")  # skip_v modes that read only the surviving V rows (Triton, interpret)
 SKIP_V_MODES = (*ROW_MODES, "blocks")  # every skip_v but "auto"
-AUTO_SKIP_V = "rows"  # what skip_v="auto" picks on Triton and in interpret mode (docs/benchmarks.md, fourth run)
+AUTO_SKIP_V = "rows"  # what skip_v="auto" picks on Triton and in interpret mode (see the module docstring)
 AUTO_WALK = "reduce"  # what walk="auto" picks with θ and skip_v="rows" (Triton, interpret); TPU always reduces
 DENSE_WALK, DENSE_BLOCK_K = "mma", 64  # walk="auto" and block_k=None without θ (a dense layer): see default_block_k
 _STAT_WIDTH = 8  # per program: survivor max m, denominator l, survivors, V blocks, best score, its slot, -, -
@@ -438,8 +431,8 @@ def compact(keep):
 def contiguous_tiles(lengths, starts, *, heads: int, n_tiles: int, block_k: int):
     """(tiles int32 [Bv, H, W], count int32 [Bv, H]) without a gate: every row visits its visible
     tiles in order, so its list is a range, built elementwise. The same list as
-    `compact(kept_tiles(...))`, without the cumulative sum and scatter, which cost a few µs each
-    in every decode step. Entries past `count` are never read."""
+    `compact(kept_tiles(...))`, without the cumulative sum and scatter, which would otherwise run in
+    every decode step. Entries past `count` are never read."""
     first, last = starts // block_k, (lengths - 1) // block_k  # [Bv]
     tiles = jnp.minimum(first[:, None] + jnp.arange(_list_width(n_tiles), dtype=jnp.int32)[None, :], n_tiles - 1)
     count = (last - first + 1).astype(jnp.int32)
@@ -564,8 +557,7 @@ def default_block_k(gated: bool, dense: bool = False) -> int:
     """Keys per tile when the caller names none. With a gate the tile is the gate's (the cache
     state's k̄ has one mean per tile; 64 by default). Without one it is free: Top-θ reads K alone
     and a larger tile keeps more of it in flight per loop step (UNGATED_BLOCK_K); dense decoding
-    (no θ) walks with tensor cores, fastest at DENSE_BLOCK_K (docs/benchmarks.md: 79.7 µs per layer
-    against 83.0 at 128 and 85.6-87.5 for the float32 walk, cuDNN 78.3, S = 16k, batch 8)."""
+    (no θ) walks with tensor cores, fastest at DENSE_BLOCK_K (docs/benchmarks.md, "Dense mode")."""
     if gated:
         return 64
     return DENSE_BLOCK_K if dense else UNGATED_BLOCK_K

@@ -16,7 +16,7 @@ Grouped-query attention: K and V may have Hkv = H / G heads. The program of quer
 head h // G through the BlockSpec index maps, so K and V are never repeated in memory.
 
 Defaults (128 x 128 tiles; 4 warps for head_dim 64, 8 for 128; 3 pipeline stages) are the fastest
-dense settings measured on the H100 (docs/benchmarks.md).
+dense settings of the tile sweep (docs/benchmarks.md).
 
 Rows where nothing survives keep their single largest element. The kernel does this with one
 accumulator: while a row's running max m is <= θ, the row holds no survivor, so the accumulator
@@ -564,8 +564,8 @@ def toptheta_prefill(
     `toptheta_prefill_tpu.py`, interpreted on the CPU). `poison_output` fills the output with NaN before the
     kernel runs (for correctness checks). `skip_empty=True` makes a visited tile with nothing
     above θ skip its exp, V load and P·V behind a `lax.cond`; the output is the same, and empty
-    tiles are counted either way. It is off by default: on the H100 the branch (whose V load
-    the compiler cannot pipeline) cost more than it saved (docs/kernels.md).
+    tiles are counted either way. It is off by default: the branch (whose V load the compiler
+    cannot pipeline) cost more than it saved (docs/kernels.md, "Empty tiles").
     """
     if (q.ndim != 4 or k.ndim != 4 or v.shape != k.shape or k.shape[:2] != q.shape[:2]
             or k.shape[3] != q.shape[3] or k.shape[2] < 1 or q.shape[2] % k.shape[2]):

@@ -2,8 +2,8 @@
 
 GPT-2's 50,257 tokens give the output matmul an odd N dimension, for which cuBLAS picks much
 slower kernels. Padding the weight with zero rows for the product and slicing the logits back gives
-the same numbers and leaves the parameters, checkpoints and exports as they are. Measured on the
-H100 (`python -m condensa.eval.bench train`, GPT-2 small, batch 8 × 1024): 28.1 → 23.7 ms per step.
+the same numbers and leaves the parameters, checkpoints and exports as they are (the step time it
+saves is in docs/benchmarks.md).
 """
 
 from __future__ import annotations
@@ -20,9 +20,8 @@ def vocab_logits(hidden: jax.Array, weight: jax.Array, dtype, *, keep_padding: b
 
     keep_padding: return the padded logits, the padding columns pushed to -1e9 (a softmax gives
     them 0). A training loss takes these: slicing them off costs a pad of the [tokens, vocab]
-    gradient in the backward pass, and masking them with a select a pass over the logits (each
-    1.6 ms of a 38 ms GPT-2 small step on the H100); a constant bias row instead is added in the
-    matmul's epilogue.
+    gradient in the backward pass, and masking them with a select a pass over the logits; a
+    constant bias row instead is added in the matmul's epilogue.
     """
     vocab = weight.shape[0]
     pad = (-vocab) % PAD_MULTIPLE
