@@ -120,7 +120,7 @@ if not any(isinstance(f, _DropDiskFullReports) for f in _ABSL_LOG.filters):
     _ABSL_LOG.addFilter(_DropDiskFullReports())
 
 
-def _is_abandoned_read(unraisable) -> bool:
+def _is_abandoned_io(unraisable) -> bool:
     exc = unraisable.exc_value
     return isinstance(exc, RuntimeError) and str(exc) == "Event loop is closed"
 
@@ -134,32 +134,34 @@ def _from_orbax(error: BaseException | None) -> bool:
     return False
 
 
-class _DropAbandonedReads(logging.Filter):
-    """asyncio's "Task exception was never retrieved", for the reads of a failed restore."""
+class _DropAbandonedIO(logging.Filter):
+    """asyncio's "Task exception was never retrieved", for the I/O of a failed restore or save."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return not (record.exc_info and _from_orbax(record.exc_info[1]))
+        error = record.exc_info[1] if record.exc_info else None
+        # tensorstore's own futures carry no Python traceback: known by their message instead
+        return not (error is not None and (_from_orbax(error) or disk_full(error) or "OCDBT database" in str(error)))
 
 
-def quiet_abandoned_reads() -> None:
-    """A restore that fails leaves tensorstore reads in flight. Each ends later, either by calling
-    back into an asyncio loop that orbax has closed (Python prints `RuntimeError: Event loop is
-    closed` through `sys.unraisablehook`) or as a task whose error nobody retrieves (asyncio logs
-    it with a traceback): hundreds of lines for one truncated checkpoint, on top of the one
-    warning that matters. Those results are unwanted, since the restore already failed, so
-    exactly those reports are dropped; every other one goes on as before."""
+def quiet_abandoned_io() -> None:
+    """A restore or a save that fails leaves tensorstore reads or writes in flight. Each ends later,
+    either by calling back into an asyncio loop that orbax has closed (Python prints `RuntimeError:
+    Event loop is closed` through `sys.unraisablehook`) or as a task whose error nobody retrieves
+    (asyncio logs it with a traceback): hundreds of lines for one truncated checkpoint or full
+    disk, on top of the one message that matters. Their results are unwanted, since the operation
+    already failed, so exactly those reports are dropped; every other one goes on as before."""
     asyncio_log = logging.getLogger("asyncio")
-    if not any(isinstance(f, _DropAbandonedReads) for f in asyncio_log.filters):
-        asyncio_log.addFilter(_DropAbandonedReads())
+    if not any(isinstance(f, _DropAbandonedIO) for f in asyncio_log.filters):
+        asyncio_log.addFilter(_DropAbandonedIO())
     previous = sys.unraisablehook
-    if getattr(previous, "drops_abandoned_reads", False):
+    if getattr(previous, "drops_abandoned_io", False):
         return
 
     def hook(unraisable):
-        if not _is_abandoned_read(unraisable):
+        if not _is_abandoned_io(unraisable):
             previous(unraisable)
 
-    hook.drops_abandoned_reads = True
+    hook.drops_abandoned_io = True
     sys.unraisablehook = hook
 
 
@@ -171,6 +173,7 @@ class Checkpointer:
         self.keep = keep
         self.async_save = async_save
         self._failed = False  # a save failed and was reported: closing stays quiet
+        quiet_abandoned_io()  # a background save can fail before this object hears of it
         self._manager = self._open()
 
     def _open(self) -> ocp.CheckpointManager:
@@ -235,7 +238,6 @@ class Checkpointer:
             if not _fingerprints_match(record.get("fingerprint", {}), fingerprint(flat)):
                 raise CheckpointError("its arrays do not match the fingerprint saved with them")
         except Exception as err:  # orbax / tensorstore raise many types for truncated or garbled files
-            quiet_abandoned_reads()
             raise CheckpointError(
                 f"checkpoint step {step} in {self.directory} is truncated or corrupt ({_reason(err)})."
             ) from err

@@ -133,12 +133,12 @@ def test_the_reads_a_failed_restore_abandons_are_not_reported_but_other_errors_a
     import sys
     import types
 
-    from condensa.checkpoint import quiet_abandoned_reads
+    from condensa.checkpoint import quiet_abandoned_io
 
     seen = []
     monkeypatch.setattr(sys, "unraisablehook", seen.append)
     monkeypatch.setattr(logging.getLogger("asyncio"), "filters", [])
-    quiet_abandoned_reads()
+    quiet_abandoned_io()
     closed = types.SimpleNamespace(exc_value=RuntimeError("Event loop is closed"))
     other = types.SimpleNamespace(exc_value=RuntimeError("something else"))
     sys.unraisablehook(closed)
@@ -161,3 +161,7 @@ def test_the_reads_a_failed_restore_abandons_are_not_reported_but_other_errors_a
     orbax_read = raised_in("/site-packages/orbax/checkpoint/_src/serialization/serialization.py")
     assert not log.filter(record(orbax_read))
     assert log.filter(record(raised_in("/home/user/my_code.py")))
+    # tensorstore's own futures, with no Python traceback, known by their message
+    store_error = ValueError('RESOURCE_EXHAUSTED: Error writing "w/0" in OCDBT database at local file "run/4/": '
+                             "No space left on device [os_error_code='28']")
+    assert not log.filter(record(store_error))
