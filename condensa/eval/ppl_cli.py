@@ -10,7 +10,8 @@ import jax.numpy as jnp
 from condensa.attention import AttentionConfig
 from condensa.cli import check_writable, config_parser, config_to_dict, parse_config_args, progress, write_json
 from condensa.errors import ConfigError
-from condensa.eval.text import read_eval_text, tokenizer_for
+from condensa.data import model_tokenizer
+from condensa.eval.text import read_eval_text
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
@@ -50,7 +51,7 @@ def run(cfg: PerplexityConfig) -> dict:
 
         thresholds = Thresholds.load(cfg.thresholds)
         thresholds.validate_for(model.config, cfg.attention)
-    tokenizer = tokenizer_for(cfg.model, cfg.tokenizer)
+    tokenizer = model_tokenizer(cfg.model, cfg.tokenizer)
     ids = tokenizer(read_eval_text(cfg.data, cfg.split), verbose=False)["input_ids"]
     if cfg.max_tokens:
         ids = ids[: cfg.max_tokens]
