@@ -25,11 +25,11 @@ class PerplexityConfig:
     stride: int | None = None  # default: the window length (no overlap)
     max_length: int | None = None  # default: n_positions
     max_tokens: int | None = None  # evaluate only the first N tokens (quick runs)
-    batch_size: int = 8
-    dtype: str = "float32"
+    batch_size: int = 8  # windows per forward pass
+    dtype: str = "float32"  # model compute dtype: float32, bfloat16 or float16
     thresholds: str | None = None  # a thresholds file from `python -m condensa.calibrate`
     attention: AttentionConfig = dataclasses.field(default_factory=AttentionConfig)
-    out: str = "runs/eval-ppl"
+    out: str = "runs/eval-ppl"  # output folder: results.json and config.json
 
 
 def run(cfg: PerplexityConfig) -> dict:
