@@ -7,9 +7,11 @@ import argparse
 import dataclasses
 import errno
 import functools
+import inspect
 import json
 import math
 import os
+import re
 import sys
 import types
 import typing
@@ -125,15 +127,86 @@ def _json_default(value: Any) -> Any:
 # ---- dataclass configs ---------------------------------------------------------------------------
 
 
+def _comments(cls) -> dict[str, str]:
+    """field name -> the `# comment` after it in the class source."""
+    try:
+        source = inspect.getsource(cls)
+    except (OSError, TypeError):
+        return {}
+    found = {}
+    for line in source.splitlines():
+        match = re.match(r"\s+(\w+)\s*:[^#]*?#\s*(.+)$", line)
+        if match:
+            found.setdefault(match.group(1), match.group(2).strip())
+    return found
+
+
+def _default(field: dataclasses.Field):
+    if field.default is not dataclasses.MISSING:
+        return field.default
+    if field.default_factory is not dataclasses.MISSING:
+        return field.default_factory()
+    return None
+
+
+def _shown(value) -> str:
+    if isinstance(value, str):
+        return f'"{value}"'
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_shown(v) for v in value) + "]"
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return str(value).lower()
+    return str(value)
+
+
+def config_rows(cls, prefix: str = "") -> list[tuple[str, str, str, str]]:
+    """(dotted key, type, default, comment) for every leaf field of a (nested) config dataclass."""
+    hints = typing.get_type_hints(cls)
+    comments = _comments(cls)
+    rows = []
+    for field in dataclasses.fields(cls):
+        hint = hints[field.name]
+        if dataclasses.is_dataclass(hint):
+            rows += config_rows(hint, prefix + field.name + ".")
+            continue
+        kind = field.type if isinstance(field.type, str) else getattr(field.type, "__name__", str(field.type))
+        rows.append((prefix + field.name, str(kind), _shown(_default(field)), comments.get(field.name, "")))
+    return rows
+
+
 def config_parser(cls: type, *, prog: str, description: str, epilog: str | None = None) -> argparse.ArgumentParser:
     """The parser of a config-driven tool: `--config FILE.yaml` plus `--key value` /
     `--section.key value` overrides for any field of the dataclass `cls`; `--help` lists the keys.
     Each tool's `build_parser()` returns it, for `--help` and for docs/cli.md."""
-    parser = argparse.ArgumentParser(prog=prog, description=description, epilog=epilog)
+    parser = argparse.ArgumentParser(prog=prog, description=description, formatter_class=KeyListFormatter,
+                                     epilog="\n\n".join(filter(None, [epilog, key_help(cls)])))
     parser.add_argument("--config", help=f"YAML file with the keys of {cls.__name__}")
-    parser.add_argument("overrides", nargs=argparse.REMAINDER, help="--key value pairs: " + ", ".join(
-        f.name for f in dataclasses.fields(cls)))
+    parser.add_argument("overrides", nargs=argparse.REMAINDER, help="--key value pairs that override it (below)")
     return parser
+
+
+def key_help(cls: type) -> str:
+    """Every key of the config dataclass `cls` with its type, default and description: the part of
+    --help that says what each option does."""
+    lines = ["config keys (YAML keys, or --key value on the command line):"]
+    for key, kind, default, note in config_rows(cls):
+        lines.append(f"  --{key} {kind} (default {default})" + (f"\n        {note}" if note else ""))
+    return "\n".join(lines)
+
+
+class KeyListFormatter(argparse.HelpFormatter):
+    """Wraps prose paragraphs as argparse does, but keeps indented blocks (the key list, examples)
+    line for line."""
+
+    def _fill_text(self, text: str, width: int, indent: str) -> str:
+        def indented(paragraph: str) -> bool:
+            lines = paragraph.splitlines()
+            return len(lines) > 1 and all(line.startswith("  ") for line in lines[1:])
+
+        return "\n\n".join(paragraph if indented(paragraph) else super(KeyListFormatter, self)._fill_text(
+            paragraph, width, indent) for paragraph in text.split("\n\n"))
 
 
 def parse_config_args(argv: Sequence[str] | None, cls: type[T], *, prog: str, description: str,

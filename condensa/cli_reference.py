@@ -16,11 +16,11 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import importlib
-import inspect
 import re
 import sys
-import typing
 from pathlib import Path
+
+from condensa.cli import config_rows
 
 WIDTH = 100  # columns of the help text, whatever the terminal
 DEFAULT_PATH = Path(__file__).resolve().parents[1] / "docs" / "cli.md"
@@ -70,55 +70,6 @@ def help_text(parser: argparse.ArgumentParser) -> str:
         return parser.format_help().rstrip() + "\n"
     finally:
         parser.formatter_class = base
-
-
-def _comments(cls) -> dict[str, str]:
-    """field name -> the `# comment` after it in the class source."""
-    try:
-        source = inspect.getsource(cls)
-    except (OSError, TypeError):
-        return {}
-    found = {}
-    for line in source.splitlines():
-        match = re.match(r"\s+(\w+)\s*:[^#]*?#\s*(.+)$", line)
-        if match:
-            found.setdefault(match.group(1), match.group(2).strip())
-    return found
-
-
-def _default(field: dataclasses.Field):
-    if field.default is not dataclasses.MISSING:
-        return field.default
-    if field.default_factory is not dataclasses.MISSING:
-        return field.default_factory()
-    return None
-
-
-def _shown(value) -> str:
-    if isinstance(value, str):
-        return f'"{value}"'
-    if isinstance(value, (list, tuple)):
-        return "[" + ", ".join(_shown(v) for v in value) + "]"
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return str(value).lower()
-    return str(value)
-
-
-def config_rows(cls, prefix: str = "") -> list[tuple[str, str, str, str]]:
-    """(dotted key, type, default, comment) for every leaf field of a (nested) config dataclass."""
-    hints = typing.get_type_hints(cls)
-    comments = _comments(cls)
-    rows = []
-    for field in dataclasses.fields(cls):
-        hint = hints[field.name]
-        if dataclasses.is_dataclass(hint):
-            rows += config_rows(hint, prefix + field.name + ".")
-            continue
-        kind = field.type if isinstance(field.type, str) else getattr(field.type, "__name__", str(field.type))
-        rows.append((prefix + field.name, str(kind), _shown(_default(field)), comments.get(field.name, "")))
-    return rows
 
 
 def _cell(text: str) -> str:

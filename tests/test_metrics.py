@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 
 from condensa.sparsity import metrics
-from condensa.attention.tiles import (
-    mandatory_tiles, pooled_gate_scores, tile_budget, tile_masses, top_m_tiles, visible_tiles,
-)
+from condensa.attention.tiles import top_m_tiles
+from condensa.tiling import mandatory_tiles, tile_budget, visible_tiles
+from condensa.tiling.pooling import pooled_gate_scores, tile_masses
 
 B, H, T = 2, 3, 10
 

@@ -97,25 +97,25 @@ class AttentionConfig:
       tiles, given to the (head, tile) pairs with the highest scores.
     """
 
-    mode: str = "dense"
-    placement: str = "pre"
-    sdc: str = "none"
-    gamma: float = 1.0
-    vmc: bool = False
-    k: int = 64
-    layer_k: Any = ()
-    dense_layers: tuple[int, ...] = ()
-    tile_gate: bool = False
-    block_q: int = 128
-    block_k: int = 128
-    tile_budget: float = 0.125
-    sink_tiles: int = 1
-    tile_cap: bool = False
-    decode_gate_rows: bool = False
-    tile_selector: str = "gate"
-    sub_block: int = 0
-    shared_heads: bool = False
-    backend: str = "reference"
+    mode: str = "dense"  # dense, topk (exact top-k oracle) or toptheta (calibrated thresholds)
+    placement: str = "pre"  # Top-θ: pre (threshold scaled logits) or post (threshold probabilities, no renorm)
+    sdc: str = "none"  # softmax-denominator compensation: none, exact, exp-threshold or calibrated
+    gamma: float = 1.0  # weight of the SDC term: denominator D + gamma * dropped mass
+    vmc: bool = False  # V-mean compensation: add the dropped probability mass times the mean visible V row
+    k: int = 64  # target kept elements per row (rows with n <= k stay dense); must match the thresholds
+    layer_k: Any = ()  # per-layer k overrides as LAYER:K,... (e.g. 0:512,1:512)
+    dense_layers: tuple[int, ...] = ()  # layers that always run dense attention
+    tile_gate: bool = False  # skip whole key tiles before the element rule (calibrated Θ, or tile_selector)
+    block_q: int = 128  # query tile size of the tile gate, in tokens
+    block_k: int = 128  # key tile size of the tile gate, in tokens
+    tile_budget: float = 0.125  # gate budget f in (0, 1]: m_b = max(1, ceil(f (b + 1))) optional tiles
+    sink_tiles: int = 1  # leading key tiles the gate always keeps (besides the diagonal)
+    tile_cap: bool = False  # with the gate: keep at most m_b optional tiles per query tile, best above Θ
+    decode_gate_rows: bool = False  # with the gate: gate each row as its decoding step would (reference backend)
+    tile_selector: str = "gate"  # gate (calibrated Θ), or a budgeted one: oracle, window, pooled, rowmean, ...
+    sub_block: int = 0  # row selectors: key sub-block size; sampled: rows per query tile; 0: default
+    shared_heads: bool = False  # budgeted selector: a query tile's heads share one budget of H * m_b tiles
+    backend: str = "reference"  # reference (jax.numpy) or pallas (fused kernels where they apply)
 
     def __post_init__(self) -> None:
         _choice("mode", self.mode, MODES)

@@ -64,37 +64,10 @@ def sparse_probs(q, k, *, visible, scale, layer_idx, config: AttentionConfig, th
     )
 
 
-def reference_attend(
-    q: jax.Array,
-    k: jax.Array,
-    v: jax.Array,
-    *,
-    visible: jax.Array,
-    scale: float,
-    layer_idx: int,
-    config: AttentionConfig,
-    thresholds=None,
-    probs_dropout: Callable[[jax.Array], jax.Array] | None = None,
-    need_probs: bool = True,
-    causal: bool = False,
-    decode_state=None,
-) -> tuple[jax.Array, jax.Array | None]:
-    """One layer's attention through the reference backend (`condensa.attention.attend` has the
-    contract).
-
-    q, k, v: [B, T, H, D] in the compute dtype (k and v may have Hkv = H / G heads: grouped-query
-    attention, query head h reading KV head h // G); `visible`: bool [B, 1 or H, Tq, Tk], True where key j
-    is causally visible to query i (the KV cache's empty slots and padding are False).
-    `thresholds`: a `condensa.sparsity.Thresholds` (needed by Top-θ and the tile gate).
-    `need_probs`: whether the caller uses the probabilities (losses, metrics); without them, fused
-    paths (cuDNN / XLA flash attention for dense, the Pallas kernels) may run instead.
-    `causal`: a static promise that `visible` is the plain causal mask (Tq == Tk, no padding, no
-    cache), which fused kernels need. `decode_state`: a `DecodeState` from the KV cache while
-    decoding (the running V mean and tile-mean keys), which decode kernels use instead of re-reading
-    the cache; the reference op recomputes the same quantities from K and V.
-    Returns `(out [B, Tq, H, D], probs [B, H, Tq, Tk] float32, or None when not needed)`. `probs`
-    are the probabilities the rule produced, before attention dropout.
-    """
+def reference_attend(q, k, v, *, visible, scale, layer_idx, config: AttentionConfig, thresholds=None,
+                     probs_dropout: Callable[[jax.Array], jax.Array] | None = None, need_probs: bool = True,
+                     causal: bool = False, decode_state=None) -> tuple[jax.Array, jax.Array | None]:
+    """`condensa.attention.attend` (which has the contract) through the reference backend."""
     del decode_state  # the reference op recomputes the running V mean and the tile-mean keys
     fused_ok = not need_probs and probs_dropout is None
     if fused_ok and is_plain_dense(config, layer_idx):

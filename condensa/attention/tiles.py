@@ -1,31 +1,19 @@
-"""Tile geometry shared by the tile gate, the tile losses, the metrics and the kernels.
-
-Kernels work on `block_q x block_k` tiles of the attention matrix, so sparsity only pays when whole
-tiles can be skipped. Everything here uses the prefill layout: query row i and key column j are
-both absolute positions starting at 0 (causal: j <= i). A last, partial tile is allowed.
-Static tile patterns (visible, mandatory) are NumPy arrays, so they are constants under jit.
-"""
+"""Two tile helpers of the reference ops: a tile mask expanded to elements, and the exact top-m
+tiles (the oracle's choice, and the exact gate's in calibration). The geometry itself, shared with
+the kernels, lives in `condensa.tiling`."""
 
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
 
-from condensa.tiling.geometry import (  # noqa: F401  (re-exported: the attention package's tile vocabulary)
-    diagonal_tiles, mandatory_tiles, optional_tiles, tile_budget, tile_budgets, tile_count, visible_tiles,
-)
-from condensa.tiling.pooling import pooled_gate_scores, tile_masses, tile_means  # noqa: F401  (re-exported)
+from condensa.tiling.geometry import mandatory_tiles, optional_tiles, tile_budgets
 
 
 def expand_tiles(tile_mask: jax.Array, block_q: int, block_k: int, tq: int, tk: int) -> jax.Array:
     """A per-tile array [..., nq, nk] repeated to elements [..., tq, tk] (partial tiles cut)."""
     out = jnp.repeat(jnp.repeat(tile_mask, block_q, axis=-2), block_k, axis=-1)
     return out[..., :tq, :tk]
-
-
-def key_tile_of(position: jax.Array | int, block_k: int):
-    """Index of the key tile that holds `position`."""
-    return position // block_k
 
 
 def top_m_tiles(tile_scores: jax.Array, block_q: int, block_k: int, tile_budget: float, sink_tiles: int = 1) -> jax.Array:

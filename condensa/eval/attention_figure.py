@@ -48,7 +48,8 @@ def sparse_attention_of(thresholds):
 
 def draw(cfg: FigureConfig) -> Path:
     from condensa.eval.plots import plot_attention_heatmaps
-    from condensa.eval.text import read_eval_text, tokenizer_for
+    from condensa.data import model_tokenizer
+    from condensa.eval.text import read_eval_text
     from condensa.model import load_pretrained
     from condensa.sparsity import Thresholds
 
@@ -62,7 +63,7 @@ def draw(cfg: FigureConfig) -> Path:
     attention = sparse_attention_of(thresholds)
     thresholds.validate_for(config, attention, source=cfg.thresholds)
     length = cfg.length or config.n_positions
-    ids = tokenizer_for(cfg.model, cfg.tokenizer)(read_eval_text(cfg.data, cfg.split), verbose=False)["input_ids"]
+    ids = model_tokenizer(cfg.model, cfg.tokenizer)(read_eval_text(cfg.data, cfg.split), verbose=False)["input_ids"]
     block = np.asarray(ids[cfg.offset : cfg.offset + length], np.int32)
     if block.size < length:
         raise DataError(f"the text has {len(ids)} tokens, fewer than --offset {cfg.offset} + --length {length}.")

@@ -28,14 +28,14 @@ class GenerateConfig:
     model: str = ""  # HF directory, .gguf file, named model (smollm2-135m) or hub id
     tokenizer: str | None = None  # default: the model directory's own tokenizer
     data: list[str] = dataclasses.field(default_factory=list)  # text files/folders, or HF dataset name[:config]
-    split: str = "test"
+    split: str = "test"  # split of an HF dataset
     prompt: str = ""  # a prompt text; default: prompts cut from --data
     prompts: int = 4  # number of prompts cut from --data (consecutive, non-overlapping)
     prompt_tokens: int = 64  # tokens per prompt cut from --data
-    max_new_tokens: int = 32
+    max_new_tokens: int = 32  # greedy decoding steps after each prompt
     thresholds: str | None = None  # a thresholds file from `python -m condensa.calibrate`
     attention: AttentionConfig = dataclasses.field(default_factory=AttentionConfig)  # set mode: topk | toptheta
-    out: str = "runs/eval-generate"
+    out: str = "runs/eval-generate"  # output folder: results.json, config.json, v_rows.png
 
 
 def prompt_ids(cfg: GenerateConfig, encode) -> np.ndarray:

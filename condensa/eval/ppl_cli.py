@@ -10,7 +10,8 @@ import jax.numpy as jnp
 from condensa.attention import AttentionConfig
 from condensa.cli import check_writable, config_parser, config_to_dict, parse_config_args, progress, write_json
 from condensa.errors import ConfigError
-from condensa.eval.text import read_eval_text, tokenizer_for
+from condensa.data import model_tokenizer
+from condensa.eval.text import read_eval_text
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
@@ -24,11 +25,11 @@ class PerplexityConfig:
     stride: int | None = None  # default: the window length (no overlap)
     max_length: int | None = None  # default: n_positions
     max_tokens: int | None = None  # evaluate only the first N tokens (quick runs)
-    batch_size: int = 8
-    dtype: str = "float32"
+    batch_size: int = 8  # windows per forward pass
+    dtype: str = "float32"  # model compute dtype: float32, bfloat16 or float16
     thresholds: str | None = None  # a thresholds file from `python -m condensa.calibrate`
     attention: AttentionConfig = dataclasses.field(default_factory=AttentionConfig)
-    out: str = "runs/eval-ppl"
+    out: str = "runs/eval-ppl"  # output folder: results.json and config.json
 
 
 def run(cfg: PerplexityConfig) -> dict:
@@ -50,7 +51,7 @@ def run(cfg: PerplexityConfig) -> dict:
 
         thresholds = Thresholds.load(cfg.thresholds)
         thresholds.validate_for(model.config, cfg.attention)
-    tokenizer = tokenizer_for(cfg.model, cfg.tokenizer)
+    tokenizer = model_tokenizer(cfg.model, cfg.tokenizer)
     ids = tokenizer(read_eval_text(cfg.data, cfg.split), verbose=False)["input_ids"]
     if cfg.max_tokens:
         ids = ids[: cfg.max_tokens]

@@ -25,29 +25,29 @@ class SweepConfig:
     tokenizer: str | None = None  # default: the model directory's own tokenizer
     data: list[str] = dataclasses.field(default_factory=list)  # evaluation text: files/folders, or HF dataset name[:config]
     split: str = "test"  # split of an HF evaluation dataset
-    calibration_data: list[str] = dataclasses.field(default_factory=lambda: ["../shared/data/corpus"])
+    calibration_data: list[str] = dataclasses.field(default_factory=lambda: ["../shared/data/corpus"])  # calibration text
     calibration_samples: int = 64  # calibration blocks of max_length tokens
     token_cache: str = "~/.cache/condensa/tokens"  # tokenized calibration text is cached here
-    ks: list[int] = dataclasses.field(default_factory=lambda: [8, 16, 32, 64, 128, 256])
-    tile_budgets: list[Any] = dataclasses.field(default_factory=lambda: ["off", 0.5, 0.25, 0.125])
-    compensations: list[str] = dataclasses.field(default_factory=lambda: ["none", "sdc+vmc"])
+    ks: list[int] = dataclasses.field(default_factory=lambda: [8, 16, 32, 64, 128, 256])  # the k values (kept per row)
+    tile_budgets: list[Any] = dataclasses.field(default_factory=lambda: ["off", 0.5, 0.25, 0.125])  # gate budgets f, or off
+    compensations: list[str] = dataclasses.field(default_factory=lambda: ["none", "sdc+vmc"])  # none / sdc+vmc / exact+vmc
     tile: int = 64  # gate tile size (block_q = block_k), and the tile size of the tile metrics
-    sink_tiles: int = 1
-    sigma_add: float = 0.1
+    sink_tiles: int = 1  # leading key tiles the gate always keeps
+    sigma_add: float = 0.1  # calibration: θ = mean + sigma_add * std
     stride: int | None = None  # default: the window length
     max_length: int | None = None  # default: n_positions
     max_tokens: int | None = None  # evaluate only the first N tokens (quick runs)
-    batch_size: int = 8
+    batch_size: int = 8  # windows per forward pass
     metric_blocks: int = 2  # windows of evaluation text for the element / tile metrics and heatmaps
     decode_steps: int = 16  # KV-cache decoding steps for the V-row fraction (0: skip)
     gate_alone: bool = False  # also the gate with dense tiles at every budget: the gate's own perplexity cost
     decode_gate: bool = False  # also each gated rule with every row gated as its decoding step gates it
     tile_cap: bool = False  # every gate keeps at most its budget of tiles, the best-scored above Θ
     dense_layers: list[int] = dataclasses.field(default_factory=list)  # layers every rule leaves dense
-    heatmap_layer: int = 0
-    heatmap_head: int = 0
+    heatmap_layer: int = 0  # layer shown in heatmap.png
+    heatmap_head: int = 0  # head shown in heatmap.png
     heatmap_k: int | None = None  # default: the middle k of the sweep
-    out: str = "runs/eval-sweep"
+    out: str = "runs/eval-sweep"  # output folder: results, tables, plots and cached thresholds/
 
 
 def calibration_blocks(cfg: SweepConfig, text: ModelText, context: int) -> np.ndarray:

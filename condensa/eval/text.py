@@ -28,14 +28,10 @@ def read_eval_text(sources: list[str], split: str) -> str:
     return text
 
 
-def tokenizer_for(model: str, explicit: str | None):
-    return model_tokenizer(model, explicit)
-
-
 @functools.lru_cache(maxsize=4)
 def _tokenizer(model_dir: str, explicit: str | None):
     """Loading a tokenizer takes seconds; commands run from one process (tests, notebooks) share it."""
-    return tokenizer_for(model_dir, explicit)
+    return model_tokenizer(model_dir, explicit)
 
 
 @dataclasses.dataclass

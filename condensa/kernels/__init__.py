@@ -1,18 +1,11 @@
-"""Pallas kernels. They depend on nothing else in condensa except `condensa.errors`; each has a
-plain jax.numpy twin that defines its contract and serves as its backward pass."""
+"""Pallas kernels. They import nothing else in condensa but `condensa.errors` and the tiles of
+`condensa.tiling` (tests/test_architecture.py); each has a plain jax.numpy twin that defines its
+contract and serves as its backward pass."""
 
 from condensa.kernels.backend import resolve_backend
 from condensa.kernels.tile_gate_prepass import compact_tile_lists, gate_scores, offdiagonal_keep
 from condensa.kernels.toptheta_prefill import PrefillStats, toptheta_prefill
 from condensa.kernels.toptheta_reference import toptheta_prefill_reference, visible_v_mean
 
-__all__ = [
-    "PrefillStats",
-    "compact_tile_lists",
-    "gate_scores",
-    "offdiagonal_keep",
-    "resolve_backend",
-    "toptheta_prefill",
-    "toptheta_prefill_reference",
-    "visible_v_mean",
-]
+__all__ = ["PrefillStats", "compact_tile_lists", "gate_scores", "offdiagonal_keep", "resolve_backend",
+           "toptheta_prefill", "toptheta_prefill_reference", "visible_v_mean"]

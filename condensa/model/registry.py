@@ -29,10 +29,6 @@ FAMILIES: dict[str, tuple[type, type]] = {
 }
 
 
-def supported_model_types() -> tuple[str, ...]:
-    return tuple(FAMILIES)
-
-
 def _family(model_type: str, source: str) -> tuple[type, type]:
     if model_type not in FAMILIES:
         raise ConfigError(

@@ -39,9 +39,9 @@ from condensa.attention.dense import attention_scores
 from condensa.attention.gqa import repeat_kv
 from condensa.attention.rows import join_rows, keep_largest_if_empty, lookup_by_length, masked_max, split_rows
 from condensa.attention.tile_gate import decode_gate_layout, decode_gate_scores
-from condensa.attention.tiles import (
-    expand_tiles, optional_tiles, pooled_gate_scores, tile_budgets, tile_count, top_m_tiles,
-)
+from condensa.attention.tiles import expand_tiles, top_m_tiles
+from condensa.tiling import optional_tiles, tile_budgets, tile_count
+from condensa.tiling.pooling import pooled_gate_scores
 from condensa.errors import ConfigError, DataError
 from condensa.sparsity.gated_forward import forward_probs_and_gates
 from condensa.sparsity.metrics import causal_visible, kept_per_row, nanmean
@@ -474,24 +474,24 @@ def _by_key_tile(rows: np.ndarray, block_k: int) -> np.ndarray:
 class CalibrationConfig:
     """Everything `python -m condensa.calibrate` needs (YAML keys = these names)."""
 
-    model: str = ""
-    data: tuple[str, ...] = ()
+    model: str = ""  # HF directory, .gguf file, named model (smollm2-135m) or hub id
+    data: tuple[str, ...] = ()  # calibration text: files, folders of .txt, or HF dataset name[:config]
     tokenizer: str = ""  # default: the model directory, when it holds a tokenizer
-    k: int = 64
+    k: int = 64  # target kept elements per row (rows with n <= k stay dense)
     layer_k: str = ""  # "0:512,1:512"
-    placement: str = "pre"
-    sigma_add: float = 0.1
+    placement: str = "pre"  # pre (threshold scaled logits) or post (threshold probabilities)
+    sigma_add: float = 0.1  # θ = mean + sigma_add * std of the per-row samples (also the gate's Θ)
     tile: int = 0  # tile size for the gate (block_q = block_k); 0 = no gate
-    tile_budget: float = 0.125
-    sink_tiles: int = 1
+    tile_budget: float = 0.125  # gate budget f: m_b = max(1, ceil(f (b + 1))) optional tiles
+    sink_tiles: int = 1  # leading key tiles the gate always keeps
     samples: int = 256  # calibration blocks
     seq_len: int = 0  # 0 = the model's n_positions
-    batch_size: int = 8
-    topk_at_calibration: bool = False
+    batch_size: int = 8  # blocks per jitted step
+    topk_at_calibration: bool = False  # run exact top-k in the layers before the one being calibrated
     length_pooling: float = 0.0  # pool the samples of row lengths within n (1 ± this); 0 = none
     check_blocks: int = 8  # held-out blocks for the summary's achieved kept-per-row
-    seed: int = 0
-    out: str = ""
+    seed: int = 0  # seed of the block shuffle (calibration and check blocks)
+    out: str = ""  # output folder: thresholds.safetensors, summary.json, config.yaml
 
     def __post_init__(self) -> None:
         if not self.model:

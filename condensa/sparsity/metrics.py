@@ -17,7 +17,9 @@ from flax import nnx
 
 from condensa.attention import AttentionConfig
 from condensa.attention.gqa import kv_groups
-from condensa.attention.tiles import tile_count, tile_masses, top_m_tiles, visible_tiles
+from condensa.attention.tiles import top_m_tiles
+from condensa.tiling import tile_count, visible_tiles
+from condensa.tiling.pooling import tile_masses
 from condensa.sparsity.gated_forward import forward_probs_and_gates
 
 

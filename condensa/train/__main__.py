@@ -12,12 +12,6 @@ Examples:
   python -m condensa.train configs/quickstart.yaml --loss.topk.weight 0.5 --out runs/topk
   python -m condensa.train configs/gpt2-wikitext.yaml --optimizer.lr 3e-5 --train.dtype bfloat16
 
-Keys (defaults in condensa/train/config.py): out, model, init, model_config, model_overrides,
-dropout; data.{source,tokenizer,seq_len,validation_fraction,split,text_field,cache_dir};
-optimizer.{lr,min_lr_ratio,warmup_steps,weight_decay,b1,b2,grad_clip,grad_accum};
-loss.{topk,tile,gate}.{weight,layers,warmup_steps} with loss.topk.k, loss.tile.f, loss.gate.tau,
-loss.tile_size, loss.sink_tiles; train.{steps,batch_size,seed,dtype,remat,eval_every,
-eval_batches,log_every,export}; checkpoint.{every,keep,async_save}; mesh.{data,fsdp}.
 Set CONDENSA_DISTRIBUTED=1 on every host of a multi-host run (see condensa/train/parallel.py).
 """
 
@@ -27,13 +21,15 @@ import argparse
 import os
 import sys
 
-from condensa.cli import load_config, run_main
+from condensa.cli import key_help, load_config, run_main
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The command line, for --help and docs/cli.md (the keys are TrainConfig's, read by `load_config`)."""
+    from condensa.train.config import TrainConfig
+
     parser = argparse.ArgumentParser(prog="python -m condensa.train", description=__doc__.split("\n\n", 1)[1],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=key_help(TrainConfig))
     parser.add_argument("config", nargs="?", help="YAML file with TrainConfig keys (configs/*.yaml)")
     parser.add_argument("--restart", action="store_true",
                         help="start over from step 0 when no checkpoint in --out reads back intact")

@@ -16,26 +16,26 @@ from condensa.errors import ConfigError
 class DataConfig:
     source: str = "../shared/data/corpus"  # a text file, a folder of .txt files, or an HF dataset name[:config]
     tokenizer: str = "../shared/data/gpt2-tokenizer"  # a directory, or a hub id
-    seq_len: int = 256
-    validation_fraction: float = 0.02
+    seq_len: int = 256  # tokens per training sequence (at most the model's n_positions)
+    validation_fraction: float = 0.02  # share of the packed blocks held out for validation (the stream's tail)
     split: str = "train"  # HF datasets only
     text_field: str = "text"  # HF datasets only
-    cache_dir: str = "~/.cache/condensa/tokens"
+    cache_dir: str = "~/.cache/condensa/tokens"  # tokenized text is cached here, keyed by text and tokenizer
     vocab_limit: int | None = None  # keep only the N most frequent tokens (tiny CPU models; see data.compact_vocabulary)
     # Used instead of `source` / `tokenizer` when those are local paths that do not exist (so one
     # config serves a checkout with ../shared/data beside it and a machine with the HF cache).
-    fallback_source: str | None = None
-    fallback_tokenizer: str | None = None
+    fallback_source: str | None = None  # used when source is a local path that does not exist (e.g. an HF dataset)
+    fallback_tokenizer: str | None = None  # used when tokenizer is a local path that does not exist (e.g. a hub id)
 
 
 @dataclasses.dataclass(frozen=True)
 class OptimizerConfig:
-    lr: float = 3e-4
+    lr: float = 3e-4  # peak learning rate (AdamW), reached after warmup; cosine-decays to lr * min_lr_ratio
     min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
-    warmup_steps: int = 100
-    weight_decay: float = 0.1
-    b1: float = 0.9
-    b2: float = 0.95
+    warmup_steps: int = 100  # optimizer steps of linear warmup from 0 to lr
+    weight_decay: float = 0.1  # AdamW decoupled weight decay, on matrices only (not biases or LayerNorm)
+    b1: float = 0.9  # AdamW first-moment decay rate
+    b2: float = 0.95  # AdamW second-moment decay rate
     grad_clip: float = 1.0  # global-norm clipping; 0 turns it off
     grad_accum: int = 1  # micro-batches per optimizer step
 
@@ -43,36 +43,36 @@ class OptimizerConfig:
 @dataclasses.dataclass(frozen=True)
 class TopkLoss:
     weight: float = 0.0  # λ; 0 turns the loss off
-    k: int = 8
+    k: int = 8  # the loss is the attention mass outside each row's k largest probabilities
     layers: tuple[int, ...] = ()  # empty: all layers
     warmup_steps: int = 0  # λ ramps linearly from 0 over these steps
 
 
 @dataclasses.dataclass(frozen=True)
 class TileLoss:
-    weight: float = 0.0
+    weight: float = 0.0  # λ of the mass outside the oracle's tiles (diagonal, sinks, best m_b); 0 turns it off
     f: float = 0.125  # tile budget: m_b = max(1, ceil(f (b + 1))) optional tiles per query tile
-    layers: tuple[int, ...] = ()
-    warmup_steps: int = 0
+    layers: tuple[int, ...] = ()  # empty: all layers
+    warmup_steps: int = 0  # λ ramps linearly from 0 over these steps
 
 
 @dataclasses.dataclass(frozen=True)
 class GateLoss:
-    weight: float = 0.0
+    weight: float = 0.0  # λ of the cross-entropy: softmax of pooled gate scores vs tile masses; 0 turns it off
     tau: float = 1.0  # temperature of the softmax over gate scores
-    layers: tuple[int, ...] = ()
-    warmup_steps: int = 0
+    layers: tuple[int, ...] = ()  # empty: all layers
+    warmup_steps: int = 0  # λ ramps linearly from 0 over these steps
 
 
 @dataclasses.dataclass(frozen=True)
 class SelectLoss:
     """The mass outside the tiles a budgeted selector keeps (`condensa.sparsity.selector_loss`)."""
-    weight: float = 0.0
+    weight: float = 0.0  # λ of the mass outside the tiles the selector keeps; 0 turns it off
     f: float = 0.25  # the selector's tile budget, as `--attention.tile_budget` at evaluation
     selector: str = "rowmean"  # one the kernels' pre-pass runs: rowmean or window
     shared_heads: bool = True  # one budget for the heads of a query tile (`--attention.shared_heads`)
-    layers: tuple[int, ...] = ()
-    warmup_steps: int = 0
+    layers: tuple[int, ...] = ()  # empty: all layers
+    warmup_steps: int = 0  # λ ramps linearly from 0 over these steps
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,13 +82,13 @@ class LossConfig:
     gate: GateLoss = GateLoss()
     select: SelectLoss = SelectLoss()
     tile_size: int = 64  # b_q = b_k for the tile and gate losses and metrics
-    sink_tiles: int = 1
+    sink_tiles: int = 1  # leading key tiles always kept (with the diagonal) by the tile/gate losses and metrics
     # How the losses get what they need: "reference" takes the probabilities from the model (its
     # reference attention op); "pallas" recomputes the masses from q and k in a fused kernel while
     # attention keeps its fused path (condensa.kernels.attention_masses); "auto" is pallas on a
     # single GPU where it applies (dense attention; padded length <= 2048 for topk, <= 64 tiles for
     # tile/gate) and reference elsewhere (CPU, several devices).
-    kernel: Literal["auto", "pallas", "reference"] = "auto"
+    kernel: Literal["auto", "pallas", "reference"] = "auto"  # auto, pallas (fused kernel from q, k) or reference
 
     @property
     def active(self) -> bool:
@@ -97,25 +97,25 @@ class LossConfig:
 
 @dataclasses.dataclass(frozen=True)
 class TrainLoopConfig:
-    steps: int = 1000
+    steps: int = 1000  # optimizer steps in all (the learning-rate schedule spans them)
     batch_size: int = 8  # global batch (all devices), per optimizer micro-step
-    seed: int = 0
+    seed: int = 0  # seed of scratch initialisation, dropout and the batch shuffle
     dtype: Literal["float32", "bfloat16"] = "float32"  # compute dtype; parameters stay float32
-    remat: bool = True
-    eval_every: int = 200
+    remat: bool = True  # recompute each block's activations in the backward pass (less memory, more compute)
+    eval_every: int = 200  # steps between validation evaluations (and at the last step)
     eval_batches: int = 8  # 0 turns evaluation off
     # top-k / tile masses in evaluation: they hold every layer's [H, T, T] probabilities of one
     # sequence (38 GB at T = 16k for a 6-layer, 6-head model); false keeps the validation loss alone
-    eval_attention_metrics: bool = True
-    log_every: int = 10
+    eval_attention_metrics: bool = True  # top-k / tile mass metrics at evaluation (costly at long T); false: loss only
+    log_every: int = 10  # steps between lines in metrics.jsonl and the progress bar
     export: bool = True  # write an HF directory (out/hf) at the end
 
 
 @dataclasses.dataclass(frozen=True)
 class CheckpointConfig:
-    every: int = 500
-    keep: int = 3
-    async_save: bool = True
+    every: int = 500  # steps between checkpoints (and at the last step)
+    keep: int = 3  # newest checkpoints kept; older ones are deleted
+    async_save: bool = True  # write checkpoints in the background while training goes on
 
 
 @dataclasses.dataclass(frozen=True)
@@ -126,9 +126,9 @@ class MeshConfig:
 
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
-    out: str = "runs/default"
+    out: str = "runs/default"  # run folder: config.yaml, checkpoints/, metrics.jsonl, hf/; a run already there resumes
     model: str = "gpt2"  # for init=pretrained: HF directory, .gguf file, named model (smollm2-135m) or hub id
-    init: Literal["pretrained", "scratch"] = "pretrained"
+    init: Literal["pretrained", "scratch"] = "pretrained"  # pretrained (load model) or scratch (random model_config)
     model_config: str = "tiny"  # preset for init=scratch (tiny, gpt2-small, ...)
     model_overrides: dict = dataclasses.field(default_factory=dict)  # GPT2Config fields, e.g. n_positions
     dropout: float | None = None  # overrides all GPT-2 dropout rates when set

@@ -40,7 +40,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from condensa.attention.tiles import tile_budget
+from condensa.tiling import tile_budget
 from condensa.cli import config_parser, parse_config_args, append_jsonl, config_to_dict, progress, run_main, write_json
 from condensa.errors import ConfigError
 from condensa.eval.bench.decode_baselines import dense_baselines, head_major, tile_state
@@ -53,30 +53,30 @@ from condensa.kernels.toptheta_decode import (SKIP_V_MODES, compact, default_num
 class DecodeBenchConfig:
     """What to time. Shapes run in order, the acceptance shape (batch 8, S = 16k) first."""
 
-    out_dir: str = "runs/bench_decode"
-    batches: list[int] = dataclasses.field(default_factory=lambda: [8, 1, 32])
-    seq_lens: list[int] = dataclasses.field(default_factory=lambda: [16384, 65536, 4096])
-    head_dims: list[int] = dataclasses.field(default_factory=lambda: [64, 128])
-    heads: int = 12
-    dtype: str = "bfloat16"
-    k_top: int = 64
-    sigma_add: float = 0.1
-    budgets: list[float] = dataclasses.field(default_factory=lambda: [0.25, 0.125, 0.0625])
-    block_k: int = 64
-    sink_tiles: int = 1
-    retrieval_tiles: int = 4
+    out_dir: str = "runs/bench_decode"  # writes config.json, results.jsonl, summary.md here
+    batches: list[int] = dataclasses.field(default_factory=lambda: [8, 1, 32])  # batch sizes (sequences) timed
+    seq_lens: list[int] = dataclasses.field(default_factory=lambda: [16384, 65536, 4096])  # KV-cache lengths S timed
+    head_dims: list[int] = dataclasses.field(default_factory=lambda: [64, 128])  # head dimensions timed (64 or 128)
+    heads: int = 12  # attention heads
+    dtype: str = "bfloat16"  # bfloat16, float16 or float32
+    k_top: int = 64  # Top-θ k: θ from each row's (k+1)-th largest score
+    sigma_add: float = 0.1  # thresholds = mean + sigma_add * std over the batch
+    budgets: list[float] = dataclasses.field(default_factory=lambda: [0.25, 0.125, 0.0625])  # gate budgets f timed
+    block_k: int = 64  # key tile size of the kernel and the gate
+    sink_tiles: int = 1  # leading key tiles the gate always keeps
+    retrieval_tiles: int = 4  # random key tiles per sequence aligned with the query
     num_splits: int = 0  # 0: the kernel's default (enough programs to fill the GPU)
-    num_warps: int = 4
-    num_stages: int = 2
+    num_warps: int = 4  # Triton warps per program
+    num_stages: int = 2  # Triton pipeline stages
     skip_v: str = "auto"  # V read: "rows" (survivors), "rows_branch" (same, a branch per tile), "blocks"; "auto": rows
-    baselines: list[str] = dataclasses.field(default_factory=lambda: ["xla", "cudnn", "pallas_decode"])
-    warmup: int = 3
-    repeats: int = 15
+    baselines: list[str] = dataclasses.field(default_factory=lambda: ["xla", "cudnn", "pallas_decode"])  # any of these
+    warmup: int = 3  # untimed calls before timing
+    repeats: int = 15  # timed repeats; the median is reported
     inner: int = 10  # back-to-back calls per timed repeat (hides host dispatch)
     rotate_bytes: float = 256e6  # small caches rotate over copies until this many bytes are in play
-    check: bool = True
-    check_seq_len: int = 4096
-    check_tol: float = 2e-2
+    check: bool = True  # check kernel vs attend() before timing
+    check_seq_len: int = 4096  # cache length of the correctness check
+    check_tol: float = 2e-2  # max relative error that passes the check
     time_budget_s: float = 0.0  # stop starting new shapes after this long (0: no limit)
     tune: bool = False  # at the first shape, also time the gate pre-pass alone and other warps/splits
     jit: bool = True  # time condensa's call under jax.jit, as a model's decode step runs it (False: eager)

@@ -5,15 +5,6 @@ concentration losses use during training, for several block settings, against th
 path it replaces (probabilities from the reference attention op, then the loss) and against
 cuDNN attention's own forward + backward on the same q, k, v, in one process. Before timing, each
 setting's gradient is compared with the reference's on fresh random inputs.
-
-Options:
-  --batch B (8)  --heads H (12)  --seq-len T (1024)  --head-dim D (64)  --dtype (bfloat16)
-  --top-k K      count only the k largest scores per row (the top-k loss); default: none (tile loss)
-  --tile N (64)  --configs LIST  block_q/block_q_dk/num_warps[/num_stages[/bisect_steps]] (16/64/4,16/64/8,16/32/4)
-                 (before 2026-11-23 the 4th field was bisect_steps; num_stages defaults to 3)
-  --warmup N (3) --repeats N (20) --out PATH
-  --profile DIR  also capture a profiler trace of each fused setting under DIR and print its kernels'
-                 device time (run with XLA_FLAGS=--xla_gpu_enable_command_buffer= for one row per kernel)
 """
 
 from __future__ import annotations
@@ -31,18 +22,22 @@ from condensa.eval.bench.timing import environment, header, measure
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m condensa.eval.bench masses", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--batch", type=int, default=8)
-    p.add_argument("--heads", type=int, default=12)
-    p.add_argument("--seq-len", type=int, default=1024)
-    p.add_argument("--head-dim", type=int, default=64)
-    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
-    p.add_argument("--top-k", type=int, default=None)
-    p.add_argument("--tile", type=int, default=64)
-    p.add_argument("--configs", default="16/64/4,16/64/8,16/32/4")
-    p.add_argument("--warmup", type=int, default=3)
-    p.add_argument("--repeats", type=int, default=20)
-    p.add_argument("--out", default=None)
-    p.add_argument("--profile", default=None)
+    p.add_argument("--batch", type=int, default=8, help="sequences B (default 8)")
+    p.add_argument("--heads", type=int, default=12, help="heads H (default 12)")
+    p.add_argument("--seq-len", type=int, default=1024, help="tokens per sequence T (default 1024)")
+    p.add_argument("--head-dim", type=int, default=64, help="head dimension D (default 64)")
+    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"], help="q and k dtype")
+    p.add_argument("--top-k", type=int, default=None,
+                   help="count only the k largest scores per row (the top-k loss); default: all (the tile loss)")
+    p.add_argument("--tile", type=int, default=64, help="key tile of the masses (default 64)")
+    p.add_argument("--configs", default="16/64/4,16/64/8,16/32/4", help="kernel block settings to time, a comma "
+                   "list of block_q/block_q_dk/num_warps[/num_stages[/bisect_steps]] (num_stages default 3)")
+    p.add_argument("--warmup", type=int, default=3, help="untimed calls first (default 3)")
+    p.add_argument("--repeats", type=int, default=20, help="timed calls; the median is reported (default 20)")
+    p.add_argument("--out", default=None, help="also write the results as JSON to this path")
+    p.add_argument("--profile", default=None, help="also capture a profiler trace of each fused setting under this "
+                   "folder and print its kernels' device time (with XLA_FLAGS=--xla_gpu_enable_command_buffer= "
+                   "for one row per kernel)")
     return p
 
 

@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from condensa.attention.tiles import tile_budget
+from condensa.tiling import tile_budget
 from condensa.cli import config_parser, parse_config_args, append_jsonl, config_to_dict, progress, run_main, write_json
 from condensa.errors import ConfigError
 from condensa.eval.bench.timing import correctness_summary, environment, measure
@@ -39,28 +39,28 @@ from condensa.kernels import gate_scores, toptheta_prefill, toptheta_prefill_ref
 class PrefillBenchConfig:
     """What to time. `tokens` fixes batch x heads x T per call, so every T fills the GPU alike."""
 
-    out_dir: str = "runs/bench_prefill"
-    seq_lens: list[int] = dataclasses.field(default_factory=lambda: [1024, 2048, 4096, 8192, 16384])
-    head_dims: list[int] = dataclasses.field(default_factory=lambda: [64, 128])
-    heads: int = 16
-    tokens: int = 2_097_152
-    dtype: str = "bfloat16"
-    k_top: int = 64
-    budgets: list[float] = dataclasses.field(default_factory=lambda: [0.25, 0.125, 0.0625])
+    out_dir: str = "runs/bench_prefill"  # writes config.json, results.jsonl, summary.md here
+    seq_lens: list[int] = dataclasses.field(default_factory=lambda: [1024, 2048, 4096, 8192, 16384])  # lengths T timed
+    head_dims: list[int] = dataclasses.field(default_factory=lambda: [64, 128])  # head dimensions timed (64 or 128)
+    heads: int = 16  # attention heads per call
+    tokens: int = 2_097_152  # batch x heads x T per call; batch = tokens / (heads T)
+    dtype: str = "bfloat16"  # bfloat16, float16 or float32
+    k_top: int = 64  # Top-θ k: θ is each row's (k+1)-th largest score
+    budgets: list[float] = dataclasses.field(default_factory=lambda: [0.25, 0.125, 0.0625])  # gate budgets f timed
     compensated_budget: float = 0.125  # one extra gated run with calibrated SDC + VMC (0: none)
-    block_q: int = 128
-    block_k: int = 128
+    block_q: int = 128  # kernel query tile size
+    block_k: int = 128  # kernel key tile size
     num_warps: int = 0  # 0: 4 for head_dim 64, 8 for 128
-    num_stages: int = 3
-    heavy_first: bool = True
-    baselines: list[str] = dataclasses.field(default_factory=lambda: ["cudnn", "pallas_mha", "xla"])
+    num_stages: int = 3  # Triton pipeline stages
+    heavy_first: bool = True  # launch the longest (last) query tiles first
+    baselines: list[str] = dataclasses.field(default_factory=lambda: ["cudnn", "pallas_mha", "xla"])  # any subset of these
     xla_max_gb: float = 16.0  # dense XLA materialises [B, H, T, T]: skip it above this size
-    warmup: int = 3
-    repeats: int = 20
-    check: bool = True
-    check_tol: float = 2e-2
+    warmup: int = 3  # untimed calls before timing
+    repeats: int = 20  # timed calls; the median is reported
+    check: bool = True  # check kernel vs reference before timing
+    check_tol: float = 2e-2  # max relative error that passes the check
     tune: bool = False  # also sweep kernel tile shapes / warps / stages for the dense mode
-    tune_seq_len: int = 8192
+    tune_seq_len: int = 8192  # T for tune and tune_sparse
     tune_sparse: bool = False  # also time the sparse modes' parts per tile shape, at tune_seq_len
 
 

@@ -8,19 +8,6 @@ ln(vocab), the loss of an untrained model.
 MFU counts model FLOPs only (remat recomputation excluded), as in PaLM / nanoGPT:
 6 · (non-embedding params + d · vocab for the tied output layer) + 12 · L · d · T per token
 (causal attention counted in full), over the device's dense bf16 peak.
-
-Options:
-  --model-config NAME   model preset (gpt2-small)       --seq-len T        (1024)
-  --batch-size B        sequences per step (8)          --dtype            (bfloat16)
-  --settings LIST       comma list of: none, topk, tile, gate, topk+tile ... (none,topk,tile)
-  --weight W            λ for each active loss (0.5)    --k K              (64)
-  --tile-size N (64)    --f F (0.125)                   --remat true|false (true)
-  --warmup N (3)        --repeats N (10)                --peak-tflops X    (from the device kind)
-  --steps-per-repeat N  steps dispatched back to back per timed repeat, as the training loop
-                        does (5); the step time is the repeat's time over N
-  --out PATH            also write the results as JSON
-  --profile DIR         also capture a profiler trace of 3 steps per setting under DIR and print
-                        the device ops that take the most time (--profile-top N, default 25)
 """
 
 from __future__ import annotations
@@ -42,23 +29,27 @@ LOSSES = ("topk", "tile", "gate")
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m condensa.eval.bench train", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter, add_help=True)
-    p.add_argument("--model-config", default="gpt2-small")
-    p.add_argument("--seq-len", type=int, default=1024)
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
-    p.add_argument("--settings", default="none,topk,tile")
-    p.add_argument("--weight", type=float, default=0.5)
-    p.add_argument("--k", type=int, default=64)
-    p.add_argument("--tile-size", type=int, default=64)
-    p.add_argument("--f", type=float, default=0.125)
-    p.add_argument("--remat", default="true", choices=["true", "false"])
-    p.add_argument("--warmup", type=int, default=3)
-    p.add_argument("--repeats", type=int, default=10)
-    p.add_argument("--steps-per-repeat", type=int, default=5)
-    p.add_argument("--peak-tflops", type=float, default=None)
-    p.add_argument("--out", default=None)
-    p.add_argument("--profile", default=None)
-    p.add_argument("--profile-top", type=int, default=25)
+    p.add_argument("--model-config", default="gpt2-small", help="model preset (default gpt2-small)")
+    p.add_argument("--seq-len", type=int, default=1024, help="tokens per sequence T (default 1024)")
+    p.add_argument("--batch-size", type=int, default=8, help="sequences per step (default 8)")
+    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"], help="compute dtype")
+    p.add_argument("--settings", default="none,topk,tile",
+                   help="loss settings to time, a comma list of none or '+'-joined topk, tile, gate (default none,topk,tile)")
+    p.add_argument("--weight", type=float, default=0.5, help="λ of each active loss (default 0.5)")
+    p.add_argument("--k", type=int, default=64, help="the top-k loss's k (default 64)")
+    p.add_argument("--tile-size", type=int, default=64, help="tile of the tile and gate losses (default 64)")
+    p.add_argument("--f", type=float, default=0.125, help="the tile loss's budget fraction (default 0.125)")
+    p.add_argument("--remat", default="true", choices=["true", "false"], help="recompute each block in the backward pass")
+    p.add_argument("--warmup", type=int, default=3, help="untimed repeats first (default 3)")
+    p.add_argument("--repeats", type=int, default=10, help="timed repeats; the median is reported (default 10)")
+    p.add_argument("--steps-per-repeat", type=int, default=5, help="steps dispatched back to back per timed repeat, "
+                   "as the training loop does; the step time is the repeat's time over N (default 5)")
+    p.add_argument("--peak-tflops", type=float, default=None, help="the device's dense bf16 peak for MFU "
+                   "(default: from the device kind)")
+    p.add_argument("--out", default=None, help="also write the results as JSON to this path")
+    p.add_argument("--profile", default=None, help="also capture a profiler trace of 3 steps per setting under "
+                   "this folder and print the device ops that take the most time")
+    p.add_argument("--profile-top", type=int, default=25, help="how many device ops --profile prints (default 25)")
     return p
 
 

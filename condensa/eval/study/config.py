@@ -15,21 +15,21 @@ BASE = "base"  # the pretrained stand-in; every other model is a fine-tune of it
 @dataclasses.dataclass(frozen=True)
 class CalibrationSettings:
     samples: int = 32  # corpus training blocks the thresholds are calibrated on
-    ks: list[int] = dataclasses.field(default_factory=lambda: [16, 32, 64, 128])
-    tile_budgets: list[float] = dataclasses.field(default_factory=lambda: [0.25, 0.125, 0.0625, 0.03125])
+    ks: list[int] = dataclasses.field(default_factory=lambda: [16, 32, 64, 128])  # k values calibrated and evaluated
+    tile_budgets: list[float] = dataclasses.field(default_factory=lambda: [0.25, 0.125, 0.0625, 0.03125])  # gate budgets f
     gate_k: int = 64  # gated rules are evaluated at this k only
     tile: int = 128  # block_q = block_k of the gate
-    sink_tiles: int = 1
-    sigma_add: float = 0.1
-    batch_size: int = 2
-    seed: int = 0
+    sink_tiles: int = 1  # leading key tiles the gate always keeps
+    sigma_add: float = 0.1  # θ = mean + sigma_add * std
+    batch_size: int = 2  # blocks per calibration step
+    seed: int = 0  # seed of the choice of calibration blocks
 
 
 @dataclasses.dataclass(frozen=True)
 class EvaluationSettings:
-    wikitext: str = "../shared/data/wikitext-2-raw/wiki.test.raw"
+    wikitext: str = "../shared/data/wikitext-2-raw/wiki.test.raw"  # WikiText-2 wiki.test.raw, the second held-out set
     max_tokens: int = 65536  # per held-out set
-    batch_size: int = 1
+    batch_size: int = 1  # windows per perplexity forward pass
     metric_blocks: int = 1  # blocks for the element / tile metrics
     models: list[str] = dataclasses.field(default_factory=list)  # empty: every model
     gate_alone: bool = False  # also the gate with dense tiles at every budget (its own perplexity cost)
@@ -42,19 +42,19 @@ class EvaluationSettings:
 class TimingSettings:
     models: list[str] = dataclasses.field(default_factory=lambda: [BASE])  # plus the best condensed model
     batch: int = 4  # sequences per prefill / decode call
-    k: int = 64
+    k: int = 64  # the Top-θ k timed; must equal calibration.gate_k
     max_delta_ppl: float = 0.01  # the gate budget timed is the smallest whose cost on held-out corpus text is within this
     budget_by: str = "rule"  # "rule": that cost is the gated Top-θ rule's; "gate": the gate alone's (evaluation.gate_alone)
     prefill_grid: bool = False  # also time prefill attention with every Top-θ rule the evaluation measured
     # the grid's compensations: each rule costs ~6 s per layer at T = 8k (compile, reference check, timing)
-    grid_compensations: list[str] = dataclasses.field(default_factory=lambda: ["none", "sdc+vmc"])
-    warmup: int = 3
-    repeats: int = 10
+    grid_compensations: list[str] = dataclasses.field(default_factory=lambda: ["none", "sdc+vmc"])  # none and/or sdc+vmc
+    warmup: int = 3  # untimed calls before timing
+    repeats: int = 10  # timed calls; the median is reported
 
 
 @dataclasses.dataclass(frozen=True)
 class StudyConfig:
-    out: str = "runs/study"
+    out: str = "runs/study"  # study folder: models/, thresholds/, results/, report/
     pretrain: dict = dataclasses.field(default_factory=dict)  # a condensa.train config (init: scratch)
     finetune_defaults: dict = dataclasses.field(default_factory=dict)  # shared by every fine-tune
     finetunes: dict = dataclasses.field(default_factory=dict)  # name -> condensa.train overrides
