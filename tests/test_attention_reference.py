@@ -428,3 +428,15 @@ def test_missing_thresholds_are_user_errors():
     with pytest.raises(ThresholdsError, match="--tile"):
         attend(q, k, v, visible=vis, scale=SCALE, layer_idx=0, thresholds=_thresholds(np.zeros((1, H, T))),
                config=AttentionConfig(mode="toptheta", tile_gate=True))
+
+
+def test_for_layer_resolves_a_layers_rule_once():
+    """A layer in dense_layers runs plain dense attention (on the same backend); another layer runs
+    the rule with its own k, and the resolved config no longer depends on the layer index."""
+    rule = AttentionConfig(mode="topk", k=8, layer_k="2:16", dense_layers=(1,), tile_gate=True, block_q=8, block_k=8,
+                           tile_budget=0.25, tile_selector="window", backend="pallas")
+    dense = rule.for_layer(1)
+    assert dense.is_dense and dense == AttentionConfig(backend="pallas")
+    assert rule.for_layer(0).k == 8 and rule.for_layer(2).k == 16
+    assert rule.for_layer(2) == rule.replace(k=16, layer_k=(), dense_layers=())
+    assert not rule.for_layer(0).is_dense and rule.for_layer(0).for_layer(1) == rule.for_layer(0)

@@ -169,6 +169,19 @@ class AttentionConfig:
     def is_dense_layer(self, layer: int) -> bool:
         return int(layer) in self.dense_layers
 
+    def for_layer(self, layer: int) -> "AttentionConfig":
+        """The rule layer `layer` runs, with nothing left that depends on the layer index: plain dense
+        attention for a layer in `dense_layers`, else this rule with k = `k_for(layer)`. Per-layer
+        decisions read it, so a layer's rule is resolved in one place."""
+        if self.is_dense_layer(layer):
+            return AttentionConfig(backend=self.backend)
+        return self.replace(k=self.k_for(layer), layer_k=(), dense_layers=())
+
+    @property
+    def is_dense(self) -> bool:
+        """Plain softmax attention: no threshold and no gate."""
+        return self.mode == "dense" and not self.tile_gate
+
     @property
     def needs_thresholds(self) -> bool:
         """Whether `attend` needs a `Thresholds` object for this config (the selectors other than the

@@ -75,11 +75,11 @@ def decode_kernel_applies(config, layer_idx: int, q, decode_state, *, need_probs
 
 
 def _is_gated(config, layer_idx: int) -> bool:
-    return config.tile_gate and not config.is_dense_layer(layer_idx)
+    return config.for_layer(layer_idx).tile_gate
 
 
 def _is_sparse(config, layer_idx: int) -> bool:
-    return not config.is_dense_layer(layer_idx) and (config.mode != "dense" or config.tile_gate)
+    return not config.for_layer(layer_idx).is_dense
 
 
 def element_tables(config, layer, layer_idx: int, n_rows: int):

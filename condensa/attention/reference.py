@@ -129,7 +129,7 @@ def attend_in_row_chunks(q, k, v, *, visible, scale, layer_idx, config, threshol
 
 def is_plain_dense(config: AttentionConfig, layer_idx: int) -> bool:
     """Whether this layer runs ordinary softmax attention (no threshold, no gate)."""
-    return (config.mode == "dense" and not config.tile_gate) or config.is_dense_layer(layer_idx)
+    return config.for_layer(layer_idx).is_dense
 
 
 def fused_dense_attention(q, k, v, *, visible, scale, causal: bool) -> jax.Array:

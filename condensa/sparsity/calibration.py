@@ -80,7 +80,7 @@ class LayerWalk:
                               f"mode={walk_attention.mode!r}, tile_gate={walk_attention.tile_gate}.")
         self.graphdef, self.state = nnx.split(model)
         self.layers = [_split_without_index(block) for block in model._blocks()]
-        self.attentions = [_layer_attention(walk_attention, layer) for layer in range(len(self.layers))]
+        self.attentions = [walk_attention.for_layer(layer) for layer in range(len(self.layers))]
 
     def run(self, ids: jax.Array, per_layer: Callable) -> list:
         """`per_layer(layer, graphdef, state, x, block_args)` on the hidden states x entering each
@@ -101,13 +101,6 @@ def _split_without_index(block) -> tuple:
         if isinstance(node, nnx.Module) and hasattr(node, "layer_idx"):
             node.layer_idx = 0
     return nnx.split(copy)
-
-
-def _layer_attention(attention: AttentionConfig, layer: int) -> AttentionConfig:
-    """`attention` as layer `layer` runs it, with nothing left that depends on the layer index."""
-    if attention.is_dense_layer(layer):
-        return AttentionConfig()
-    return attention.replace(k=attention.k_for(layer), layer_k=(), dense_layers=())
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef",))
