@@ -128,7 +128,8 @@ def _json_default(value: Any) -> Any:
 
 
 def _comments(cls) -> dict[str, str]:
-    """field name -> the `# comment` after it in the class source."""
+    """field name -> the `# comment` after it in the class source. Written here: the parsers that
+    read field docs (tyro, simple_parsing) are not among the project's dependencies."""
     try:
         source = inspect.getsource(cls)
     except (OSError, TypeError):
