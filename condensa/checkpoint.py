@@ -115,11 +115,6 @@ class _DropDiskFullReports(logging.Filter):
         return not (disk_full(error) or any(sign in record.getMessage() for sign in _DISK_FULL_SIGNS))
 
 
-_ABSL_LOG = logging.getLogger("absl")
-if not any(isinstance(f, _DropDiskFullReports) for f in _ABSL_LOG.filters):
-    _ABSL_LOG.addFilter(_DropDiskFullReports())
-
-
 def _is_abandoned_io(unraisable) -> bool:
     exc = unraisable.exc_value
     return isinstance(exc, RuntimeError) and str(exc) == "Event loop is closed"
@@ -148,11 +143,13 @@ def quiet_abandoned_io() -> None:
     either by calling back into an asyncio loop that orbax has closed (Python prints `RuntimeError:
     Event loop is closed` through `sys.unraisablehook`) or as a task whose error nobody retrieves
     (asyncio logs it with a traceback): hundreds of lines for one truncated checkpoint or full
-    disk, on top of the one message that matters. Their results are unwanted, since the operation
-    already failed, so exactly those reports are dropped; every other one goes on as before."""
-    asyncio_log = logging.getLogger("asyncio")
-    if not any(isinstance(f, _DropAbandonedIO) for f in asyncio_log.filters):
-        asyncio_log.addFilter(_DropAbandonedIO())
+    disk, on top of the one message that matters; orbax also logs a full disk from each of its save
+    threads. Their results are unwanted, since the operation already failed and the Checkpointer
+    raises it once, so exactly those reports are dropped; every other one goes on as before."""
+    for logger, report_filter in (("asyncio", _DropAbandonedIO), ("absl", _DropDiskFullReports)):
+        log = logging.getLogger(logger)
+        if not any(isinstance(f, report_filter) for f in log.filters):
+            log.addFilter(report_filter())
     previous = sys.unraisablehook
     if getattr(previous, "drops_abandoned_io", False):
         return

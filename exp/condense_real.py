@@ -20,7 +20,6 @@ Results accumulate in OUT/results.json after every run and rule.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import time

@@ -18,7 +18,7 @@ import math
 
 import jax.numpy as jnp
 
-from condensa.attention.reference import layer_thresholds, reference_attend
+from condensa.attention.reference import layer_thresholds, reference_attend, vmc_applies
 
 
 def _element_rule_supported(config, layer_idx: int) -> bool:
@@ -117,15 +117,11 @@ def attend_with_pallas(q, k, v, *, visible, scale, layer_idx, config, thresholds
     )
 
 
-def _vmc(config, layer_idx: int) -> bool:
-    return bool(config.vmc and config.mode != "dense" and not config.is_dense_layer(layer_idx))
-
-
 def _rule_args(config, layer, layer_idx: int, n: int) -> dict:
     """The arguments both kernels take alike: θ and Δ̄ for rows of up to n keys, SDC's γ, VMC, and
     the gate's sink tiles and budget (the gate's own table and tile sizes differ per kernel)."""
     theta, sdc = element_tables(config, layer, layer_idx, n) if layer is not None else (None, None)
-    return dict(theta=theta, sdc_delta=sdc, sdc_gamma=config.gamma, vmc=_vmc(config, layer_idx),
+    return dict(theta=theta, sdc_delta=sdc, sdc_gamma=config.gamma, vmc=vmc_applies(config, layer_idx),
                 sink_tiles=config.sink_tiles, tile_budget=config.tile_budget if _is_gated(config, layer_idx) else None,
                 tile_cap=config.tile_cap and _is_gated(config, layer_idx))
 

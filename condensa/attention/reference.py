@@ -40,7 +40,7 @@ def sparse_probs(q, k, *, visible, scale, layer_idx, config: AttentionConfig, th
     element mask when the caller has computed it already (for a slice of the query rows)."""
     k = repeat_kv(k, q.shape[2])
     scores = attention_scores(q, k, scale)
-    if (config.mode == "dense" and not config.tile_gate) or config.is_dense_layer(layer_idx):
+    if is_plain_dense(config, layer_idx):
         return masked_softmax(scores, visible)
     layer = layer_thresholds(config, thresholds, layer_idx) if config.needs_thresholds else None
     if allowed is None:
@@ -87,7 +87,7 @@ def _reference_pass(q, k, v, *, visible, scale, layer_idx, config, thresholds, p
                          thresholds=thresholds, allowed=allowed)
     applied = probs_dropout(probs) if probs_dropout is not None else probs
     out = weighted_values(applied, v)
-    if config.vmc and config.mode != "dense" and not config.is_dense_layer(layer_idx):
+    if vmc_applies(config, layer_idx):
         out = v_mean_compensation(out, probs, v, visible)
     return out, probs
 
@@ -112,7 +112,7 @@ def attend_in_row_chunks(q, k, v, *, visible, scale, layer_idx, config, threshol
     computed first, for all rows, as bool."""
     b, tq = q.shape[:2]
     visible = jnp.broadcast_to(visible, (b, visible.shape[1], tq, k.shape[1]))
-    gated = config.tile_gate and not config.is_dense_layer(layer_idx)
+    gated = config.for_layer(layer_idx).tile_gate
     allowed = visible
     if gated:
         layer = layer_thresholds(config, thresholds, layer_idx) if config.needs_thresholds else None
@@ -130,6 +130,12 @@ def attend_in_row_chunks(q, k, v, *, visible, scale, layer_idx, config, threshol
 def is_plain_dense(config: AttentionConfig, layer_idx: int) -> bool:
     """Whether this layer runs ordinary softmax attention (no threshold, no gate)."""
     return config.for_layer(layer_idx).is_dense
+
+
+def vmc_applies(config: AttentionConfig, layer_idx: int) -> bool:
+    """Whether this layer adds V-mean compensation (a rule that drops elements, with vmc on)."""
+    rule = config.for_layer(layer_idx)
+    return rule.vmc and rule.mode != "dense"
 
 
 def fused_dense_attention(q, k, v, *, visible, scale, causal: bool) -> jax.Array:
