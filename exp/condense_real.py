@@ -20,6 +20,7 @@ Results accumulate in OUT/results.json after every run and rule.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import time
@@ -96,41 +97,58 @@ def train_config(args, spec: str, seed: int) -> TrainConfig:
     return config_from_dict(TrainConfig, values)
 
 
-def train_stage(args, results: dict, save) -> None:
+def train_run(args, name: str, spec: str, seed: int, results: dict, save) -> bool:
+    """Fine-tunes one run (resuming its checkpoint if a call was cut short); False if it failed,
+    with the error kept in the results so that the other runs still go ahead."""
     from condensa.train.loop import train
 
-    for seed in [int(s) for s in args.seeds.split(",")]:
-        for spec in args.runs.split(","):
-            name = run_name(spec, seed)
-            if name in results["train"]:
-                continue
-            cfg = train_config(args, spec, seed)
-            start = time.perf_counter()
-            final = train(cfg)
-            seconds = time.perf_counter() - start
-            log = [json.loads(line) for line in (Path(cfg.out) / "metrics.jsonl").read_text().splitlines()]
-            results["train"][name] = {"spec": spec, "seed": seed, "seconds": seconds, "final": final,
-                                      "log": [r for r in log if "loss" in r or "val_loss" in r]}
-            print(f"trained {name} in {seconds:.0f} s: {final}", flush=True)
-            save()
+    if name in results["train"]:
+        return "error" not in results["train"][name]
+    cfg = train_config(args, spec, seed)
+    start = time.perf_counter()
+    try:
+        final = train(cfg)
+    except Exception as error:  # noqa: BLE001 - one run's failure must not stop the sweep
+        results["train"][name] = {"spec": spec, "seed": seed, "error": f"{type(error).__name__}: {error}"}
+        print(f"training {name} failed: {error}", flush=True)
+        save()
+        return False
+    seconds = time.perf_counter() - start
+    log = [json.loads(line) for line in (Path(cfg.out) / "metrics.jsonl").read_text().splitlines()]
+    results["train"][name] = {"spec": spec, "seed": seed, "seconds": seconds, "final": final,
+                              "log": [r for r in log if "loss" in r or "val_loss" in r]}
+    print(f"trained {name} in {seconds:.0f} s: {final}", flush=True)
+    save()
+    return True
 
 
 def fine_tuned(base, run: Path):
-    """The bf16 base model with the parameters of the run's last checkpoint."""
+    """The base model with the parameters of the run's last checkpoint, cast to the base's dtypes
+    (training keeps float32 parameters; the original is evaluated in --dtype, so are the fine-tunes)."""
     from condensa.train.run_model import restore_run
 
-    restored = restore_run(run).model
-    nnx.update(base, nnx.state(restored, nnx.Param))
+    trained = nnx.state(restore_run(run).model, nnx.Param)
+    nnx.update(base, jax.tree.map(lambda new, old: jnp.asarray(new, old.dtype), trained, nnx.state(base, nnx.Param)))
     return base
 
 
-def eval_stage(args, results: dict, save) -> None:
+@dataclasses.dataclass
+class EvalSet:
+    """The evaluation texts and rules, shared by every model."""
+
+    windows: np.ndarray
+    book_windows: np.ndarray
+    halves: dict
+    wikitext_rules: dict
+    book_rules: dict
+    runner: LayerRunner | None = None
+
+
+def eval_setup(args, results: dict) -> EvalSet:
     tokenizer = load_tokenizer(args.model)
     ids = np.asarray(tokenizer(read_text_file(Path(args.data)))["input_ids"], np.int32)
     book = np.asarray(tokenizer(read_text_file(Path(args.book)))["input_ids"], np.int32)
     windows = windows_of(ids, args.seq, args.windows)
-    halves = {"choose": slice(0, len(windows) // 2), "report": slice(len(windows) // 2, len(windows))}
-    book_windows = windows_of(book, args.seq, args.book_windows)
     budgets = [float(x) for x in args.budgets.split(",")]
     results["kept_tiles"] = {str(f): kept_tile_fraction(args.seq, args.block, f) for f in budgets}
 
@@ -139,31 +157,33 @@ def eval_stage(args, results: dict, save) -> None:
         return AttentionConfig(tile_gate=True, tile_selector=spec, tile_budget=f, block_q=args.block,
                                block_k=args.block, shared_heads=shared)
 
-    names = [run_name(spec, int(seed)) for seed in args.seeds.split(",") for spec in args.runs.split(",")]
-    names += ["original"] if args.original else []  # last: its numbers are known from docs/real-model.md
-    for name in names:
-        if name in results["eval"]:
-            continue
-        start = time.perf_counter()
-        model, _ = load_pretrained(args.model, dtype=jnp.dtype(args.dtype))
-        if name != "original":
-            model = fine_tuned(model, Path(args.runs_dir) / name)
-        runner = LayerRunner(model)
-        row = {"wikitext": {}, "book": {}}
-        row["wikitext"]["dense"] = evaluate(runner, windows, AttentionConfig(), 2048)
-        row["book"]["dense"] = evaluate(runner, book_windows, AttentionConfig(), 2048)
-        for selector in filter(None, args.selectors.split(",")):
-            for f in budgets:
-                row["wikitext"][f"{selector}@{f}"] = evaluate(runner, windows, gate(selector, f), 2048)
-        for selector in filter(None, args.book_selectors.split(",")):
-            for f in budgets:
-                row["book"][f"{selector}@{f}"] = evaluate(runner, book_windows, gate(selector, f), 2048)
-        row["seconds"] = time.perf_counter() - start
-        results["eval"][name] = row
-        print(f"evaluated {name} in {row['seconds']:.0f} s:",
-              {k: round(v["ppl"], 3) for k, v in row["wikitext"].items()}, flush=True)
-        save()
-    results["deltas"] = deltas(results, halves)
+    def rules(selectors):
+        return {"dense": AttentionConfig(),
+                **{f"{s}@{f}": gate(s, f) for s in filter(None, selectors.split(",")) for f in budgets}}
+
+    return EvalSet(windows=windows, book_windows=windows_of(book, args.seq, args.book_windows),
+                   halves={"choose": slice(0, len(windows) // 2), "report": slice(len(windows) // 2, len(windows))},
+                   wikitext_rules=rules(args.selectors), book_rules=rules(args.book_selectors))
+
+
+def evaluate_model(args, name: str, texts: EvalSet, results: dict, save) -> None:
+    """Dense and sparse perplexity of one model (the original, or a run's fine-tune)."""
+    if name in results["eval"]:
+        return
+    start = time.perf_counter()
+    model, _ = load_pretrained(args.model, dtype=jnp.dtype(args.dtype))
+    if name != "original":
+        model = fine_tuned(model, Path(args.runs_dir) / name)
+    runner = texts.runner = texts.runner.use(model) if texts.runner else LayerRunner(model)  # compiled once
+    row = {"wikitext": {rule: evaluate(runner, texts.windows, attention, 2048)
+                        for rule, attention in texts.wikitext_rules.items()},
+           "book": {rule: evaluate(runner, texts.book_windows, attention, 2048)
+                    for rule, attention in texts.book_rules.items()}}
+    row["seconds"] = time.perf_counter() - start
+    results["eval"][name] = row
+    print(f"evaluated {name} in {row['seconds']:.0f} s:",
+          {k: round(v["ppl"], 3) for k, v in row["wikitext"].items()}, flush=True)
+    results["deltas"] = deltas(results, texts.halves)
     save()
 
 
@@ -211,12 +231,16 @@ def main() -> None:
         (out / "results.json").write_text(text)
 
     stages = args.stages.split(",")
-    if "train" in stages:
-        train_stage(args, results, save)
-    if "eval" in stages:
-        eval_stage(args, results, save)
+    texts = eval_setup(args, results) if "eval" in stages else None
+    if texts is not None and args.original:
+        evaluate_model(args, "original", texts, results, save)  # first: every Δ is against it
+    for seed in [int(s) for s in args.seeds.split(",")]:
+        for spec in args.runs.split(","):
+            name = run_name(spec, seed)
+            trained = train_run(args, name, spec, seed, results, save) if "train" in stages else True
+            if texts is not None and trained:
+                evaluate_model(args, name, texts, results, save)
     save()
-
 
 if __name__ == "__main__":
     main()

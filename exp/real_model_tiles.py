@@ -91,6 +91,11 @@ class LayerRunner:
         self.states = [nnx.split(block)[1] for block in model.layers]
         self._layers = {}
 
+    def use(self, model) -> "LayerRunner":
+        """These compiled layers on another model of the same architecture (a fine-tune)."""
+        self.model, self.states = model, [nnx.split(block)[1] for block in model.layers]
+        return self
+
     def layer_fn(self, attention):
         if attention not in self._layers:
             graph = self.graph
