@@ -242,5 +242,6 @@ def main() -> None:
                 evaluate_model(args, name, texts, results, save)
     save()
 
+
 if __name__ == "__main__":
     main()
