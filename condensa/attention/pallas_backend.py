@@ -23,7 +23,7 @@ from condensa.attention.reference import layer_thresholds, reference_attend, vmc
 
 def _element_rule_supported(config, layer_idx: int) -> bool:
     """Dense, or pre-softmax Top-θ with SDC none / calibrated: the rules the kernels implement."""
-    if config.is_dense_layer(layer_idx) or config.mode == "dense":
+    if config.for_layer(layer_idx).mode == "dense":
         return True
     return config.mode == "toptheta" and config.placement == "pre" and config.sdc in ("none", "calibrated")
 
@@ -85,7 +85,7 @@ def _is_sparse(config, layer_idx: int) -> bool:
 def element_tables(config, layer, layer_idx: int, n_rows: int):
     """θ [H, n_rows] (row i is for row length i + 1, -inf where n <= k_l: those rows stay dense) and
     Δ̄ [H, n_rows] when SDC is calibrated; None where the rule does not use them."""
-    if config.mode != "toptheta" or config.is_dense_layer(layer_idx):
+    if config.for_layer(layer_idx).mode != "toptheta":
         return None, None
     rows = jnp.arange(n_rows)
     idx = jnp.minimum(rows, layer.theta.shape[-1] - 1)
@@ -144,7 +144,7 @@ def prefill_kernel_args(config, layer, layer_idx: int, t: int) -> dict:
 def _variant_args(config, layer_idx: int) -> dict:
     """Post placement (θ holds probabilities) and exact SDC, for the Top-θ layers that use them;
     nothing otherwise, so the other rules call the kernel as before."""
-    if config.mode != "toptheta" or config.is_dense_layer(layer_idx):
+    if config.for_layer(layer_idx).mode != "toptheta":
         return {}
     if config.placement == "post":
         return dict(placement="post")

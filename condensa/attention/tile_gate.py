@@ -22,10 +22,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from condensa.attention.tiles import expand_tiles
-from condensa.tiling import mandatory_tiles, optional_tiles, tile_budgets, tile_count
-from condensa.tiling.pooling import pooled_gate_scores, tile_means
 from condensa.errors import ConfigError
-from condensa.tiling import cap_at_budget
+from condensa.tiling import cap_at_budget, mandatory_tiles, optional_tiles, tile_budgets, tile_count
+from condensa.tiling.pooling import pooled_gate_scores, tile_means
 from condensa.tiling.selectors import DECODE_SELECTORS, cap_optional, decode_tile_scores, row_tile_logits
 
 
