@@ -73,21 +73,41 @@ def unflatten(flat: dict[str, Any], template) -> Any:
 
 @jax.jit
 def _sums(flat: dict[str, Any]) -> dict[str, jax.Array]:
-    return {k: jnp.sum(jnp.asarray(v, jnp.float32)) for k, v in flat.items()}
+    def sums(v):
+        v = jnp.asarray(v, jnp.float32)
+        return jnp.stack([jnp.sum(v), jnp.sum(jnp.abs(v))])
+    return {k: sums(v) for k, v in flat.items()}
 
 
-def fingerprint(flat: dict[str, Any]) -> dict[str, float]:
-    """A float sum per array (one jitted call on device): it catches a checkpoint that reads back
-    wrong, which a garbled-but-parseable file otherwise would not."""
-    return {k: float(v) for k, v in jax.device_get(_sums(flat)).items()}
+def fingerprint(flat: dict[str, Any]) -> dict[str, list[float]]:
+    """[sum, sum of magnitudes] per array (one jitted call on device): it catches a checkpoint that
+    reads back wrong, which a garbled-but-parseable file otherwise would not. The magnitudes bound
+    the rounding of the sum: a GPU may add the same array in another order after a restart, and an
+    Adam moment whose elements cancel has a sum far smaller than that rounding."""
+    return {k: [float(x) for x in v] for k, v in jax.device_get(_sums(flat)).items()}
 
 
-def _fingerprints_match(saved: dict[str, float], restored: dict[str, float]) -> bool:
+FINGERPRINT_RTOL = 1e-4  # of the sum of magnitudes: float32 rounding in any order is far below it
+
+
+def _fingerprints_match(saved: dict[str, Any], restored: dict[str, list[float]]) -> bool:
+    """Whether each array's sum agrees within float32 rounding of its magnitudes. A fingerprint
+    written before the magnitudes were kept (a bare float per array) is checked as it was then."""
     if saved.keys() != restored.keys():
         return False
-    a = np.array([saved[k] for k in saved], np.float64)
-    b = np.array([restored[k] for k in saved], np.float64)
-    return bool(np.all(np.isfinite(b)) and np.allclose(a, b, rtol=1e-5, atol=1e-6))
+    for key, value in saved.items():
+        total, magnitude = restored[key]
+        if not (np.isfinite(total) and np.isfinite(magnitude)):
+            return False
+        if isinstance(value, (int, float)):  # the old format: the sum alone
+            if not np.isclose(value, total, rtol=1e-5, atol=1e-6):
+                return False
+            continue
+        saved_total, saved_magnitude = value
+        slack = FINGERPRINT_RTOL * max(saved_magnitude, magnitude) + 1e-6
+        if abs(saved_total - total) > slack or abs(saved_magnitude - magnitude) > slack:
+            return False
+    return True
 
 
 def _reason(err: Exception) -> str:
