@@ -152,3 +152,13 @@ def test_timing_refuses_rules_evaluated_with_other_dense_layers():
     with pytest.raises(ConfigError, match="run the evaluate stage again"):
         evaluated_dense_layers(plain, "base", evaluation)
     assert evaluated_dense_layers(plain, "base", {"corpus": {"rows": [{"label": "Top-θ"}]}}) == ()  # older results
+
+
+def test_the_real_model_section_leads_the_page_above_the_stand_in_study(study, tmp_path):
+    from condensa.eval.study import report
+
+    (tmp_path / "results_real_model.md").write_text("# Results\n\n## The real model: marker 7351\n")
+    md = report.write(study / "results", tmp_path).read_text()
+    assert md.startswith("# Results\n\n## The real model: marker 7351\n")
+    assert md.index("marker 7351") < md.index("# Stand-in study") < md.index("## Answers")
+
