@@ -30,13 +30,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import yaml
-from flax import nnx
 
 from condensa import AttentionConfig, load_pretrained
 from condensa.cli import config_from_dict
 from condensa.data import load_tokenizer, read_text_file
 from condensa.errors import CondensaError
 from condensa.train.config import TrainConfig
+from condensa.train.run_model import with_run_weights
 from real_model_tiles import LayerRunner, evaluate, kept_tile_fraction, paired_delta, windows_of
 
 LOSSES = ("topk", "tile", "select")
@@ -123,16 +123,6 @@ def train_run(args, name: str, spec: str, seed: int, results: dict, save) -> boo
     return True
 
 
-def fine_tuned(base, run: Path):
-    """The base model with the parameters of the run's last checkpoint, cast to the base's dtypes
-    (training keeps float32 parameters; the original is evaluated in --dtype, so are the fine-tunes)."""
-    from condensa.train.run_model import restore_run
-
-    trained = nnx.state(restore_run(run).model, nnx.Param)
-    nnx.update(base, jax.tree.map(lambda new, old: jnp.asarray(new, old.dtype), trained, nnx.state(base, nnx.Param)))
-    return base
-
-
 @dataclasses.dataclass
 class EvalSet:
     """The evaluation texts and rules, shared by every model."""
@@ -175,7 +165,7 @@ def evaluate_model(args, name: str, texts: EvalSet, results: dict, save) -> None
     model, _ = load_pretrained(args.model, dtype=jnp.dtype(args.dtype))
     if name != "original":
         try:
-            model = fine_tuned(model, Path(args.runs_dir) / name)
+            model = with_run_weights(model, Path(args.runs_dir) / name)
         except CondensaError as error:  # e.g. a checkpoint that does not read back: train it again
             results["train"].pop(name, None)
             results.setdefault("eval_errors", {})[name] = str(error)

@@ -138,6 +138,12 @@ def speed_section(results: dict) -> list[str]:
                       f"cuDNN {1e3 * entry['cudnn']:.3f} ms.", "",
                       *_table(["rule", "gated kernel (ms)", "its pre-pass (ms)", "XLA pre-pass (ms)",
                                "pre-pass / kernel", "kernel vs cuDNN"], rows), ""]
+    if results.get("decode_attention"):
+        from condensa.eval.bench.decode import summary_table
+
+        lines += ["### Decode attention, batch 8", "", "The decode benchmark at the model's head shape "
+                  "(synthetic cache, one head per query head), in the same process.", "",
+                  summary_table(results["decode_attention"]), ""]
     return lines
 
 
@@ -173,6 +179,8 @@ def render(results: dict) -> str:
     lines += dense_section(results)
     lines += tiles_section(results, "selectors", "Tile selection at equal tile counts")
     lines += tiles_section(results, "book", "The held-out book")
+    lines += tiles_section(results, "gated", "Tile selector + Top-θ")
+    lines += tiles_section(results, "decode", "Every row gated as its decoding step (teacher forced)")
     lines += elements_section(results)
     lines += compensation_section(results)
     lines += calibration_section(results)

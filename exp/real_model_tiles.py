@@ -76,8 +76,18 @@ def parse_args():
                         "true Δ) or expthr (exp-threshold), each alone or with +vmc; post and post+vmc: post-softmax "
                         "placement (calibrated too)")
     p.add_argument("--dtype", default="bfloat16", help="model dtype (float32 on a CPU)")
+    p.add_argument("--run", default="", help="a fine-tune's output folder (python -m condensa.train, or "
+                   "exp/condense_real.py's --runs_dir/NAME): its weights replace --model's, in --dtype")
+    p.add_argument("--gated", default="rowmean+shared/post+vmc",
+                   help="stage gated: SELECTOR/VARIANT, the tile selector (at each of --budgets) combined with "
+                        "Top-θ at each of --ks with that compensation variant (thresholds from stage calibrate)")
+    p.add_argument("--decode_selectors", default="rowmean+shared",
+                   help="stage decode: selectors whose every row is gated as its decoding step (teacher forced)")
+    p.add_argument("--time_decode", action="store_true",
+                   help="stage time: also time decode attention at --seq, batch 8, against cuDNN "
+                        "(condensa.eval.bench decode, in this process)")
     p.add_argument("--stages", default="calibrate,dense,selectors,topk,toptheta,compensation,book,time",
-                   help="dense, selectors, topk, book, time, calibrate, toptheta, compensation")
+                   help="dense, selectors, topk, book, time, calibrate, toptheta, compensation, gated, decode")
     p.add_argument("--out", default="runs/real-model-tiles")
     return p.parse_args()
 
@@ -202,6 +212,16 @@ def save(out: Path, results: dict) -> None:
     (out / "real-model.md").write_text(render(results) + "\n")
 
 
+def time_decode(config, args, budgets: list[float], out: Path) -> list[dict]:
+    """Decode attention at the model's head shape, S = --seq, batch 8, with the gate at each budget,
+    against cuDNN, XLA and JAX's Pallas decode kernel (the decode benchmark, checked before timing)."""
+    from condensa.eval.bench.decode import DecodeBenchConfig, run
+
+    heads = config.num_attention_heads
+    return run(DecodeBenchConfig(out_dir=str(out / "decode"), batches=[8], seq_lens=[args.seq],
+                                 head_dims=[config.hidden_size // heads], heads=heads, budgets=budgets))
+
+
 def time_prefill(model, seq: int, batches: list[int], rules: dict[str, AttentionConfig]) -> dict:
     """Whole-model prefill (logits of every position) per rule, median of repeats, after a check
     that each rule's logits match the same rule on the reference backend."""
@@ -299,7 +319,7 @@ def placements(variants: str) -> list[str]:
                                 ("post", any(v.startswith("post") for v in names))) if needed]
 
 
-def calibrate_stage(model, tokenizer, args, ks: list[int], out: Path) -> dict:
+def calibrate_stage(model, tokenizer, args, ks: list[int], variants: str, out: Path) -> dict:
     """Top-θ thresholds for each k on --calibration_blocks blocks of --seq tokens from the
     calibration books (no gate), written to OUT; the time each took and the process's peak memory
     after it (the device's peak covers everything the process ran before, so this stage runs first)."""
@@ -313,7 +333,7 @@ def calibrate_stage(model, tokenizer, args, ks: list[int], out: Path) -> dict:
                                  seq_len=args.seq, batch_size=1, check_blocks=0, out=str(out))
     blocks, _ = load_blocks(settings, tokenizer, args.seq)
     report = {"books": list(books), "blocks": int(len(blocks)), "seq": args.seq, "per_k": {}}
-    for placement in placements(args.compensation):
+    for placement in placements(variants):
         for k in ks:
             start = time.perf_counter()
             thresholds = calibrate(model, blocks, k=k, placement=placement, batch_size=1,
@@ -408,6 +428,11 @@ def main() -> None:
         selector_prepass.DEFAULT_LAYOUT.update(selector_prepass.layout_from_text(args.prepass_layout))
         results["prepass_layout"] = dict(selector_prepass.DEFAULT_LAYOUT)
     model, config = load_pretrained(args.model, dtype=jnp.dtype(args.dtype))
+    if args.run:
+        from condensa.train.run_model import with_run_weights
+
+        model = with_run_weights(model, args.run)
+        results["run"] = str(args.run)
     tokenizer = load_tokenizer(args.model)
     ids = np.asarray(tokenizer(Path(args.data).read_text(encoding="utf-8"))["input_ids"], np.int32)
     book = np.asarray(tokenizer(Path(args.book).read_text(encoding="utf-8"))["input_ids"], np.int32)
@@ -425,8 +450,10 @@ def main() -> None:
                                block_k=args.block, sub_block=int(sub or 0), shared_heads=shared)
 
     ks = [int(x) for x in args.ks.split(",")]
+    # the compensation variants whose thresholds this run reads (stage gated adds its own)
+    variants = args.compensation + ("," + args.gated.partition("/")[2] if "gated" in stages else "")
     if "calibrate" in stages:  # first, so the device's peak memory is calibration's
-        results["calibration"] = calibrate_stage(model, tokenizer, args, ks, out)
+        results["calibration"] = calibrate_stage(model, tokenizer, args, ks, variants, out)
         save(out, results)
     all_windows = windows_of(ids, args.seq, None)
     sub = all_windows[args.skip_windows: args.skip_windows + args.windows]
@@ -456,10 +483,10 @@ def main() -> None:
             print("topk", k, f"ppl {r['ppl']:.3f} ({r['delta_pct']:+.2f}%)", flush=True)
             save(out, results)
     thresholds = {}
-    if "toptheta" in stages or "compensation" in stages:
+    if stages & {"toptheta", "compensation", "gated"}:
         from condensa.sparsity.thresholds import Thresholds
 
-        needed = set(placements(args.compensation)) | ({"pre"} if "compensation" in stages else set())
+        needed = set(placements(variants)) | ({"pre"} if "compensation" in stages else set())
         thresholds = {(k, placement): Thresholds.load(threshold_path(args.thresholds or out, k, placement))
                       for k in ks for placement in needed}
     if "toptheta" in stages:
@@ -471,6 +498,28 @@ def main() -> None:
                 r.update(paired_delta(r, dense_sub), tail=paired_delta(r, dense_sub, "nll_tail_per_window"))
                 grid[f"{k}/{variant}"] = r
                 print("toptheta", k, variant, f"ppl {r['ppl']:.3f} ({r['delta_pct']:+.2f}%)", flush=True)
+                save(out, results)
+    if "gated" in stages:
+        selector, _, variant = args.gated.partition("/")
+        grid = results.setdefault("gated", {})
+        for f in budgets:
+            for k in ks:
+                rule = toptheta_rule(k, variant).replace(**{
+                    name: getattr(gate(selector, f), name)
+                    for name in ("tile_gate", "tile_selector", "tile_budget", "block_q", "block_k", "shared_heads")})
+                r = evaluate(runner, sub, rule, args.tail, thresholds[k, rule.placement])
+                r.update(paired_delta(r, dense_sub), tail=paired_delta(r, dense_sub, "nll_tail_per_window"))
+                grid[f"{selector} + Top-θ k={k} {variant}@{f}"] = r
+                print("gated", selector, f, k, variant, f"ppl {r['ppl']:.3f} ({r['delta_pct']:+.2f}%)", flush=True)
+                save(out, results)
+    if "decode" in stages:
+        grid = results.setdefault("decode", {})
+        for selector in filter(None, args.decode_selectors.split(",")):
+            for f in budgets:
+                r = evaluate(runner, sub, gate(selector, f).replace(decode_gate_rows=True), args.tail)
+                r.update(paired_delta(r, dense_sub), tail=paired_delta(r, dense_sub, "nll_tail_per_window"))
+                grid[f"{selector}@{f}"] = r
+                print("decode rows", selector, f, f"ppl {r['ppl']:.3f} ({r['delta_pct']:+.2f}%)", flush=True)
                 save(out, results)
     if "compensation" in stages:
         results["compensation"] = {str(k): compensation_stage(runner, sub[:2], thresholds[k, "pre"], k) for k in ks}
@@ -498,6 +547,9 @@ def main() -> None:
             window_ids = jnp.asarray(np.resize(sub, (batch, args.seq)))
             results[f"prepass_seconds_b{batch}"] = time_prepass(model, window_ids, 10, rules)
         save(out, results)
+        if args.time_decode:
+            results["decode_attention"] = time_decode(config, args, budgets, out)
+            save(out, results)
     print(json.dumps({k: v for k, v in results.items() if k not in ("selectors", "topk", "book", "toptheta", "compensation")},
                      indent=1)[:3000])
 

@@ -181,3 +181,21 @@ def test_export_into_another_models_folder_is_refused_unless_forced(run, tmp_pat
     assert not (out / THRESHOLDS).exists()  # the stale thresholds went with the old export
     assert (out / "notes.md").read_text() == "the user's own file"
     assert json.loads((out / "export.json").read_text())["source"] == str(run / "hf")
+
+
+def test_run_weights_go_onto_a_model_in_its_own_dtype(run):
+    # A fine-tune is judged in the dtype of the model it came from: its float32 parameters are cast.
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from condensa.train.run_model import restore_run, with_run_weights
+
+    trained = restore_run(run, step=15).model
+    base = restore_run(run, step=30).model
+    nnx.update(base, jax.tree.map(lambda p: jnp.zeros_like(p, jnp.bfloat16), nnx.state(base, nnx.Param)))
+    with_run_weights(base, run, step=15)
+    got, want = nnx.state(base, nnx.Param), nnx.state(trained, nnx.Param)
+    for (path, g), w in zip(jax.tree_util.tree_leaves_with_path(got), jax.tree.leaves(want)):
+        assert g.dtype == jnp.bfloat16, path
+        np.testing.assert_array_equal(np.asarray(g), np.asarray(jnp.asarray(w, jnp.bfloat16)), err_msg=str(path))

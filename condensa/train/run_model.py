@@ -122,6 +122,19 @@ def restore_run(path: str | Path, step: int | None = None) -> RunModel:
     )
 
 
+def with_run_weights(base, path: str | Path, step: int | None = None):
+    """`base` (a model built like the run's, e.g. the pretrained model it was fine-tuned from) with
+    the parameters of the run's checkpoint, each cast to the dtype `base` holds it in: training keeps
+    float32 parameters, and a fine-tune should be judged in the same dtype as the model it came from."""
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    trained = nnx.state(restore_run(path, step).model, nnx.Param)
+    nnx.update(base, jax.tree.map(lambda new, old: jnp.asarray(new, old.dtype), trained, nnx.state(base, nnx.Param)))
+    return base
+
+
 def loaded_model(name: str) -> RunModel:
     """Any model `load_pretrained` reads (a GGUF file, a named model, an HF directory), as an export
     source: float32 compute, its own tokenizer when it has one."""
