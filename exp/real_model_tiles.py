@@ -39,7 +39,7 @@ from flax import nnx
 
 from condensa import AttentionConfig, load_pretrained
 from condensa.data import load_tokenizer
-from condensa.tiling import mandatory_tiles, optional_tiles, tile_budgets, tile_count
+from condensa.kernels.tiling import mandatory_tiles, optional_tiles, tile_budgets, tile_count
 
 
 def parse_args():

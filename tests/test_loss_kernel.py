@@ -22,8 +22,8 @@ from condensa.kernels import attention_masses
 from condensa.kernels.attention_masses import padded_length, row_tile_masses
 from condensa.sparsity import loss as conc
 from condensa.sparsity import loss_from_qk
-from condensa.tiling.pooling import tile_masses
-from condensa.tiling.selectors import select_tiles
+from condensa.kernels.tiling.pooling import tile_masses
+from condensa.kernels.tiling.selectors import select_tiles
 from condensa.train.config import GateLoss, LossConfig, SelectLoss, TileLoss, TopkLoss
 from condensa.train.objective import objective, uses_mass_kernel
 

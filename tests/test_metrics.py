@@ -11,8 +11,8 @@ import pytest
 
 from condensa.sparsity import metrics
 from condensa.attention.tiles import top_m_tiles
-from condensa.tiling import mandatory_tiles, tile_budget, visible_tiles
-from condensa.tiling.pooling import pooled_gate_scores, tile_masses
+from condensa.kernels.tiling import mandatory_tiles, tile_budget, visible_tiles
+from condensa.kernels.tiling.pooling import pooled_gate_scores, tile_masses
 
 B, H, T = 2, 3, 10
 

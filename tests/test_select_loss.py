@@ -12,8 +12,8 @@ import pytest
 from condensa.attention.inputs import AttentionInputs
 from condensa.errors import ConfigError
 from condensa.sparsity.selector_loss import selector_loss_of_masses
-from condensa.tiling.pooling import tile_masses
-from condensa.tiling.selectors import select_tiles
+from condensa.kernels.tiling.pooling import tile_masses
+from condensa.kernels.tiling.selectors import select_tiles
 from condensa.train.config import TrainConfig
 
 B, T, H, D, BLOCK = 2, 48, 3, 8, 8

@@ -14,7 +14,7 @@ import condensa
 from condensa.attention import AttentionConfig
 from condensa.attention.tile_gate import prefill_kept_tiles
 from condensa.attention.tiles import tile_budgets
-from condensa.tiling import cap_at_budget
+from condensa.kernels.tiling import cap_at_budget
 from condensa.sparsity.calibration import GateSpec, calibrate
 from tests.conftest import make_hf_model
 

@@ -1,4 +1,4 @@
-"""The tile selectors of `condensa.tiling.selectors` against a NumPy brute force, loop by loop."""
+"""The tile selectors of `condensa.kernels.tiling.selectors` against a NumPy brute force, loop by loop."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from condensa.tiling.selectors import (
+from condensa.kernels.tiling.selectors import (
     ROW_SELECTORS, estimated_tile_mass, key_tile_stats, row_tile_logits, select_tiles, tile_scores,
 )
 
@@ -237,7 +237,7 @@ def test_shared_heads_give_the_budget_of_all_heads_to_the_best_pairs(qk):
 def test_sampled_measures_the_true_mass_of_its_rows(qk):
     """`sampled` averages the true per-tile mass over rows (j+1)·b_q/s - 1 of each query tile (the
     last real row for a partial tile); with s = b_q it is the oracle itself."""
-    from condensa.tiling.selectors import sampled_tile_mass
+    from condensa.kernels.tiling.selectors import sampled_tile_mass
 
     q, k = qk
     p = _np_probs(q, k)

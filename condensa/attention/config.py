@@ -11,7 +11,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from condensa.errors import ConfigError, did_you_mean
-from condensa.tiling.selectors import DECODE_SELECTORS, SELECTORS
+from condensa.kernels.tiling.selectors import DECODE_SELECTORS, SELECTORS
 
 MODES = ("dense", "topk", "toptheta")
 PLACEMENTS = ("pre", "post")
@@ -84,7 +84,7 @@ class AttentionConfig:
       perplexity decoding would give (reference backend).
     tile_selector: how the gate picks tiles. "gate" is the calibrated threshold on pooled scores
       (Θ from the thresholds file). The others keep exactly the budget's m_b optional tiles per
-      query tile, ranked without thresholds (`condensa.tiling.selectors`): "oracle" (the largest
+      query tile, ranked without thresholds (`condensa.kernels.tiling.selectors`): "oracle" (the largest
       true tile mass: the ceiling), "window" (the most recent tiles: the floor), "pooled" (the
       gate's score, uncalibrated), "rowmean", "moment" and "bound" (per-row estimates of the tile
       mass from key-tile statistics), "sampled" (the true tile mass of a few rows per query tile).

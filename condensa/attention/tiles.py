@@ -1,13 +1,13 @@
 """Two tile helpers of the reference ops: a tile mask expanded to elements, and the exact top-m
 tiles (the oracle's choice, and the exact gate's in calibration). The geometry itself, shared with
-the kernels, lives in `condensa.tiling`."""
+the kernels, lives in `condensa.kernels.tiling`."""
 
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
 
-from condensa.tiling.geometry import mandatory_tiles, optional_tiles, tile_budgets
+from condensa.kernels.tiling.geometry import mandatory_tiles, optional_tiles, tile_budgets
 
 
 def expand_tiles(tile_mask: jax.Array, block_q: int, block_k: int, tq: int, tk: int) -> jax.Array:

@@ -1,6 +1,7 @@
-"""Pallas kernels. They import nothing else in condensa but `condensa.errors` and the tiles of
-`condensa.tiling` (tests/test_architecture.py); each has a plain jax.numpy twin that defines its
-contract and serves as its backward pass."""
+"""Pallas kernels, and below them the tile geometry they share with the reference ops
+(`condensa.kernels.tiling`). Nothing here imports from condensa but `condensa.errors`
+(tests/test_architecture.py); each kernel has a plain jax.numpy twin that defines its contract and
+serves as its backward pass."""
 
 from condensa.kernels.backend import resolve_backend
 from condensa.kernels.tile_gate_prepass import compact_tile_lists, gate_scores, offdiagonal_keep

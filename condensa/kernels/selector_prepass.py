@@ -7,7 +7,7 @@ a dozen launches and a round trip through memory for what is a few kilobytes of 
 - `rowmean` scores (`split_heads`, the default) in a launch of their own, one program per
   (query tile, head): each query row's estimated share of its attention in each key tile, a
   softmax of `scale · q_i · k̄_t + log(keys in t)` over the tiles the row has started, averaged
-  over the tile's real rows (`condensa.tiling.selectors.estimated_tile_mass` with whole-tile
+  over the tile's real rows (`condensa.kernels.tiling.selectors.estimated_tile_mass` with whole-tile
   summaries). One program per query tile scoring every head in turn is H times less parallel;
 - `window`: recency, the tile index itself, so it needs no scoring launch;
 - the cut, one program per query tile (or per query tile and head, `lists_per_head`): the
@@ -32,7 +32,7 @@ import numpy as np
 from jax.experimental import pallas as pl
 
 from condensa.kernels.tile_gate_prepass import table_width
-from condensa.tiling import tile_budgets
+from condensa.kernels.tiling import tile_budgets
 
 FUSED_SELECTORS = ("rowmean", "window")
 # How the pre-pass is laid out on the GPU unless a caller says otherwise (see `fused_prepass_table`);

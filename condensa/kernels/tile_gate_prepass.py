@@ -18,8 +18,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from condensa.tiling import cap_at_budget, tile_budgets
-from condensa.tiling.selectors import select_tiles
+from condensa.kernels.tiling import cap_at_budget, tile_budgets
+from condensa.kernels.tiling.selectors import select_tiles
 
 
 def pooled_tiles(x: jax.Array, tile: int, length: int) -> jax.Array:
@@ -52,7 +52,7 @@ def prepass_keep(q, k, tile_theta, *, scale: float, block_q: int, block_k: int, 
     """Bool [B, H, nq, nk] over q, k padded to whole query tiles: the off-diagonal tiles to visit.
 
     `selector="gate"` thresholds the pooled scores with `tile_theta` (`offdiagonal_keep`). Any
-    other selector is a budgeted one of `condensa.tiling.selectors`, run on the real `length`
+    other selector is a budgeted one of `condensa.kernels.tiling.selectors`, run on the real `length`
     positions exactly as the reference op runs it; the diagonal tiles are dropped from its choice
     because the kernel always visits them. The oracle needs the attention itself: no pre-pass."""
     if selector == "gate":

@@ -55,12 +55,12 @@ import numpy as np
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton  # masked loads (they also run in interpret mode)
 
-from condensa.tiling import tile_budgets as budgets_per_tile_count
+from condensa.kernels.tiling import tile_budgets as budgets_per_tile_count
 from condensa.errors import ConfigError
 from condensa.kernels.backend import TPU_BACKENDS, resolve_backend
 from condensa.kernels.decode_combine import combine_splits
-from condensa.tiling import cap_at_budget
-from condensa.tiling.selectors import DECODE_SELECTORS, cap_optional, decode_tile_scores
+from condensa.kernels.tiling import cap_at_budget
+from condensa.kernels.tiling.selectors import DECODE_SELECTORS, cap_optional, decode_tile_scores
 
 UNGATED_BLOCK_K = 128  # see default_block_k; timings in docs/benchmarks.md
 WALKS = ("reduce", "lanes", "mma")  # see toptheta_decode's `walk`

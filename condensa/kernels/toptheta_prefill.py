@@ -52,7 +52,7 @@ from condensa.kernels.backend import TPU_BACKENDS, resolve_backend
 from condensa.kernels.selector_prepass import fused_prepass_supported, fused_prepass_table
 from condensa.kernels.tile_gate_prepass import compact_tile_lists, prepass_keep
 from condensa.kernels.toptheta_reference import toptheta_prefill_reference
-from condensa.tiling.selectors import SELECTORS
+from condensa.kernels.tiling.selectors import SELECTORS
 
 LOG2E = math.log2(math.e)
 MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)  # finite, so masked rows never make NaN
@@ -555,9 +555,9 @@ def toptheta_prefill(
     m_b = max(1, ceil(f (b + 1))) optional tiles keep them all, as the reference gate does;
     `tile_cap` (needs `tile_budget`) keeps at most the m_b best of the tiles above Θ.
     `tile_selector` other than "gate" ranks the tiles with a budgeted selector of
-    `condensa.tiling.selectors` (any but "oracle") and keeps exactly
+    `condensa.kernels.tiling.selectors` (any but "oracle") and keeps exactly
     the m_b best (it needs `tile_budget`, and no `tile_theta`); `sub_block` is its key summary's
-    granularity (`condensa.tiling.selectors.estimated_tile_mass`), and `shared_heads` lets the
+    granularity (`condensa.kernels.tiling.selectors.estimated_tile_mass`), and `shared_heads` lets the
     heads of a query tile share one budget (`keep_top_tiles`). Rows
     that must stay dense (n <= k) take θ = -inf. `vmc` adds V-mean compensation. `backend`: None/'auto'
     (by platform), 'triton', 'interpret', 'mosaic_tpu' or 'tpu_interpret' (the TPU kernel,

@@ -40,8 +40,8 @@ from condensa.attention.gqa import repeat_kv
 from condensa.attention.rows import join_rows, keep_largest_if_empty, lookup_by_length, masked_max, split_rows
 from condensa.attention.tile_gate import decode_gate_layout, decode_gate_scores
 from condensa.attention.tiles import expand_tiles, top_m_tiles
-from condensa.tiling import optional_tiles, tile_budgets, tile_count
-from condensa.tiling.pooling import pooled_gate_scores
+from condensa.kernels.tiling import optional_tiles, tile_budgets, tile_count
+from condensa.kernels.tiling.pooling import pooled_gate_scores
 from condensa.errors import ConfigError, DataError
 from condensa.sparsity.gated_forward import forward_probs_and_gates
 from condensa.sparsity.metrics import causal_visible, kept_per_row, nanmean

@@ -15,8 +15,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from condensa.errors import ConfigError
-from condensa.tiling import mandatory_tiles, optional_tiles, tile_budgets
-from condensa.tiling.pooling import tile_masses
+from condensa.kernels.tiling import mandatory_tiles, optional_tiles, tile_budgets
+from condensa.kernels.tiling.pooling import tile_masses
 
 # log(p) of a softmax output that underflowed to 0: far below any real logit gap (exp(-69) ~ 1e-30).
 _LOG_FLOOR = 1e-30

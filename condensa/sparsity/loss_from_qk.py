@@ -12,7 +12,7 @@ from __future__ import annotations
 import jax
 
 from condensa.attention.inputs import AttentionInputs
-from condensa.tiling.pooling import pooled_gate_scores
+from condensa.kernels.tiling.pooling import pooled_gate_scores
 from condensa.kernels.attention_masses import row_tile_masses
 from condensa.sparsity.loss import (
     _check_tiles, gate_cross_entropy, mean_over_layers, tile_loss_of_masses, topk_loss_of_row_mass,

@@ -18,8 +18,8 @@ from flax import nnx
 from condensa.attention import AttentionConfig
 from condensa.attention.gqa import kv_groups
 from condensa.attention.tiles import top_m_tiles
-from condensa.tiling import tile_count, visible_tiles
-from condensa.tiling.pooling import tile_masses
+from condensa.kernels.tiling import tile_count, visible_tiles
+from condensa.kernels.tiling.pooling import tile_masses
 from condensa.sparsity.gated_forward import forward_probs_and_gates
 
 

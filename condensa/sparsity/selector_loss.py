@@ -15,7 +15,7 @@ import jax.numpy as jnp
 
 from condensa.attention.inputs import AttentionInputs
 from condensa.sparsity.loss import _check_tiles
-from condensa.tiling.selectors import select_tiles
+from condensa.kernels.tiling.selectors import select_tiles
 
 
 def selected_tiles(x: AttentionInputs, *, block: int, f: float, sink_tiles: int, selector: str,

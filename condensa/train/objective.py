@@ -14,7 +14,7 @@ from condensa.kernels.attention_masses import fits, limit_text
 from condensa.sparsity import loss as conc
 from condensa.sparsity import loss_from_qk
 from condensa.train.config import LossConfig
-from condensa.tiling.pooling import tile_masses
+from condensa.kernels.tiling.pooling import tile_masses
 from condensa.train.cross_entropy import cross_entropy
 
 

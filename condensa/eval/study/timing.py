@@ -139,7 +139,7 @@ def time_prefill_rule(attention, thresholds, qkv, scale, settings, cudnn_s: floa
     and counts every causal tile of the rule's tiling as computed."""
     from condensa.attention import layer_thresholds
     from condensa.attention.pallas_backend import prefill_kernel_args
-    from condensa.tiling import tile_count, visible_tiles
+    from condensa.kernels.tiling import tile_count, visible_tiles
     from condensa.eval.bench.timing import first_output, jit_with_options, measure
     from condensa.kernels import toptheta_prefill
 

@@ -32,9 +32,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from condensa.tiling.budget import cap_at_budget
-from condensa.tiling.geometry import mandatory_tiles, optional_tiles, tile_budgets, tile_count
-from condensa.tiling.pooling import pooled_gate_scores, tile_masses
+from condensa.kernels.tiling.budget import cap_at_budget
+from condensa.kernels.tiling.geometry import mandatory_tiles, optional_tiles, tile_budgets, tile_count
+from condensa.kernels.tiling.pooling import pooled_gate_scores, tile_masses
 
 SELECTORS = ("oracle", "window", "pooled", "rowmean", "moment", "bound", "sampled")
 ROW_SELECTORS = ("rowmean", "moment", "bound")  # the ones scored per query row from key-tile statistics

@@ -1,7 +1,7 @@
 """Tile means, the pooled gate score and the true tile masses: the per-tile summaries that the
 reference ops, the losses, the metrics and the tile selectors all read.
 
-They sit in `condensa.tiling` so that the selectors below the kernels use the same definitions
+They sit in `condensa.kernels.tiling` so that the selectors below the kernels use the same definitions
 as `condensa.attention`, instead of a copy.
 """
 
@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from condensa.tiling.geometry import tile_count
+from condensa.kernels.tiling.geometry import tile_count
 
 
 def _pad_axis(x: jax.Array, axis: int, multiple: int) -> jax.Array:
