@@ -90,7 +90,7 @@ def element_tables(config, layer, layer_idx: int, n_rows: int):
     rows = jnp.arange(n_rows)
     idx = jnp.minimum(rows, layer.theta.shape[-1] - 1)
     theta = jnp.asarray(layer.theta, jnp.float32)[:, idx]
-    theta = jnp.where((rows + 1 <= config.k_for(layer_idx))[None], -jnp.inf, theta)
+    theta = jnp.where((rows + 1 <= config.for_layer(layer_idx).k)[None], -jnp.inf, theta)
     sdc = jnp.asarray(layer.sdc_delta, jnp.float32)[:, idx] if config.sdc == "calibrated" else None
     return theta, sdc
 

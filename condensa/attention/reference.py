@@ -47,7 +47,7 @@ def sparse_probs(q, k, *, visible, scale, layer_idx, config: AttentionConfig, th
         allowed = gate_mask(q, k, visible, scale=scale, layer=layer, config=config) if config.tile_gate else visible
     if config.mode == "dense":
         return masked_softmax(scores, allowed)
-    k_l = config.k_for(layer_idx)
+    k_l = config.for_layer(layer_idx).k
     if config.mode == "topk":
         if config.sdc == "exact":  # the dropped mass stays in the denominator: no renormalisation
             return topk_unnormalised_probs(scores, allowed, k_l)

@@ -31,7 +31,7 @@ def gate_tiles_per_layer(model, ids, attention: AttentionConfig, thresholds) -> 
     ids = jnp.asarray(ids)
 
     def per_layer(layer, q, k, v, scale):
-        if attention.is_dense_layer(layer):
+        if attention.for_layer(layer).is_dense:
             return None
         return prefill_kept_tiles(
             q, k, scale=scale, key_valid=jnp.ones(ids.shape, bool), tile_theta=thresholds.for_layer(layer).tile_theta,

@@ -146,7 +146,7 @@ def time_prefill_rule(attention, thresholds, qkv, scale, settings, cudnn_s: floa
     t = qkv[0][0].shape[1]
     acc = {"kernel_s": 0.0, "causal": 0, "listed": 0, "empty": 0, "max_rel_error": 0.0}
     for layer, (q, k, v) in enumerate(qkv):
-        if attention.is_dense_layer(layer) and attention.mode != "dense":
+        if attention.for_layer(layer).is_dense and not attention.is_dense:
             acc["kernel_s"] += measure(lambda: dense_attention(q, k, v), warmup=settings.warmup,
                                        repeats=settings.repeats)["median_s"]
             bq, bk = attention.block_q, attention.block_k
