@@ -239,8 +239,16 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: Sequenc
         if not isinstance(values, dict):
             raise ConfigError(f"{path} must hold a mapping of config keys at the top level.")
     for key, raw in parse_overrides(overrides):
-        _set_dotted(values, key, yaml.safe_load(raw) if raw != "" else "")
+        _set_dotted(values, key, _Override(raw))
     return _build(cls, values, prefix="")
+
+
+class _Override(str):
+    """A command-line value, kept as typed until its field's type is known: a `str` field takes it
+    verbatim (YAML would read "1:30" as the number 90), any other field takes it as YAML."""
+
+    def parsed(self) -> Any:
+        return yaml.safe_load(str(self)) if self else ""
 
 
 def config_from_dict(cls: type[T], values: dict[str, Any], *, prefix: str = "") -> T:
@@ -298,6 +306,8 @@ def _build(cls, values: dict[str, Any], prefix: str):
 
 
 def _coerce(hint, value, name: str):
+    if isinstance(value, _Override):
+        value = str(value) if hint is str else value.parsed()
     if dataclasses.is_dataclass(hint):
         if not isinstance(value, dict):
             raise ConfigError(f"config key {name!r} is a section; give it as a mapping, or set {name}.<key>.")

@@ -18,14 +18,14 @@ condensa's on a few real tokens. OUT/export.json records the settings, the step 
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import shutil
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from condensa.cli import check_writable, config_to_dict, load_config, run_main, write_json
+from condensa.cli import check_writable, config_parser, config_to_dict, parse_config_args, run_main, write_json
 from condensa.errors import CheckpointError, ConfigError
 
 THRESHOLDS_FILE = "thresholds.safetensors"
@@ -58,36 +58,24 @@ class ExportConfig:
             raise ConfigError(f"--tolerance must be > 0; got {self.tolerance}.")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="python -m condensa.export",
-        description=__doc__.split("\n\n", 2)[2].replace("\n", " "),
-        epilog="example: python -m condensa.export runs/quickstart --out runs/quickstart/hf-export --verify",
-        argument_default=argparse.SUPPRESS,
-    )
-    parser.add_argument("run", nargs="?", help="output folder of the training run (holds config.yaml, checkpoints/)")
-    parser.add_argument("--model", help="instead of a run, a model to convert: a .gguf file (or a folder holding one), "
-                        "a named model (smollm2-135m), an HF directory or a hub id")
-    parser.add_argument("--config", help="YAML file with these settings (keys: run, model, out, step, thresholds, verify, tolerance)")
-    parser.add_argument("--out", help="HF directory to write (default: RUN/hf-step<N>; required with --model)")
-    parser.add_argument("--step", type=int, help="checkpoint step to export (default: the newest good one)")
-    parser.add_argument("--thresholds", help="thresholds file to validate against the model and copy into OUT")
-    parser.add_argument("--verify", action="store_true",
-                        help="reload OUT in transformers (torch, CPU) and compare logits with condensa")
-    parser.add_argument("--tolerance", type=float, help="largest max |logit difference| --verify accepts (1e-4)")
-    parser.add_argument("--force", action="store_true",
-                        help="write into an --out that holds something other than an export of the same run or "
-                             "model; the files an export writes are removed from it first")
-    return parser
+PARSER = dict(  # the command line, shared by parse_config() and build_parser()
+    prog="python -m condensa.export",
+    description=__doc__.split("\n\n", 2)[2].replace("\n", " ") + " The run's folder may also come first, "
+    "without --run: python -m condensa.export RUN_DIR [--key value ...].",
+    epilog="example: python -m condensa.export runs/quickstart --out runs/quickstart/hf-export --verify",
+)
+
+
+def build_parser():
+    """This tool's argparse parser (for --help and docs/cli.md)."""
+    return config_parser(ExportConfig, **PARSER)
 
 
 def parse_config(argv: Sequence[str] | None) -> ExportConfig:
-    values = vars(build_parser().parse_args(argv))
-    config_path = values.pop("config", None)
-    overrides = []
-    for key, value in values.items():
-        overrides += [f"--{key}", json.dumps(value)]  # JSON is YAML: strings stay strings
-    return load_config(ExportConfig, config_path, overrides)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and not argv[0].startswith("-"):  # the run's folder, given first as a bare path
+        argv = ["--run", *argv]
+    return parse_config_args(argv, ExportConfig, **PARSER)
 
 
 # What an export writes (the tokenizer's files vary by tokenizer): replacing an export clears them

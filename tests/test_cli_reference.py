@@ -6,6 +6,8 @@ import argparse
 import difflib
 from pathlib import Path
 
+import pytest
+
 from condensa import cli_reference
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "cli.md"
@@ -73,3 +75,18 @@ def test_every_option_has_a_description_in_the_reference_and_in_help():
             assert f"--{key} " in text and note.split()[0] in text, f"{tool.command}: --{key}"
     train = cli_reference.help_text(importlib.import_module("condensa.train.__main__").build_parser())
     assert "--loss.select.f " in train  # the key list is generated, not copied by hand (it had drifted)
+
+
+def test_bench_train_and_masses_read_the_command_lines_of_docs_benchmarks():
+    # docs/benchmarks.md records these commands with dashes (before the shared parser); they still parse
+    from condensa.cli import parse_config_args
+    from condensa.errors import ConfigError
+    from condensa.eval.bench import masses, train
+
+    cfg = parse_config_args(["--seq-len", "2048", "--batch-size", "4", "--remat", "false", "--settings", "none,topk"],
+                            train.TrainBenchConfig, **train.PARSER)
+    assert (cfg.seq_len, cfg.batch_size, cfg.remat, cfg.settings) == (2048, 4, False, "none,topk")
+    cfg = parse_config_args(["--seq-len", "4096", "--top-k", "64"], masses.MassesBenchConfig, **masses.PARSER)
+    assert (cfg.seq_len, cfg.top_k) == (4096, 64)
+    with pytest.raises(ConfigError, match="bfloat16 or float32"):
+        parse_config_args(["--dtype", "float16"], masses.MassesBenchConfig, **masses.PARSER)

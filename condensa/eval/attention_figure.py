@@ -22,6 +22,8 @@ from condensa.errors import ConfigError, DataError
 
 @dataclasses.dataclass
 class FigureConfig:
+    """The options of `python -m condensa.eval.attention_figure` (YAML keys = these names)."""
+
     model: str = ""  # HF directory, .gguf file, named model (smollm2-135m) or hub id
     thresholds: str = ""  # a thresholds file from python -m condensa.calibrate
     data: list[str] = dataclasses.field(default_factory=list)  # text files/folders, or HF dataset name[:config]
@@ -30,8 +32,8 @@ class FigureConfig:
     offset: int = 0  # first token of the block shown
     length: int | None = None  # tokens shown (default: n_positions)
     layer: int = -1  # negative counts from the last layer
-    head: int = 0
-    out: str = "attention_maps.png"
+    head: int = 0  # the attention head drawn
+    out: str = "attention_maps.png"  # the PNG to write
 
 
 def sparse_attention_of(thresholds):

@@ -9,36 +9,49 @@ setting's gradient is compared with the reference's on fresh random inputs.
 
 from __future__ import annotations
 
-import argparse
+import dataclasses
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from condensa.cli import run_main, write_json
+from condensa.cli import config_parser, parse_config_args, run_main, write_json
+from condensa.errors import ConfigError
 from condensa.eval.bench.timing import environment, header, measure
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m condensa.eval.bench masses", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--batch", type=int, default=8, help="sequences B (default 8)")
-    p.add_argument("--heads", type=int, default=12, help="heads H (default 12)")
-    p.add_argument("--seq-len", type=int, default=1024, help="tokens per sequence T (default 1024)")
-    p.add_argument("--head-dim", type=int, default=64, help="head dimension D (default 64)")
-    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"], help="q and k dtype")
-    p.add_argument("--top-k", type=int, default=None,
-                   help="count only the k largest scores per row (the top-k loss); default: all (the tile loss)")
-    p.add_argument("--tile", type=int, default=64, help="key tile of the masses (default 64)")
-    p.add_argument("--configs", default="16/64/4,16/64/8,16/32/4", help="kernel block settings to time, a comma "
-                   "list of block_q/block_q_dk/num_warps[/num_stages[/bisect_steps]] (num_stages default 3)")
-    p.add_argument("--warmup", type=int, default=3, help="untimed calls first (default 3)")
-    p.add_argument("--repeats", type=int, default=20, help="timed calls; the median is reported (default 20)")
-    p.add_argument("--out", default=None, help="also write the results as JSON to this path")
-    p.add_argument("--profile", default=None, help="also capture a profiler trace of each fused setting under this "
-                   "folder and print its kernels' device time (with XLA_FLAGS=--xla_gpu_enable_command_buffer= "
-                   "for one row per kernel)")
-    return p
+@dataclasses.dataclass(frozen=True)
+class MassesBenchConfig:
+    """The options of `python -m condensa.eval.bench masses` (YAML keys = these names)."""
+
+    batch: int = 8  # sequences B
+    heads: int = 12  # heads H
+    seq_len: int = 1024  # tokens per sequence T
+    head_dim: int = 64  # head dimension D
+    dtype: str = "bfloat16"  # q and k dtype: bfloat16 or float32
+    top_k: int | None = None  # count only the k largest scores per row (the top-k loss); null: all of them (the tile loss)
+    tile: int = 64  # key tile of the masses
+    configs: str = "16/64/4,16/64/8,16/32/4"  # kernel block settings to time: block_q/block_q_dk/warps[/stages[/bisect]], comma-separated
+    warmup: int = 3  # untimed calls first
+    repeats: int = 20  # timed calls; the median is reported
+    out: str = ""  # also write the results as JSON to this path
+    profile: str = ""  # also trace each fused setting under this folder and print its kernels' device time
+
+    def __post_init__(self) -> None:
+        if self.dtype not in ("bfloat16", "float32"):
+            raise ConfigError(f"dtype must be bfloat16 or float32; got {self.dtype!r}.")
+
+
+PARSER = dict(  # the command line, shared by main() and build_parser()
+    prog="python -m condensa.eval.bench masses",
+    description=__doc__.split("\n\n", 1)[1],
+    epilog="example: python -m condensa.eval.bench masses --seq_len 4096 --top_k 64 --configs 16/64/4",
+)
+
+
+def build_parser():
+    """This tool's argparse parser (for --help and docs/cli.md)."""
+    return config_parser(MassesBenchConfig, **PARSER)
 
 
 def _reference_masses(q, k, scale, tile, top_k):
@@ -58,7 +71,7 @@ def _reference_masses(q, k, scale, tile, top_k):
 def main(argv=None) -> None:
     from condensa.kernels.attention_masses import row_tile_masses
 
-    args = build_parser().parse_args(argv)
+    args = parse_config_args(argv, MassesBenchConfig, **PARSER)
     env = environment()
     dtype = jnp.dtype(args.dtype)
     shape = (args.batch, args.seq_len, args.heads, args.head_dim)
@@ -122,4 +135,4 @@ def main(argv=None) -> None:
         print(f"| {r['name']} | {1e3 * r['median_s']:.3f} | {r['median_s'] / base:.2f} | {err} |")
     print(header(env))
     if args.out:
-        write_json(args.out, {"environment": env, "args": vars(args), "results": results})
+        write_json(args.out, {"environment": env, "args": dataclasses.asdict(args), "results": results})

@@ -12,45 +12,57 @@ MFU counts model FLOPs only (remat recomputation excluded), as in PaLM / nanoGPT
 
 from __future__ import annotations
 
-import argparse
+import dataclasses
 import math
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from condensa.cli import run_main, write_json
+from condensa.cli import config_parser, parse_config_args, run_main, write_json
 from condensa.errors import ConfigError
 from condensa.eval.bench.timing import environment, header, measure, peak_flops
 
 LOSSES = ("topk", "tile", "gate")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m condensa.eval.bench train", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter, add_help=True)
-    p.add_argument("--model-config", default="gpt2-small", help="model preset (default gpt2-small)")
-    p.add_argument("--seq-len", type=int, default=1024, help="tokens per sequence T (default 1024)")
-    p.add_argument("--batch-size", type=int, default=8, help="sequences per step (default 8)")
-    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"], help="compute dtype")
-    p.add_argument("--settings", default="none,topk,tile",
-                   help="loss settings to time, a comma list of none or '+'-joined topk, tile, gate (default none,topk,tile)")
-    p.add_argument("--weight", type=float, default=0.5, help="λ of each active loss (default 0.5)")
-    p.add_argument("--k", type=int, default=64, help="the top-k loss's k (default 64)")
-    p.add_argument("--tile-size", type=int, default=64, help="tile of the tile and gate losses (default 64)")
-    p.add_argument("--f", type=float, default=0.125, help="the tile loss's budget fraction (default 0.125)")
-    p.add_argument("--remat", default="true", choices=["true", "false"], help="recompute each block in the backward pass")
-    p.add_argument("--warmup", type=int, default=3, help="untimed repeats first (default 3)")
-    p.add_argument("--repeats", type=int, default=10, help="timed repeats; the median is reported (default 10)")
-    p.add_argument("--steps-per-repeat", type=int, default=5, help="steps dispatched back to back per timed repeat, "
-                   "as the training loop does; the step time is the repeat's time over N (default 5)")
-    p.add_argument("--peak-tflops", type=float, default=None, help="the device's dense bf16 peak for MFU "
-                   "(default: from the device kind)")
-    p.add_argument("--out", default=None, help="also write the results as JSON to this path")
-    p.add_argument("--profile", default=None, help="also capture a profiler trace of 3 steps per setting under "
-                   "this folder and print the device ops that take the most time")
-    p.add_argument("--profile-top", type=int, default=25, help="how many device ops --profile prints (default 25)")
-    return p
+@dataclasses.dataclass(frozen=True)
+class TrainBenchConfig:
+    """The options of `python -m condensa.eval.bench train` (YAML keys = these names)."""
+
+    model_config: str = "gpt2-small"  # model preset
+    seq_len: int = 1024  # tokens per sequence T
+    batch_size: int = 8  # sequences per step
+    dtype: str = "bfloat16"  # compute dtype: bfloat16 or float32
+    settings: str = "none,topk,tile"  # loss settings to time: a comma list of none or '+'-joined topk, tile, gate
+    weight: float = 0.5  # λ of each active loss
+    k: int = 64  # the top-k loss's k
+    tile_size: int = 64  # tile of the tile and gate losses
+    f: float = 0.125  # the tile loss's budget fraction
+    remat: bool = True  # recompute each block in the backward pass
+    warmup: int = 3  # untimed repeats first
+    repeats: int = 10  # timed repeats; the median is reported
+    steps_per_repeat: int = 5  # steps dispatched back to back per timed repeat (the step time is its time / N)
+    peak_tflops: float | None = None  # the device's dense bf16 peak for MFU (null: from the device kind)
+    out: str = ""  # also write the results as JSON to this path
+    profile: str = ""  # also trace 3 steps per setting under this folder and print the costliest device ops
+    profile_top: int = 25  # how many device ops --profile prints
+
+    def __post_init__(self) -> None:
+        if self.dtype not in ("bfloat16", "float32"):
+            raise ConfigError(f"dtype must be bfloat16 or float32; got {self.dtype!r}.")
+
+
+PARSER = dict(  # the command line, shared by main() and build_parser()
+    prog="python -m condensa.eval.bench train",
+    description=__doc__.split("\n\n", 1)[1],
+    epilog="example: python -m condensa.eval.bench train --seq_len 1024 --batch_size 8 --settings none,topk",
+)
+
+
+def build_parser():
+    """This tool's argparse parser (for --help and docs/cli.md)."""
+    return config_parser(TrainBenchConfig, **PARSER)
 
 
 def model_flops_per_token(config, seq_len: int) -> float:
@@ -69,7 +81,7 @@ def _train_config(args, setting: str):
     if unknown:
         raise ConfigError(f"unknown loss {unknown[0]!r} in --settings; use none or a '+' list of {', '.join(LOSSES)}.")
     overrides = ["--init", "scratch", "--model_config", args.model_config, "--data.seq_len", str(args.seq_len),
-                 "--train.dtype", args.dtype, "--train.remat", args.remat, "--train.batch_size", str(args.batch_size),
+                 "--train.dtype", args.dtype, "--train.remat", str(args.remat).lower(), "--train.batch_size", str(args.batch_size),
                  "--loss.tile_size", str(args.tile_size), "--loss.topk.k", str(args.k), "--loss.tile.f", str(args.f),
                  "--dropout", "0.0"]
     for name in active:
@@ -171,7 +183,7 @@ def bench_setting(args, setting: str, peak: float | None) -> dict:
 
 @run_main
 def main(argv=None) -> None:
-    args = build_parser().parse_args(argv)
+    args = parse_config_args(argv, TrainBenchConfig, **PARSER)
     env = environment()
     peak = args.peak_tflops * 1e12 if args.peak_tflops else peak_flops(env["device"])
     results = [bench_setting(args, s.strip(), peak) for s in args.settings.split(",") if s.strip()]
@@ -186,4 +198,4 @@ def main(argv=None) -> None:
         print(f"| {r['setting']} | {r['tokens_per_s']:,.0f} | {r['step_ms']:.1f} | {r['model_tflops']:.0f} | {mfu} | {rel} |")
     print(header(env))
     if args.out:
-        write_json(args.out, {"environment": env, "args": vars(args), "results": results})
+        write_json(args.out, {"environment": env, "args": dataclasses.asdict(args), "results": results})

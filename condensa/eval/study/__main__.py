@@ -21,26 +21,24 @@ Examples:
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 from pathlib import Path
 
-from condensa.cli import load_config, run_main, write_json
+from condensa.cli import config_from_dict, key_help, load_config, parse_overrides, run_main, write_json
 from condensa.errors import ConfigError
 
 STAGES = ("train", "evaluate", "time", "report")
 
 
-def _pop(argv: list[str], flag: str) -> str | None:
-    for i, arg in enumerate(argv):
-        if arg == flag and i + 1 < len(argv):
-            value = argv[i + 1]
-            del argv[i : i + 2]
-            return value
-        if arg.startswith(flag + "="):
-            del argv[i]
-            return arg.split("=", 1)[1]
-    return None
+@dataclasses.dataclass(frozen=True)
+class StudyRun:
+    """What one invocation runs; every other --key is a key of the study's config (StudyConfig)."""
+
+    stages: str = ",".join(STAGES)  # comma list of train, evaluate, time, report
+    models: str = ""  # comma list of the config's models to run (default: all of them)
+    report_dir: str = ""  # where stage report writes results.md and its plots (default: OUT/report)
 
 
 def _merge_json(path: Path, update: dict) -> None:
@@ -56,13 +54,15 @@ def parse_command_line(argv: list[str]):
 
     argv = list(argv)
     path = argv.pop(0) if argv and not argv[0].startswith("--") else None
-    stages = (_pop(argv, "--stages") or ",".join(STAGES)).split(",")
+    pairs = parse_overrides(argv)
+    own = {f.name for f in dataclasses.fields(StudyRun)}
+    run = config_from_dict(StudyRun, {key: value for key, value in pairs if key in own})
+    stages = run.stages.split(",")
     unknown = [s for s in stages if s not in STAGES]
     if unknown:
         raise ConfigError(f"unknown stage(s) {', '.join(unknown)}; choose from {', '.join(STAGES)}.")
-    models_arg = _pop(argv, "--models")
-    report_dir = _pop(argv, "--report_dir")
-    cfg = load_config(study_config.StudyConfig, path, argv)
+    models_arg, report_dir = run.models, run.report_dir or None
+    cfg = load_config(study_config.StudyConfig, path, [f"--{key}={value}" for key, value in pairs if key not in own])
     models = study_config.check_models(cfg, models_arg.split(",") if models_arg else cfg.model_names())
     study_config.check_models(cfg, list(cfg.evaluation.models))
     study_config.check_models(cfg, list(cfg.timing.models))
@@ -73,7 +73,7 @@ def parse_command_line(argv: list[str]):
 def main(argv=None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
-        print(__doc__)
+        print(__doc__ + "\n" + key_help(StudyRun))
         return
     cfg, stages, models, report_dir, path = parse_command_line(argv)
 
