@@ -60,8 +60,8 @@ def test_tiny_gguf_gives_back_the_weights_and_transformers_logits(tiny_models, t
     model, config = condensa.load_pretrained(path)
     assert config.model_type == family and config.vocab_size == VOCAB
 
-    exported = dict(condensa.model.llama_convert.iter_export_tensors(model)) if family == "llama" else \
-        condensa.model.hf_convert.export_tensors(model)
+    exported = dict(condensa.model.llama.convert.iter_export_tensors(model)) if family == "llama" else \
+        condensa.model.gpt2.convert.export_tensors(model)
     original = {k: v.detach().float().numpy() for k, v in hf.state_dict().items()}
     checked = 0
     for name, value in exported.items():
@@ -253,7 +253,7 @@ def test_smollm2_loads_without_a_second_float32_copy():
         "base = int(open('/proc/self/statm').read().split()[1]) * 4096\n"
         "model, config = condensa.load_pretrained('smollm2-135m')\n"
         "import jax\n"
-        "params = sum(x.size * 4 for x in jax.tree.leaves(condensa.model.llama_convert.nnx.state(model)))\n"
+        "params = sum(x.size * 4 for x in jax.tree.leaves(condensa.model.llama.convert.nnx.state(model)))\n"
         # VmHWM, not ru_maxrss: Linux carries ru_maxrss over from the parent (the test worker) across exec
         "peak = int(re.search(r'VmHWM:\\s+(\\d+) kB', open('/proc/self/status').read()).group(1)) * 1024\n"
         "print(base, peak, params)\n"

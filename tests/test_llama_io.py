@@ -14,7 +14,7 @@ from transformers import LlamaForCausalLM
 
 import condensa
 from condensa.errors import CheckpointError, ConfigError
-from condensa.model.llama_config import LlamaConfig
+from condensa.model.llama.config import LlamaConfig
 from condensa.model.registry import config_from_dict, model_class_for, preset
 from tests.llama_helpers import LLAMA3_SCALING, make_hf_llama
 
@@ -170,7 +170,7 @@ def test_bad_llama_configs_say_what_to_do(change, message):
 def test_bad_llama_preset_overrides_and_sizes_are_clear_errors():
     from condensa.errors import ConfigError
     from condensa.model import LlamaConfig
-    from condensa.model.llama_config import LlamaConfig as Direct
+    from condensa.model.llama.config import LlamaConfig as Direct
     from condensa.model.registry import preset
 
     assert LlamaConfig is Direct

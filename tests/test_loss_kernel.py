@@ -137,8 +137,8 @@ def test_losses_from_qk_equal_the_reference_losses(name):
 
 
 def _tiny_gpt2(attention=None):
-    from condensa.model.config import GPT2Config
-    from condensa.model.gpt2 import GPT2
+    from condensa.model.gpt2.config import GPT2Config
+    from condensa.model.gpt2.network import GPT2
 
     config = GPT2Config(vocab_size=97, n_positions=32, n_embd=32, n_layer=2, n_head=2,
                         embd_pdrop=0.0, attn_pdrop=0.0, resid_pdrop=0.0)

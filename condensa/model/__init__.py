@@ -2,13 +2,13 @@
 cache and generation. `registry` maps config.json's model_type to a family."""
 
 from condensa.model.causal_lm import ModelOutput
-from condensa.model.config import GPT2Config
+from condensa.model.gpt2.config import GPT2Config
 from condensa.model.generate import generate
-from condensa.model.gpt2 import GPT2
+from condensa.model.gpt2.network import GPT2
 from condensa.model.io import load_pretrained, save_pretrained
 from condensa.model.kv_cache import KVCache
-from condensa.model.llama import Llama
-from condensa.model.llama_config import LlamaConfig
+from condensa.model.llama.network import Llama
+from condensa.model.llama.config import LlamaConfig
 from condensa.model.registry import model_class_for, preset  # presets of every family
 
 __all__ = [

@@ -17,7 +17,7 @@ from flax import nnx
 from condensa.attention.pallas_backend import decode_cache_alignment
 from condensa.errors import ConfigError, ModelInputError
 from condensa.model.causal_lm import check_input_ids
-from condensa.model.gpt2 import GPT2
+from condensa.model.gpt2.network import GPT2
 
 
 def _filter_logits(logits: jax.Array, temperature: float, top_k: int | None, top_p: float | None) -> jax.Array:

@@ -1,7 +1,7 @@
 """A GGUF file seen as a Hugging Face checkpoint: its config as config.json values, its tensors
 under HF names, one at a time.
 
-Then the loaders that read HF directories (`llama_convert.load_streaming`, `hf_convert.load_into`)
+Then the loaders that read HF directories (`llama.convert.load_streaming`, `gpt2.convert.load_into`)
 read GGUF files too, with the same checks. Three things differ from an HF checkpoint:
 - names: llama.cpp's (`blk.0.attn_q.weight`), mapped with `gguf`'s own name table;
 - layout: llama.cpp permutes the rows of LLaMA's Q and K projections (for its interleaved rotary
@@ -122,8 +122,8 @@ def unpermute_rows(weight: np.ndarray, n_head: int) -> np.ndarray:
 
 def _hf_names(config, model_type: str) -> list[str]:
     """Every HF tensor name condensa's loaders know for `config`, plus `lm_head.weight`."""
-    from condensa.model.hf_convert import parameter_map as gpt2_map
-    from condensa.model.llama_convert import parameter_map as llama_map
+    from condensa.model.gpt2.convert import parameter_map as gpt2_map
+    from condensa.model.llama.convert import parameter_map as llama_map
 
     names = list(gpt2_map(config) if model_type == "gpt2" else llama_map(config))
     return names + ([] if "lm_head.weight" in names else ["lm_head.weight"])

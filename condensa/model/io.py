@@ -18,9 +18,9 @@ import numpy as np
 from flax import nnx
 
 from condensa.errors import CheckpointError
-from condensa.model.config import GPT2Config
-from condensa.model.gpt2 import GPT2
-from condensa.model.hf_convert import export_tensors, load_into
+from condensa.model.gpt2.config import GPT2Config
+from condensa.model.gpt2.network import GPT2
+from condensa.model.gpt2.convert import export_tensors, load_into
 from condensa.model.weights import SAFETENSORS_INDEX, TORCH_INDEX, WEIGHT_PATTERNS, CheckpointReader, read_all
 
 _WEIGHT_FILES = WEIGHT_PATTERNS
@@ -107,7 +107,7 @@ def _build(config, reader, *, source: str, dtype, seed: int, **model_kwargs):
         model = GPT2(config, dtype=dtype, rngs=nnx.Rngs(seed), **model_kwargs)
         load_into(model, tensors, source=source)
         return model
-    from condensa.model.llama_convert import abstract_model, load_streaming
+    from condensa.model.llama.convert import abstract_model, load_streaming
 
     with reader:  # tensor by tensor: the model is never in memory twice
         model = abstract_model(lambda: build_model(config, dtype=dtype, rngs=nnx.Rngs(seed), **model_kwargs), seed)
@@ -148,7 +148,7 @@ def save_pretrained(model, config, path: str | os.PathLike, tokenizer=None, *,
         for stale in [path / SAFETENSORS_INDEX, *path.glob("model-*-of-*.safetensors")]:
             stale.unlink(missing_ok=True)
     else:
-        from condensa.model.llama_convert import iter_export_tensors, write_shards
+        from condensa.model.llama.convert import iter_export_tensors, write_shards
 
         write_shards(iter_export_tensors(model), path, max_shard_bytes=int(max_shard_bytes), atomic_write=_atomic_write)
     if tokenizer is not None:

@@ -1,6 +1,6 @@
 """What GPT-2's and the LLaMA family's weight maps share: a table of (HF tensor name -> NNX path).
 
-Each family's converter (`hf_convert`, `llama_convert`) owns its table and its copy loop (GPT-2
+Each family's converter (`gpt2.convert`, `llama.convert`) owns its table and its copy loop (GPT-2
 reads a whole state dict, the LLaMA family streams tensors and transposes matrices); both look a
 parameter up by its path in `nnx.state` and report a checkpoint that does not fit in one error
 that lists every problem, so a user fixes them all at once instead of one per attempt.

@@ -12,13 +12,13 @@ from pathlib import Path
 from typing import Any
 
 from condensa.errors import ConfigError, did_you_mean
-from condensa.model import config as gpt2_config
-from condensa.model import llama_config
-from condensa.model.config import GPT2Config
-from condensa.model.gpt2 import GPT2
+from condensa.model.gpt2 import config as gpt2_config
+from condensa.model.llama import config as llama_config
+from condensa.model.gpt2.config import GPT2Config
+from condensa.model.gpt2.network import GPT2
 from condensa.model.hf_config import read_config_json
-from condensa.model.llama import Llama
-from condensa.model.llama_config import LlamaConfig
+from condensa.model.llama.network import Llama
+from condensa.model.llama.config import LlamaConfig
 
 # model_type -> (config class, model class); mistral and qwen2 share LLaMA's network
 FAMILIES: dict[str, tuple[type, type]] = {

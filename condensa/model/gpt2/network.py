@@ -17,15 +17,8 @@ from flax import nnx
 
 from condensa.attention import AttentionConfig
 
-# ModelOutput and the input checks lived here before CausalLM; they stay importable from this module.
-from condensa.model.causal_lm import (  # noqa: F401
-    CausalLM,
-    ModelOutput,
-    check_input_ids,
-    check_token_range,
-    self_attention,
-)
-from condensa.model.config import GPT2Config
+from condensa.model.causal_lm import CausalLM, self_attention
+from condensa.model.gpt2.config import GPT2Config
 from condensa.model.output_layer import vocab_logits
 
 _ACTIVATIONS = {

@@ -19,7 +19,7 @@ from flax import nnx
 
 from condensa.attention import AttentionConfig
 from condensa.model.causal_lm import CausalLM, self_attention
-from condensa.model.llama_config import LlamaConfig
+from condensa.model.llama.config import LlamaConfig
 from condensa.model.output_layer import vocab_logits
 from condensa.model.rope import apply_rope, inverse_frequencies, rope_angles
 

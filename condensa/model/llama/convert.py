@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from condensa.model.llama_config import LlamaConfig
+from condensa.model.llama.config import LlamaConfig
 from condensa.model.param_paths import param_at, raise_mismatches
 from condensa.model.weights import SAFETENSORS as SINGLE
 from condensa.model.weights import SAFETENSORS_INDEX as INDEX

@@ -11,7 +11,7 @@ import re
 import numpy as np
 from flax import nnx
 
-from condensa.model.config import GPT2Config
+from condensa.model.gpt2.config import GPT2Config
 from condensa.model.param_paths import param_at, raise_mismatches
 
 # HF buffers and aliases that carry no parameters of their own.
