@@ -56,7 +56,7 @@ def kernel_applies(config, layer_idx: int, *, causal: bool, need_probs: bool, dr
     """Whether the prefill kernel implements this call exactly (rows gated as decoding steps are
     not: the prefill kernel gates query tiles). A layer the rule leaves dense (`dense_layers`)
     runs the fused dense path instead, cuDNN on the GPU: the same numbers, and faster than the
-    kernel's dense mode (0.83-0.85x cuDNN at T = 8k, docs/benchmarks.md)."""
+    kernel's dense mode (docs/benchmarks.md)."""
     if not causal or need_probs or dropout is not None or (config.decode_gate_rows and _is_gated(config, layer_idx)):
         return False
     if _is_gated(config, layer_idx) and config.tile_selector == "oracle":

@@ -106,8 +106,8 @@ def row_chunks(tq: int, tk: int) -> int:
 
 def attend_in_row_chunks(q, k, v, *, visible, scale, layer_idx, config, thresholds, chunks: int) -> jax.Array:
     """The reference op's output, computed `Tq / chunks` query rows at a time under `lax.map`, so only
-    one chunk's [B, H, rows, Tk] float32 arrays are alive (one pass of the 16k study's model: about
-    24 GB of temporaries, in chunks about 5 GB; docs/benchmarks.md). Every rule is row-wise once
+    one chunk's [B, H, rows, Tk] float32 arrays are alive (a whole pass at 16k tokens does not fit a
+    GPU otherwise; docs/benchmarks.md). Every rule is row-wise once
     the gate's element mask is known (the prefill gate pools whole query tiles), so that mask is
     computed first, for all rows, as bool."""
     b, tq = q.shape[:2]

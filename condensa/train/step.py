@@ -3,8 +3,8 @@
 A functional step (split outside, merge inside) keeps the jitted function free of Python objects,
 so the state can be donated and sharded like any pytree; the `data` axis of the batch is what the
 mesh splits (see `condensa.train.parallel`). The steps take and return a `FlatState`: rebuilding
-an `nnx.State` from a jitted call's outputs costs milliseconds of Python per step (about 5 ms for
-GPT-2 small's 521 arrays), which is a fifth of the device step and serialises with it.
+an `nnx.State` from a jitted call's outputs costs milliseconds of Python per step, a sizeable share
+of a small model's device step, and serialises with it (docs/benchmarks.md).
 """
 
 from __future__ import annotations

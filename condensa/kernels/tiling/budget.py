@@ -13,9 +13,8 @@ def cap_at_budget(chosen: jax.Array, scores: jax.Array, budget) -> jax.Array:
     set. Rows with no more chosen entries than their budget are unchanged.
 
     This is the tile gate's cap (`tile_cap`): a calibrated Θ whose scores sit in a flat bulk keeps
-    most tiles of a long row (54-65% at T = 8192 for budgets f = 0.03-0.25, in the first T = 8k
-    run of docs/benchmarks.md), so the budget only becomes a bound on work when the gate also
-    ranks."""
+    most tiles of a long row (the first T = 8k run of docs/benchmarks.md), so the budget only
+    becomes a bound on work when the gate also ranks."""
     ranked = jnp.where(chosen, scores.astype(jnp.float32), -jnp.inf)
     ordered = -jnp.sort(-ranked, axis=-1)  # descending
     n = ordered.shape[-1]
