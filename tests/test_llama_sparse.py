@@ -125,3 +125,49 @@ def test_training_from_scratch_with_a_llama_preset_exports_for_transformers(tmp_
     with torch.no_grad():
         theirs = hf.eval()(torch.as_tensor(ids)).logits.numpy()
     np.testing.assert_allclose(np.asarray(model(jnp.asarray(ids)).logits), theirs, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("padded", [False, True], ids=["unpadded", "left-padded"])
+def test_a_prompt_fills_the_cache_on_the_fused_paths_as_the_reference_path_does(calibrated, padded):
+    """`prompt=True` (attention over the new tokens alone, so the prefill kernel runs) gives the same
+    logits and the same cache as attending to every cache slot, for dense, Top-θ and gated rules, on
+    both backends; chunked prefill in `generate` gives the same greedy tokens as recomputing."""
+    from condensa.sparsity import Thresholds
+
+    root = calibrated
+    model, config = condensa.load_pretrained(root / "model")
+    thresholds = Thresholds.load(root / "thresholds" / "thresholds.safetensors").validate(config)
+    ids = jnp.asarray(np.random.default_rng(1).integers(0, 50257, (2, 72)))
+    mask = jnp.ones((2, 72), jnp.int32).at[1, :21].set(0) if padded else None
+    valid = np.ones((2, 72), bool) if mask is None else np.asarray(mask, bool)
+    run = nnx.jit(lambda m, rule, prompt: m(ids, attention_mask=mask, cache=m.init_cache(2, 80, tile_size=TILE),
+                                            attention=rule, thresholds=thresholds, prompt=prompt), static_argnums=(1, 2))
+    toptheta = AttentionConfig(mode="toptheta", k=K, sdc="calibrated", vmc=True)
+    for rule in (AttentionConfig(), toptheta, toptheta.replace(tile_gate=True, block_q=TILE, block_k=TILE,
+                                                               tile_budget=BUDGET, tile_cap=True)):
+        for backend in ("reference", "pallas"):
+            want, got = run(model, rule, False), run(model, rule.replace(backend=backend), True)
+            np.testing.assert_allclose(np.asarray(got.logits)[valid], np.asarray(want.logits)[valid], atol=1e-5,
+                                       err_msg=f"{rule} {backend}")
+            for name in ("k", "v", "v_sum", "k_tile_sum", "key_valid", "index", "next_position"):
+                a, b = np.asarray(getattr(got.cache, name)), np.asarray(getattr(want.cache, name))
+                if name in ("k", "v"):
+                    a, b = a[:, :, :72][:, valid], b[:, :, :72][:, valid]
+                np.testing.assert_allclose(a, b, atol=1e-5, err_msg=f"{name}: {rule} {backend}")
+    chunked = condensa.generate(model, ids[:, :40], 8, attention_mask=None if mask is None else mask[:, :40],
+                                attention=toptheta, thresholds=thresholds, prefill_chunk=16)
+    whole = condensa.generate(model, ids[:, :40], 8, attention_mask=None if mask is None else mask[:, :40],
+                              attention=toptheta, thresholds=thresholds, use_cache=False)
+    np.testing.assert_array_equal(chunked, whole)
+
+
+def test_a_prompt_needs_an_empty_cache(calibrated):
+    from condensa.errors import ModelInputError
+
+    model, _ = condensa.load_pretrained(calibrated / "model")
+    ids = jnp.asarray(np.random.default_rng(2).integers(0, 50257, (1, 8)))
+    filled = model(ids, cache=model.init_cache(1, 32)).cache
+    with pytest.raises(ModelInputError, match="empty KV cache"):
+        model(ids, cache=filled, prompt=True)
+    with pytest.raises(ModelInputError, match="empty KV cache"):
+        model(ids, prompt=True)

@@ -24,18 +24,32 @@ class CausalInputs(NamedTuple):
     visible: jax.Array  # bool [B, 1, T, T or S]: key j visible to query i
     plain_causal: bool  # static: no padding and no cache, so fused kernels may skip the mask
     key_valid: jax.Array | None  # bool [B, S]: cache slots holding a token, after this write
-    cache_write: Callable[[int, jax.Array, jax.Array], tuple[LayerKV, DecodeState]] | None
+    # cache_write(layer, k, v) -> (the layer's cache after the write, the DecodeState decode kernels
+    # read or None, the keys and values attention reads: the whole cache, or the new ones alone)
+    cache_write: Callable[[int, jax.Array, jax.Array], tuple[LayerKV, DecodeState | None, tuple]] | None
 
 
-def causal_inputs(input_ids: jax.Array, attention_mask: jax.Array | None, cache: KVCache | None) -> CausalInputs:
-    """Positions, visibility and the cache writer for `input_ids` [B, T] appended at `cache.index`."""
+def causal_inputs(input_ids: jax.Array, attention_mask: jax.Array | None, cache: KVCache | None, *,
+                  prompt: bool = False) -> CausalInputs:
+    """Positions, visibility and the cache writer for `input_ids` [B, T] appended at `cache.index`.
+
+    `prompt`: the cache holds nothing yet, so the new tokens see only each other. Attention then
+    reads their own k and v under the plain causal mask, as without a cache, and the fused prefill
+    paths (cuDNN, the prefill kernel) apply instead of the reference op over every cache slot."""
     b, t = input_ids.shape
     mask = jnp.ones((b, t), bool) if attention_mask is None else attention_mask.astype(bool)
-    if cache is None:
+    if cache is None or prompt:
         positions = jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0)
         causal = jnp.tril(jnp.ones((t, t), bool))
         visible = causal[None, None] & mask[:, None, None, :]
-        return CausalInputs(mask, positions, visible, attention_mask is None, None, None)
+        if cache is None:
+            return CausalInputs(mask, positions, visible, attention_mask is None, None, None)
+        key_valid = jax.lax.dynamic_update_slice(cache.key_valid, mask, (0, cache.index))
+
+        def prompt_write(i, k, v):
+            return cache.layer_update(i, k, v, mask), None, (k, v)
+
+        return CausalInputs(mask, positions, visible, attention_mask is None, key_valid, prompt_write)
 
     positions = jnp.maximum(cache.next_position[:, None] + jnp.cumsum(mask, axis=1) - 1, 0)
     key_valid = jax.lax.dynamic_update_slice(cache.key_valid, mask, (0, cache.index))
@@ -50,7 +64,7 @@ def causal_inputs(input_ids: jax.Array, attention_mask: jax.Array | None, cache:
     def cache_write(i, k, v):
         layer = cache.layer_update(i, k, v, mask)
         k_tile_mean = None if tile_count is None else layer.k_tile_sum / tile_count[..., None, None]
-        return layer, DecodeState(lengths, starts, layer.v_sum / v_count, k_tile_mean)
+        return layer, DecodeState(lengths, starts, layer.v_sum / v_count, k_tile_mean), (layer.k, layer.v)
 
     return CausalInputs(mask, positions, visible, False, key_valid, cache_write)
 

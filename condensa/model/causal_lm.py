@@ -101,6 +101,7 @@ class CausalLM(nnx.Module):
         attention: AttentionConfig | None = None,
         thresholds=None,
         loss_logits: bool = False,
+        prompt: bool = False,
     ) -> ModelOutput:
         """Logits for `input_ids` [B, T].
 
@@ -114,12 +115,17 @@ class CausalLM(nnx.Module):
         two passes over the largest array of a training step: they may come over the vocabulary
         padded to a multiple of 128 (`condensa.model.output_layer`; the extra columns at −1e9),
         and stay in the compute dtype (`condensa.train.cross_entropy` upcasts as it reads them).
+        prompt: `cache` is empty (a new prompt): attention reads only the new tokens, on the fused
+        prefill paths, while they are written into the cache.
         """
         check_input_ids(input_ids, self.config, offset=0 if cache is None else cache.index)
+        if prompt and (cache is None or (not isinstance(cache.index, jax.core.Tracer) and int(cache.index) != 0)):
+            raise ModelInputError("prompt=True fills an empty KV cache; pass cache=model.init_cache(...) that "
+                                  "holds no tokens yet, or leave prompt=False to append to a filled one.")
         if isinstance(return_attention, str) and return_attention != "inputs":
             raise ModelInputError(f"return_attention is True, False or 'inputs'; got {return_attention!r}.")
         attention = attention or self.attention
-        inputs = causal_inputs(input_ids, attention_mask, cache)
+        inputs = causal_inputs(input_ids, attention_mask, cache, prompt=prompt)
         x, block_args = self._embed(input_ids, inputs.positions)
         all_probs, new_layers = [], []
         for i, block in enumerate(self._blocks()):
@@ -149,13 +155,12 @@ def self_attention(q, k, v, *, kv, dropout: nnx.Dropout, visible, scale: float, 
     `need_probs`: True (return the probabilities), False (nothing), or "inputs" (return the layer's
     `AttentionInputs` and let attention run as if no probabilities were needed).
     `kv` is the layer's cache writer (`CausalInputs.cache_write` bound to the layer) or None without
-    a cache: it stores k and v and returns the full cached K/V plus the `DecodeState` that decode
-    kernels read. `dropout` reaches `attend` only when it would drop something (training, rate > 0),
+    a cache: it stores k and v and returns the layer's cache, the `DecodeState` that decode kernels
+    read, and the K/V attention reads (the whole cache, or only the new tokens' for a prompt). `dropout` reaches `attend` only when it would drop something (training, rate > 0),
     because any probability dropout rules out the fused kernels. Returns
     (out [B, T, H, D], probs or None, the layer's new `LayerKV` or None).
     """
-    layer_kv, decode_state = kv(k, v) if kv is not None else (None, None)
-    k_all, v_all = (layer_kv.k, layer_kv.v) if layer_kv is not None else (k, v)
+    layer_kv, decode_state, (k_all, v_all) = kv(k, v) if kv is not None else (None, None, (k, v))
     probs_dropout = dropout if dropout.rate > 0 and not dropout.deterministic else None
     out, probs = attend(
         q, k_all, v_all,

@@ -53,8 +53,22 @@ def _cache_length(total: int, attention, n_positions: int) -> int:
     return min(-(-total // align) * align, n_positions)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "sampling", "eos", "use_cache", "attention"))
-def _generate(graphdef, state, ids, mask, rng, thresholds, *, max_new_tokens, sampling, eos, use_cache, attention):
+def _prompt(call, cache, ids, mask, chunk: int):
+    """The model's output after writing the prompt into the empty `cache`, `chunk` tokens per call.
+    The first call reads only its own tokens, on the fused prefill paths; each later one attends to
+    the cache so far, so memory grows with chunk × prompt length, not prompt length squared."""
+    out = None
+    for start in range(0, ids.shape[1], chunk):
+        piece = slice(start, start + chunk)
+        out = call(ids[:, piece], attention_mask=None if mask is None else mask[:, piece],
+                   cache=cache if out is None else out.cache, prompt=out is None)
+    return out
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "sampling", "eos", "use_cache", "attention",
+                                             "padded", "prefill_chunk"))
+def _generate(graphdef, state, ids, mask, rng, thresholds, *, max_new_tokens, sampling, eos, use_cache, attention,
+              padded, prefill_chunk):
     model = nnx.merge(graphdef, state)
     model.eval()
     b, p = ids.shape
@@ -68,7 +82,7 @@ def _generate(graphdef, state, ids, mask, rng, thresholds, *, max_new_tokens, sa
     if use_cache:
         tile_size = attention.block_k if attention.tile_gate else None  # the decode gate scores tile-mean keys
         cache = model.init_cache(b, _cache_length(total, attention, model.config.n_positions), tile_size=tile_size)
-        out = call(ids, attention_mask=mask, cache=cache)
+        out = _prompt(call, cache, ids, mask if padded else None, prefill_chunk or p)
         first = _choose(out.logits[:, -1], jax.random.fold_in(rng, 0), sampling)
         first, done = finish(first, jnp.zeros((b,), bool))
 
@@ -112,11 +126,13 @@ def generate(
     use_cache: bool = True,
     attention=None,
     thresholds=None,
+    prefill_chunk: int | None = None,
 ) -> np.ndarray:
     """Returns [B, P + max_new_tokens] token ids: the prompt followed by the generated tokens.
 
     Batched prompts of different lengths must be left-padded, with `attention_mask` marking the
     real tokens (as with HF). After a sequence emits `eos_token_id` it keeps emitting it.
+    `prefill_chunk`: write the prompt into the cache this many tokens per call (default: all at once).
     """
     ids = jnp.asarray(input_ids, jnp.int32)
     if ids.ndim == 1:
@@ -134,12 +150,15 @@ def generate(
             f"prompt ({ids.shape[1]} tokens) + max_new_tokens ({max_new_tokens}) exceeds "
             f"n_positions={model.config.n_positions}; shorten the prompt or generate fewer tokens."
         )
+    if prefill_chunk is not None and prefill_chunk < 1:
+        raise ConfigError(f"prefill_chunk must be at least 1 token; got {prefill_chunk}.")
     mask = jnp.ones_like(ids) if attention_mask is None else jnp.asarray(attention_mask, jnp.int32)
     graphdef, state = nnx.split(model)
     sampling = (bool(do_sample), float(temperature), top_k, top_p)
     out = _generate(
         graphdef, state, ids, mask, jax.random.key(seed), thresholds,
         max_new_tokens=int(max_new_tokens), sampling=sampling, eos=eos_token_id,
-        use_cache=use_cache, attention=attention or model.attention,
+        use_cache=use_cache, attention=attention or model.attention, padded=attention_mask is not None,
+        prefill_chunk=None if prefill_chunk is None else int(prefill_chunk),
     )
     return np.asarray(out)
