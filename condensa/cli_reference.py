@@ -60,6 +60,8 @@ TOOLS = (
          "condensa.eval.bench.prefill:PrefillBenchConfig", "prefill attention kernels against cuDNN"),
     Tool("python -m condensa.eval.bench decode", "condensa.eval.bench.decode",
          "condensa.eval.bench.decode:DecodeBenchConfig", "decode attention kernels against XLA and cuDNN"),
+    Tool("python -m condensa.eval.bench generate", "condensa.eval.bench.generate",
+         "condensa.eval.bench.generate:GenerateBenchConfig", "whole-model generation: TTFT, TPOT, tokens/s, memory"),
 )
 
 

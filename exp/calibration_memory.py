@@ -32,7 +32,7 @@ from condensa.data import model_tokenizer
 from condensa.eval.bench.memory import peaks
 from condensa.model import load_pretrained
 from condensa.sparsity.calibration import (
-    CalibrationConfig, GateSpec, LayerWalk, _embed, _layer_dropped_mass, _layer_samples, calibrate, load_blocks,
+    CalibrationConfig, LayerWalk, _embed, _layer_dropped_mass, _layer_samples, calibrate, load_blocks,
 )
 
 CONFIG = Path(__file__).resolve().parent.parent / "configs" / "smollm2-calibrate.yaml"

@@ -15,7 +15,8 @@ import jax
 import jax.numpy as jnp
 
 from condensa.eval.bench import profile as prof
-from condensa.eval.bench.decode import DecodeBenchConfig, derive_thresholds, structured_cache, tile_state
+from condensa.eval.bench.decode import DecodeBenchConfig, derive_thresholds, structured_cache
+from condensa.eval.bench.decode_baselines import tile_state
 from condensa.eval.bench.timing import jit_with_options, measure
 from condensa.kernels.toptheta_decode import toptheta_decode
 

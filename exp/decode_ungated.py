@@ -30,8 +30,9 @@ import math
 import jax
 import jax.numpy as jnp
 
-from condensa.eval.bench.decode import (DecodeBenchConfig, dense_baselines, derive_thresholds, head_major,
-                                        median_seconds, relative_error, structured_cache, tile_state)
+from condensa.eval.bench.decode import (DecodeBenchConfig, derive_thresholds, median_seconds, relative_error,
+                                        structured_cache)
+from condensa.eval.bench.decode_baselines import dense_baselines, head_major, tile_state
 from condensa.kernels import toptheta_decode as td
 from condensa.kernels.decode_combine import combine_splits
 

@@ -7,6 +7,8 @@ itself, register and shared-memory limits). Seconds, not minutes; run it first o
 
 from __future__ import annotations
 
+import argparse
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -26,6 +28,7 @@ def _rel(a, b) -> float:
 
 
 def main() -> None:
+    argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter).parse_args()
     keys = jax.random.split(jax.random.key(0), 3)
     q = jax.random.normal(keys[0], (B, T, H, D), jnp.bfloat16)
     k = jax.random.normal(keys[1], (B, T, HKV, D), jnp.bfloat16)

@@ -5,6 +5,7 @@ Benchmarks (each has its own --help):
   prefill   sparse prefill attention kernels against dense attention
   decode    sparse decode attention kernels against dense attention
   masses    the fused kernel behind the concentration losses, against the path it replaces
+  generate  whole-model generation at long context: TTFT, TPOT, tokens/s, peak memory
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ BENCHMARKS = {
     "prefill": "condensa.eval.bench.prefill",
     "decode": "condensa.eval.bench.decode",
     "masses": "condensa.eval.bench.masses",
+    "generate": "condensa.eval.bench.generate",
 }
 
 

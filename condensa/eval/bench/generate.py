@@ -1,0 +1,195 @@
+"""python -m condensa.eval.bench generate [options]
+
+Whole-model generation at long context, as a user sees it: time to first token (TTFT), time per
+output token (TPOT), tokens per second and peak device memory, dense (cuDNN) against a sparse rule
+(the capped tile gate + Top-θ on the Pallas kernels), on LLaMA shapes with random weights and
+thresholds calibrated on random tokens. Every timed call is `condensa.generate`, the public API:
+TTFT is a call that generates one token, TPOT the extra time of `new_tokens` tokens per token
+after the first. A bare forward over the same prompt (logits of the last position) is timed beside
+it. Before timing, each rule's greedy tokens through the KV cache must equal those of recomputing
+the whole prefix every step (`use_cache=False`) at a small size.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Sequence
+
+import jax.numpy as jnp
+import numpy as np
+
+from condensa.cli import check_writable, config_parser, parse_config_args, progress, run_main, write_json
+from condensa.errors import ConfigError
+from condensa.eval.bench.timing import environment, header, measure
+
+SHAPES = {  # random-weight LLaMA shapes (HF config fields); max_position_embeddings is set per run
+    "smollm2-135m": dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                         num_attention_heads=9, num_key_value_heads=3, head_dim=64, tie_word_embeddings=True),
+    "llama-1b": dict(vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
+                     num_attention_heads=32, num_key_value_heads=8, head_dim=64, tie_word_embeddings=True,
+                     rope_theta=500000.0, rope_scaling={"rope_type": "llama3", "factor": 32.0,
+                                                        "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                                        "original_max_position_embeddings": 8192}),
+    "llama-tiny": dict(vocab_size=512, hidden_size=128, intermediate_size=344, num_hidden_layers=2,
+                       num_attention_heads=4, num_key_value_heads=2, head_dim=64, tie_word_embeddings=True),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class GenerateBenchConfig:
+    """The options of `python -m condensa.eval.bench generate` (YAML keys = these names)."""
+
+    out_dir: str = "runs/bench_generate"  # writes results.json and summary.md here
+    shape: str = "smollm2-135m"  # model shape: smollm2-135m, llama-1b or llama-tiny (random weights)
+    batches: list[int] = dataclasses.field(default_factory=lambda: [1, 8])  # batch sizes timed
+    prompt_lens: list[int] = dataclasses.field(default_factory=lambda: [8192, 32768])  # prompt lengths timed
+    new_tokens: int = 33  # tokens generated per timed call for TPOT (the first one is TTFT's)
+    prefill_chunk: int = 0  # write prompts into the cache this many tokens per call (0: all at once)
+    dtype: str = "bfloat16"  # parameter and compute dtype
+    k: int = 64  # Top-θ k of the sparse rule
+    tile_budget: float = 0.125  # the capped gate's budget f
+    block: int = 128  # tile size of the gate and the kernels
+    calibration_len: int = 8192  # tokens per calibration block (random tokens)
+    calibration_blocks: int = 2  # calibration blocks
+    check_len: int = 256  # prompt length of the correctness check
+    check_steps: int = 32  # greedy tokens compared in the correctness check
+    warmup: int = 1  # untimed calls first
+    repeats: int = 3  # timed calls; the median is reported
+
+    def __post_init__(self) -> None:
+        if self.shape not in SHAPES:
+            raise ConfigError(f"unknown shape {self.shape!r}; choose one of {', '.join(SHAPES)}.")
+        if self.new_tokens < 2:
+            raise ConfigError(f"new_tokens must be at least 2 (TPOT is the time after the first); got {self.new_tokens}.")
+        if min(self.prompt_lens) < self.block or min(self.batches) < 1:
+            raise ConfigError(f"prompt_lens must be at least one tile ({self.block}) and batches at least 1.")
+
+
+def build_model(cfg: GenerateBenchConfig, positions: int):
+    from flax import nnx
+
+    from condensa.model.llama.config import LlamaConfig
+    from condensa.model.llama.network import Llama
+
+    config = LlamaConfig(**SHAPES[cfg.shape], max_position_embeddings=positions)
+    return Llama(config, dtype=jnp.dtype(cfg.dtype), rngs=nnx.Rngs(0))
+
+
+def rules(cfg: GenerateBenchConfig, model) -> dict:
+    """{name: (AttentionConfig, thresholds)}: dense on its fused path, and the capped gate + Top-θ."""
+    from condensa.attention import AttentionConfig
+    from condensa.sparsity.calibration import GateSpec, calibrate
+
+    blocks = np.random.default_rng(1).integers(0, model.config.vocab_size, (cfg.calibration_blocks, cfg.calibration_len))
+    thresholds = calibrate(model, blocks, k=cfg.k, gate=GateSpec(cfg.block, cfg.block, cfg.tile_budget), batch_size=1)
+    sparse = AttentionConfig(mode="toptheta", k=cfg.k, tile_gate=True, tile_cap=True, tile_budget=cfg.tile_budget,
+                             block_q=cfg.block, block_k=cfg.block, backend="pallas")
+    return {"dense": (AttentionConfig(), None), f"gate f={cfg.tile_budget} + Top-θ k={cfg.k}": (sparse, thresholds)}
+
+
+def check(model, attention, thresholds, cfg: GenerateBenchConfig) -> None:
+    """Greedy tokens through the cache (prompt on the fused paths) equal recomputing every step."""
+    import condensa
+
+    prompt = np.random.default_rng(2).integers(0, model.config.vocab_size, (1, cfg.check_len))
+    call = functools.partial(condensa.generate, model, prompt, cfg.check_steps, attention=attention,
+                             thresholds=thresholds)
+    fast, slow = call(prefill_chunk=cfg.prefill_chunk or None), call(use_cache=False)
+    if not np.array_equal(fast, slow):
+        first = int(np.argmax((fast != slow).any(axis=0)))
+        raise RuntimeError(f"greedy tokens through the cache differ from recomputing from position {first}; not timing")
+
+
+def time_shape(model, attention, thresholds, batch: int, prompt_len: int, cfg: GenerateBenchConfig) -> dict:
+    from flax import nnx
+
+    import condensa
+    from condensa.eval.bench.memory import device_peak_bytes
+
+    rng = np.random.default_rng(3)
+    prompts = [rng.integers(0, model.config.vocab_size, (batch, prompt_len)) for _ in range(2)]  # rotated
+    box = {"i": 0}
+
+    def rotating(fn):
+        def run_once():
+            box["i"] += 1
+            return fn(prompts[box["i"] % len(prompts)])
+        return run_once
+
+    chunk = cfg.prefill_chunk or None
+    generate = functools.partial(condensa.generate, model, attention=attention, thresholds=thresholds,
+                                 prefill_chunk=chunk)
+    forward = nnx.jit(lambda m, ids: m(ids, attention=attention, thresholds=thresholds).logits[:, -1])
+    first = measure(rotating(lambda ids: generate(ids, 1)), warmup=cfg.warmup, repeats=cfg.repeats)["median_s"]
+    whole = measure(rotating(lambda ids: generate(ids, cfg.new_tokens)), warmup=cfg.warmup,
+                    repeats=cfg.repeats)["median_s"]
+    bare = measure(rotating(lambda ids: forward(model, jnp.asarray(ids))), warmup=cfg.warmup,
+                   repeats=cfg.repeats)["median_s"]
+    tpot = (whole - first) / (cfg.new_tokens - 1)
+    peak = device_peak_bytes()
+    return {"batch": batch, "prompt_len": prompt_len, "ttft_s": first, "tpot_s": tpot, "forward_s": bare,
+            "ttft_over_forward": first / bare, "tokens_per_s": batch * (cfg.new_tokens - 1) / (whole - first),
+            "device_peak_gib": None if peak is None else peak / 2**30}
+
+
+def run(cfg: GenerateBenchConfig) -> list[dict]:
+    model = build_model(cfg, max(max(cfg.prompt_lens), cfg.calibration_len, cfg.check_len) + max(cfg.new_tokens,
+                                                                                                cfg.check_steps))
+    records = []
+    for name, (attention, thresholds) in rules(cfg, model).items():
+        check(model, attention, thresholds, cfg)
+        for batch in cfg.batches:
+            for prompt_len in progress(cfg.prompt_lens, desc=f"{name}, batch {batch}", unit="prompt"):
+                try:
+                    record = time_shape(model, attention, thresholds, batch, prompt_len, cfg)
+                except Exception as error:  # noqa: BLE001 - an out-of-memory shape is a result, not the end
+                    if "RESOURCE_EXHAUSTED" not in str(error) and "out of memory" not in str(error).lower():
+                        raise
+                    record = {"batch": batch, "prompt_len": prompt_len, "error": "out of memory"}
+                records.append({"rule": name, **record})
+    return records
+
+
+def summary_table(records: list[dict]) -> str:
+    """Markdown, one row per (rule, batch, prompt), with the sparse rule's speed-up over dense."""
+    dense = {(r["batch"], r["prompt_len"]): r for r in records if r["rule"] == "dense" and "error" not in r}
+    lines = ["| rule | batch | prompt | TTFT (s) | TTFT / forward | TPOT (ms) | tokens/s | × dense TTFT | "
+             "× dense TPOT | peak (GiB) |", "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for r in records:
+        if "error" in r:
+            lines.append(f"| {r['rule']} | {r['batch']} | {r['prompt_len']} | {r['error']} | | | | | | |")
+            continue
+        base = dense.get((r["batch"], r["prompt_len"]))
+        speed = (f"{base['ttft_s'] / r['ttft_s']:.2f}", f"{base['tpot_s'] / r['tpot_s']:.2f}") if base else ("", "")
+        peak = "" if r["device_peak_gib"] is None else f"{r['device_peak_gib']:.1f}"
+        lines.append(f"| {r['rule']} | {r['batch']} | {r['prompt_len']} | {r['ttft_s']:.3f} | "
+                     f"{r['ttft_over_forward']:.2f} | {1e3 * r['tpot_s']:.2f} | {r['tokens_per_s']:,.0f} | "
+                     f"{speed[0]} | {speed[1]} | {peak} |")
+    return "\n".join(lines)
+
+
+PARSER = dict(  # the command line, shared by main() and build_parser()
+    prog="python -m condensa.eval.bench generate",
+    description=__doc__.split("\n\n", 1)[1],
+    epilog="example: python -m condensa.eval.bench generate --shape llama-1b --batches [8] --prompt_lens [32768]",
+)
+
+
+def build_parser():
+    """This tool's argparse parser (for --help and docs/cli.md)."""
+    return config_parser(GenerateBenchConfig, **PARSER)
+
+
+@run_main
+def main(argv: Sequence[str] | None = None) -> None:
+    cfg = parse_config_args(argv, GenerateBenchConfig, **PARSER)
+    out = check_writable(cfg.out_dir, "--out_dir")
+    env = environment()
+    records = run(cfg)
+    table = summary_table(records)
+    write_json(out / "results.json", {"environment": env, "config": dataclasses.asdict(cfg), "results": records})
+    (out / "summary.md").write_text(f"shape {cfg.shape}, {cfg.dtype}\n\n{table}\n\n{header(env)}\n")
+    print(table)
+    print(header(env))
+    print(f"-> {out / 'results.json'}, {out / 'summary.md'}")
