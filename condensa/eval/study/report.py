@@ -309,6 +309,15 @@ def plot_ppl_vs_kept(res: dict, split: str, path: Path) -> Path | None:
     return path
 
 
+def _committed_copy(results: Path, report_dir: Path) -> str | None:
+    """Where the page says its JSON is, when the report is made from a copy committed under its own
+    folder (docs/runs/<name>/results for docs/results.md): that path from the folder above; else None."""
+    results, report_dir = results.resolve(), report_dir.resolve()
+    if not results.is_relative_to(report_dir):
+        return None
+    return str(results.relative_to(report_dir.parent))
+
+
 def write(results: Path, report_dir: Path, command: str = "") -> Path:
     """Writes report_dir/results.md and its plots (report_dir/img/study/) from results/*.json."""
     res = load_results(results)
@@ -323,8 +332,7 @@ def write(results: Path, report_dir: Path, command: str = "") -> Path:
         target.parent.mkdir(parents=True, exist_ok=True)
         target.write_bytes(png.read_bytes())
         figures[png.stem] = str(target.relative_to(report_dir))
-    copy = report_dir / "study-results"  # the JSON behind a committed report (docs/study-results)
-    text = markdown(res, figures, command, json_copy=f"{report_dir.name}/study-results" if copy.is_dir() else None)
+    text = markdown(res, figures, command, json_copy=_committed_copy(results, report_dir))
     discussion = report_dir / "results_discussion.md"  # hand-written prose that cites the tables, no numbers of its own
     if discussion.is_file():
         text += "\n" + discussion.read_text()
