@@ -72,40 +72,45 @@ def unflatten(flat: dict[str, Any], template) -> Any:
 
 
 @jax.jit
-def _sums(flat: dict[str, Any]) -> dict[str, jax.Array]:
-    def sums(v):
-        v = jnp.asarray(v, jnp.float32)
-        return jnp.stack([jnp.sum(v), jnp.sum(jnp.abs(v))])
-    return {k: sums(v) for k, v in flat.items()}
+def _digests(flat: dict[str, Any]) -> dict[str, tuple[jax.Array, jax.Array, jax.Array]]:
+    def digest(v):
+        v = jnp.asarray(v)
+        if jnp.issubdtype(v.dtype, jnp.floating):
+            bits = jax.lax.bitcast_convert_type(v.astype(jnp.float32), jnp.uint32)
+        elif v.dtype.itemsize == 4:  # int32 / uint32 (PRNG key data): their own bits
+            bits = jax.lax.bitcast_convert_type(v, jnp.uint32)
+        else:
+            bits = v.astype(jnp.uint32)
+        v = v.astype(jnp.float32)
+        return jnp.sum(bits, dtype=jnp.uint32), jnp.sum(v), jnp.sum(jnp.abs(v))
+    return {k: digest(v) for k, v in flat.items()}
 
 
-def fingerprint(flat: dict[str, Any]) -> dict[str, list[float]]:
-    """[sum, sum of magnitudes] per array (one jitted call on device): it catches a checkpoint that
-    reads back wrong, which a garbled-but-parseable file otherwise would not. The magnitudes bound
-    the rounding of the sum: a GPU may add the same array in another order after a restart, and an
-    Adam moment whose elements cancel has a sum far smaller than that rounding."""
-    return {k: [float(x) for x in v] for k, v in jax.device_get(_sums(flat)).items()}
+def _digest(flat: dict[str, Any]) -> dict[str, tuple[int, float, float]]:
+    return {k: (int(c), float(t), float(m)) for k, (c, t, m) in jax.device_get(_digests(flat)).items()}
 
 
-FINGERPRINT_RTOL = 1e-4  # of the sum of magnitudes: float32 rounding in any order is far below it
+def fingerprint(flat: dict[str, Any]) -> dict[str, int]:
+    """A checksum per array: the sum, modulo 2^32, of its elements' float32 bit patterns (one jitted
+    call on device). It catches a checkpoint that reads back wrong, which a garbled-but-parseable
+    file otherwise would not, down to one flipped bit; and since integer addition is exact, any
+    order of adding gives the same checksum (a GPU may add in another order after a restart)."""
+    return {k: checksum for k, (checksum, _, _) in _digest(flat).items()}
 
 
-def _fingerprints_match(saved: dict[str, Any], restored: dict[str, list[float]]) -> bool:
-    """Whether each array's sum agrees within float32 rounding of its magnitudes. A fingerprint
-    written before the magnitudes were kept (a bare float per array) is checked as it was then."""
+def _fingerprints_match(saved: dict[str, Any], flat: dict[str, Any]) -> bool:
+    """Whether the restored arrays `flat` have the checksums saved with them. A fingerprint written
+    before the checksums (a float sum per array) is checked against the float sum, within rounding
+    of the sum of magnitudes: the sum alone moves with the order of adding."""
+    restored = _digest(flat)
     if saved.keys() != restored.keys():
         return False
     for key, value in saved.items():
-        total, magnitude = restored[key]
-        if not (np.isfinite(total) and np.isfinite(magnitude)):
-            return False
-        if isinstance(value, (int, float)):  # the old format: the sum alone
-            if not np.isclose(value, total, rtol=1e-5, atol=1e-6):
+        checksum, total, magnitude = restored[key]
+        if isinstance(value, float):  # the old format
+            if not (np.isfinite(total) and abs(value - total) <= 1e-4 * magnitude + 1e-6):
                 return False
-            continue
-        saved_total, saved_magnitude = value
-        slack = FINGERPRINT_RTOL * max(saved_magnitude, magnitude) + 1e-6
-        if abs(saved_total - total) > slack or abs(saved_magnitude - magnitude) > slack:
+        elif value != checksum:
             return False
     return True
 
@@ -252,7 +257,7 @@ class Checkpointer:
                 step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract), record=ocp.args.JsonRestore())
             )
             flat, record = dict(restored["state"]), dict(restored["record"])
-            if not _fingerprints_match(record.get("fingerprint", {}), fingerprint(flat)):
+            if not _fingerprints_match(record.get("fingerprint", {}), flat):
                 raise CheckpointError("its arrays do not match the fingerprint saved with them")
         except Exception as err:  # orbax / tensorstore raise many types for truncated or garbled files
             raise CheckpointError(

@@ -213,9 +213,21 @@ class KeyListFormatter(argparse.HelpFormatter):
 def parse_config_args(argv: Sequence[str] | None, cls: type[T], *, prog: str, description: str,
                       epilog: str | None = None) -> T:
     """Parses a config-driven tool's command line (see `config_parser`) into a `cls`."""
+    argv, config = _take_config_flag(list(sys.argv[1:] if argv is None else argv))
     parser = config_parser(cls, prog=prog, description=description, epilog=epilog)
     args, rest = parser.parse_known_args(argv)
-    return load_config(cls, args.config, [*rest, *args.overrides])
+    return load_config(cls, config or args.config, [*rest, *args.overrides])
+
+
+def _take_config_flag(argv: list[str]) -> tuple[list[str], str | None]:
+    """argv without `--config FILE`, and FILE: the flag may come after overrides, which argparse's
+    catch-all positional would otherwise swallow as one more key."""
+    for i, arg in enumerate(argv):
+        if arg == "--config" and i + 1 < len(argv):
+            return argv[:i] + argv[i + 2:], argv[i + 1]
+        if arg.startswith("--config="):
+            return argv[:i] + argv[i + 1:], arg.split("=", 1)[1]
+    return argv, None
 
 
 def config_to_dict(config: Any) -> dict[str, Any]:
@@ -250,6 +262,25 @@ class _Override(str):
     def parsed(self) -> Any:
         return yaml.safe_load(str(self)) if self else ""
 
+    def for_type(self, hint) -> Any:
+        """The value for a field of type `hint`: text for `str` (and `str | None` unless it says null),
+        YAML otherwise; overrides inside a mapping (`--section.dict_field.key value`) parsed too."""
+        text_types = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) else (hint,)
+        if str in text_types and (type(None) not in text_types or self.strip() not in ("null", "~", "None")):
+            return str(self)
+        return _parsed_overrides(self.parsed())
+
+
+def _parsed_overrides(value: Any) -> Any:
+    """`value` with every `_Override` inside its mappings and lists parsed as YAML."""
+    if isinstance(value, _Override):
+        return value.parsed()
+    if isinstance(value, dict):
+        return {k: _parsed_overrides(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_parsed_overrides(v) for v in value]
+    return value
+
 
 def config_from_dict(cls: type[T], values: dict[str, Any], *, prefix: str = "") -> T:
     """Builds `cls` from an already-parsed mapping (a section of a larger YAML file), with the same
@@ -258,7 +289,8 @@ def config_from_dict(cls: type[T], values: dict[str, Any], *, prefix: str = "") 
 
 
 def parse_overrides(args: Sequence[str]) -> list[tuple[str, str]]:
-    """`['--a.b', '3', '--c=x']` -> `[('a.b', '3'), ('c', 'x')]`; dashes in keys become underscores."""
+    """`['--a.b', '3', '--c=x', '--d', 'p', 'q']` -> `[('a.b', '3'), ('c', 'x'), ('d', 'p,q')]`; dashes in
+    keys become underscores."""
     pairs, i = [], 0
     args = list(args)
     while i < len(args):
@@ -266,13 +298,14 @@ def parse_overrides(args: Sequence[str]) -> list[tuple[str, str]]:
         if not arg.startswith("--"):
             raise ConfigError(f"unexpected argument {arg!r}; overrides look like --section.key value.")
         key = arg[2:]
+        values = []
         if "=" in key:
             key, value = key.split("=", 1)
-        elif i + 1 < len(args) and not args[i + 1].startswith("--"):
-            value = args[i + 1]
+            values = [value]
+        while i + 1 < len(args) and not args[i + 1].startswith("--") and not (values and "=" in arg):
+            values.append(args[i + 1])  # several values (--data a.txt b.txt) make one comma list
             i += 1
-        else:
-            value = "true"  # a bare flag
+        value = ",".join(values) if values else "true"  # a bare flag is true
         pairs.append((key.replace("-", "_"), value))
         i += 1
     return pairs
@@ -307,7 +340,7 @@ def _build(cls, values: dict[str, Any], prefix: str):
 
 def _coerce(hint, value, name: str):
     if isinstance(value, _Override):
-        value = str(value) if hint is str else value.parsed()
+        value = value.for_type(hint)
     if dataclasses.is_dataclass(hint):
         if not isinstance(value, dict):
             raise ConfigError(f"config key {name!r} is a section; give it as a mapping, or set {name}.<key>.")
@@ -334,13 +367,13 @@ def _coerce(hint, value, name: str):
     if origin is dict or hint is dict:
         if not isinstance(value, dict):
             raise ConfigError(f"config key {name!r} must be a mapping.")
-        return value
+        return _parsed_overrides(value)
     if origin is typing.Literal:
         if value not in args:
             raise ConfigError(f"config key {name!r} must be one of {', '.join(map(repr, args))}; got {value!r}.")
         return value
     if hint is Any:
-        return value
+        return _parsed_overrides(value)
     if hint is bool:
         if isinstance(value, bool):
             return value

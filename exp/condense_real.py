@@ -179,6 +179,7 @@ def evaluate_model(args, name: str, texts: EvalSet, results: dict, save) -> None
                     for rule, attention in texts.book_rules.items()}}
     row["seconds"] = time.perf_counter() - start
     results["eval"][name] = row
+    results.get("eval_errors", {}).pop(name, None)  # an earlier failure of this run is now past
     print(f"evaluated {name} in {row['seconds']:.0f} s:",
           {k: round(v["ppl"], 3) for k, v in row["wikitext"].items()}, flush=True)
     results["deltas"] = deltas(results, texts.halves)

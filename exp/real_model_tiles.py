@@ -451,7 +451,7 @@ def main() -> None:
 
     ks = [int(x) for x in args.ks.split(",")]
     # the compensation variants whose thresholds this run reads (stage gated adds its own)
-    variants = args.compensation + ("," + args.gated.partition("/")[2] if "gated" in stages else "")
+    variants = args.compensation + ("," + args.gated.rpartition("/")[2] if "gated" in stages else "")
     if "calibrate" in stages:  # first, so the device's peak memory is calibration's
         results["calibration"] = calibrate_stage(model, tokenizer, args, ks, variants, out)
         save(out, results)
@@ -500,13 +500,14 @@ def main() -> None:
                 print("toptheta", k, variant, f"ppl {r['ppl']:.3f} ({r['delta_pct']:+.2f}%)", flush=True)
                 save(out, results)
     if "gated" in stages:
-        selector, _, variant = args.gated.partition("/")
+        selector, _, variant = args.gated.rpartition("/")  # the selector may carry /sub_block itself
         grid = results.setdefault("gated", {})
         for f in budgets:
             for k in ks:
                 rule = toptheta_rule(k, variant).replace(**{
                     name: getattr(gate(selector, f), name)
-                    for name in ("tile_gate", "tile_selector", "tile_budget", "block_q", "block_k", "shared_heads")})
+                    for name in ("tile_gate", "tile_selector", "tile_budget", "block_q", "block_k", "sub_block",
+                                 "shared_heads")})
                 r = evaluate(runner, sub, rule, args.tail, thresholds[k, rule.placement])
                 r.update(paired_delta(r, dense_sub), tail=paired_delta(r, dense_sub, "nll_tail_per_window"))
                 grid[f"{selector} + Top-θ k={k} {variant}@{f}"] = r

@@ -90,3 +90,24 @@ def test_bench_train_and_masses_read_the_command_lines_of_docs_benchmarks():
     assert (cfg.seq_len, cfg.top_k) == (4096, 64)
     with pytest.raises(ConfigError, match="bfloat16 or float32"):
         parse_config_args(["--dtype", "float16"], masses.MassesBenchConfig, **masses.PARSER)
+
+
+def test_command_line_values_reach_each_field_type_as_written(tmp_path):
+    from condensa.cli import load_config, parse_config_args
+    from condensa.export import PARSER as EXPORT, ExportConfig
+    from condensa.sparsity.calibration import CalibrationConfig
+    from condensa.train.config import TrainConfig
+
+    # str fields take the text (YAML would read 1:30 as the sexagesimal 90, and yes as true) ...
+    cfg = parse_config_args(["--run", "r", "--thresholds", "1:30"], ExportConfig, **EXPORT)
+    assert cfg.thresholds == "1:30"
+    assert parse_config_args(["--run", "r", "--thresholds", "null"], ExportConfig, **EXPORT).thresholds is None
+    # ... a mapping field's keys are parsed (an int stays an int), several values make a list, and
+    # --config may come after the overrides
+    train = load_config(TrainConfig, None, ["--model_overrides.n_positions", "2048"])
+    assert train.model_overrides == {"n_positions": 2048}
+    config = tmp_path / "c.yaml"
+    config.write_text("k: 99\nsamples: 4\n")
+    cal = parse_config_args(["--model", "m", "--data", "a.txt", "b.txt", "--out", "o", "--k", "8", "--config",
+                             str(config)], CalibrationConfig, prog="p", description="d")
+    assert (cal.k, cal.samples, cal.data) == (8, 4, ("a.txt", "b.txt"))

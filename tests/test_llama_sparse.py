@@ -171,3 +171,17 @@ def test_a_prompt_needs_an_empty_cache(calibrated):
         model(ids, cache=filled, prompt=True)
     with pytest.raises(ModelInputError, match="empty KV cache"):
         model(ids, prompt=True)
+
+
+def test_last_position_logits_and_chunking_limits(calibrated):
+    from condensa.errors import ConfigError
+
+    model, _ = condensa.load_pretrained(calibrated / "model")
+    ids = jnp.asarray(np.random.default_rng(3).integers(0, 50257, (2, 40)))
+    full = np.asarray(model(ids).logits)
+    last = np.asarray(model(ids, last_logits_only=True).logits)
+    assert last.shape == (2, 1, full.shape[-1])
+    np.testing.assert_allclose(last[:, 0], full[:, -1], atol=1e-6)
+    gated = AttentionConfig(tile_gate=True, tile_selector="rowmean", block_q=TILE, block_k=TILE, tile_budget=BUDGET)
+    with pytest.raises(ConfigError, match="prefill_chunk with the tile gate"):
+        condensa.generate(model, ids, 2, attention=gated, prefill_chunk=16)

@@ -26,7 +26,7 @@ def _decode(graphdef, state, prompt, thresholds, *, steps, attention):
     model = nnx.merge(graphdef, state)
     b, p = prompt.shape
     call = functools.partial(model, attention=attention, thresholds=thresholds)
-    out = call(prompt, cache=model.init_cache(b, p + steps), prompt=True)
+    out = call(prompt, cache=model.init_cache(b, p + steps), prompt=True, last_logits_only=True)
     first = jnp.argmax(out.logits[:, -1], axis=-1).astype(jnp.int32)
     slots = jnp.arange(p + steps)
 

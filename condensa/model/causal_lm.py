@@ -102,6 +102,7 @@ class CausalLM(nnx.Module):
         thresholds=None,
         loss_logits: bool = False,
         prompt: bool = False,
+        last_logits_only: bool = False,
     ) -> ModelOutput:
         """Logits for `input_ids` [B, T].
 
@@ -116,7 +117,9 @@ class CausalLM(nnx.Module):
         padded to a multiple of 128 (`condensa.model.output_layer`; the extra columns at −1e9),
         and stay in the compute dtype (`condensa.train.cross_entropy` upcasts as it reads them).
         prompt: `cache` is empty (a new prompt): attention reads only the new tokens, on the fused
-        prefill paths, while they are written into the cache.
+        prefill paths, while they are written into the cache. last_logits_only: logits [B, 1, V] of
+        the last position alone (what generation reads; [B, T, V] in float32 is the largest array of
+        a long prompt, and XLA does not cut the output layer down to the slice taken from it).
         """
         check_input_ids(input_ids, self.config, offset=0 if cache is None else cache.index)
         if prompt and (cache is None or (not isinstance(cache.index, jax.core.Tracer) and int(cache.index) != 0)):
@@ -141,7 +144,7 @@ class CausalLM(nnx.Module):
                 all_probs.append(probs)
             if cache is not None:
                 new_layers.append(layer_kv)
-        logits = self._logits(x, loss_logits)
+        logits = self._logits(x[:, -1:] if last_logits_only else x, loss_logits)
         if not loss_logits:
             logits = logits.astype(jnp.float32)
         new_cache = None if cache is None else updated_cache(cache, new_layers, inputs)

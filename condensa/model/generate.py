@@ -61,7 +61,7 @@ def _prompt(call, cache, ids, mask, chunk: int):
     for start in range(0, ids.shape[1], chunk):
         piece = slice(start, start + chunk)
         out = call(ids[:, piece], attention_mask=None if mask is None else mask[:, piece],
-                   cache=cache if out is None else out.cache, prompt=out is None)
+                   cache=cache if out is None else out.cache, prompt=out is None, last_logits_only=True)
     return out
 
 
@@ -150,15 +150,22 @@ def generate(
             f"prompt ({ids.shape[1]} tokens) + max_new_tokens ({max_new_tokens}) exceeds "
             f"n_positions={model.config.n_positions}; shorten the prompt or generate fewer tokens."
         )
+    rule = attention or model.attention
     if prefill_chunk is not None and prefill_chunk < 1:
         raise ConfigError(f"prefill_chunk must be at least 1 token; got {prefill_chunk}.")
+    if prefill_chunk is not None and prefill_chunk < ids.shape[1] and rule.tile_gate:
+        raise ConfigError("prefill_chunk with the tile gate is not supported yet: the prefill gate places a chunk's "
+                          "queries from slot 0. Leave prefill_chunk unset (the whole prompt in one call).")
+    if attention_mask is not None and not isinstance(attention_mask, jax.core.Tracer) and bool(
+            np.all(np.asarray(attention_mask) == 1)):
+        attention_mask = None  # no padding: the prompt can take the fused paths
     mask = jnp.ones_like(ids) if attention_mask is None else jnp.asarray(attention_mask, jnp.int32)
     graphdef, state = nnx.split(model)
     sampling = (bool(do_sample), float(temperature), top_k, top_p)
     out = _generate(
         graphdef, state, ids, mask, jax.random.key(seed), thresholds,
         max_new_tokens=int(max_new_tokens), sampling=sampling, eos=eos_token_id,
-        use_cache=use_cache, attention=attention or model.attention, padded=attention_mask is not None,
+        use_cache=use_cache, attention=rule, padded=attention_mask is not None,
         prefill_chunk=None if prefill_chunk is None else int(prefill_chunk),
     )
     return np.asarray(out)

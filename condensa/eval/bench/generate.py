@@ -6,14 +6,15 @@ output token (TPOT), tokens per second and peak device memory, dense (cuDNN) aga
 thresholds calibrated on random tokens. Every timed call is `condensa.generate`, the public API:
 TTFT is a call that generates one token, TPOT the extra time of `new_tokens` tokens per token
 after the first. A bare forward over the same prompt (logits of the last position) is timed beside
-it. Before timing, each rule's greedy tokens through the KV cache must equal those of recomputing
-the whole prefix every step (`use_cache=False`) at a small size.
+it. Before timing, each rule's greedy tokens must equal an independent path's at a small size, in
+float32 (see `check`). Peak memory is the process's so far (JAX cannot reset it).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 from collections.abc import Sequence
 
 import jax.numpy as jnp
@@ -52,7 +53,7 @@ class GenerateBenchConfig:
     block: int = 128  # tile size of the gate and the kernels
     calibration_len: int = 8192  # tokens per calibration block (random tokens)
     calibration_blocks: int = 2  # calibration blocks
-    check_len: int = 256  # prompt length of the correctness check
+    check_len: int = 1024  # prompt length of the correctness check (several tiles, so the gate chooses)
     check_steps: int = 32  # greedy tokens compared in the correctness check
     warmup: int = 1  # untimed calls first
     repeats: int = 3  # timed calls; the median is reported
@@ -89,16 +90,24 @@ def rules(cfg: GenerateBenchConfig, model) -> dict:
 
 
 def check(model, attention, thresholds, cfg: GenerateBenchConfig) -> None:
-    """Greedy tokens through the cache (prompt on the fused paths) equal recomputing every step."""
+    """Greedy tokens of the timed path equal an independent one's, in float32 (bf16 near-ties in
+    random-weight logits would flip argmaxes): a Pallas rule against the same rule on the reference
+    ops, both through the cache (the decode gate is not the prefill gate, so recomputing the prefix
+    would not be the same rule); dense against recomputing the whole prefix every step."""
     import condensa
 
     prompt = np.random.default_rng(2).integers(0, model.config.vocab_size, (1, cfg.check_len))
-    call = functools.partial(condensa.generate, model, prompt, cfg.check_steps, attention=attention,
-                             thresholds=thresholds)
-    fast, slow = call(prefill_chunk=cfg.prefill_chunk or None), call(use_cache=False)
-    if not np.array_equal(fast, slow):
-        first = int(np.argmax((fast != slow).any(axis=0)))
-        raise RuntimeError(f"greedy tokens through the cache differ from recomputing from position {first}; not timing")
+    call = functools.partial(condensa.generate, model, prompt, cfg.check_steps, thresholds=thresholds)
+    chunk = None if attention.tile_gate else cfg.prefill_chunk or None
+    fast = call(attention=attention, prefill_chunk=chunk)
+    if attention.backend == "reference":
+        independent = call(attention=attention, use_cache=False)
+    else:
+        independent = call(attention=attention.replace(backend="reference"))
+    if not np.array_equal(fast, independent):
+        first = int(np.argmax((fast != independent).any(axis=0)))
+        raise RuntimeError(f"greedy tokens of the timed path differ from an independent path's from position {first}; "
+                           "not timing")
 
 
 def time_shape(model, attention, thresholds, batch: int, prompt_len: int, cfg: GenerateBenchConfig) -> dict:
@@ -117,10 +126,10 @@ def time_shape(model, attention, thresholds, batch: int, prompt_len: int, cfg: G
             return fn(prompts[box["i"] % len(prompts)])
         return run_once
 
-    chunk = cfg.prefill_chunk or None
+    chunk = None if attention.tile_gate else cfg.prefill_chunk or None  # chunking does not take the gate yet
     generate = functools.partial(condensa.generate, model, attention=attention, thresholds=thresholds,
                                  prefill_chunk=chunk)
-    forward = nnx.jit(lambda m, ids: m(ids, attention=attention, thresholds=thresholds).logits[:, -1])
+    forward = nnx.jit(lambda m, ids: m(ids, attention=attention, thresholds=thresholds, last_logits_only=True).logits)
     first = measure(rotating(lambda ids: generate(ids, 1)), warmup=cfg.warmup, repeats=cfg.repeats)["median_s"]
     whole = measure(rotating(lambda ids: generate(ids, cfg.new_tokens)), warmup=cfg.warmup,
                     repeats=cfg.repeats)["median_s"]
@@ -130,15 +139,20 @@ def time_shape(model, attention, thresholds, batch: int, prompt_len: int, cfg: G
     peak = device_peak_bytes()
     return {"batch": batch, "prompt_len": prompt_len, "ttft_s": first, "tpot_s": tpot, "forward_s": bare,
             "ttft_over_forward": first / bare, "tokens_per_s": batch * (cfg.new_tokens - 1) / (whole - first),
-            "device_peak_gib": None if peak is None else peak / 2**30}
+            "process_peak_gib": None if peak is None else peak / 2**30}
 
 
 def run(cfg: GenerateBenchConfig) -> list[dict]:
-    model = build_model(cfg, max(max(cfg.prompt_lens), cfg.calibration_len, cfg.check_len) + max(cfg.new_tokens,
-                                                                                                cfg.check_steps))
+    """Every rule at every shape; each shape's rows in the order they ran (the memory peak is the
+    process's so far: JAX cannot reset it, so a row's peak bounds its own from above)."""
+    longest = max(max(cfg.prompt_lens), cfg.calibration_len, cfg.check_len) + max(cfg.new_tokens, cfg.check_steps)
+    align = math.lcm(cfg.block, 128)  # a cache the decode kernel need not pad (copy) at every step
+    positions = -(-longest // align) * align
+    model = build_model(cfg, positions)
+    checked = build_model(dataclasses.replace(cfg, dtype="float32"), positions)  # the same weights, float32
     records = []
     for name, (attention, thresholds) in rules(cfg, model).items():
-        check(model, attention, thresholds, cfg)
+        check(checked, attention, thresholds, cfg)
         for batch in cfg.batches:
             for prompt_len in progress(cfg.prompt_lens, desc=f"{name}, batch {batch}", unit="prompt"):
                 try:
@@ -155,14 +169,14 @@ def summary_table(records: list[dict]) -> str:
     """Markdown, one row per (rule, batch, prompt), with the sparse rule's speed-up over dense."""
     dense = {(r["batch"], r["prompt_len"]): r for r in records if r["rule"] == "dense" and "error" not in r}
     lines = ["| rule | batch | prompt | TTFT (s) | TTFT / forward | TPOT (ms) | tokens/s | × dense TTFT | "
-             "× dense TPOT | peak (GiB) |", "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+             "× dense TPOT | peak so far (GiB) |", "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for r in records:
         if "error" in r:
             lines.append(f"| {r['rule']} | {r['batch']} | {r['prompt_len']} | {r['error']} | | | | | | |")
             continue
         base = dense.get((r["batch"], r["prompt_len"]))
         speed = (f"{base['ttft_s'] / r['ttft_s']:.2f}", f"{base['tpot_s'] / r['tpot_s']:.2f}") if base else ("", "")
-        peak = "" if r["device_peak_gib"] is None else f"{r['device_peak_gib']:.1f}"
+        peak = "" if r["process_peak_gib"] is None else f"{r['process_peak_gib']:.1f}"
         lines.append(f"| {r['rule']} | {r['batch']} | {r['prompt_len']} | {r['ttft_s']:.3f} | "
                      f"{r['ttft_over_forward']:.2f} | {1e3 * r['tpot_s']:.2f} | {r['tokens_per_s']:,.0f} | "
                      f"{speed[0]} | {speed[1]} | {peak} |")
