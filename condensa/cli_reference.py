@@ -21,6 +21,8 @@ import sys
 from pathlib import Path
 
 from condensa.cli import config_rows
+from condensa.eval.__main__ import COMMANDS
+from condensa.eval.bench import __main__ as bench
 
 WIDTH = 100  # columns of the help text, whatever the terminal
 DEFAULT_PATH = Path(__file__).resolve().parents[1] / "docs" / "cli.md"
@@ -80,9 +82,6 @@ def _cell(text: str) -> str:
 
 
 def _dispatcher_sections() -> list[str]:
-    from condensa.eval.__main__ import COMMANDS
-    from condensa.eval.bench import __main__ as bench
-
     lines = ["## python -m condensa.eval", "", "Dispatches to one evaluation command; each has its own `--help`.", "",
              "| command | what it does |", "| --- | --- |"]
     lines += [f"| `python -m condensa.eval {name}` | {_cell(text)} |" for name, (_, text) in COMMANDS.items()]

@@ -15,8 +15,11 @@ from pathlib import Path
 
 import numpy as np
 
-from condensa.errors import DataError, HubUnavailableError
+from condensa.errors import ConfigError, DataError, HubUnavailableError
 from condensa.hub import is_probably_hub_id, require_hub
+from condensa.model.gguf_file import open_gguf
+from condensa.model.gguf_tokenizer import gguf_tokenizer
+from condensa.model.sources import NAMED_MODELS, resolve_model
 
 
 def load_tokenizer(name_or_path: str | os.PathLike):
@@ -24,8 +27,6 @@ def load_tokenizer(name_or_path: str | os.PathLike):
     merges.txt), from a `.gguf` file or a named model such as `smollm2-135m` (rebuilt from the GGUF's
     metadata), or from a hub id when the network allows it."""
     from transformers import AutoTokenizer, GPT2TokenizerFast
-
-    from condensa.model.sources import NAMED_MODELS
 
     path = Path(name_or_path).expanduser()
     if str(name_or_path) in NAMED_MODELS or (path.is_file() and path.suffix.lower() == ".gguf") or (
@@ -61,26 +62,18 @@ def _has_tokenizer_files(directory: Path) -> bool:
 
 
 def _gguf_tokenizer(name_or_path: str | os.PathLike):
-    from condensa.model.gguf_file import open_gguf
-    from condensa.model.sources import resolve_model
-
     return _tokenizer_of(open_gguf(resolve_model(name_or_path, allow_patterns=[]).path))
 
 
 @functools.lru_cache(maxsize=4)
 def _tokenizer_of(gguf_file):
     """Rebuilding a real model's tokenizer takes seconds; one per (cached, unchanged) GGUF file."""
-    from condensa.model.gguf_tokenizer import gguf_tokenizer
-
     return gguf_tokenizer(gguf_file)
 
 
 def model_tokenizer(model: str | os.PathLike, explicit: str | os.PathLike | None = None):
     """The tokenizer for `--model` (`explicit`, the `--tokenizer` option, wins): the one a GGUF file
     carries, or the one saved in the model directory (or hub snapshot)."""
-    from condensa.errors import ConfigError
-    from condensa.model.sources import resolve_model
-
     if explicit:
         return load_tokenizer(explicit)
     source = resolve_model(model, allow_patterns=["*.json", "*.txt"])

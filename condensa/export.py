@@ -27,6 +27,9 @@ from pathlib import Path
 
 from condensa.cli import check_writable, config_parser, config_to_dict, parse_config_args, run_main, write_json
 from condensa.errors import CheckpointError, ConfigError
+from condensa.model.transformers_check import max_logit_difference, sample_ids
+from condensa.sparsity import Thresholds
+from condensa.train.run_model import loaded_model, restore_run, save_hf
 
 THRESHOLDS_FILE = "thresholds.safetensors"
 
@@ -110,10 +113,6 @@ def _prepare_target(out: Path, cfg: ExportConfig, source: str) -> None:
 
 def export(cfg: ExportConfig) -> dict:
     """Restores, validates, writes and (optionally) verifies; returns what export.json records."""
-    from condensa.model.transformers_check import max_logit_difference, sample_ids
-    from condensa.sparsity import Thresholds
-    from condensa.train.run_model import loaded_model, restore_run, save_hf
-
     if cfg.out:  # before restoring, which takes a while; a refused export leaves no folder behind
         check_writable(cfg.out, create=False)
     restored = restore_run(cfg.run, cfg.step) if cfg.run else loaded_model(cfg.model)

@@ -19,6 +19,8 @@ import math
 import jax.numpy as jnp
 
 from condensa.attention.reference import layer_thresholds, reference_attend, vmc_applies
+from condensa.errors import ConfigError
+from condensa.kernels.backend import TPU_BACKENDS, resolve_backend
 
 
 def _element_rule_supported(config, layer_idx: int) -> bool:
@@ -43,9 +45,6 @@ def _prefill_rule_supported(config, layer_idx: int) -> bool:
 
 def _variant_backend() -> bool:
     """Whether the kernel backend this call resolves to runs the post / exact-SDC variants."""
-    from condensa.errors import ConfigError
-    from condensa.kernels.backend import TPU_BACKENDS, resolve_backend
-
     try:
         return resolve_backend() not in TPU_BACKENDS
     except ConfigError:
@@ -152,7 +151,7 @@ def _variant_args(config, layer_idx: int) -> dict:
 
 
 def _prefill(q, k, v, *, scale, layer_idx, config, layer):
-    from condensa.kernels import toptheta_prefill
+    from condensa.kernels import toptheta_prefill  # lazy: looked up per call, so tests can patch it
 
     return toptheta_prefill(q, k, v, scale=scale, **prefill_kernel_args(config, layer, layer_idx, q.shape[1]))[0]
 
@@ -171,7 +170,7 @@ def decode_kernel_args(config, layer, layer_idx: int, s: int) -> dict:
 
 
 def _decode(q, k, v, *, scale, layer_idx, config, layer, state):
-    from condensa.kernels.toptheta_decode import toptheta_decode
+    from condensa.kernels.toptheta_decode import toptheta_decode  # lazy: loads Pallas Triton; tests patch it
 
     gated = _is_gated(config, layer_idx)
     out, _ = toptheta_decode(

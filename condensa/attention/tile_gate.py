@@ -21,11 +21,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from condensa.attention.dense import attention_scores, masked_softmax
 from condensa.attention.tiles import expand_tiles
 from condensa.errors import ConfigError
 from condensa.kernels.tiling import cap_at_budget, mandatory_tiles, optional_tiles, tile_budgets, tile_count
 from condensa.kernels.tiling.pooling import pooled_gate_scores, tile_means
-from condensa.kernels.tiling.selectors import DECODE_SELECTORS, cap_optional, decode_tile_scores, row_tile_logits
+from condensa.kernels.tiling.selectors import (DECODE_SELECTORS, cap_optional, decode_tile_scores, row_tile_logits,
+                                               select_tiles)
 
 
 def key_validity(visible: jax.Array) -> jax.Array:
@@ -168,9 +170,6 @@ def selector_kept_tiles(q: jax.Array, k: jax.Array, visible: jax.Array, *, scale
     calibrated gate). Prefill geometry: the queries sit at slots 0..Tq-1, and so do the keys they
     see; slots past Tq (a prompt written into a larger, empty KV cache) hold no key yet, so the
     selector ranks the first Tq slots and the tiles past them stay dropped."""
-    from condensa.attention.dense import attention_scores, masked_softmax
-    from condensa.kernels.tiling.selectors import select_tiles
-
     tq, tk = q.shape[1], k.shape[1]
     if tq > tk:
         raise ConfigError(f"tile_selector={config.tile_selector!r} selects tiles for queries at slots 0..Tq-1; this "

@@ -6,6 +6,7 @@ import importlib
 import sys
 
 from condensa.cli import run_main
+from condensa.errors import ConfigError, did_you_mean
 
 # command -> (module, one-line description); each module has `main(argv)`.
 COMMANDS = {
@@ -22,8 +23,6 @@ def main(argv=None) -> None:
         for name, (_, text) in COMMANDS.items():
             print(f"  {name:10s} {text}")
         if argv and argv[0] not in ("-h", "--help"):
-            from condensa.errors import ConfigError, did_you_mean
-
             raise ConfigError(f"unknown command {argv[0]!r}.{did_you_mean(argv[0], COMMANDS)}")
         return
     importlib.import_module(COMMANDS[argv[0]][0]).main(argv[1:])

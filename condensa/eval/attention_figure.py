@@ -16,8 +16,13 @@ from pathlib import Path
 
 import numpy as np
 
+from condensa.attention import AttentionConfig
 from condensa.cli import config_parser, parse_config_args
+from condensa.data import model_tokenizer
 from condensa.errors import ConfigError, DataError
+from condensa.eval.text import read_eval_text
+from condensa.model import load_pretrained
+from condensa.sparsity import Thresholds
 
 
 @dataclasses.dataclass
@@ -38,8 +43,6 @@ class FigureConfig:
 
 def sparse_attention_of(thresholds):
     """The attention config a thresholds file was calibrated for (gate on when it holds one)."""
-    from condensa.attention import AttentionConfig
-
     gate = {}
     if thresholds.has_gate:
         gate = dict(tile_gate=True, block_q=thresholds.block_q, block_k=thresholds.block_k,
@@ -49,11 +52,7 @@ def sparse_attention_of(thresholds):
 
 
 def draw(cfg: FigureConfig) -> Path:
-    from condensa.eval.plots import plot_attention_heatmaps
-    from condensa.data import model_tokenizer
-    from condensa.eval.text import read_eval_text
-    from condensa.model import load_pretrained
-    from condensa.sparsity import Thresholds
+    from condensa.eval.plots import plot_attention_heatmaps  # lazy: pulls in matplotlib
 
     if not cfg.model or not cfg.thresholds:
         raise ConfigError("pass --model DIR and --thresholds FILE (from python -m condensa.calibrate).")

@@ -15,9 +15,11 @@ import numpy as np
 
 from condensa.attention import AttentionConfig
 from condensa.cli import check_writable, config_parser, parse_config_args, config_to_dict, progress, write_json
-from condensa.errors import ConfigError
+from condensa.errors import ConfigError, DataError
 from condensa.eval.decode_trace import decode_trace, generation_report
 from condensa.eval.text import ModelText, read_eval_text
+from condensa.model import load_pretrained
+from condensa.sparsity import Thresholds
 
 
 # ---- the CLI -----------------------------------------------------------------------------------------
@@ -40,8 +42,6 @@ class GenerateConfig:
 
 def prompt_ids(cfg: GenerateConfig, encode) -> np.ndarray:
     """[B, P] prompts: the given text, or `prompts` consecutive slices of the evaluation text."""
-    from condensa.errors import DataError
-
     if cfg.prompt:
         ids = encode(cfg.prompt)
         if ids.size == 0:
@@ -58,8 +58,6 @@ def prompt_ids(cfg: GenerateConfig, encode) -> np.ndarray:
 
 
 def run(cfg: GenerateConfig) -> dict:
-    from condensa.model import load_pretrained
-
     if not cfg.model:
         raise ConfigError("no model given; pass --model DIR (a Hugging Face GPT-2 directory) or a hub id.")
     if cfg.attention.mode == "dense" and not cfg.attention.tile_gate:
@@ -79,8 +77,6 @@ def run(cfg: GenerateConfig) -> dict:
                           "tokens): every row would stay dense. Use a smaller k or a longer prompt.")
     thresholds = None
     if cfg.attention.needs_thresholds:
-        from condensa.sparsity import Thresholds
-
         thresholds = Thresholds.load(cfg.thresholds).validate(model.config, cfg.attention, source=cfg.thresholds)
     bar = progress(total=2, desc="generate", unit="run")
     dense = decode_trace(model, prompts, cfg.max_new_tokens, AttentionConfig(), None)
@@ -95,7 +91,7 @@ def run(cfg: GenerateConfig) -> dict:
     result["attention"] = dataclasses.asdict(cfg.attention)
     write_json(out / "results.json", result)
     write_json(out / "config.json", config_to_dict(cfg))  # with the results: a failed run leaves a folder's config alone
-    from condensa.eval.plots import plot_decode_v_rows
+    from condensa.eval.plots import plot_decode_v_rows  # lazy: pulls in matplotlib
 
     plot_decode_v_rows(result, out / "v_rows.png")
     print_generation(result, out)

@@ -17,6 +17,9 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from condensa.attention import AttentionConfig  # noqa: E402
+from condensa.eval.sweep import layer_probs  # noqa: E402
+
 
 def _save(fig, path: Path) -> Path:
     path = Path(path)
@@ -84,9 +87,6 @@ def plot_attention_heatmaps(model, blocks, panels: dict, *, layer: int, head: in
     panels: title -> (AttentionConfig, Thresholds) or None for dense. Colours are log10(p), so
     dropped elements (p = 0) show as the background.
     """
-    from condensa.attention import AttentionConfig
-    from condensa.eval.sweep import layer_probs
-
     fig, axes = plt.subplots(1, len(panels), figsize=(3.6 * len(panels), 3.6), squeeze=False)
     floor = -6.0
     for ax, (title, spec) in zip(axes[0], panels.items()):

@@ -11,7 +11,10 @@ from condensa.attention import AttentionConfig
 from condensa.cli import check_writable, config_parser, config_to_dict, parse_config_args, progress, write_json
 from condensa.errors import ConfigError
 from condensa.data import model_tokenizer
+from condensa.eval.perplexity import perplexity
 from condensa.eval.text import read_eval_text
+from condensa.model import load_pretrained
+from condensa.sparsity import Thresholds
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
@@ -33,9 +36,6 @@ class PerplexityConfig:
 
 
 def run(cfg: PerplexityConfig) -> dict:
-    from condensa.eval.perplexity import perplexity
-    from condensa.model import load_pretrained
-
     if not cfg.model:
         raise ConfigError("no model given; pass --model DIR (a Hugging Face GPT-2 directory) or a hub id.")
     if cfg.dtype not in DTYPES:
@@ -47,8 +47,6 @@ def run(cfg: PerplexityConfig) -> dict:
     model, _ = load_pretrained(cfg.model, dtype=DTYPES[cfg.dtype])
     thresholds = None
     if cfg.thresholds:
-        from condensa.sparsity import Thresholds
-
         thresholds = Thresholds.load(cfg.thresholds)
         thresholds.validate_for(model.config, cfg.attention)
     tokenizer = model_tokenizer(cfg.model, cfg.tokenizer)

@@ -26,6 +26,12 @@ from flax import nnx
 
 from condensa.attention import AttentionConfig
 from condensa.errors import ConfigError, ThresholdsError
+from condensa.eval.decode_trace import decode_trace
+from condensa.eval.perplexity import perplexity
+from condensa.sparsity import Thresholds
+from condensa.sparsity.calibration import GateSpec, calibrate
+from condensa.sparsity.gated_forward import gate_tiles_per_layer
+from condensa.sparsity.metrics import causal_visible, layer_metrics, nanmean
 
 # compensation variant -> the AttentionConfig fields it sets (Top-θ only; top-k is exact). "exact+vmc"
 # leaves each row's true dropped mass in the denominator and fills that share with the mean visible V
@@ -144,8 +150,6 @@ def calibration_key(model_file: Path | None, settings: dict[str, Any]) -> str:
 
 def check_cached_thresholds(cache_dir: Path, model) -> None:
     """Every cached thresholds file must fit the model's shape (else `--out` holds another model's sweep)."""
-    from condensa.sparsity import Thresholds
-
     for path in sorted(cache_dir.glob("*.safetensors")):
         try:
             Thresholds.load(path).validate(model.config, source=str(path))
@@ -159,8 +163,6 @@ def cached_thresholds(
 ):
     """Loads `path` when it was calibrated for this model with these settings, else calibrates and
     saves it (`check_cached_thresholds` has refused files for a model of another shape)."""
-    from condensa.sparsity import Thresholds
-
     key_file = path.with_suffix(".key")
     if path.is_file():
         cached = Thresholds.load(path)
@@ -184,8 +186,6 @@ def sparsity_metrics(model, blocks, attention: AttentionConfig, thresholds, *, t
     tile size), since "element sparsity does not empty tiles" is what the sweep should show. Rows
     gated as decoding steps count 1 x tile tiles: the key tiles a decoding step reads.
     """
-    from condensa.sparsity.metrics import causal_visible, layer_metrics, nanmean
-
     ids = jnp.asarray(blocks, jnp.int32)
     graphdef, state = nnx.split(model)
     probs, gate_tiles = probs_and_gate_tiles(graphdef, state, ids, thresholds, attention=attention)
@@ -209,8 +209,6 @@ def probs_and_gate_tiles(graphdef, state, ids, thresholds, *, attention):
     """Each layer's probabilities and, with a gate, its kept tiles, in one compiled program.
     (`gated_forward.forward_probs_and_gates` also counts decode-gate tiles, which the sweep measures by
     decoding, and which would add a third model pass to every compile.)"""
-    from condensa.sparsity.gated_forward import gate_tiles_per_layer
-
     model = nnx.merge(graphdef, state)
     probs = model(ids, attention=attention, thresholds=thresholds, return_attention=True).attentions
     prefill_gate = attention.tile_gate and not attention.decode_gate_rows
@@ -265,10 +263,6 @@ def run_sweep(
     progress: Callable | None = None,
 ) -> dict[str, Any]:
     """Measures every variant; returns the JSON-ready results (see the module docstring)."""
-    from condensa.eval.decode_trace import decode_trace
-    from condensa.eval.perplexity import perplexity
-    from condensa.sparsity.calibration import GateSpec, calibrate
-
     context = settings.max_length or model.config.n_positions
     ks = check_ks(settings.ks, context)
     if settings.stride is not None and settings.stride <= 0:

@@ -15,8 +15,12 @@ from typing import Any
 import numpy as np
 
 from condensa.cli import config_parser, parse_config_args, config_to_dict, progress, write_json
+from condensa.data import load_token_stream, pack_blocks
 from condensa.errors import ConfigError
+from condensa.eval.sweep import SweepSettings, Variant, check_ks, parse_tile_budgets, run_sweep
 from condensa.eval.text import ModelText, read_eval_text
+from condensa.model import load_pretrained
+from condensa.sparsity import Thresholds
 
 
 @dataclasses.dataclass
@@ -52,8 +56,6 @@ class SweepConfig:
 
 def calibration_blocks(cfg: SweepConfig, text: ModelText, context: int) -> np.ndarray:
     """`calibration_samples` blocks of the calibration text, spread over all of it by a seeded shuffle."""
-    from condensa.data import load_token_stream, pack_blocks
-
     if not cfg.calibration_data:
         raise ConfigError("no calibration text given; pass --calibration_data FILE_OR_FOLDER (e.g. ../shared/data/corpus).")
     stream = np.concatenate([load_token_stream(s, text.tokenizer, cache_dir=cfg.token_cache) for s in cfg.calibration_data])
@@ -63,9 +65,6 @@ def calibration_blocks(cfg: SweepConfig, text: ModelText, context: int) -> np.nd
 
 
 def run(cfg: SweepConfig) -> dict:
-    from condensa.eval.sweep import SweepSettings, check_ks, parse_tile_budgets, run_sweep
-    from condensa.model import load_pretrained
-
     if not cfg.model:
         raise ConfigError("no model given; pass --model DIR (a Hugging Face GPT-2 directory) or a hub id.")
     if cfg.stride is not None and cfg.stride <= 0:
@@ -109,9 +108,7 @@ def run(cfg: SweepConfig) -> dict:
 
 
 def write_plots(cfg: SweepConfig, results: dict, model, eval_ids: np.ndarray, out: Path) -> dict[str, str]:
-    from condensa.eval import plots
-    from condensa.eval.sweep import Variant
-    from condensa.sparsity import Thresholds
+    from condensa.eval import plots  # lazy: pulls in matplotlib
 
     files = {"ppl_vs_kept": plots.plot_ppl_vs_kept(results, out / "ppl_vs_kept.png")}
     ks = sorted({row["k"] for row in results["rows"]})

@@ -531,7 +531,7 @@ def _decode(q, k, v, lengths, starts, theta, sdc_delta, v_mean, k_tile_mean, til
     meta, theta_pair = row_inputs(count, lengths_v, starts_v, theta_row, sdc)
     v_mean_v = None if v_mean is None else v_mean.astype(jnp.float32).reshape(b * tq, v_mean.shape[2], d)
     if opts.backend in TPU_BACKENDS:
-        from condensa.kernels.toptheta_decode_tpu import launch_decode_tpu
+        from condensa.kernels.toptheta_decode_tpu import launch_decode_tpu  # lazy: Mosaic TPU only; tests patch it
 
         acc, stats = launch_decode_tpu(meta, tiles, theta_pair, qv, k, v, opts)
     else:

@@ -456,7 +456,7 @@ def _forward(q, k, v, theta, sdc_delta, tile_theta, opts: KernelOptions):
                                 shared_heads=opts.shared_heads)
             table = compact_tile_lists(keep)
     if opts.backend in TPU_BACKENDS:
-        from condensa.kernels.toptheta_prefill_tpu import launch_tpu
+        from condensa.kernels.toptheta_prefill_tpu import launch_tpu  # lazy: Mosaic TPU only; tests patch it
 
         out, empty = launch_tpu(qp, kp, vp, keep, theta2, sdc, v_prefix, opts)
     else:

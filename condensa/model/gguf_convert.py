@@ -17,6 +17,8 @@ import numpy as np
 
 from condensa.errors import CheckpointError, ConfigError
 from condensa.model.gguf_file import GGUFFile
+from condensa.model.gpt2.convert import parameter_map as gpt2_map
+from condensa.model.llama.convert import parameter_map as llama_map
 
 # GGUF general.architecture -> the HF model_type condensa runs it as.
 ARCHITECTURES = {"llama": "llama", "qwen2": "qwen2", "gpt2": "gpt2"}
@@ -122,9 +124,6 @@ def unpermute_rows(weight: np.ndarray, n_head: int) -> np.ndarray:
 
 def _hf_names(config, model_type: str) -> list[str]:
     """Every HF tensor name condensa's loaders know for `config`, plus `lm_head.weight`."""
-    from condensa.model.gpt2.convert import parameter_map as gpt2_map
-    from condensa.model.llama.convert import parameter_map as llama_map
-
     names = list(gpt2_map(config) if model_type == "gpt2" else llama_map(config))
     return names + ([] if "lm_head.weight" in names else ["lm_head.weight"])
 

@@ -18,9 +18,14 @@ import numpy as np
 from flax import nnx
 
 from condensa.errors import CheckpointError
+from condensa.model.gguf_convert import GGUFCheckpoint, config_values
+from condensa.model.gguf_file import open_gguf
 from condensa.model.gpt2.config import GPT2Config
 from condensa.model.gpt2.network import GPT2
 from condensa.model.gpt2.convert import export_tensors, load_into
+from condensa.model.llama.convert import abstract_model, iter_export_tensors, load_streaming, write_shards
+from condensa.model.registry import build_model, config_from_dict, config_from_json_file
+from condensa.model.sources import resolve_model
 from condensa.model.weights import SAFETENSORS_INDEX, TORCH_INDEX, WEIGHT_PATTERNS, CheckpointReader, read_all
 
 _WEIGHT_FILES = WEIGHT_PATTERNS
@@ -78,15 +83,8 @@ def load_pretrained(name_or_path: str | os.PathLike, *, dtype=jnp.float32, seed:
     Extra keyword arguments (for example `attention=AttentionConfig(...)` or `remat=True`) go to the
     model constructor.
     """
-    from condensa.model.registry import config_from_json_file
-    from condensa.model.sources import resolve_model
-
     source = resolve_model(name_or_path, allow_patterns=_WEIGHT_FILES)
     if source.is_gguf:
-        from condensa.model.gguf_convert import GGUFCheckpoint, config_values
-        from condensa.model.gguf_file import open_gguf
-        from condensa.model.registry import config_from_dict
-
         gguf_file = open_gguf(source.path)
         config = config_from_dict(config_values(gguf_file), source=str(source.path))
         reader = GGUFCheckpoint(gguf_file, config)
@@ -100,14 +98,11 @@ def load_pretrained(name_or_path: str | os.PathLike, *, dtype=jnp.float32, seed:
 
 def _build(config, reader, *, source: str, dtype, seed: int, **model_kwargs):
     """The model of `config` with its weights from `reader` (None: a GPT-2 directory, read whole)."""
-    from condensa.model.registry import build_model
-
     if isinstance(config, GPT2Config):
         tensors = read_weights(Path(source)) if reader is None else _gpt2_tensors(reader, source)
         model = GPT2(config, dtype=dtype, rngs=nnx.Rngs(seed), **model_kwargs)
         load_into(model, tensors, source=source)
         return model
-    from condensa.model.llama.convert import abstract_model, load_streaming
 
     with reader:  # tensor by tensor: the model is never in memory twice
         model = abstract_model(lambda: build_model(config, dtype=dtype, rngs=nnx.Rngs(seed), **model_kwargs), seed)
@@ -148,8 +143,6 @@ def save_pretrained(model, config, path: str | os.PathLike, tokenizer=None, *,
         for stale in [path / SAFETENSORS_INDEX, *path.glob("model-*-of-*.safetensors")]:
             stale.unlink(missing_ok=True)
     else:
-        from condensa.model.llama.convert import iter_export_tensors, write_shards
-
         write_shards(iter_export_tensors(model), path, max_shard_bytes=int(max_shard_bytes), atomic_write=_atomic_write)
     if tokenizer is not None:
         tokenizer.save_pretrained(str(path))

@@ -40,9 +40,12 @@ from condensa.attention.gqa import repeat_kv
 from condensa.attention.rows import join_rows, keep_largest_if_empty, lookup_by_length, masked_max, split_rows
 from condensa.attention.tile_gate import decode_gate_layout, decode_gate_scores
 from condensa.attention.tiles import expand_tiles, top_m_tiles
+from condensa.cli import write_json
+from condensa.data import load_token_stream, model_tokenizer, pack_blocks
 from condensa.kernels.tiling import optional_tiles, tile_budgets, tile_count
 from condensa.kernels.tiling.pooling import pooled_gate_scores
 from condensa.errors import ConfigError, DataError
+from condensa.model import load_pretrained
 from condensa.sparsity.gated_forward import forward_probs_and_gates
 from condensa.sparsity.metrics import causal_visible, kept_per_row, nanmean
 from condensa.sparsity.thresholds import Thresholds, fill_uncalibrated, model_fingerprint
@@ -520,8 +523,6 @@ class CalibrationConfig:
 def load_blocks(config: CalibrationConfig, tokenizer, seq_len: int) -> tuple[np.ndarray, np.ndarray]:
     """(calibration blocks [samples, T], held-out check blocks) from the configured text sources,
     chosen by a seeded shuffle of all packed blocks so that calibration covers the whole text."""
-    from condensa.data import load_token_stream, pack_blocks
-
     stream = np.concatenate([load_token_stream(source, tokenizer) for source in config.data])
     blocks = pack_blocks(stream, seq_len)
     order = np.random.default_rng(config.seed).permutation(len(blocks))
@@ -574,10 +575,6 @@ def run_calibration(config: CalibrationConfig, *, progress=None) -> dict[str, An
     """Loads the model and text, calibrates, writes thresholds.safetensors + summary.json into
     `config.out`, and returns the summary."""
     from pathlib import Path
-
-    from condensa.cli import write_json
-    from condensa.data import model_tokenizer
-    from condensa.model import load_pretrained
 
     tokenizer = model_tokenizer(config.model, config.tokenizer)
     model, model_config = load_pretrained(config.model)

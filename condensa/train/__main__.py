@@ -22,12 +22,11 @@ import os
 import sys
 
 from condensa.cli import key_help, load_config, run_main
+from condensa.train.config import TrainConfig
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The command line, for --help and docs/cli.md (the keys are TrainConfig's, read by `load_config`)."""
-    from condensa.train.config import TrainConfig
-
     parser = argparse.ArgumentParser(prog="python -m condensa.train", description=__doc__.split("\n\n", 1)[1],
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=key_help(TrainConfig))
     parser.add_argument("config", nargs="?", help="YAML file with TrainConfig keys (configs/*.yaml)")
@@ -48,8 +47,7 @@ def main(argv=None) -> None:
         import jax
 
         jax.distributed.initialize()
-    from condensa.train.config import TrainConfig
-    from condensa.train.loop import train
+    from condensa.train.loop import train  # lazy: after jax.distributed.initialize()
 
     restart = "--restart" in argv
     argv = [a for a in argv if a != "--restart"]

@@ -16,11 +16,16 @@ from pathlib import Path
 
 import numpy as np
 
+from condensa.checkpoint import Checkpointer
 from condensa.cli import load_config, write_json
-from condensa.errors import CheckpointError
+from condensa.data import model_tokenizer
+from condensa.errors import CheckpointError, CondensaError
 from condensa.faults import kill_point
+from condensa.model import load_pretrained, save_pretrained
 from condensa.train.config import TrainConfig
 from condensa.train.output_folder import CONFIG_FILE
+from condensa.train.run_data import load_data, load_run_tokenizer
+from condensa.train.setup import build_model, build_optimizer
 
 CHECKPOINTS = "checkpoints"
 VOCAB_MAP = "vocab_map.json"
@@ -74,10 +79,6 @@ def restore_run(path: str | Path, step: int | None = None) -> RunModel:
     """The model at checkpoint `step` (default: the newest one that reads back intact)."""
     import jax
     from flax import nnx
-
-    from condensa.checkpoint import Checkpointer
-    from condensa.train.run_data import load_data, load_run_tokenizer
-    from condensa.train.setup import build_model, build_optimizer
 
     run, cfg = find_run(path)
     steps = checkpoint_steps(run)
@@ -138,10 +139,6 @@ def with_run_weights(base, path: str | Path, step: int | None = None):
 def loaded_model(name: str) -> RunModel:
     """Any model `load_pretrained` reads (a GGUF file, a named model, an HF directory), as an export
     source: float32 compute, its own tokenizer when it has one."""
-    from condensa.data import model_tokenizer
-    from condensa.errors import CondensaError
-    from condensa.model import load_pretrained
-
     model, config = load_pretrained(name)
     try:
         tokenizer = model_tokenizer(name)
@@ -158,8 +155,6 @@ def save_hf(model, model_config, path: str | Path, *, tokenizer, kept_ids: np.nd
     With data.vocab_limit the model's ids are not the tokenizer's, so the tokenizer (which would
     mislead) is replaced by vocab_map.json, the tokenizer id of each model id.
     """
-    from condensa.model import save_pretrained
-
     if kept_ids is None:
         return save_pretrained(model, model_config, path, tokenizer=tokenizer)
     path = save_pretrained(model, model_config, path)

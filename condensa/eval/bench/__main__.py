@@ -13,6 +13,8 @@ from __future__ import annotations
 import importlib
 import sys
 
+from condensa.errors import did_you_mean
+
 # One line per benchmark: name -> module with a `main(argv)` (wrapped by condensa.cli.run_main).
 BENCHMARKS = {
     "train": "condensa.eval.bench.train",
@@ -30,8 +32,6 @@ def main(argv=None) -> int:
         return 0 if argv else 2
     name, rest = argv[0], argv[1:]
     if name not in BENCHMARKS:
-        from condensa.errors import did_you_mean
-
         print(f"error: unknown benchmark {name!r}.{did_you_mean(name, BENCHMARKS)} Choose one of: "
               f"{', '.join(BENCHMARKS)}.", file=sys.stderr)
         return 2

@@ -41,12 +41,14 @@ import jax.numpy as jnp
 import numpy as np
 
 from condensa.kernels.tiling import tile_budget
+from condensa.attention import AttentionConfig, attend
 from condensa.cli import config_parser, parse_config_args, append_jsonl, config_to_dict, progress, run_main, write_json
 from condensa.errors import ConfigError
 from condensa.eval.bench.decode_baselines import dense_baselines, head_major, tile_state
 from condensa.eval.bench.timing import correctness_summary, jit_with_options
 from condensa.kernels.toptheta_decode import (SKIP_V_MODES, compact, default_num_splits, kept_tiles, tile_budgets,
                                               toptheta_decode)
+from condensa.sparsity.thresholds import Thresholds
 
 
 @dataclasses.dataclass
@@ -200,9 +202,6 @@ def relative_error(out, ref) -> float:
 
 def check_correctness(cfg: DecodeBenchConfig, d: int, dtype, seed: int) -> list[dict]:
     """The kernel against `condensa.attention.attend` (float32) on ragged caches, output poisoned."""
-    from condensa.attention import AttentionConfig, attend
-    from condensa.sparsity.thresholds import Thresholds
-
     b, s, h = 4, cfg.check_seq_len, cfg.heads
     scale = 1.0 / math.sqrt(d)
     f = min(cfg.budgets)

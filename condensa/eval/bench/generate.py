@@ -20,9 +20,15 @@ from collections.abc import Sequence
 import jax.numpy as jnp
 import numpy as np
 
+import condensa
+from condensa.attention import AttentionConfig
 from condensa.cli import check_writable, config_parser, parse_config_args, progress, run_main, write_json
 from condensa.errors import ConfigError
+from condensa.eval.bench.memory import device_peak_bytes
 from condensa.eval.bench.timing import environment, header, measure
+from condensa.model.llama.config import LlamaConfig
+from condensa.model.llama.network import Llama
+from condensa.sparsity.calibration import GateSpec, calibrate
 
 SHAPES = {  # random-weight LLaMA shapes (HF config fields); max_position_embeddings is set per run
     "smollm2-135m": dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
@@ -70,18 +76,12 @@ class GenerateBenchConfig:
 def build_model(cfg: GenerateBenchConfig, positions: int):
     from flax import nnx
 
-    from condensa.model.llama.config import LlamaConfig
-    from condensa.model.llama.network import Llama
-
     config = LlamaConfig(**SHAPES[cfg.shape], max_position_embeddings=positions)
     return Llama(config, dtype=jnp.dtype(cfg.dtype), rngs=nnx.Rngs(0))
 
 
 def rules(cfg: GenerateBenchConfig, model) -> dict:
     """{name: (AttentionConfig, thresholds)}: dense on its fused path, and the capped gate + Top-θ."""
-    from condensa.attention import AttentionConfig
-    from condensa.sparsity.calibration import GateSpec, calibrate
-
     blocks = np.random.default_rng(1).integers(0, model.config.vocab_size, (cfg.calibration_blocks, cfg.calibration_len))
     thresholds = calibrate(model, blocks, k=cfg.k, gate=GateSpec(cfg.block, cfg.block, cfg.tile_budget), batch_size=1)
     sparse = AttentionConfig(mode="toptheta", k=cfg.k, tile_gate=True, tile_cap=True, tile_budget=cfg.tile_budget,
@@ -94,8 +94,6 @@ def check(model, attention, thresholds, cfg: GenerateBenchConfig) -> None:
     random-weight logits would flip argmaxes): a Pallas rule against the same rule on the reference
     ops, both through the cache (the decode gate is not the prefill gate, so recomputing the prefix
     would not be the same rule); dense against recomputing the whole prefix every step."""
-    import condensa
-
     prompt = np.random.default_rng(2).integers(0, model.config.vocab_size, (1, cfg.check_len))
     call = functools.partial(condensa.generate, model, prompt, cfg.check_steps, thresholds=thresholds)
     chunk = None if attention.tile_gate else cfg.prefill_chunk or None
@@ -112,9 +110,6 @@ def check(model, attention, thresholds, cfg: GenerateBenchConfig) -> None:
 
 def time_shape(model, attention, thresholds, batch: int, prompt_len: int, cfg: GenerateBenchConfig) -> dict:
     from flax import nnx
-
-    import condensa
-    from condensa.eval.bench.memory import device_peak_bytes
 
     rng = np.random.default_rng(3)
     prompts = [rng.integers(0, model.config.vocab_size, (batch, prompt_len)) for _ in range(2)]  # rotated

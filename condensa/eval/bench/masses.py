@@ -15,9 +15,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from condensa.attention.dense import attention_scores, masked_softmax
 from condensa.cli import config_parser, parse_config_args, run_main, write_json
 from condensa.errors import ConfigError
+from condensa.eval.bench import profile as prof
 from condensa.eval.bench.timing import environment, header, measure
+from condensa.kernels.attention_masses import row_tile_masses
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,8 +58,6 @@ def build_parser():
 
 
 def _reference_masses(q, k, scale, tile, top_k):
-    from condensa.attention.dense import attention_scores, masked_softmax
-
     t = q.shape[1]
     visible = jnp.tril(jnp.ones((t, t), bool))
     s = attention_scores(q, k, scale)
@@ -69,8 +70,6 @@ def _reference_masses(q, k, scale, tile, top_k):
 
 @run_main
 def main(argv=None) -> None:
-    from condensa.kernels.attention_masses import row_tile_masses
-
     args = parse_config_args(argv, MassesBenchConfig, **PARSER)
     env = environment()
     dtype = jnp.dtype(args.dtype)
@@ -120,8 +119,6 @@ def main(argv=None) -> None:
         r = timed(f"fused {spec}", fused)
         r["grad_rel_error"] = rel
         if args.profile:
-            from condensa.eval.bench import profile as prof
-
             trace = prof.capture(lambda: fused(q, k, w), f"{args.profile}/{spec.replace('/', '_')}", calls=3)
             r["profile_us"] = prof.device_time_by_name(trace)
             print(f"\n### profile: fused {spec}\n" + "\n".join(prof.summary_lines(r["profile_us"], calls=3, top=12)))

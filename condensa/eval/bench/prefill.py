@@ -32,7 +32,8 @@ from condensa.kernels.tiling import tile_budget
 from condensa.cli import config_parser, parse_config_args, append_jsonl, config_to_dict, progress, run_main, write_json
 from condensa.errors import ConfigError
 from condensa.eval.bench.timing import correctness_summary, environment, measure
-from condensa.kernels import gate_scores, toptheta_prefill, toptheta_prefill_reference
+from condensa.kernels import (compact_tile_lists, gate_scores, offdiagonal_keep, toptheta_prefill,
+                              toptheta_prefill_reference)
 
 
 @dataclasses.dataclass
@@ -273,8 +274,6 @@ def tune_records(cfg: PrefillBenchConfig, d: int, dtype) -> list[dict]:
 def tune_sparse_records(cfg: PrefillBenchConfig, d: int, dtype) -> list[dict]:
     """Where the sparse modes' time goes, per tile shape: dense, Top-θ with and without the empty-tile
     check, the gate alone (dense inside kept tiles), gate + Top-θ, and the gate's pre-pass alone."""
-    from condensa.kernels import compact_tile_lists, offdiagonal_keep
-
     t = cfg.tune_seq_len
     b = max(1, cfg.tokens // (cfg.heads * t))
     q, k, v = structured_qkv(jax.random.PRNGKey(7), b, t, cfg.heads, d, dtype)

@@ -19,9 +19,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from condensa.cli import config_parser, parse_config_args, run_main, write_json
+from condensa.cli import config_parser, load_config, parse_config_args, run_main, write_json
 from condensa.errors import ConfigError
+from condensa.eval.bench import profile as prof
 from condensa.eval.bench.timing import environment, header, measure, peak_flops
+from condensa.train.config import TrainConfig
+from condensa.train.objective import objective, uses_mass_kernel
+from condensa.train.setup import build_model, build_optimizer
+from condensa.train.step import FlatState, make_train_step
 
 LOSSES = ("topk", "tile", "gate")
 
@@ -73,9 +78,6 @@ def model_flops_per_token(config, seq_len: int) -> float:
 
 
 def _train_config(args, setting: str):
-    from condensa.cli import load_config
-    from condensa.train.config import TrainConfig
-
     active = [] if setting == "none" else setting.split("+")
     unknown = [x for x in active if x not in LOSSES]
     if unknown:
@@ -95,8 +97,6 @@ def _check_loss_kernel(graphdef, flat_state, batch, loss_cfg) -> dict:
     import dataclasses
 
     from flax import nnx
-
-    from condensa.train.objective import objective, uses_mass_kernel
 
     model, _ = nnx.merge(graphdef, flat_state.state)
     model.eval()
@@ -131,9 +131,6 @@ def _check_loss_kernel(graphdef, flat_state, batch, loss_cfg) -> dict:
 def bench_setting(args, setting: str, peak: float | None) -> dict:
     from flax import nnx
 
-    from condensa.train.setup import build_model, build_optimizer
-    from condensa.train.step import FlatState, make_train_step
-
     cfg = _train_config(args, setting)
     model, config = build_model(cfg, 50257)
     optimizer = build_optimizer(model, cfg.optimizer, total_steps=1000)
@@ -164,8 +161,6 @@ def bench_setting(args, setting: str, peak: float | None) -> dict:
         raise RuntimeError(f"{setting}: loss became {final} while timing")
     profile = None
     if args.profile:
-        from condensa.eval.bench import profile as prof
-
         trace = prof.capture(run_once, f"{args.profile}/{setting}", calls=3)
         profile = prof.device_time_by_name(trace)
         print(f"\n### profile: {setting}\n" + "\n".join(prof.summary_lines(profile, calls=3, top=args.profile_top)))

@@ -28,6 +28,11 @@ from pathlib import Path
 
 from condensa.cli import config_from_dict, key_help, load_config, parse_overrides, run_main, write_json
 from condensa.errors import ConfigError
+from condensa.eval.bench.timing import environment
+from condensa.eval.study import config as study_config
+from condensa.eval.study import evaluation, report, timing, training
+from condensa.eval.study.config import BASE
+from condensa.eval.study.report import answers
 
 STAGES = ("train", "evaluate", "time", "report")
 
@@ -50,8 +55,6 @@ def _merge_json(path: Path, update: dict) -> None:
 def parse_command_line(argv: list[str]):
     """`(config, stages, models, report_dir, config_path)` from the command line, checked: unknown
     stages, models and config keys are refused before anything runs."""
-    from condensa.eval.study import config as study_config
-
     argv = list(argv)
     path = argv.pop(0) if argv and not argv[0].startswith("--") else None
     pairs = parse_overrides(argv)
@@ -77,9 +80,6 @@ def main(argv=None) -> None:
         return
     cfg, stages, models, report_dir, path = parse_command_line(argv)
 
-    from condensa.eval.bench.timing import environment
-    from condensa.eval.study import config as study_config
-
     results = Path(cfg.out) / "results"
     results.mkdir(parents=True, exist_ok=True)
     write_json(results / "config.json", study_config.as_dict(cfg))
@@ -88,12 +88,8 @@ def main(argv=None) -> None:
     say = lambda message: print(f"[study] {message}", flush=True)  # noqa: E731
 
     if "train" in stages:
-        from condensa.eval.study import training
-
         _merge_json(results / "train.json", training.run(cfg, models, progress=say))
     if "evaluate" in stages:
-        from condensa.eval.study import evaluation
-
         selected = [n for n in (cfg.evaluation.models or models) if n in models]
         if not selected:
             say("evaluate: none of --models is in evaluation.models; nothing to evaluate")
@@ -102,8 +98,6 @@ def main(argv=None) -> None:
             evaluation.plot_model(cfg, name, results / "figures")
             say(f"{name}: evaluated")
     if "time" in stages:
-        from condensa.eval.study import report, timing
-
         res = report.load_results(results)
         names = [n for n in dict.fromkeys([*cfg.timing.models, *_best_condensed(res)]) if n in models]
         for name in names:
@@ -112,8 +106,6 @@ def main(argv=None) -> None:
             _merge_json(results / "timing.json", {name: timing.time_model(cfg, name, res["evaluate"][name])})
             say(f"{name}: timed")
     if "report" in stages:
-        from condensa.eval.study import report
-
         command = "python -m condensa.eval.study " + " ".join([path or "", "--stages train,evaluate,time,report"]).strip()
         written = report.write(results, Path(report_dir) if report_dir else Path(cfg.out) / "report", command)
         say(f"report: {written}")
@@ -121,9 +113,6 @@ def main(argv=None) -> None:
 
 def _best_condensed(res: dict) -> list[str]:
     """The fine-tune that computes the fewest tiles within the perplexity limit (question a)."""
-    from condensa.eval.study.config import BASE
-    from condensa.eval.study.report import answers
-
     candidates = [(a["tile_fraction"], n) for n, a in answers(res)["a"].items() if n != BASE and a["tile_fraction"]]
     return [min(candidates)[1]] if candidates else []
 

@@ -12,6 +12,8 @@ import numpy as np
 
 from condensa.errors import DataError
 from condensa.eval.study.config import BASE, StudyConfig
+from condensa.eval.text import read_eval_text
+from condensa.train.run_data import load_data
 
 
 _CACHE: dict[tuple, object] = {}
@@ -26,8 +28,6 @@ def _cached(key: tuple, compute):
 
 def _split(config: StudyConfig):
     """The pretraining run's data."""
-    from condensa.train.run_data import load_data
-
     train_config = config.train_config(BASE)
     return _cached(("split", repr(train_config.data)), lambda: load_data(train_config))
 
@@ -58,7 +58,6 @@ def _read_held_out(config: StudyConfig) -> dict[str, np.ndarray]:
     if not path.is_file():
         raise DataError(f"the WikiText-2 test file {path} does not exist; set evaluation.wikitext to "
                         "wiki.test.raw (../shared/data/wikitext-2-raw/wiki.test.raw in this project).")
-    from condensa.eval.text import read_eval_text
 
     text = read_eval_text([str(path)], "test")
     ids = tokenizer(config)(text[: 8 * limit], verbose=False)["input_ids"][:limit]

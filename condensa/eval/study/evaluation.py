@@ -13,12 +13,16 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from condensa.attention import AttentionConfig
 from condensa.eval.study.config import StudyConfig
+from condensa.eval.study.data import calibration_blocks, held_out
+from condensa.eval.study.training import ensure_model
+from condensa.eval.sweep import SweepSettings, run_sweep
+from condensa.model import load_pretrained
+from condensa.sparsity import Thresholds
 
 
 def sweep_settings(config: StudyConfig, compensations: tuple[str, ...], *, extra_rules: bool = True):
-    from condensa.eval.sweep import SweepSettings
-
     cal = config.calibration
     return SweepSettings(
         ks=cal.ks, tile_budgets=[None, *cal.tile_budgets], compensations=compensations, tile=cal.tile,
@@ -31,11 +35,6 @@ def sweep_settings(config: StudyConfig, compensations: tuple[str, ...], *, extra
 
 
 def evaluate_model(config: StudyConfig, name: str, progress=None) -> dict:
-    from condensa.eval.study.data import calibration_blocks, held_out
-    from condensa.eval.study.training import ensure_model
-    from condensa.eval.sweep import run_sweep
-    from condensa.model import load_pretrained
-
     hf = ensure_model(config, name)
     model, _ = load_pretrained(hf)
     blocks = calibration_blocks(config)
@@ -62,12 +61,7 @@ def plot_model(config: StudyConfig, name: str, figures: Path) -> list[Path]:
     """The model's thresholds per layer and one attention map, dense against gate + Top-θ."""
     import numpy as np
 
-    from condensa.attention import AttentionConfig
-    from condensa.eval.plots import plot_attention_heatmaps, plot_thresholds
-    from condensa.eval.study.data import held_out
-    from condensa.eval.study.training import ensure_model
-    from condensa.model import load_pretrained
-    from condensa.sparsity import Thresholds
+    from condensa.eval.plots import plot_attention_heatmaps, plot_thresholds  # lazy: pulls in matplotlib
 
     cal = config.calibration
     cache = Path(config.out) / "thresholds" / name

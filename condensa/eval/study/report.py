@@ -11,6 +11,7 @@ import math
 from pathlib import Path
 
 from condensa.eval.study.config import BASE
+from condensa.kernels.toptheta_decode import ROW_MODES
 
 
 def load_results(results: Path) -> dict:
@@ -96,8 +97,6 @@ def answers(res: dict, limit: float | None = None) -> dict:
 
 def _v_loaded_md(rule: dict) -> str:
     """The V a decode rule read: blocks, and with masked row loads the rows themselves."""
-    from condensa.kernels.toptheta_decode import ROW_MODES
-
     if rule.get("skip_v") in ROW_MODES:
         return f"{pct(rule['v_fraction'])} (rows read {pct(rule['v_row_fraction'], 2)})"
     return pct(rule["v_fraction"])

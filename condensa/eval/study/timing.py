@@ -23,9 +23,23 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from condensa.attention import AttentionConfig
+from condensa.attention import AttentionConfig, attend, layer_thresholds
+from condensa.attention.pallas_backend import decode_kernel_args, prefill_kernel_args
 from condensa.errors import ConfigError
+from condensa.eval.bench.decode_baselines import dense_baselines, head_major, tile_state
+from condensa.eval.bench.timing import first_output, jit_with_options, measure
+from condensa.eval.perplexity import perplexity
 from condensa.eval.study.config import StudyConfig
+from condensa.eval.study.data import calibration_blocks, held_out
+from condensa.eval.study.evaluation import weights_sha256
+from condensa.eval.study.training import ensure_model
+from condensa.kernels import toptheta_prefill
+from condensa.kernels.backend import TPU_BACKENDS, resolve_backend
+from condensa.kernels.tiling import tile_count, visible_tiles
+from condensa.kernels.toptheta_decode import AUTO_SKIP_V, SKIP_V_MODES, default_block_k, toptheta_decode
+from condensa.model import load_pretrained
+from condensa.sparsity import Thresholds
+from condensa.sparsity.calibration import GateSpec, calibrate
 
 
 def choose_budget(evaluation: dict, k: int, max_delta: float, *, by: str = "rule", decode: bool = False) -> dict | None:
@@ -63,12 +77,6 @@ def choose_budget(evaluation: dict, k: int, max_delta: float, *, by: str = "rule
 def thresholds_for(config: StudyConfig, name: str, k: int, f: float | None):
     """The thresholds stage 4 calibrated for (k, f), or the same calibration redone (same blocks,
     same settings) when this machine does not hold them."""
-    from condensa.eval.study.data import calibration_blocks
-    from condensa.eval.study.training import ensure_model
-    from condensa.model import load_pretrained
-    from condensa.sparsity import Thresholds
-    from condensa.sparsity.calibration import GateSpec, calibrate
-
     cal = config.calibration
     path = Path(config.out) / "thresholds" / name / f"k{k}-f{'off' if f is None else f'{f:g}'}.safetensors"
     if not path.is_file():
@@ -89,8 +97,6 @@ def _chosen_summary(row: dict | None) -> dict | None:
 def ppl_parity(model, tokens, rules: dict, *, batch: int) -> dict:
     """Perplexity of the model running the kernels against the reference op, same rule and
     thresholds, in the model's compute dtype: the kernels must not change what the model predicts."""
-    from condensa.eval.perplexity import perplexity
-
     out = {}
     for rule, (attention, thresholds) in rules.items():
         kernel = perplexity(model, tokens, attention=attention, thresholds=thresholds, batch_size=batch)["ppl"]
@@ -116,8 +122,6 @@ def layer_qkv(model, ids) -> list[tuple[jax.Array, jax.Array, jax.Array]]:
 def reference_attention(q, k, v, *, scale, layer, attention, thresholds):
     """The reference op (float32) for the last len(q) queries against all of k: the oracle the
     kernels are checked against before they are timed."""
-    from condensa.attention import attend
-
     tq, s = q.shape[1], k.shape[1]
     visible = (jnp.arange(s)[None, :] <= (s - tq + jnp.arange(tq))[:, None])[None, None]
     f32 = lambda x: x.astype(jnp.float32)  # noqa: E731
@@ -137,12 +141,6 @@ def time_prefill_rule(attention, thresholds, qkv, scale, settings, cudnn_s: floa
     op on the first sequence of each layer (the output is NaN-poisoned before the checked call).
     A layer the rule leaves dense runs `dense_attention(q, k, v)` (cuDNN), as the model runs it,
     and counts every causal tile of the rule's tiling as computed."""
-    from condensa.attention import layer_thresholds
-    from condensa.attention.pallas_backend import prefill_kernel_args
-    from condensa.kernels.tiling import tile_count, visible_tiles
-    from condensa.eval.bench.timing import first_output, jit_with_options, measure
-    from condensa.kernels import toptheta_prefill
-
     t = qkv[0][0].shape[1]
     acc = {"kernel_s": 0.0, "causal": 0, "listed": 0, "empty": 0, "max_rel_error": 0.0}
     for layer, (q, k, v) in enumerate(qkv):
@@ -215,10 +213,6 @@ def time_decode_rule(attention, thresholds, per_layer, lengths, scale, skip_v, s
     """One decode rule on every layer's cache: its error against the reference op, its time per
     decode step (all layers, `step_seconds`), and the fractions of K blocks, V blocks and V rows it
     loaded."""
-    from condensa.attention import layer_thresholds
-    from condensa.attention.pallas_backend import decode_kernel_args
-    from condensa.kernels.toptheta_decode import default_block_k, toptheta_decode
-
     acc = {"skip_v": skip_v, "visible": 0, "k_loaded": 0, "v_loaded": 0, "v_rows": 0, "visible_rows": 0,
            "max_rel_error": 0.0}
     layer_args = []
@@ -250,14 +244,6 @@ def time_decode_rule(attention, thresholds, per_layer, lengths, scale, skip_v, s
 
 
 def time_model(config: StudyConfig, name: str, evaluation: dict) -> dict:
-    from condensa.eval.bench.decode_baselines import dense_baselines, head_major, tile_state
-    from condensa.eval.bench.timing import measure
-    from condensa.eval.study.data import held_out
-    from condensa.eval.study.training import ensure_model
-    from condensa.kernels.backend import TPU_BACKENDS, resolve_backend
-    from condensa.kernels.toptheta_decode import AUTO_SKIP_V, SKIP_V_MODES
-    from condensa.model import load_pretrained
-
     settings, cal = config.timing, config.calibration
     chosen = choose_budget(evaluation, settings.k, settings.max_delta_ppl, by=settings.budget_by)
     has_decode_rows = any(r.get("decode_gate") for r in evaluation["corpus"]["rows"])
@@ -286,7 +272,6 @@ def time_model(config: StudyConfig, name: str, evaluation: dict) -> dict:
     if model_config.model_type != "gpt2":
         raise ConfigError("the study's timing stage walks GPT-2 blocks to capture q, k, v; use a GPT-2 stand-in "
                           f"(this one is {model_config.model_type!r}).")
-    from condensa.eval.study.evaluation import weights_sha256
 
     result["same_weights_as_evaluated"] = weights_sha256(hf) == evaluation.get("model_sha256")
     if not result["same_weights_as_evaluated"]:

@@ -12,7 +12,11 @@ import json
 import time
 from pathlib import Path
 
+from condensa.eval.perplexity import perplexity
 from condensa.eval.study.config import BASE, StudyConfig
+from condensa.eval.study.data import held_out
+from condensa.model import load_pretrained
+from condensa.train.loop import train
 
 
 def export_dir(config: StudyConfig, name: str) -> Path:
@@ -26,7 +30,6 @@ def ensure_model(config: StudyConfig, name: str) -> Path:
         return hf
     if name != BASE:
         ensure_model(config, BASE)
-    from condensa.train.loop import train
 
     cfg = config.train_config(name)
     start = time.perf_counter()
@@ -58,10 +61,6 @@ def training_summary(config: StudyConfig, name: str) -> dict:
 
 def run(config: StudyConfig, names: list[str], progress=None) -> dict:
     """Trains (or finds) each model and measures its dense perplexity on both held-out sets."""
-    from condensa.eval.perplexity import perplexity
-    from condensa.eval.study.data import held_out
-    from condensa.model import load_pretrained
-
     sets = held_out(config)
     out = {}
     for name in names:
