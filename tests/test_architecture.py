@@ -129,3 +129,31 @@ def test_kernels_import_only_kernels_and_errors(graph):
                        for target in targets
                        if not target.startswith("condensa.kernels") and not target.startswith(KERNEL_BASE))
     assert offending == []
+
+
+def _lazy_imports(path: Path) -> list[tuple[int, str]]:
+    """(line, source line) of every import of a condensa module inside a function of `path`."""
+    lines = path.read_text().splitlines()
+    found = []
+    for func in ast.walk(ast.parse(path.read_text())):
+        if not isinstance(func, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda)):
+            continue
+        for node in ast.walk(func):
+            if isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                names = ["." if node.level else node.module or ""]
+            else:
+                continue
+            if any(name == "condensa" or name.startswith(("condensa.", ".")) for name in names):
+                found.append((node.lineno, lines[node.lineno - 1]))
+    return sorted(set(found))
+
+
+def test_every_lazy_import_says_why():
+    """An import of a condensa module inside a function is kept only for a reason (an optional heavy
+    dependency, an order to respect, a test that patches the name), written on its line."""
+    lazy = {f"{path.relative_to(PACKAGE.parent)}:{line}": text.strip()
+            for path in sorted(PACKAGE.rglob("*.py")) for line, text in _lazy_imports(path)}
+    assert "condensa/attention/pallas_backend.py" in " ".join(lazy)  # the finder finds them
+    assert {where: text for where, text in lazy.items() if "#" not in text} == {}
