@@ -37,7 +37,7 @@ from condensa.data import load_tokenizer, read_text_file
 from condensa.errors import CondensaError
 from condensa.train.config import TrainConfig
 from condensa.train.run_model import with_run_weights
-from real_model_tiles import LayerRunner, evaluate, kept_tile_fraction, paired_delta, windows_of
+from real_model_tiles import LayerRunner, evaluate, gate_rule, kept_tile_fraction, paired_delta, windows_of
 
 LOSSES = ("topk", "tile", "select")
 
@@ -143,14 +143,9 @@ def eval_setup(args, results: dict) -> EvalSet:
     budgets = [float(x) for x in args.budgets.split(",")]
     results["kept_tiles"] = {str(f): kept_tile_fraction(args.seq, args.block, f) for f in budgets}
 
-    def gate(spec, f):
-        spec, shared = spec.removesuffix("+shared"), spec.endswith("+shared")
-        return AttentionConfig(tile_gate=True, tile_selector=spec, tile_budget=f, block_q=args.block,
-                               block_k=args.block, shared_heads=shared)
-
     def rules(selectors):
         return {"dense": AttentionConfig(),
-                **{f"{s}@{f}": gate(s, f) for s in filter(None, selectors.split(",")) for f in budgets}}
+                **{f"{s}@{f}": gate_rule(s, f, args.block) for s in filter(None, selectors.split(",")) for f in budgets}}
 
     return EvalSet(windows=windows, book_windows=windows_of(book, args.seq, args.book_windows),
                    halves={"choose": slice(0, len(windows) // 2), "report": slice(len(windows) // 2, len(windows))},

@@ -75,7 +75,7 @@ def _chosen(results: dict, budget: str) -> tuple[str, dict, dict]:
 
 
 def _seed_table(results: dict, spec_prefix: str) -> list[str]:
-    names = [n for n in _models(results) if n.startswith(spec_prefix + "-s") or n.startswith(spec_prefix + "s")]
+    names = [n for n in _models(results) if n.startswith(spec_prefix + "-s")]
     rules = ("dense", f"{SELECTOR}@0.25", f"{SELECTOR}@0.125")
     lines = ["| run | " + " | ".join(f"{r}: Δ vs original" for r in rules) + " | "
              + " | ".join(f"{r}: Δ vs own control" for r in rules[1:]) + " |",

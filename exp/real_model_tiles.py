@@ -346,17 +346,26 @@ def calibrate_stage(model, tokenizer, args, ks: list[int], variants: str, out: P
     return report
 
 
-def toptheta_rule(k: int, variant: str) -> AttentionConfig:
+def gate_rule(spec: str, f: float, block: int) -> AttentionConfig:
+    """A tile rule from "selector", "selector/sub_block", with "+shared" for one budget across heads, at f."""
+    spec, shared = spec.removesuffix("+shared"), spec.endswith("+shared")
+    selector, _, sub = spec.partition("/")
+    return AttentionConfig(tile_gate=True, tile_selector=selector, tile_budget=f, block_q=block, block_k=block,
+                           sub_block=int(sub or 0), shared_heads=shared)
+
+
+def toptheta_rule(k: int, variant: str, base: AttentionConfig | None = None) -> AttentionConfig:
     """Top-θ at k with a compensation variant "SDC[+vmc]": SDC none, sdc (the calibrated Δ̄), exact
     (the true Δ: what calibrated SDC approximates at best) or expthr (DESIGN.md's exp-threshold
     estimate from the count of dropped elements); "+vmc" adds V-mean compensation ("vmc" alone:
     VMC without SDC). "post[+vmc]": post-softmax placement instead (thresholds on probabilities)."""
+    base = base or AttentionConfig()
     sdc, _, vmc = variant.partition("+")
     vmc = vmc == "vmc" or variant == "vmc"
     if sdc == "post":  # post-softmax placement, as the reference: no renormalisation, no SDC
-        return AttentionConfig(mode="toptheta", k=k, placement="post", vmc=vmc)
+        return base.replace(mode="toptheta", k=k, placement="post", vmc=vmc)
     sdc = {"none": "none", "vmc": "none", "sdc": "calibrated", "exact": "exact", "expthr": "exp-threshold"}[sdc]
-    return AttentionConfig(mode="toptheta", k=k, sdc=sdc, vmc=vmc)
+    return base.replace(mode="toptheta", k=k, sdc=sdc, vmc=vmc)
 
 
 @functools.partial(jax.jit, static_argnames=("graph", "k_max"))
@@ -442,12 +451,7 @@ def main() -> None:
     stages = set(args.stages.split(","))
     dense_cfg = AttentionConfig()
 
-    def gate(spec, f):
-        """A rule from "selector", "selector/sub_block", with "+shared" for one budget across heads, at f."""
-        spec, shared = spec.removesuffix("+shared"), spec.endswith("+shared")
-        selector, _, sub = spec.partition("/")
-        return AttentionConfig(tile_gate=True, tile_selector=selector, tile_budget=f, block_q=args.block,
-                               block_k=args.block, sub_block=int(sub or 0), shared_heads=shared)
+    gate = functools.partial(gate_rule, block=args.block)
 
     ks = [int(x) for x in args.ks.split(",")]
     # the compensation variants whose thresholds this run reads (stage gated adds its own)
@@ -504,10 +508,7 @@ def main() -> None:
         grid = results.setdefault("gated", {})
         for f in budgets:
             for k in ks:
-                rule = toptheta_rule(k, variant).replace(**{
-                    name: getattr(gate(selector, f), name)
-                    for name in ("tile_gate", "tile_selector", "tile_budget", "block_q", "block_k", "sub_block",
-                                 "shared_heads")})
+                rule = toptheta_rule(k, variant, base=gate(selector, f))
                 r = evaluate(runner, sub, rule, args.tail, thresholds[k, rule.placement])
                 r.update(paired_delta(r, dense_sub), tail=paired_delta(r, dense_sub, "nll_tail_per_window"))
                 grid[f"{selector} + Top-θ k={k} {variant}@{f}"] = r
