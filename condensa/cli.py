@@ -328,7 +328,7 @@ def _build(cls, values: dict[str, Any], prefix: str):
     for key, value in values.items():
         if key not in fields:
             raise ConfigError(
-                f"unknown config key {prefix + key!r}.{did_you_mean(key, fields)} "
+                f"unknown config key {prefix + key!r}.{did_you_mean(key, fields, prefix)} "
                 f"Known keys here: {', '.join(prefix + f for f in fields)}."
             )
         kwargs[key] = _coerce(hints[key], value, prefix + key)

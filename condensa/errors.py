@@ -43,7 +43,11 @@ class TrainingError(CondensaError):
     """A training run that cannot go on (NaN loss, incompatible output folder)."""
 
 
-def did_you_mean(name: str, choices: Iterable[str]) -> str:
-    """A ' Did you mean X?' suffix for unknown-name messages, or '' when nothing is close."""
+def did_you_mean(name: str, choices: Iterable[str], prefix: str = "") -> str:
+    """A ' Did you mean X?' suffix for unknown-name messages, or '' when nothing is close.
+
+    Names are matched without `prefix` (a shared section such as 'optimizer.' would make every key
+    look close), and the suggestion carries it, so the user can paste the key as it is spelled on
+    the command line."""
     close = difflib.get_close_matches(name, list(choices), n=1)
-    return f" Did you mean {close[0]!r}?" if close else ""
+    return f" Did you mean {prefix + close[0]!r}?" if close else ""

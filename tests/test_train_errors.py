@@ -39,7 +39,7 @@ def test_seq_len_longer_than_n_positions(tmp_path, capsys):
 
 def test_unknown_config_key_suggests_the_right_one(tmp_path, capsys):
     status, err = _main(tiny_args(tmp_path / "run", 4) + ["--optimizer.lrr", "1e-3"], capsys)
-    assert status == 2 and "optimizer.lrr" in err and "Did you mean 'lr'?" in err
+    assert status == 2 and "optimizer.lrr" in err and "Did you mean 'optimizer.lr'?" in err
 
 
 def test_incompatible_run_in_output_folder(tmp_path, capsys):
