@@ -81,7 +81,7 @@ PARSER = dict(
     prog="python -m condensa.eval.attention_figure",
     description="Draws one layer and head's attention probabilities on a block of text: dense next to the "
     "sparse rule of a thresholds file (gate + Top-θ when it holds a gate), colours log10 p, dropped elements "
-    "blank, with the kept fraction in each title. Writes a PNG.",
+    "blank, with the sparse panel's kept fraction of the causal elements in its title. Writes a PNG.",
     epilog="example: python -m condensa.eval.attention_figure --model runs/quickstart/hf --thresholds "
     "runs/thresholds/thresholds.safetensors --data ../shared/data/wikitext-2-raw/wiki.test.raw --out attention.png",
 )

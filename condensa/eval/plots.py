@@ -85,7 +85,9 @@ def plot_attention_heatmaps(model, blocks, panels: dict, *, layer: int, head: in
     """Attention probabilities of one layer and head on the first block, one panel per rule.
 
     panels: title -> (AttentionConfig, Thresholds) or None for dense. Colours are log10(p), so
-    dropped elements (p = 0) show as the background.
+    dropped elements (p = 0) show as the background. A sparse panel's title gives the share of the
+    causal elements it keeps; the dense panel's gives none, since dense keeps them all and a count
+    of p > 0 there would only count the probabilities too small for float32.
     """
     fig, axes = plt.subplots(1, len(panels), figsize=(3.6 * len(panels), 3.6), squeeze=False)
     floor = -6.0
@@ -95,8 +97,11 @@ def plot_attention_heatmaps(model, blocks, panels: dict, *, layer: int, head: in
         p = np.asarray(probs[layer][0, head], np.float64)
         shown = np.where(p > 0, np.log10(np.maximum(p, 10**floor)), np.nan)
         image = ax.imshow(shown, cmap="viridis", vmin=floor, vmax=0, interpolation="nearest")
-        kept = float((p > 0).sum() / np.tril(np.ones_like(p)).sum())
-        ax.set_title(f"{title}\nkept {kept:.1%}", fontsize=8)
+        if spec is None or attention.for_layer(layer).is_dense:
+            ax.set_title(title, fontsize=8)
+        else:
+            kept = float((p > 0).sum() / np.tril(np.ones_like(p)).sum())
+            ax.set_title(f"{title}\nkept {kept:.1%} of the causal elements", fontsize=8)
         ax.set_facecolor("white")
         ax.set_xlabel("key")
         ax.set_ylabel("query")
