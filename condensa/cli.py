@@ -252,7 +252,32 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: Sequenc
             raise ConfigError(f"{path} must hold a mapping of config keys at the top level.")
     for key, raw in parse_overrides(overrides):
         _set_dotted(values, key, _Override(raw))
-    return _build(cls, values, prefix="")
+    config = _build(cls, values, prefix="")
+    object.__setattr__(config, _GIVEN, frozenset(_dotted_keys(values)))
+    return config
+
+
+_GIVEN = "_condensa_given_keys"
+
+
+def given_keys(config: Any, section: str = "") -> frozenset[str] | None:
+    """The keys that the YAML file or the command line set when `config` was built by `load_config`,
+    dotted (`attention.k`), or inside `section` without its prefix (`k`); None for a config built in
+    Python. A tool that fills keys left unset from elsewhere (a thresholds file's k and tile
+    geometry) must tell them from defaults the user typed."""
+    keys = getattr(config, _GIVEN, None)
+    if keys is None or not section:
+        return keys
+    return frozenset(key[len(section) + 1:] for key in keys if key.startswith(section + "."))
+
+
+def _dotted_keys(values: dict, prefix: str = "") -> list[str]:
+    keys = []
+    for key, value in values.items():
+        keys.append(prefix + key)
+        if isinstance(value, dict):
+            keys += _dotted_keys(value, prefix + key + ".")
+    return keys
 
 
 class _Override(str):

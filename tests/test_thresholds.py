@@ -124,3 +124,48 @@ def test_lookup_and_interpolation():
     known = np.array([[False, True, False, True, False, False]])
     np.testing.assert_allclose(fill_uncalibrated(values, known)[0], np.interp(np.arange(6), [1, 3], [1.0, 2.0]))
     assert np.isfinite(fill_uncalibrated(values, np.zeros_like(known))).all()
+
+
+def test_the_file_supplies_the_settings_left_unset():
+    """Issue 29: k, placement and the gate's geometry come from the file; a caller repeats none of them."""
+    th = make(placement="post")
+    rule = th.attention()
+    assert (rule.mode, rule.placement, rule.k, rule.layer_k, rule.tile_gate) == ("toptheta", "post", 4, ((1, 6),), True)
+    assert (rule.block_q, rule.block_k, rule.tile_budget, rule.sink_tiles) == (4, 4, 0.25, 1)
+    assert th.attention(vmc=True, backend="pallas").vmc  # the fields the file does not record pass through
+    assert not make(gate=False).attention().tile_gate
+    # a CLI's parsed config: the fields it was given win, the rest (left at their defaults) come from the file
+    parsed = AttentionConfig(k=64, block_q=128, sdc="none")
+    assert th.resolve(parsed, given={"sdc"}).k == 4
+    assert th.resolve(parsed, given=set()).block_q == 4
+    # a config built in Python (given=None): fields at AttentionConfig's defaults count as unset
+    assert th.resolve(AttentionConfig(vmc=True)) == th.attention(vmc=True)
+
+
+def test_an_explicit_setting_that_agrees_or_that_the_file_does_not_use_is_kept():
+    th = make()
+    assert th.attention(k=4, tile_budget=0.25, block_q=4, block_k=4, sink_tiles=1) == th.attention()
+    topk = th.attention(mode="topk", k=9)  # top-k reads no θ: any k; the gate still comes from the file
+    assert (topk.k, topk.layer_k, topk.tile_gate, topk.block_q) == (9, (), True, 4)
+    ungated = th.attention(tile_gate=False, block_q=8, block_k=8)  # without the gate its geometry is unused
+    assert (ungated.tile_gate, ungated.block_q, ungated.k) == (False, 8, 4)
+    oracle = th.attention(tile_selector="oracle", tile_budget=0.5)  # a budgeted selector reads no Θ
+    assert (oracle.tile_gate, oracle.tile_budget) == (True, 0.5)
+
+
+@pytest.mark.parametrize("setting, option", [
+    (dict(k=8), "--attention.k 8"), (dict(layer_k="1:7"), "--attention.layer_k 1:7"),
+    (dict(placement="post"), "--attention.placement post"), (dict(block_q=8), "--attention.block_q 8"),
+    (dict(tile_budget=0.5), "--attention.tile_budget 0.5"), (dict(sink_tiles=2), "--attention.sink_tiles 2"),
+])
+def test_an_explicit_setting_the_thresholds_cannot_serve_is_refused(setting, option):
+    from condensa.errors import CondensaError
+
+    th = make()
+    parsed = AttentionConfig(**setting)
+    with pytest.raises(CondensaError, match=f"{option} differs") as err:
+        th.resolve(parsed, given=set(setting), source="t.safetensors")
+    name = next(iter(setting))
+    assert f"Leave --attention.{name} out" in str(err.value) and "python -m condensa.calibrate" in str(err.value)
+    with pytest.raises(ThresholdsError, match=f"{name}="):  # the Python spelling names the argument
+        th.attention(**setting)

@@ -16,7 +16,6 @@ from pathlib import Path
 
 import numpy as np
 
-from condensa.attention import AttentionConfig
 from condensa.cli import config_parser, parse_config_args
 from condensa.data import model_tokenizer
 from condensa.errors import ConfigError, DataError
@@ -41,16 +40,6 @@ class FigureConfig:
     out: str = "attention_maps.png"  # the PNG to write
 
 
-def sparse_attention_of(thresholds):
-    """The attention config a thresholds file was calibrated for (gate on when it holds one)."""
-    gate = {}
-    if thresholds.has_gate:
-        gate = dict(tile_gate=True, block_q=thresholds.block_q, block_k=thresholds.block_k,
-                    tile_budget=thresholds.tile_budget, sink_tiles=thresholds.sink_tiles)
-    return AttentionConfig(mode="toptheta", placement=thresholds.placement, k=thresholds.k,
-                           layer_k=thresholds.layer_k, **gate)
-
-
 def draw(cfg: FigureConfig) -> Path:
     from condensa.eval.plots import plot_attention_heatmaps  # lazy: pulls in matplotlib
 
@@ -61,7 +50,7 @@ def draw(cfg: FigureConfig) -> Path:
         raise ConfigError(f"--layer {cfg.layer} is not a layer of this model (0..{config.n_layer - 1}, or -1 for "
                           "the last).")
     thresholds = Thresholds.load(cfg.thresholds)
-    attention = sparse_attention_of(thresholds)
+    attention = thresholds.attention()  # the rule the file was calibrated for
     thresholds.validate_for(config, attention, source=cfg.thresholds)
     length = cfg.length or config.n_positions
     ids = model_tokenizer(cfg.model, cfg.tokenizer)(read_eval_text(cfg.data, cfg.split), verbose=False)["input_ids"]

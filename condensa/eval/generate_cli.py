@@ -17,9 +17,9 @@ from condensa.attention import AttentionConfig
 from condensa.cli import check_writable, config_parser, parse_config_args, config_to_dict, progress, write_json
 from condensa.errors import ConfigError, DataError
 from condensa.eval.decode_trace import decode_trace, generation_report
+from condensa.eval.ppl_cli import with_thresholds
 from condensa.eval.text import ModelText, read_eval_text
 from condensa.model import load_pretrained
-from condensa.sparsity import Thresholds
 
 
 # ---- the CLI -----------------------------------------------------------------------------------------
@@ -35,7 +35,7 @@ class GenerateConfig:
     prompts: int = 4  # number of prompts cut from --data (consecutive, non-overlapping)
     prompt_tokens: int = 64  # tokens per prompt cut from --data
     max_new_tokens: int = 32  # greedy decoding steps after each prompt
-    thresholds: str | None = None  # a thresholds file from `python -m condensa.calibrate`
+    thresholds: str | None = None  # from `python -m condensa.calibrate`; sets the attention keys left unset (k, gate)
     attention: AttentionConfig = dataclasses.field(default_factory=AttentionConfig)  # set mode: topk | toptheta
     out: str = "runs/eval-generate"  # output folder: results.json, config.json, v_rows.png
 
@@ -60,14 +60,16 @@ def prompt_ids(cfg: GenerateConfig, encode) -> np.ndarray:
 def run(cfg: GenerateConfig) -> dict:
     if not cfg.model:
         raise ConfigError("no model given; pass --model DIR (a Hugging Face GPT-2 directory) or a hub id.")
-    if cfg.attention.mode == "dense" and not cfg.attention.tile_gate:
-        raise ConfigError("generate compares a sparse rule with dense decoding; set --attention.mode topk or toptheta "
-                          "(Top-θ also needs --thresholds FILE), or turn on --attention.tile_gate.")
     if cfg.attention.needs_thresholds and not cfg.thresholds:
         raise ConfigError(f"attention mode {cfg.attention.mode!r} (or the tile gate) needs --thresholds FILE "
                           "from python -m condensa.calibrate.")
-    out = check_writable(cfg.out)
+    check_writable(cfg.out, create=False)  # before the load; created once the settings are known good
     model, _ = load_pretrained(cfg.model)
+    cfg, thresholds = with_thresholds(cfg, model.config)
+    if cfg.attention.mode == "dense" and not cfg.attention.tile_gate:
+        raise ConfigError("generate compares a sparse rule with dense decoding; pass --thresholds FILE (its Top-θ "
+                          "rule and gate), or set --attention.mode topk, or turn on --attention.tile_gate.")
+    out = check_writable(cfg.out)
     text = ModelText.for_model(cfg.model, cfg.tokenizer)
     prompts = prompt_ids(cfg, text.encode)
     total = prompts.shape[1] + cfg.max_new_tokens
@@ -75,9 +77,8 @@ def run(cfg: GenerateConfig) -> dict:
     if cfg.attention.mode != "dense" and longest_k >= total:
         raise ConfigError(f"k={longest_k} is not smaller than the longest row ({total} tokens = prompt + new "
                           "tokens): every row would stay dense. Use a smaller k or a longer prompt.")
-    thresholds = None
-    if cfg.attention.needs_thresholds:
-        thresholds = Thresholds.load(cfg.thresholds).validate(model.config, cfg.attention, source=cfg.thresholds)
+    if not cfg.attention.needs_thresholds:
+        thresholds = None  # a rule that reads none (top-k) runs without them
     bar = progress(total=2, desc="generate", unit="run")
     dense = decode_trace(model, prompts, cfg.max_new_tokens, AttentionConfig(), None)
     bar.update(1)
@@ -112,10 +113,12 @@ PARSER = dict(  # the command line, shared by main() and build_parser()
     prog="python -m condensa.eval generate",
     description="Greedy generation with the KV cache under a sparse attention rule: the kept fraction of V "
     "rows per decoding step, and the agreement of the tokens with dense greedy decoding. Any key of the config "
-    "can be set as --key value or --section.key value, e.g. --attention.mode toptheta --attention.k 32.",
+    "can be set as --key value or --section.key value, e.g. --attention.mode topk --attention.k 32. With "
+    "--thresholds FILE the rule is the file's (Top-θ with its k, and its tile gate when it holds one); an "
+    "--attention key you set overrides it where those thresholds can serve the value, and is refused where they "
+    "cannot.",
     epilog="example: python -m condensa.eval generate --model runs/quickstart/hf --data ../shared/data/wikitext-2-raw/"
-    "wiki.test.raw --tokenizer ../shared/data/gpt2-tokenizer --attention.mode toptheta --attention.k 16 "
-    "--thresholds runs/thresholds-k16/thresholds.safetensors",
+    "wiki.test.raw --tokenizer ../shared/data/gpt2-tokenizer --thresholds runs/thresholds/thresholds.safetensors",
 )
 
 

@@ -8,7 +8,8 @@ import time
 import jax.numpy as jnp
 
 from condensa.attention import AttentionConfig
-from condensa.cli import check_writable, config_parser, config_to_dict, parse_config_args, progress, write_json
+from condensa.cli import (check_writable, config_parser, config_to_dict, given_keys, parse_config_args, progress,
+                          write_json)
 from condensa.errors import ConfigError
 from condensa.data import model_tokenizer
 from condensa.eval.perplexity import perplexity
@@ -30,7 +31,7 @@ class PerplexityConfig:
     max_tokens: int | None = None  # evaluate only the first N tokens (quick runs)
     batch_size: int = 8  # windows per forward pass
     dtype: str = "float32"  # model compute dtype: float32, bfloat16 or float16
-    thresholds: str | None = None  # a thresholds file from `python -m condensa.calibrate`
+    thresholds: str | None = None  # from `python -m condensa.calibrate`; sets the attention keys left unset (k, gate)
     attention: AttentionConfig = dataclasses.field(default_factory=AttentionConfig)
     out: str = "runs/eval-ppl"  # output folder: results.json and config.json
 
@@ -43,12 +44,10 @@ def run(cfg: PerplexityConfig) -> dict:
     if cfg.attention.needs_thresholds and not cfg.thresholds:
         raise ConfigError(f"--attention.mode {cfg.attention.mode} needs calibrated thresholds: pass --thresholds FILE "
                           "(made by python -m condensa.calibrate).")
-    out = check_writable(cfg.out)
+    check_writable(cfg.out, create=False)  # before the load; created once the settings are known good
     model, _ = load_pretrained(cfg.model, dtype=DTYPES[cfg.dtype])
-    thresholds = None
-    if cfg.thresholds:
-        thresholds = Thresholds.load(cfg.thresholds)
-        thresholds.validate_for(model.config, cfg.attention)
+    cfg, thresholds = with_thresholds(cfg, model.config)
+    out = check_writable(cfg.out)
     tokenizer = model_tokenizer(cfg.model, cfg.tokenizer)
     ids = tokenizer(read_eval_text(cfg.data, cfg.split), verbose=False)["input_ids"]
     if cfg.max_tokens:
@@ -66,12 +65,27 @@ def run(cfg: PerplexityConfig) -> dict:
     return result
 
 
+def with_thresholds(cfg, model_config):
+    """(cfg, thresholds): with a thresholds file (checked against the model first), the attention
+    keys left unset (mode, placement, k, the tile gate and its geometry) come from the file, and a
+    key set to a value the file cannot serve is refused (`Thresholds.resolve`); cfg.attention is then
+    the rule that runs, as config.json records it. Without a file: (cfg, None). Shared by ppl and
+    generate."""
+    if not cfg.thresholds:
+        return cfg, None
+    thresholds = Thresholds.load(cfg.thresholds).validate(model_config, source=cfg.thresholds)
+    attention = thresholds.resolve(cfg.attention, given_keys(cfg, "attention"), source=cfg.thresholds)
+    return dataclasses.replace(cfg, attention=attention), thresholds
+
+
 PARSER = dict(  # the command line, shared by main() and build_parser()
     prog="python -m condensa.eval ppl",
     description="Strided sliding-window perplexity (the Hugging Face protocol). Any key of the config "
-    "can be set as --key value or --section.key value, e.g. --attention.mode toptheta.",
+    "can be set as --key value or --section.key value, e.g. --attention.mode topk. With --thresholds FILE the "
+    "rule is the file's (Top-θ with its k, and its tile gate when it holds one); an --attention key you set "
+    "overrides it where those thresholds can serve the value, and is refused where they cannot.",
     epilog="example: python -m condensa.eval ppl --model runs/quickstart/hf --data ../shared/data/wikitext-2-raw/wiki.test.raw "
-    "--stride 512 --tokenizer ../shared/data/gpt2-tokenizer",
+    "--stride 512 --tokenizer ../shared/data/gpt2-tokenizer --thresholds runs/thresholds/thresholds.safetensors",
 )
 
 

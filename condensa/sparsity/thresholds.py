@@ -20,6 +20,7 @@ from typing import Any, NamedTuple
 import jax
 import numpy as np
 
+from condensa.attention import AttentionConfig
 from condensa.errors import ThresholdsError
 
 FORMAT_VERSION = 1
@@ -27,6 +28,12 @@ _ARRAYS = ("theta", "sdc_delta", "tile_theta", "tile_theta_decode")
 _META = ("placement", "k", "layer_k", "sigma_add", "block_q", "block_k", "tile_budget", "sink_tiles",
          "samples", "data", "model", "topk_at_calibration")
 _FINGERPRINT = ("n_layer", "n_head", "n_embd", "n_positions", "vocab_size")
+# AttentionConfig fields a file settles: a caller who leaves them unset gets the file's values
+FILE_SETTINGS = ("mode", "placement", "k", "layer_k", "tile_gate", "block_q", "block_k", "tile_budget", "sink_tiles")
+_GEOMETRY = ("block_q", "block_k", "tile_budget", "sink_tiles")
+# the python -m condensa.calibrate option that sets each field, for the advice in a conflict
+_CALIBRATE_FLAG = {"placement": "--placement", "k": "--k", "layer_k": "--layer_k", "block_q": "--tile",
+                   "block_k": "--tile", "tile_budget": "--tile_budget", "sink_tiles": "--sink_tiles"}
 
 
 class LayerThresholds(NamedTuple):
@@ -157,6 +164,65 @@ class Thresholds:
                     f"{source} gate was calibrated for (block_q, block_k, tile_budget, sink_tiles)={ours}, "
                     f"but the attention config uses {theirs}; match them or re-calibrate."
                 )
+
+    # ---- the attention rule the file was calibrated for ------------------------------------------
+
+    def attention(self, **choices: Any) -> AttentionConfig:
+        """The rule this file was calibrated for: Top-θ with its placement and per-layer k, behind its
+        tile gate (block_q, block_k, tile_budget, sink_tiles) when it holds one. `choices` sets the
+        fields the file does not record (sdc, vmc, backend, ...) and may override the file's where the
+        thresholds can still serve the result (e.g. `tile_gate=False`); an override they cannot serve
+        raises `ThresholdsError`. So a caller never repeats what the file already says."""
+        return self.resolve(choices, given=choices, source="thresholds", flag="")
+
+    def resolve(self, attention: AttentionConfig | dict[str, Any], given: Any = None, *,
+                source: str = "thresholds", flag: str = "--attention.") -> AttentionConfig:
+        """`attention` with every field of `FILE_SETTINGS` that the caller did not set taken from this
+        file. `given`: the field names the caller set (a CLI knows them from its command line and
+        YAML); None counts the fields that differ from AttentionConfig's defaults. A set field that
+        differs from the file's is kept where the thresholds do not use it (k under top-k, the
+        geometry of an uncalibrated tile selector) and refused where they do, naming the option as
+        `flag` + field. Mode defaults to Top-θ and the gate to on when the file holds one."""
+        values = attention if isinstance(attention, dict) else dataclasses.asdict(attention)
+        if given is None:
+            defaults = AttentionConfig()
+            given = {name for name in FILE_SETTINGS if name in values and values[name] != getattr(defaults, name)}
+        given = set(given) & set(values)
+        ours: dict[str, Any] = {"mode": "toptheta", "placement": self.placement, "tile_gate": self.has_gate}
+        if "k" not in given:
+            ours["k"] = int(self.k)
+        if "layer_k" not in given and ("k" not in given or int(values["k"]) == int(self.k)):
+            ours["layer_k"] = self.layer_k  # the file's per-layer overrides go with its k, not with another
+        if "tile_selector" in given and values["tile_selector"] != "gate":
+            ours["tile_gate"] = True  # a budgeted selector only picks the gate's tiles
+        if self.has_gate:
+            ours.update({name: getattr(self, name) for name in _GEOMETRY})
+        merged = {**values, **{name: value for name, value in ours.items() if name not in given}}
+        result = AttentionConfig(**merged)
+        conflicts = []
+        if result.mode == "toptheta":
+            if result.placement != self.placement:
+                conflicts.append(("placement", self.placement))
+            have = [self.k_for(l) for l in range(self.n_layer)]
+            want = [result.k_for(l) for l in range(self.n_layer)]
+            if have != want:
+                conflicts.append(("k" if "k" in given else "layer_k", have if self.layer_k else self.k))
+        if result.gate_is_calibrated and self.has_gate:
+            conflicts += [(name, getattr(self, name)) for name in _GEOMETRY
+                          if float(getattr(result, name)) != float(getattr(self, name))]
+        if conflicts:
+            name, theirs = conflicts[0]
+            asked = values[name]
+            if name == "layer_k":
+                asked = ",".join(f"{l}:{k}" for l, k in result.layer_k) or '""'
+            option = f"{flag}{name} {asked}" if flag.startswith("--") else f"{name}={asked!r}"
+            left_out = f"{flag}{name}" if flag.startswith("--") else name
+            raise ThresholdsError(
+                f"{source} was calibrated for {name}={theirs!r}, but {option} differs and these thresholds cannot "
+                f"serve it. Leave {left_out} out to use the file's value, or calibrate thresholds for it "
+                f"(python -m condensa.calibrate {_CALIBRATE_FLAG[name]} ...).")
+        self.check_attention(result, source=source)
+        return result
 
     # ---- file format ---------------------------------------------------------------------------
 
