@@ -40,6 +40,7 @@ from flax import nnx
 from condensa import AttentionConfig, load_pretrained
 from condensa.data import load_tokenizer
 from condensa.kernels.tiling import mandatory_tiles, optional_tiles, tile_budgets, tile_count
+from condensa.sparsity.thresholds import Thresholds
 
 
 def parse_args():
@@ -83,6 +84,9 @@ def parse_args():
                         "Top-θ at each of --ks with that compensation variant (thresholds from stage calibrate)")
     p.add_argument("--decode_selectors", default="rowmean+shared",
                    help="stage decode: selectors whose every row is gated as its decoding step (teacher forced)")
+    p.add_argument("--time_ks", default="",
+                   help="stage time: also time --gated's selector at each --time_budgets with Top-θ at these k "
+                        "(--gated's variant; thresholds from stage calibrate or --thresholds)")
     p.add_argument("--time_decode", action="store_true",
                    help="stage time: also time decode attention at --seq, batch 8, against cuDNN "
                         "(condensa.eval.bench decode, in this process)")
@@ -222,18 +226,21 @@ def time_decode(config, args, budgets: list[float], out: Path) -> list[dict]:
                                  head_dims=[config.hidden_size // heads], heads=heads, budgets=budgets))
 
 
-def time_prefill(model, seq: int, batches: list[int], rules: dict[str, AttentionConfig]) -> dict:
+def time_prefill(model, seq: int, batches: list[int], rules: dict[str, AttentionConfig],
+                 thresholds: dict | None = None) -> dict:
     """Whole-model prefill (logits of every position) per rule, median of repeats, after a check
-    that each rule's logits match the same rule on the reference backend."""
+    that each rule's logits match the same rule on the reference backend. `thresholds`: a rule's
+    name -> its Top-θ thresholds (a pytree argument of the jitted forward)."""
     from condensa.eval.bench.timing import measure
 
     graphdef, state = nnx.split(model)
 
     def forward(attention):
         @jax.jit
-        def run(state, ids):
+        def run(state, ids, thresholds):
             m = nnx.merge(graphdef, state)
-            return m(ids, attention=attention).logits[:, -1]  # the last position: what generation needs
+            # the last position: what generation needs
+            return m(ids, attention=attention, thresholds=thresholds).logits[:, -1]
         return run
 
     out = {}
@@ -242,13 +249,13 @@ def time_prefill(model, seq: int, batches: list[int], rules: dict[str, Attention
         ids = jnp.asarray(rng.integers(0, model.config.vocab_size, (batch, seq)), jnp.int32)
         row = {}
         for name, attention in rules.items():
-            run = forward(attention)
-            result = run(state, ids)
+            run, theta = forward(attention), (thresholds or {}).get(name)
+            result = run(state, ids, theta)
             if attention.backend == "pallas" and batch == batches[0]:
-                ref = forward(attention.replace(backend="reference"))(state, ids)
+                ref = forward(attention.replace(backend="reference"))(state, ids, theta)
                 err = float(jnp.linalg.norm(result - ref) / jnp.linalg.norm(ref))
                 row[name + ":rel_err_vs_reference"] = err
-            timing = measure(lambda: run(state, ids), warmup=2, repeats=7)
+            timing = measure(lambda: run(state, ids, theta), warmup=2, repeats=7)
             row[name] = timing["median_s"]
         out[str(batch)] = row
         print(batch, row, flush=True)
@@ -280,7 +287,7 @@ def time_prepass(model, ids, layer: int, rules: dict[str, AttentionConfig]) -> d
 
     out = {"cudnn": timed(cudnn), "dtype": str(q.dtype), "shape": list(q.shape)}
     for name, attention in rules.items():
-        if attention.tile_selector == "gate":
+        if attention.tile_selector == "gate" or attention.mode == "toptheta":  # the tile selection alone
             continue
         kernel = jax.jit(lambda q, k, v, a=attention: toptheta_prefill(
             q, k, v, scale=scale, tile_selector=a.tile_selector, tile_budget=a.tile_budget, block_q=a.block_q,
@@ -455,7 +462,8 @@ def main() -> None:
 
     ks = [int(x) for x in args.ks.split(",")]
     # the compensation variants whose thresholds this run reads (stage gated adds its own)
-    variants = args.compensation + ("," + args.gated.rpartition("/")[2] if "gated" in stages else "")
+    gated_too = "gated" in stages or ("time" in stages and args.time_ks)
+    variants = args.compensation + ("," + args.gated.rpartition("/")[2] if gated_too else "")
     if "calibrate" in stages:  # first, so the device's peak memory is calibration's
         results["calibration"] = calibrate_stage(model, tokenizer, args, ks, variants, out)
         save(out, results)
@@ -488,8 +496,6 @@ def main() -> None:
             save(out, results)
     thresholds = {}
     if stages & {"toptheta", "compensation", "gated"}:
-        from condensa.sparsity.thresholds import Thresholds
-
         needed = set(placements(variants)) | ({"pre"} if "compensation" in stages else set())
         thresholds = {(k, placement): Thresholds.load(threshold_path(args.thresholds or out, k, placement))
                       for k in ks for placement in needed}
@@ -538,12 +544,21 @@ def main() -> None:
                 print("book", selector, f, f"ppl {r['ppl']:.3f} ({r['delta_pct']:+.2f}%)", flush=True)
                 save(out, results)
     if "time" in stages:
-        rules = {"dense (cuDNN)": dense_cfg}
+        rules, rule_thresholds = {"dense (cuDNN)": dense_cfg}, {}
+        time_budgets = [float(x) for x in args.time_budgets.split(",")]
         for selector in args.time_selectors.split(","):
-            for f in [float(x) for x in args.time_budgets.split(",")]:
+            for f in time_budgets:
                 rules[f"{selector}@{f}"] = gate(selector, f).replace(backend="pallas")
+        selector, _, variant = args.gated.rpartition("/")
+        for k in [int(x) for x in filter(None, args.time_ks.split(","))]:
+            placement = toptheta_rule(k, variant).placement
+            theta = thresholds.get((k, placement)) or Thresholds.load(threshold_path(args.thresholds or out, k, placement))
+            for f in time_budgets:
+                name = f"{selector} + Top-θ k={k} {variant}@{f}"
+                rules[name] = toptheta_rule(k, variant, base=gate(selector, f)).replace(backend="pallas")
+                rule_thresholds[name] = theta
         batches = [int(x) for x in args.time_batches.split(",")]
-        results["prefill_seconds"] = time_prefill(model, args.seq, batches, rules)
+        results["prefill_seconds"] = time_prefill(model, args.seq, batches, rules, rule_thresholds)
         save(out, results)
         for batch in batches:
             window_ids = jnp.asarray(np.resize(sub, (batch, args.seq)))

@@ -22,14 +22,15 @@ CASES = [  # (length, block_q, block_k, heads, kv heads, selector, shared budget
 ]
 
 
-LAYOUTS = [  # (split_heads, lists_per_head, scatter_lists)
-    (True, False, True), (False, False, True), (True, True, True), (True, False, False), (True, True, False)]
+LAYOUTS = [  # (split_heads, lists_per_head, scatter_lists, radix_bits)
+    (True, False, True, 1), (False, False, True, 1), (True, True, True, 1), (True, False, False, 1),
+    (True, True, False, 1), (True, False, True, 2), (True, False, True, 4), (False, True, True, 3)]
 
 
-@pytest.mark.parametrize("split_heads,lists_per_head,scatter_lists", LAYOUTS)
+@pytest.mark.parametrize("split_heads,lists_per_head,scatter_lists,radix_bits", LAYOUTS)
 @pytest.mark.parametrize("length,block_q,block_k,heads,kv_heads,selector,shared,f", CASES)
 def test_fused_table_equals_the_xla_prepass(length, block_q, block_k, heads, kv_heads, selector, shared, f, split_heads,
-                                            lists_per_head, scatter_lists):
+                                            lists_per_head, scatter_lists, radix_bits):
     rng = np.random.default_rng(length + heads)
     padded = -(-length // block_q) * block_q
 
@@ -42,7 +43,7 @@ def test_fused_table_equals_the_xla_prepass(length, block_q, block_k, heads, kv_
     want = compact_tile_lists(prepass_keep(q, k, None, tile_cap=False, selector=selector, shared_heads=shared, **common))
     got = fused_prepass_table(q, k, selector=selector, shared_heads=shared, backend="interpret",
                               split_heads=split_heads, lists_per_head=lists_per_head, scatter_lists=scatter_lists,
-                              register_elements=64, **common)  # several row chunks
+                              radix_bits=radix_bits, register_elements=64, **common)  # several row chunks
     assert got.shape == want.shape and got.dtype == want.dtype
     np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
 
@@ -58,9 +59,9 @@ def test_fused_prepass_supports_whole_tiles_on_its_backends_only():
 def test_layouts_are_named_on_the_command_line_and_bad_names_are_refused():
     from condensa.kernels.selector_prepass import layout_from_text
 
-    assert layout_from_text("split+lists:1024:cw1:sw8:chunked") == {
+    assert layout_from_text("split+lists:1024:cw1:sw8:rb4:chunked") == {
         "split_heads": True, "lists_per_head": True, "register_elements": 1024, "scatter_lists": False,
-        "cut_warps": 1, "score_warps": 8}
+        "cut_warps": 1, "score_warps": 8, "radix_bits": 4}
     assert layout_from_text("one")["split_heads"] is False
     for bad in ("split:many", "diagonal:2048", "split:2048:cw", "split:2048:fast"):
         with pytest.raises(ValueError, match="pre-pass layout"):

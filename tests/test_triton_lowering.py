@@ -50,15 +50,16 @@ def _spec(*shape, dtype=jnp.bfloat16):
 SELECTIONS = [("rowmean", True), ("rowmean", False), ("window", False)]
 
 
-@pytest.mark.parametrize("split_heads,lists_per_head,scatter_lists",
-                         [(True, False, True), (False, False, True), (True, True, True), (True, False, False)])
+@pytest.mark.parametrize("split_heads,lists_per_head,scatter_lists,radix_bits",
+                         [(True, False, True, 1), (False, False, True, 1), (True, True, True, 1), (True, False, False, 1),
+                          (True, False, True, 4), (True, True, True, 2)])
 @pytest.mark.parametrize("selector,shared", SELECTIONS)
-def test_fused_prepass_lowers(selector, shared, split_heads, lists_per_head, scatter_lists):
+def test_fused_prepass_lowers(selector, shared, split_heads, lists_per_head, scatter_lists, radix_bits):
     text = lower_for_cuda(
         lambda q, k: fused_prepass_table(q, k, scale=0.125, block_q=128, block_k=128, length=T, sink_tiles=1,
                                          tile_budget=0.4, selector=selector, shared_heads=shared, backend="triton",
                                          split_heads=split_heads, lists_per_head=lists_per_head,
-                                         scatter_lists=scatter_lists, cut_warps=1),
+                                         scatter_lists=scatter_lists, cut_warps=1, radix_bits=radix_bits),
         _spec(B, T, H, D), _spec(B, T, HKV, D))
     assert "tile_selector_prepass" in text and TRITON_CALL in text
 
