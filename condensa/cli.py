@@ -8,7 +8,6 @@ import dataclasses
 import errno
 import functools
 import inspect
-import json
 import math
 import os
 import re
@@ -23,6 +22,7 @@ from typing import Any, TypeVar
 import yaml
 from tqdm.auto import tqdm
 
+from condensa import jsonio
 from condensa.errors import CondensaError, ConfigError, did_you_mean
 
 T = TypeVar("T")
@@ -69,10 +69,12 @@ def progress(iterable: Iterable[T] | None = None, **kwargs) -> tqdm:
 
 
 def write_json(path: str | Path, value: Any) -> None:
+    """Writes strict JSON (NaN and infinities as null: `condensa.jsonio`), through a temporary file
+    so a reader never sees half of it."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(value, indent=2, default=_json_default) + "\n")
+    tmp.write_text(jsonio.dumps(value, indent=2) + "\n")
     tmp.replace(path)
 
 
@@ -81,17 +83,7 @@ def append_jsonl(path: str | Path, record: dict[str, Any]) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("a") as f:
-        f.write(json.dumps(_finite_or_null(record), default=_json_default, allow_nan=False) + "\n")
-
-
-def _finite_or_null(value: Any) -> Any:
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: _finite_or_null(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_finite_or_null(v) for v in value]
-    return value
+        f.write(jsonio.dumps(record) + "\n")
 
 
 def check_writable(folder: str | Path, flag: str = "--out", *, create: bool = True) -> Path:
@@ -114,14 +106,6 @@ def check_writable(folder: str | Path, flag: str = "--out", *, create: bool = Tr
         raise CondensaError(f"cannot write to the output folder {folder} ({err.strerror or err}); "
                             f"choose another {flag} or fix its permissions.") from None
     return folder
-
-
-def _json_default(value: Any) -> Any:
-    if hasattr(value, "tolist"):
-        return value.tolist()
-    if isinstance(value, Path):
-        return str(value)
-    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
 
 
 # ---- dataclass configs ---------------------------------------------------------------------------

@@ -120,6 +120,17 @@ def test_markdown_table_is_generated_from_the_json(sweep):
     assert json.loads((out / "config.json").read_text())["ks"] == KS
 
 
+def test_results_json_is_strict_json(sweep):
+    """Top-k rows have no gate, so their gate mass is NaN: written as null (bare NaN is not JSON),
+    read back as NaN by `read_results`."""
+    from condensa.eval.sweep import read_results
+
+    out, _ = sweep
+    strict = json.loads((out / "results.json").read_text(), parse_constant=lambda c: pytest.fail(f"{c} is not JSON"))
+    assert all(row["gate_tile_mass"] is None for row in _rows(strict, method="topk"))
+    assert all(np.isnan(row["gate_tile_mass"]) for row in _rows(read_results(out / "results.json"), method="topk"))
+
+
 @pytest.mark.parametrize("name", ["ppl_vs_kept", "thresholds", "heatmap"])
 def test_plots_are_real_pngs(sweep, name):
     from PIL import Image

@@ -24,6 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from condensa import jsonio
 from condensa.attention import AttentionConfig
 from condensa.errors import ConfigError, ThresholdsError
 from condensa.eval.decode_trace import decode_trace
@@ -220,6 +221,22 @@ def layer_probs(model, blocks, attention: AttentionConfig, thresholds=None) -> t
     """Per-layer attention probabilities [B, H, T, T] of `blocks` under `attention`."""
     graphdef, state = nnx.split(model)
     return probs_and_gate_tiles(graphdef, state, jnp.asarray(blocks, jnp.int32), thresholds, attention=attention)[0]
+
+
+# The numbers of a rule's results (a row, its per-layer entries, the compensation effect). A null
+# under one of them in a results file is a value that was not finite; elsewhere null can mean
+# "none" (a tile budget of None is no gate), so `read_results` turns it into NaN only under these.
+RESULT_NUMBERS = frozenset({
+    "ppl", "nll", "delta_ppl", "delta_ppl_rel", "kept_fraction", "kept_per_row", "topk_mass", "cover_90",
+    "cover_95", "tile_kept_fraction", "gate_tile_mass", "oracle_tile_mass", "decode_v_rows_fraction",
+    "decode_token_agreement", "delta_ppl_rel_none", "delta_ppl_rel_compensated",
+})
+
+
+def read_results(path: str | Path) -> dict:
+    """A results file of the sweep (or the study's evaluation, which has the same rows), with the
+    nulls its writer put for NaN read back as NaN."""
+    return jsonio.loads(Path(path).read_text(), numbers=RESULT_NUMBERS)
 
 
 SKIPPED_METRICS = {"mean": {"kept_fraction": float("nan"), "kept_per_row": float("nan"), "topk_mass": float("nan")},

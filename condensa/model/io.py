@@ -8,7 +8,6 @@ files load through the same code: `gguf_convert` presents one as an HF checkpoin
 
 from __future__ import annotations
 
-import json
 import os
 import tempfile
 from pathlib import Path
@@ -17,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from condensa import jsonio
 from condensa.errors import CheckpointError
 from condensa.model.gguf_convert import GGUFCheckpoint, config_values
 from condensa.model.gguf_file import open_gguf
@@ -135,7 +135,7 @@ def save_pretrained(model, config, path: str | os.PathLike, tokenizer=None, *,
 
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    _atomic_write(path / "config.json", lambda p: Path(p).write_text(json.dumps(config.to_hf_dict(), indent=2) + "\n"))
+    _atomic_write(path / "config.json", lambda p: Path(p).write_text(jsonio.dumps(config.to_hf_dict(), indent=2) + "\n"))
     if isinstance(config, GPT2Config):
         tensors = export_tensors(model)
         _atomic_write(path / "model.safetensors", lambda p: save_file(tensors, p, metadata={"format": "pt"}))

@@ -15,6 +15,7 @@ import socket
 import warnings
 from pathlib import Path
 
+from condensa import jsonio
 from condensa.errors import TrainingError
 
 LOCK_FILE = "run.lock"
@@ -51,7 +52,7 @@ class RunLock:
                 self._take_over_if_stale(me)
                 continue
             with os.fdopen(fd, "w") as f:
-                json.dump(me, f)
+                f.write(jsonio.dumps(me))
             self.held = True
             return self
         raise TrainingError(f"could not take the lock {self.path}: other runs keep taking it. Use another --out.")

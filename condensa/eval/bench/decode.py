@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import math
 import statistics
 import sys
@@ -40,6 +39,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from condensa import jsonio
 from condensa.kernels.tiling import tile_budget
 from condensa.attention import AttentionConfig, attend
 from condensa.cli import config_parser, parse_config_args, append_jsonl, config_to_dict, progress, run_main, write_json
@@ -288,7 +288,7 @@ def time_shape(cfg: DecodeBenchConfig, b: int, s: int, d: int, dtype, copy_bw: f
         except Exception as err:
             traceback.print_exc()
             rec.update(error=f"{type(err).__name__}: {str(err)[:300]}")
-        print(json.dumps(rec), flush=True)
+        print(jsonio.dumps(rec), flush=True)
         records.append(rec)
 
     baselines = dense_baselines(cfg.baselines, scale)
@@ -346,7 +346,7 @@ def time_shape(cfg: DecodeBenchConfig, b: int, s: int, d: int, dtype, copy_bw: f
         except Exception as err:
             traceback.print_exc()
             rec = dict(base, method=name, error=f"{type(err).__name__}: {str(err)[:300]}")
-            print(json.dumps(rec), flush=True)
+            print(jsonio.dumps(rec), flush=True)
             records.append(rec)
             return
         record(name, output, moved_bytes=moved, k_fraction=k_frac,
@@ -420,7 +420,7 @@ def run(cfg: DecodeBenchConfig) -> list[dict]:
     def emit(rec):
         append_jsonl(results_path, rec)
         records.append(rec)
-        print(json.dumps(rec), flush=True)
+        print(jsonio.dumps(rec), flush=True)
 
     emit(dict(kind="env", device=jax.devices()[0].device_kind, jax=jax.__version__, backend=jax.default_backend()))
     if cfg.check:

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import math
 import sys
 import traceback
@@ -28,6 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from condensa import jsonio
 from condensa.kernels.tiling import tile_budget
 from condensa.cli import config_parser, parse_config_args, append_jsonl, config_to_dict, progress, run_main, write_json
 from condensa.errors import ConfigError
@@ -266,7 +266,7 @@ def tune_records(cfg: PrefillBenchConfig, d: int, dtype) -> list[dict]:
         except Exception as err:  # a variant the compiler refuses is a result, not a crash
             traceback.print_exc()
             rec.update(error=f"{type(err).__name__}: {str(err)[:300]}")
-        print(json.dumps(rec), flush=True)
+        print(jsonio.dumps(rec), flush=True)
         records.append(rec)
     return records
 
@@ -318,7 +318,7 @@ def tune_sparse_records(cfg: PrefillBenchConfig, d: int, dtype) -> list[dict]:
             except Exception as err:
                 traceback.print_exc()
                 rec.update(error=f"{type(err).__name__}: {str(err)[:300]}")
-            print(json.dumps(rec), flush=True)
+            print(jsonio.dumps(rec), flush=True)
             records.append(rec)
     return records
 
@@ -339,7 +339,7 @@ def run(cfg: PrefillBenchConfig) -> list[dict]:
     results_path = out_dir / "results.jsonl"
     header = dict(kind="env", **environment())
     append_jsonl(results_path, header)
-    print(json.dumps(header), flush=True)
+    print(jsonio.dumps(header), flush=True)
     records: list[dict] = [header]
 
     if cfg.check:
@@ -347,7 +347,7 @@ def run(cfg: PrefillBenchConfig) -> list[dict]:
             for d in cfg.head_dims:
                 for rec in check_correctness(cfg, t, d, dtype, seed=t + d):
                     append_jsonl(results_path, rec)
-                    print(json.dumps(rec), flush=True)
+                    print(jsonio.dumps(rec), flush=True)
                     records.append(rec)
     if cfg.tune:
         for d in cfg.head_dims:
@@ -367,7 +367,7 @@ def run(cfg: PrefillBenchConfig) -> list[dict]:
             traceback.print_exc()
             rec = dict(kind="time", seq_len=t, head_dim=d, error=f"{type(err).__name__}: {str(err)[:300]}")
             append_jsonl(results_path, rec)
-            print(json.dumps(rec), flush=True)
+            print(jsonio.dumps(rec), flush=True)
             continue
         for name, (fn, info) in methods.items():
             rec = dict(kind="time", seq_len=t, head_dim=d, batch=b, heads=cfg.heads, method=name, **info)
@@ -378,7 +378,7 @@ def run(cfg: PrefillBenchConfig) -> list[dict]:
                 traceback.print_exc()
                 rec.update(error=f"{type(err).__name__}: {str(err)[:300]}")
             append_jsonl(results_path, rec)
-            print(json.dumps(rec), flush=True)
+            print(jsonio.dumps(rec), flush=True)
             records.append(rec)
         del q, k, v, methods
     (out_dir / "summary.md").write_text(summary_table(records) + "\n")

@@ -10,7 +10,9 @@ import json
 import math
 from pathlib import Path
 
+from condensa import jsonio
 from condensa.eval.study.config import BASE
+from condensa.eval.sweep import read_results
 from condensa.kernels.toptheta_decode import ROW_MODES
 
 
@@ -20,7 +22,7 @@ def load_results(results: Path) -> dict:
         path = results / name
         return json.loads(path.read_text()) if path.is_file() else None
 
-    evaluate = {p.stem.removeprefix("evaluate_"): json.loads(p.read_text()) for p in sorted(results.glob("evaluate_*.json"))}
+    evaluate = {p.stem.removeprefix("evaluate_"): read_results(p) for p in sorted(results.glob("evaluate_*.json"))}
     return {"train": read("train.json") or {}, "evaluate": evaluate, "timing": read("timing.json") or {},
             "environment": read("environment.json") or {}, "config": read("config.json") or {}}
 
@@ -339,5 +341,5 @@ def write(results: Path, report_dir: Path, command: str = "") -> Path:
     if lead.is_file():
         text = lead.read_text().rstrip("\n") + "\n\n" + text
     (report_dir / "results.md").write_text(text)
-    (report_dir / "answers.json").write_text(json.dumps(answers(res), indent=2, default=str) + "\n")
+    (report_dir / "answers.json").write_text(jsonio.dumps(answers(res), indent=2, default=str) + "\n")
     return report_dir / "results.md"

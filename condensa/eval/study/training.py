@@ -8,7 +8,6 @@ that was cut off).
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 
@@ -17,6 +16,7 @@ from condensa.eval.study.config import BASE, StudyConfig
 from condensa.eval.study.data import held_out
 from condensa.model import load_pretrained
 from condensa.train.loop import train
+from condensa.train.metrics_log import read_metrics
 
 
 def export_dir(config: StudyConfig, name: str) -> Path:
@@ -42,7 +42,7 @@ def training_summary(config: StudyConfig, name: str) -> dict:
     """What the run's metrics.jsonl says at its end: validation loss and ppl, the concentration
     metrics of the last evaluation, and throughput."""
     run = Path(config.out) / "models" / name
-    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    records = read_metrics(run / "metrics.jsonl")
     evals = [r for r in records if r.get("kind") == "eval"]
     trains = [r for r in records if r.get("kind") == "train"]
     cfg = config.train_config(name)

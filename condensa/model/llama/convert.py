@@ -8,7 +8,6 @@ in host memory twice. One table of (HF name, NNX path, transpose) drives both di
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from condensa import jsonio
 from condensa.model.llama.config import LlamaConfig
 from condensa.model.param_paths import param_at, raise_mismatches
 from condensa.model.weights import SAFETENSORS as SINGLE
@@ -158,7 +158,7 @@ def write_shards(tensors: Iterator[tuple[str, np.ndarray]], directory: Path, *, 
     if n > 1:
         weight_map = {tensor: file for file, members in zip(names, shards) for tensor in members}
         body = {"metadata": {"total_size": int(total)}, "weight_map": weight_map}
-        atomic_write(index, lambda p: Path(p).write_text(json.dumps(body, indent=2) + "\n"))
+        atomic_write(index, lambda p: Path(p).write_text(jsonio.dumps(body, indent=2) + "\n"))
     written = set(names) | ({INDEX} if n > 1 else set())
     for stale in [*directory.glob("model-*-of-*.safetensors"), directory / INDEX, directory / SINGLE]:
         if stale.name not in written and stale.is_file():
