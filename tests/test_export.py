@@ -9,6 +9,7 @@ initialisers are shared between the exports.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import sys
 
@@ -76,6 +77,19 @@ def test_export_verifies_against_transformers_and_equals_the_final_weights(run, 
     assert json.loads((out / "vocab_map.json").read_text()) == json.loads((run / "hf" / "vocab_map.json").read_text())
     assert not (out / "tokenizer.json").exists()
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["15", "30"]  # the run is untouched
+    for folder in (out, run / "hf"):  # the export CLI's, and the training loop's own export
+        # the run trained with --dropout 0, and the config says so (the preset's 0.1 would mislead)
+        config = json.loads((folder / "config.json").read_text())
+        assert config["resid_pdrop"] == config["embd_pdrop"] == config["attn_pdrop"] == 0.0
+        # readable by others, like any file the user writes (atomic writes made them 0600)
+        assert {p.name: p.stat().st_mode & 0o777 for p in folder.iterdir() if p.suffix in (".json", ".safetensors")} == {
+            p.name: 0o666 & ~_umask() for p in folder.iterdir() if p.suffix in (".json", ".safetensors")}
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def test_step_picks_an_earlier_checkpoint_and_thresholds_are_checked_and_copied(run, tmp_path, capsys):

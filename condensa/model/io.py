@@ -150,11 +150,21 @@ def save_pretrained(model, config, path: str | os.PathLike, tokenizer=None, *,
 
 
 def _atomic_write(target: Path, write) -> None:
+    """`write(tmp)`, then `tmp` renamed to `target`. mkstemp makes the temporary private (0600), so
+    it is given the mode a plain `open` would: an exported model is read by other users and tools."""
     fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
     os.close(fd)
     try:
         write(tmp)
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, target)
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def _umask() -> int:
+    """The process's umask (reading it means setting it, so it is set straight back)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax.numpy as jnp
@@ -15,6 +16,8 @@ from condensa.model.registry import preset
 from condensa.train.config import OptimizerConfig, TrainConfig
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+# The config fields that hold dropout rates (GPT-2's three, LLaMA's attention dropout)
+_DROPOUT_FIELDS = ("resid_pdrop", "embd_pdrop", "attn_pdrop", "attention_dropout")
 
 
 def build_model(cfg: TrainConfig, vocab_size: int) -> tuple[GPT2, GPT2Config]:
@@ -43,6 +46,9 @@ def build_model(cfg: TrainConfig, vocab_size: int) -> tuple[GPT2, GPT2Config]:
         for _, module in modules:
             if isinstance(module, nnx.Dropout):
                 module.rate = cfg.dropout
+        # the config says so too, so the exported config.json holds the rates the model trained with
+        rates = {f.name: cfg.dropout for f in dataclasses.fields(config) if f.name in _DROPOUT_FIELDS}
+        config = dataclasses.replace(config, **rates)
     model.train()
     return model, config
 
