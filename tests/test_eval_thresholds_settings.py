@@ -36,10 +36,12 @@ def eval_cli(*args) -> int:
     return run_main(main)(list(args))
 
 
-def ppl_args(setup, out, *extra):
+def ppl_args(setup, out, *extra, measure=False):
+    """`eval ppl` with the thresholds file; `measure=False` skips the kept fractions (point 3's own test)."""
     model_dir, path = setup
+    skip = [] if measure else ["--metric_blocks", "0", "--decode_steps", "0"]
     return ["ppl", "--model", str(model_dir), "--data", str(require_shared(WIKITEXT_TEST)), "--max_tokens", "200",
-            "--thresholds", str(path), "--out", str(out), *extra]
+            "--thresholds", str(path), "--out", str(out), *skip, *extra]
 
 
 def test_ppl_takes_the_rule_from_the_thresholds_file(setup, tmp_path, capsys):
@@ -71,10 +73,53 @@ def test_ppl_refuses_an_option_the_file_cannot_serve(setup, tmp_path, capsys, op
     assert not out.exists()  # refused before any work
 
 
-def test_generate_takes_the_rule_from_the_thresholds_file(setup, tmp_path):
+def test_generate_takes_the_rule_from_the_thresholds_file(setup, tmp_path, capsys):
     model_dir, path = setup
     assert eval_cli("generate", "--model", str(model_dir), "--data", str(require_shared(WIKITEXT_TEST)),
-                    "--prompts", "1", "--prompt_tokens", "40", "--max_new_tokens", "2", "--thresholds", str(path),
+                    "--prompts", "1", "--prompt_tokens", "60", "--max_new_tokens", "2", "--thresholds", str(path),
                     "--out", str(tmp_path)) == 0
-    attention = json.loads((tmp_path / "results.json").read_text())["attention"]
+    result = json.loads((tmp_path / "results.json").read_text())
+    attention = result["attention"]
     assert (attention["mode"], attention["k"], attention["tile_gate"], attention["block_q"]) == ("toptheta", K, True, TILE)
+    # point 3: the kept elements and tiles of the prompt's prefill, beside the decoding V rows
+    assert 0 < result["kept_fraction"] < 1 and 0 < result["tile_kept_fraction"] < 1 and result["metric_blocks"] == 1
+    assert f"elements {result['kept_fraction']:.3f}" in capsys.readouterr().out
+
+
+# ---- issue 29, point 3: a sparse rule's results say how sparse it was ------------------------------
+
+
+KEPT = ("kept_fraction", "tile_kept_fraction", "decode_v_rows_fraction")
+
+
+def test_ppl_of_a_sparse_rule_reports_its_kept_fractions_as_the_sweep_measures_them(setup, tmp_path, capsys):
+    import condensa
+    from condensa.data import model_tokenizer
+    from condensa.eval.sweep import SparsityProbe
+    from condensa.sparsity import Thresholds
+
+    model_dir, path = setup
+    assert eval_cli(*ppl_args(setup, tmp_path / "sparse", "--decode_steps", "4", measure=True)) == 0
+    printed = capsys.readouterr().out
+    result = json.loads((tmp_path / "sparse" / "results.json").read_text())
+    for key in KEPT:
+        assert 0 < result[key] < 1, key  # k = 8 of up to 64 keys, a quarter of the tiles: sparse, not empty
+    assert result["metric_blocks"] == 2 and result["decode"]["steps"] == 4
+    assert len(result["layers"]) == 2
+    line = next(l for l in printed.splitlines() if l.startswith("kept:"))
+    assert f"elements {result['kept_fraction']:.3f}" in line and f"tiles {result['tile_kept_fraction']:.3f}" in line
+    assert f"V rows when decoding {result['decode_v_rows_fraction']:.3f}" in line
+    # the same numbers as the sweep's measurement on the same windows
+    model, _ = condensa.load_pretrained(model_dir)
+    thresholds = Thresholds.load(path)
+    ids = np.asarray(model_tokenizer(str(model_dir), None)(
+        require_shared(WIKITEXT_TEST).read_text()[:20000], verbose=False)["input_ids"][:200], np.int32)
+    probe = SparsityProbe.build(model, ids, 64, tile=TILE, metric_blocks=2, decode_steps=4)
+    expected = probe.measure(model, thresholds.attention(), thresholds)
+    for key in KEPT:
+        assert result[key] == pytest.approx(expected[key], abs=1e-9), key
+    # a dense run has nothing to report
+    assert eval_cli("ppl", "--model", str(model_dir), "--data", str(WIKITEXT_TEST), "--max_tokens", "200",
+                    "--out", str(tmp_path / "dense")) == 0
+    assert "kept_fraction" not in json.loads((tmp_path / "dense" / "results.json").read_text())
+    assert "kept:" not in capsys.readouterr().out

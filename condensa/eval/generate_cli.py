@@ -3,7 +3,8 @@
 Greedy generation with the KV cache, once densely and once under the chosen attention rule. Per
 decoding step it records the kept fraction of V rows (the V rows that some kept element needs,
 `condensa.sparsity.metrics.v_rows_fraction`: the V traffic a decode kernel must load), and it
-compares the generated tokens with dense greedy decoding.
+compares the generated tokens with dense greedy decoding. The kept elements and tiles of the
+prompts' prefill are counted as the sweep counts them (`condensa.eval.sweep.SparsityProbe`).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from condensa.cli import check_writable, config_parser, parse_config_args, confi
 from condensa.errors import ConfigError, DataError
 from condensa.eval.decode_trace import decode_trace, generation_report
 from condensa.eval.ppl_cli import with_thresholds
+from condensa.eval.sweep import SparsityProbe, kept_line
 from condensa.eval.text import ModelText, read_eval_text
 from condensa.model import load_pretrained
 
@@ -86,6 +88,10 @@ def run(cfg: GenerateConfig) -> dict:
     bar.update(1)
     bar.close()
     result = generation_report(dense, sparse, prompts.shape[1])
+    # the kept elements and tiles of the prompts' prefill, counted as the sweep counts them
+    probe = SparsityProbe.build(model, prompts, prompts.shape[1], tile=cfg.attention.block_k,
+                                metric_blocks=prompts.shape[0])
+    result.update(probe.measure(model, cfg.attention, thresholds), metric_blocks=probe.settings()["metric_blocks"])
     result["samples"] = [{"prompt": text.decode(p), "dense": text.decode(d), "sparse": text.decode(s),
                           "prompt_ids": p.tolist(), "dense_ids": d.tolist(), "sparse_ids": s.tolist()}
                          for p, d, s in zip(prompts, dense["tokens"], sparse["tokens"])]
@@ -107,6 +113,7 @@ def print_generation(result: dict, out: Path) -> None:
         print(f"{s['step']:4d}  {s['row_length']:10d}  {s['v_rows_fraction']:11.3f}")
     print(f"mean kept V rows {result['v_rows_fraction']:.3f}; token agreement with dense greedy "
           f"{result['token_agreement']:.3f} (first divergence per prompt: {result['first_divergence']}) -> {out / 'results.json'}")
+    print(kept_line(result, "prefill of the prompts"))
 
 
 PARSER = dict(  # the command line, shared by main() and build_parser()

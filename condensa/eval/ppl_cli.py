@@ -6,6 +6,7 @@ import dataclasses
 import time
 
 import jax.numpy as jnp
+import numpy as np
 
 from condensa.attention import AttentionConfig
 from condensa.cli import (check_writable, config_parser, config_to_dict, given_keys, parse_config_args, progress,
@@ -13,6 +14,7 @@ from condensa.cli import (check_writable, config_parser, config_to_dict, given_k
 from condensa.errors import ConfigError
 from condensa.data import model_tokenizer
 from condensa.eval.perplexity import perplexity
+from condensa.eval.sweep import SparsityProbe, kept_line
 from condensa.eval.text import read_eval_text
 from condensa.model import load_pretrained
 from condensa.sparsity import Thresholds
@@ -33,7 +35,9 @@ class PerplexityConfig:
     dtype: str = "float32"  # model compute dtype: float32, bfloat16 or float16
     thresholds: str | None = None  # from `python -m condensa.calibrate`; sets the attention keys left unset (k, gate)
     attention: AttentionConfig = dataclasses.field(default_factory=AttentionConfig)
-    out: str = "runs/eval-ppl"  # output folder: results.json and config.json
+    metric_blocks: int = 2  # sparse rules: windows on which the kept elements and tiles are counted (0: skip)
+    decode_steps: int = 16  # sparse rules: greedy decoding steps for the kept V rows (0: skip)
+    out: str = "runs/eval-ppl"  # output folder: results.json (with a sparse rule's kept fractions) and config.json
 
 
 def run(cfg: PerplexityConfig) -> dict:
@@ -58,11 +62,25 @@ def run(cfg: PerplexityConfig) -> dict:
         attention=cfg.attention, thresholds=thresholds, progress=progress,
     )
     result.update(seconds=time.perf_counter() - start, mode=cfg.attention.mode, stride=cfg.stride)
+    if not cfg.attention.is_dense:  # how sparse the rule was, counted as the sweep counts it
+        result.update(kept_fractions(model, ids, cfg, thresholds))
     write_json(out / "results.json", result)
     write_json(out / "config.json", config_to_dict(cfg))  # only with the results it made
     print(f"perplexity {result['ppl']:.4f}  (nll {result['nll']:.4f}, {result['tokens']} tokens, "
           f"{result['windows']} windows, {cfg.attention.mode} attention) -> {out / 'results.json'}")
+    if not cfg.attention.is_dense:
+        print(kept_line(result))
     return result
+
+
+def kept_fractions(model, ids, cfg: PerplexityConfig, thresholds) -> dict:
+    """The sweep's sparsity measurement (`SparsityProbe`) of cfg.attention on the first windows of
+    the text; a rule without a gate counts tiles of its attention config's block_k."""
+    ids = np.asarray(ids, np.int32)
+    context = min(cfg.max_length or model.config.n_positions, ids.size)
+    probe = SparsityProbe.build(model, ids, context, tile=cfg.attention.block_k, metric_blocks=cfg.metric_blocks,
+                                decode_steps=cfg.decode_steps)
+    return {**probe.measure(model, cfg.attention, thresholds), **probe.settings()}
 
 
 def with_thresholds(cfg, model_config):

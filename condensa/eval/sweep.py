@@ -243,6 +243,82 @@ SKIPPED_METRICS = {"mean": {"kept_fraction": float("nan"), "kept_per_row": float
                    "layers": []}
 
 
+@dataclasses.dataclass(frozen=True)
+class SparsityProbe:
+    """How sparse a rule is, measured the one way every tool reports it (the sweep, `eval ppl`).
+
+    Built once per model and text: `blocks`, windows of the evaluation text on which the kept
+    fractions of elements and tiles are counted (with the dense probabilities, for the tile masses),
+    and a greedy decode of `steps` tokens after `prompt` for the kept V rows of a decoding step
+    (with dense greedy tokens, for the agreement). `measure` then costs one rule a forward pass and a
+    decode, and returns the same keys for every tool, so a kept fraction means the same everywhere.
+    """
+
+    blocks: np.ndarray  # [N, context] token ids
+    tile: int  # tile size of the tile metrics for a rule without a gate (a gate brings its own)
+    dense_probs: Any  # per-layer dense probabilities of `blocks`; None skips the element and tile metrics
+    prompt: np.ndarray  # [1, P]
+    steps: int  # decoding steps for the V rows (0 skips them)
+    dense_tokens: np.ndarray | None
+
+    @classmethod
+    def build(cls, model, eval_ids: np.ndarray, context: int, *, tile: int, metric_blocks: int,
+              decode_prompt: int = 0, decode_steps: int = 0) -> "SparsityProbe":
+        """`metric_blocks` windows of `context` tokens from the start of `eval_ids` (0: no element or tile
+        metrics, which hold every layer's [B, H, T, T] probabilities at once), and a prompt of
+        `decode_prompt` tokens (0: half the context) for `decode_steps` decoding steps."""
+        eval_ids = np.asarray(eval_ids, np.int32).reshape(-1)
+        n_blocks = max(1, min(metric_blocks, eval_ids.size // context))
+        blocks = eval_ids[: n_blocks * context].reshape(n_blocks, context)
+        prompt_len = decode_prompt or context // 2
+        steps = max(0, min(decode_steps, context - prompt_len))
+        prompt = blocks[:1, :prompt_len]
+        dense_probs = layer_probs(model, blocks, AttentionConfig()) if metric_blocks > 0 else None
+        dense_tokens = decode_trace(model, prompt, steps, AttentionConfig(), None)["tokens"] if steps > 0 else None
+        return cls(blocks, tile, dense_probs, prompt, steps, dense_tokens)
+
+    def settings(self) -> dict[str, Any]:
+        """What the fractions were measured on, for a results file."""
+        return {"metric_blocks": int(self.blocks.shape[0]) if self.dense_probs is not None else 0,
+                "decode": {"prompt_tokens": int(self.prompt.shape[1]), "steps": int(self.steps)}}
+
+    def measure(self, model, attention: AttentionConfig, thresholds) -> dict[str, Any]:
+        """The rule's kept fractions and masses (`docs/metrics.md`): the mean over layers, the
+        per-layer means under "layers", and the decoding V rows and token agreement."""
+        metrics = (sparsity_metrics(model, self.blocks, attention, thresholds, tile=self.tile,
+                                    dense_probs=self.dense_probs)
+                   if self.dense_probs is not None else SKIPPED_METRICS)
+        out = {
+            "kept_fraction": metrics["mean"]["kept_fraction"],
+            "kept_per_row": metrics["mean"]["kept_per_row"],
+            "tile_kept_fraction": metrics["mean"].get("tile_kept_fraction", float("nan")),
+            "gate_tile_mass": metrics["mean"].get("gate_tile_mass", float("nan")),
+            "oracle_tile_mass": metrics["mean"].get("oracle_tile_mass", float("nan")),
+            "topk_mass": metrics["mean"]["topk_mass"],
+            "layers": metrics["layers"],
+        }
+        if self.steps > 0:
+            # decoding gates each step as a single query either way; the prompt is one prefill
+            trace = decode_trace(model, self.prompt, self.steps, attention.replace(decode_gate_rows=False), thresholds)
+            out["decode_v_rows_fraction"] = float(np.nanmean(trace["v_rows"]))
+            out["decode_token_agreement"] = float(np.mean(trace["tokens"] == self.dense_tokens))
+        return out
+
+
+def kept_line(measured: dict, where: str = "") -> str:
+    """One printed line of the kept fractions that `SparsityProbe.measure` returned; `where` says
+    what they were counted on."""
+    def shown(key: str) -> str:
+        value = measured.get(key)
+        return "–" if value is None or not np.isfinite(value) else f"{value:.3f}"
+
+    line = f"kept{f' ({where})' if where else ''}: elements {shown('kept_fraction')}, tiles {shown('tile_kept_fraction')}"
+    if "decode_v_rows_fraction" in measured:
+        line += (f", V rows when decoding {shown('decode_v_rows_fraction')} "
+                 f"(tokens = dense {shown('decode_token_agreement')})")
+    return line + " (docs/metrics.md)"
+
+
 @dataclasses.dataclass
 class SweepSettings:
     """What `run_sweep` needs besides the model and the token ids (the CLI fills it from its config)."""
@@ -298,18 +374,13 @@ def run_sweep(
                             gate_alone=settings.gate_alone, decode_gate=settings.decode_gate,
                             tile_cap=settings.tile_cap)
     ppl_kwargs = dict(stride=settings.stride, max_length=context, batch_size=settings.batch_size)
-    n_blocks = max(1, min(settings.metric_blocks, eval_ids.size // context))
-    blocks = eval_ids[: n_blocks * context].reshape(n_blocks, context)
-    prompt_len = settings.decode_prompt or context // 2
-    steps = min(settings.decode_steps, context - prompt_len)
-    prompt = blocks[:1, :prompt_len]
 
     cache_dir.mkdir(parents=True, exist_ok=True)
     check_cached_thresholds(cache_dir, model)  # fail before the slow part, not halfway through
     bar = progress(total=1 + len(all_variants), desc="sweep", unit="rule") if progress else None
     dense = perplexity(model, eval_ids, **ppl_kwargs)
-    dense_probs = layer_probs(model, blocks, AttentionConfig()) if settings.metric_blocks > 0 else None
-    dense_tokens = decode_trace(model, prompt, steps, AttentionConfig(), None)["tokens"] if steps > 0 else None
+    probe = SparsityProbe.build(model, eval_ids, context, tile=settings.tile, metric_blocks=settings.metric_blocks,
+                                decode_prompt=settings.decode_prompt, decode_steps=settings.decode_steps)
     if bar is not None:
         bar.update(1)
 
@@ -337,27 +408,14 @@ def run_sweep(
         attention = v.attention(settings.tile, settings.sink_tiles, settings.dense_layers)
         th = thresholds_for(v, attention) if attention.needs_thresholds else None
         result = perplexity(model, eval_ids, attention=attention, thresholds=th, **ppl_kwargs)
-        metrics = (sparsity_metrics(model, blocks, attention, th, tile=settings.tile, dense_probs=dense_probs)
-                   if dense_probs is not None else SKIPPED_METRICS)
         row = {
             "label": v.label, "method": v.method, "k": v.k, "tile_budget": v.tile_budget,
             "compensation": v.compensation, "decode_gate": v.decode_gate, "tile_cap": v.tile_cap,
             "dense_layers": sorted(attention.dense_layers),
             "ppl": result["ppl"], "nll": result["nll"],
             "delta_ppl": result["ppl"] - dense["ppl"], "delta_ppl_rel": result["ppl"] / dense["ppl"] - 1.0,
-            "kept_fraction": metrics["mean"]["kept_fraction"],
-            "kept_per_row": metrics["mean"]["kept_per_row"],
-            "tile_kept_fraction": metrics["mean"].get("tile_kept_fraction", float("nan")),
-            "gate_tile_mass": metrics["mean"].get("gate_tile_mass", float("nan")),
-            "oracle_tile_mass": metrics["mean"].get("oracle_tile_mass", float("nan")),
-            "topk_mass": metrics["mean"]["topk_mass"],
-            "layers": metrics["layers"],
+            **probe.measure(model, attention, th),
         }
-        if steps > 0:
-            # decoding gates each step as a single query either way; the prompt is one prefill
-            trace = decode_trace(model, prompt, steps, attention.replace(decode_gate_rows=False), th)
-            row["decode_v_rows_fraction"] = float(np.nanmean(trace["v_rows"]))
-            row["decode_token_agreement"] = float(np.mean(trace["tokens"] == dense_tokens))
         rows.append(row)
         if bar is not None:
             bar.update(1)
@@ -366,8 +424,7 @@ def run_sweep(
         bar.close()
     return {
         "dense": {"ppl": dense["ppl"], "nll": dense["nll"]}, "tokens": dense["tokens"], "windows": dense["windows"],
-        "context": context, "stride": settings.stride or context, "tile": settings.tile,
-        "metric_blocks": int(n_blocks) if dense_probs is not None else 0, "decode": {"prompt_tokens": int(prompt_len), "steps": int(steps)},
+        "context": context, "stride": settings.stride or context, "tile": settings.tile, **probe.settings(),
         "rows": rows, "compensation_effect": compensation_effect(rows), "thresholds": files,
     }
 
