@@ -24,7 +24,8 @@ PARSER = dict(  # the command line, shared by main() and build_parser()
     "so that `score > θ` keeps k elements on average on the calibration text. A YAML file given with "
     "--config supplies the keys; --key value overrides any of them.",
     epilog="example: python -m condensa.calibrate --model smollm2-135m --data ../shared/data/corpus/misc "
-    "--k 64 --tile 128 --tile_budget 0.125 --samples 256 --out runs/thresholds-k64",
+    "--k 64 --tile 128 --tile_budget 0.125 --samples 256 --out runs/thresholds-k64"
+    "\n\nEvery key of summary.json is explained in docs/metrics.md.",
 )
 
 

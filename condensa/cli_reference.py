@@ -99,7 +99,8 @@ def render() -> str:
         "",
         "Every tool is `python -m condensa.<tool>`. Config-driven tools take `--config FILE.yaml` and dotted "
         "overrides (`--attention.k 16`, `--optimizer.lr 3e-4`; lists as `a,b,c`); a user mistake prints one "
-        "line on stderr and exits with status 2. The README has worked examples.",
+        "line on stderr and exits with status 2. The README has worked examples. Every key the tools write "
+        "into their results (metrics.jsonl, results.json, summary.json) is explained in [metrics.md](metrics.md).",
         "",
         "| command | what it does |",
         "| --- | --- |",

@@ -18,6 +18,7 @@ from condensa.sparsity.calibration import (
     GateSpec, RunningStats, achieved_sparsity, calibrate, layer_dropped_mass, layer_row_statistics,
 )
 from tests.conftest import CORPUS_DIR, TOKENIZER_DIR, WIKITEXT_TEST, make_hf_model, require_shared
+from tests.metrics_doc import undocumented
 
 SEQ = 256
 SIGMA_ADD = 0.3  # see test_thresholds_reproduce_k_on_held_out_text
@@ -361,6 +362,7 @@ def test_cli_calibrate_save_load_evaluate(real_model_dir, real_model, tmp_path, 
     assert resolved["k"] == 8 and resolved["layer_k"] == "1:12" and resolved["samples"] == 4  # flags beat YAML
     summary = json.loads((out / "summary.json").read_text())
     assert [e["k"] for e in summary["layers"]] == [8, 12] and summary["samples"] == 4
+    assert not undocumented(summary), "add these keys to docs/metrics.md"
 
     attention = AttentionConfig(mode="toptheta", k=8, layer_k="1:12", sdc="calibrated", tile_gate=True,
                                 block_q=32, block_k=32, tile_budget=0.25)

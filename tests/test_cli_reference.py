@@ -111,3 +111,14 @@ def test_command_line_values_reach_each_field_type_as_written(tmp_path):
     cal = parse_config_args(["--model", "m", "--data", "a.txt", "b.txt", "--out", "o", "--k", "8", "--config",
                              str(config)], CalibrationConfig, prog="p", description="d")
     assert (cal.k, cal.samples, cal.data) == (8, 4, ("a.txt", "b.txt"))
+
+
+def test_the_tools_that_write_results_point_to_docs_metrics_md():
+    """Issue 29: the metric names are explained in one place, and --help says where."""
+    import importlib
+
+    for module in ("condensa.train.__main__", "condensa.calibrate", "condensa.eval.ppl_cli", "condensa.eval.sweep_cli",
+                   "condensa.eval.generate_cli"):
+        assert "docs/metrics.md" in importlib.import_module(module).build_parser().format_help(), module
+    assert "[metrics.md](metrics.md)" in cli_reference.render()
+    assert (DOC.parent / "metrics.md").is_file()

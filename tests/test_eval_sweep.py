@@ -14,6 +14,7 @@ import pytest
 
 from condensa.cli import run_main
 from tests.conftest import CORPUS_DIR, TOKENIZER_DIR, WIKITEXT_TEST, require_shared
+from tests.metrics_doc import undocumented
 
 KS = [16, 32]
 BUDGET = 0.25
@@ -108,6 +109,11 @@ def test_every_k_has_delta_ppl_with_and_without_compensation_and_gate(sweep):
     # top-k is the exact oracle: the more it keeps, the closer to dense
     topk = sorted(_rows(results, method="topk"), key=lambda r: r["k"])
     assert topk[-1]["ppl"] < topk[0]["ppl"]
+
+
+def test_every_key_of_the_results_is_in_docs_metrics_md(sweep):
+    _, results = sweep
+    assert not undocumented(results), "add these keys to docs/metrics.md"
 
 
 def test_markdown_table_is_generated_from_the_json(sweep):

@@ -10,6 +10,7 @@ import pytest
 
 from condensa.cli import run_main
 from tests.conftest import WIKITEXT_TEST, make_hf_model, require_shared
+from tests.metrics_doc import undocumented
 
 K, TILE, BUDGET = 8, 16, 0.25
 
@@ -84,6 +85,7 @@ def test_generate_takes_the_rule_from_the_thresholds_file(setup, tmp_path, capsy
     # point 3: the kept elements and tiles of the prompt's prefill, beside the decoding V rows
     assert 0 < result["kept_fraction"] < 1 and 0 < result["tile_kept_fraction"] < 1 and result["metric_blocks"] == 1
     assert f"elements {result['kept_fraction']:.3f}" in capsys.readouterr().out
+    assert not undocumented(result), "add these keys to docs/metrics.md"  # point 4
 
 
 # ---- issue 29, point 3: a sparse rule's results say how sparse it was ------------------------------
@@ -106,6 +108,7 @@ def test_ppl_of_a_sparse_rule_reports_its_kept_fractions_as_the_sweep_measures_t
         assert 0 < result[key] < 1, key  # k = 8 of up to 64 keys, a quarter of the tiles: sparse, not empty
     assert result["metric_blocks"] == 2 and result["decode"]["steps"] == 4
     assert len(result["layers"]) == 2
+    assert not undocumented(result), "add these keys to docs/metrics.md"  # point 4
     line = next(l for l in printed.splitlines() if l.startswith("kept:"))
     assert f"elements {result['kept_fraction']:.3f}" in line and f"tiles {result['tile_kept_fraction']:.3f}" in line
     assert f"V rows when decoding {result['decode_v_rows_fraction']:.3f}" in line

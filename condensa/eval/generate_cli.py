@@ -125,7 +125,8 @@ PARSER = dict(  # the command line, shared by main() and build_parser()
     "--attention key you set overrides it where those thresholds can serve the value, and is refused where they "
     "cannot.",
     epilog="example: python -m condensa.eval generate --model runs/quickstart/hf --data ../shared/data/wikitext-2-raw/"
-    "wiki.test.raw --tokenizer ../shared/data/gpt2-tokenizer --thresholds runs/thresholds/thresholds.safetensors",
+    "wiki.test.raw --tokenizer ../shared/data/gpt2-tokenizer --thresholds runs/thresholds/thresholds.safetensors"
+    "\n\nEvery key of results.json is explained in docs/metrics.md.",
 )
 
 

@@ -103,7 +103,8 @@ PARSER = dict(  # the command line, shared by main() and build_parser()
     "rule is the file's (Top-θ with its k, and its tile gate when it holds one); an --attention key you set "
     "overrides it where those thresholds can serve the value, and is refused where they cannot.",
     epilog="example: python -m condensa.eval ppl --model runs/quickstart/hf --data ../shared/data/wikitext-2-raw/wiki.test.raw "
-    "--stride 512 --tokenizer ../shared/data/gpt2-tokenizer --thresholds runs/thresholds/thresholds.safetensors",
+    "--stride 512 --tokenizer ../shared/data/gpt2-tokenizer --thresholds runs/thresholds/thresholds.safetensors"
+    "\n\nEvery key of results.json is explained in docs/metrics.md.",
 )
 
 

@@ -192,7 +192,8 @@ PARSER = dict(  # the command line, shared by main() and build_parser()
     "cached under OUT/thresholds. Any key of the config can be set as --key value, lists as a,b,c.",
     epilog="example: python -m condensa.eval sweep --model runs/quickstart/hf --tokenizer ../shared/data/gpt2-tokenizer "
     "--data ../shared/data/wikitext-2-raw/wiki.test.raw --calibration_data ../shared/data/corpus "
-    "--ks 8,16,32 --tile_budgets off,0.25 --tile 16 --out runs/sweep",
+    "--ks 8,16,32 --tile_budgets off,0.25 --tile 16 --out runs/sweep"
+    "\n\nEvery key of results.json (and column of results.md) is explained in docs/metrics.md.",
 )
 
 

@@ -2,10 +2,11 @@
 
 Fine-tunes a GPT-2 (`--model gpt2` or a directory) or pretrains one from scratch (`--init scratch
 --model-config tiny`) with the concentration losses of DESIGN.md. The output folder (`--out`)
-receives the resolved config.yaml, metrics.jsonl (and TensorBoard events with tensorboardX),
-orbax checkpoints, and the final HF export in hf/. Running the same command again resumes from
-the newest good checkpoint there. One run at a time holds a folder (run.lock). When every
-checkpoint there is corrupt the run refuses to start; add --restart to start over from step 0.
+receives the resolved config.yaml, metrics.jsonl (every key explained in docs/metrics.md; and
+TensorBoard events with tensorboardX), orbax checkpoints, and the final HF export in hf/.
+Running the same command again resumes from the newest good checkpoint there. One run at a time
+holds a folder (run.lock). When every checkpoint there is corrupt the run refuses to start; add
+--restart to start over from step 0.
 
 Examples:
   python -m condensa.train configs/quickstart.yaml
