@@ -35,13 +35,22 @@ def _one_line_warning(message, category, filename, lineno, line=None) -> str:
 
 
 def run_main(main: Callable[[Sequence[str] | None], Any]) -> Callable[[Sequence[str] | None], int]:
-    """Wraps a CLI entry point: a `CondensaError` becomes one line on stderr and exit status 2."""
+    """Wraps a CLI entry point: a `CondensaError` becomes one line on stderr and exit status 2. A
+    command that fails in any way takes back the output folders it made without results
+    (`_remove_if_no_results`)."""
 
     @functools.wraps(main)
     def wrapper(argv: Sequence[str] | None = None) -> int:
+        global _depth
         formatwarning, warnings.formatwarning = warnings.formatwarning, _one_line_warning
+        if _depth == 0:
+            _OUTPUTS.clear()  # folders a library call saw outside any command
+        _depth += 1
+        earlier = set(_OUTPUTS)  # an enclosing command's folders are its own to judge
+        succeeded = False
         try:
             main(argv)
+            succeeded = True
         except CondensaError as err:
             print(f"error: {err}", file=sys.stderr)
             return 2
@@ -55,10 +64,66 @@ def run_main(main: Callable[[Sequence[str] | None], Any]) -> Callable[[Sequence[
                   "Free some space and run the same command again.", file=sys.stderr)
             return 2
         finally:
+            _depth -= 1
+            mine = [folder for folder in _OUTPUTS if folder not in earlier]
+            if not succeeded:
+                _remove_if_no_results(mine)
+            for folder in mine:
+                del _OUTPUTS[folder]
             warnings.formatwarning = formatwarning
         return 0
 
     return wrapper
+
+
+# The output folders that `check_writable` saw during the running command: whether each existed,
+# the first folder of its path that the command created (None if it existed), and every path it
+# held then. A command that fails removes what it added when that is no result.
+_OUTPUTS: dict[Path, tuple[Path | None, frozenset[Path]]] = {}
+_depth = 0  # run_main calls under way
+CONFIG_FILES = ("config.json", "config.yaml")  # what a command writes that describes results, not one
+
+
+def _note_output(folder: Path) -> None:
+    folder = folder.absolute()
+    if folder in _OUTPUTS:
+        return
+    created = None
+    if not folder.exists():
+        created = folder
+        while not created.parent.exists() and created.parent != created.parent.parent:
+            created = created.parent
+    before = frozenset(folder.rglob("*")) if folder.is_dir() else frozenset()
+    _OUTPUTS[folder] = (created, before)
+
+
+def _remove_if_no_results(folders: Iterable[Path]) -> None:
+    """After a failed command, in each output folder it wrote to: when all it added is config files
+    and empty folders (a config without the results it describes only misleads), those are removed,
+    and the folder too where the command created it. Anything there before the command, and every
+    folder where it added any other file (checkpoints, metrics, partial results), is left alone."""
+    for folder in folders:
+        created, before = _OUTPUTS[folder]
+        if not folder.is_dir():
+            continue
+        new = [p for p in folder.rglob("*") if p not in before]
+        files = [p for p in new if p.is_symlink() or not p.is_dir()]
+        if any(p.name not in CONFIG_FILES or p.is_symlink() for p in files):
+            continue
+        try:
+            for path in files:
+                path.unlink()
+            for path in sorted((p for p in new if p not in files), key=lambda p: len(p.parts), reverse=True):
+                path.rmdir()
+            if created is not None:
+                path = folder
+                while not any(path.iterdir()):
+                    path.rmdir()
+                    if path == created:
+                        break
+                    path = path.parent
+        except OSError:
+            continue  # a folder that is not empty after all (something else writes there): leave it
 
 
 def progress(iterable: Iterable[T] | None = None, **kwargs) -> tqdm:
@@ -92,6 +157,7 @@ def check_writable(folder: str | Path, flag: str = "--out", *, create: bool = Tr
     (for commands that must leave nothing behind when they refuse) probes its nearest existing
     parent instead."""
     folder = Path(folder).expanduser()
+    _note_output(folder)
     where = folder
     if not create:
         while not where.exists() and where.parent != where:

@@ -75,3 +75,61 @@ def test_a_full_disk_anywhere_in_a_command_is_one_line_and_other_os_errors_stay_
 
     with pytest.raises(OSError):
         run_main(a_bug)([])
+
+
+def _failing_on_missing_text(command, model, tokenizer):
+    """A command line that gets past the output folder and the model, then fails on the text."""
+    from condensa.train import __main__ as train
+
+    common = ["--model", str(model), "--tokenizer", str(tokenizer)]
+    cli, args = {
+        "calibrate": _commands()["calibrate"][0:1] + (common + ["--data", "/nonexistent.txt", "--k", "4"],),
+        "ppl": (_commands()["ppl"][0], ["ppl", *common, "--data", "/nonexistent.txt"]),
+        "generate": (_commands()["generate"][0], ["generate", *common, "--data", "/nonexistent.txt",
+                                                  "--attention.mode", "topk", "--attention.k", "4"]),
+        # the sweep wrote its config.json first: a failed sweep left a folder holding only that
+        "sweep": (_commands()["ppl"][0], ["sweep", *common, "--data", "/nonexistent.txt", "--ks", "4"]),
+        "train": (train.main, ["--init", "scratch", "--model_config", "tiny", "--data.source",
+                                         "/nonexistent.txt", "--data.tokenizer", str(tokenizer)]),
+    }[command]
+    return cli, args
+
+
+@pytest.mark.parametrize("command", ["calibrate", "ppl", "generate", "sweep", "train"])
+def test_a_failed_command_leaves_no_folder_behind_and_no_user_file_is_touched(command, tiny_hf_dir, tmp_path, capsys):
+    from tests.conftest import TOKENIZER_DIR, require_shared
+
+    cli, args = _failing_on_missing_text(command, tiny_hf_dir, require_shared(TOKENIZER_DIR))
+    out = tmp_path / "runs" / "new" / "out"  # its parents are made by the command too
+    assert cli(args + ["--out", str(out)]) == 2
+    assert "nonexistent.txt" in capsys.readouterr().err  # it failed where meant to, after making the folder
+    assert list(tmp_path.iterdir()) == []
+
+    # a folder that was there keeps everything it held, and what the failed command added is gone
+    kept = tmp_path / "kept"
+    (kept / "sub").mkdir(parents=True)
+    (kept / "notes.txt").write_text("the user's")
+    assert cli(args + ["--out", str(kept)]) == 2
+    assert sorted(str(p.relative_to(kept)) for p in kept.rglob("*")) == ["notes.txt", "sub"]
+
+
+def test_a_failed_command_keeps_a_folder_where_it_wrote_anything_but_a_config(tmp_path, capsys):
+    from condensa.cli import check_writable, write_json
+    from condensa.errors import CondensaError
+
+    def fails_after_a_result(argv):
+        out = check_writable(tmp_path / "out")
+        write_json(out / "config.json", {})
+        (out / "metrics.jsonl").write_text("{}\n")  # a result: the metrics up to the failure
+        raise CondensaError("failed")
+
+    def fails_after_the_config(argv):
+        out = check_writable(tmp_path / "only-config")
+        (out / "checkpoints").mkdir()
+        write_json(out / "config.json", {})
+        raise CondensaError("failed")
+
+    assert run_main(fails_after_a_result)([]) == 2 and run_main(fails_after_the_config)([]) == 2
+    capsys.readouterr()
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["config.json", "metrics.jsonl"]
+    assert not (tmp_path / "only-config").exists()

@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from condensa.cli import config_parser, parse_config_args, config_to_dict, progress, write_json
+from condensa.cli import check_writable, config_parser, parse_config_args, config_to_dict, progress, write_json
 from condensa.data import load_token_stream, pack_blocks
 from condensa.errors import ConfigError
 from condensa.eval.sweep import SweepSettings, Variant, check_ks, parse_tile_budgets, run_sweep
@@ -70,9 +70,7 @@ def run(cfg: SweepConfig) -> dict:
     if cfg.stride is not None and cfg.stride <= 0:
         raise ConfigError(f"--stride must be a positive number of tokens; got {cfg.stride}.")
     budgets = parse_tile_budgets(cfg.tile_budgets)
-    out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
-    write_json(out / "config.json", config_to_dict(cfg))
+    out = check_writable(cfg.out)
     model, model_config = load_pretrained(cfg.model)
     context = cfg.max_length or model_config.n_positions
     if context > model_config.n_positions:
@@ -101,6 +99,7 @@ def run(cfg: SweepConfig) -> dict:
     results["data"] = list(cfg.data)
     results["plots"] = write_plots(cfg, results, model, eval_ids, out)
     write_json(out / "results.json", results)
+    write_json(out / "config.json", config_to_dict(cfg))  # only with the results it made
     (out / "results.md").write_text(markdown_table(results))
     print(text_table(results))
     print(f"-> {out / 'results.json'}, {out / 'results.md'}, plots in {out}")
