@@ -126,6 +126,11 @@ def _remove_if_no_results(folders: Iterable[Path]) -> None:
             continue  # a folder that is not empty after all (something else writes there): leave it
 
 
+def plural(count: int, noun: str) -> str:
+    """A count with its noun, singular for one: '1 window', '3 windows' (nouns that take an s)."""
+    return f"{count} {noun}{'' if count == 1 else 's'}"
+
+
 def progress(iterable: Iterable[T] | None = None, **kwargs) -> tqdm:
     """A tqdm bar that stays silent when stderr is not a terminal (logs, CI), unless forced."""
     kwargs.setdefault("disable", not sys.stderr.isatty())

@@ -103,7 +103,7 @@ def test_cli_writes_results_and_fails_cleanly(models, tmp_path, capsys):
     assert "Did you mean 'stride'" in capsys.readouterr().err
 
 
-def test_cli_reports_perplexity_of_a_real_vocabulary_model(tmp_path, tokenizer):
+def test_cli_reports_perplexity_of_a_real_vocabulary_model(tmp_path, tokenizer, capsys):
     """End to end on WikiText-2 text with a model whose vocabulary fits the GPT-2 tokenizer."""
     from condensa.cli import run_main
     from condensa.eval.__main__ import main
@@ -120,3 +120,9 @@ def test_cli_reports_perplexity_of_a_real_vocabulary_model(tmp_path, tokenizer):
     expected = hf_reference_perplexity(hf, ids, 64, 32)
     assert abs(result["ppl"] - expected) / expected <= 1e-4
     assert (out / "config.json").is_file()
+    assert f"{result['windows']} windows," in capsys.readouterr().out and result["windows"] > 1
+    # text that fits one window says so in the singular
+    assert run_main(main)(["ppl", "--model", str(tmp_path / "model"), "--data", data, "--max_tokens", "60",
+                           "--out", str(tmp_path / "one")]) == 0
+    assert json.loads((tmp_path / "one" / "results.json").read_text())["windows"] == 1
+    assert "tokens, 1 window, dense attention" in capsys.readouterr().out

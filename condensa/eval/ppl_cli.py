@@ -9,8 +9,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from condensa.attention import AttentionConfig
-from condensa.cli import (check_writable, config_parser, config_to_dict, given_keys, parse_config_args, progress,
-                          write_json)
+from condensa.cli import (check_writable, config_parser, config_to_dict, given_keys, parse_config_args, plural,
+                          progress, write_json)
 from condensa.errors import ConfigError
 from condensa.data import model_tokenizer
 from condensa.eval.perplexity import perplexity
@@ -67,7 +67,7 @@ def run(cfg: PerplexityConfig) -> dict:
     write_json(out / "results.json", result)
     write_json(out / "config.json", config_to_dict(cfg))  # only with the results it made
     print(f"perplexity {result['ppl']:.4f}  (nll {result['nll']:.4f}, {result['tokens']} tokens, "
-          f"{result['windows']} windows, {cfg.attention.mode} attention) -> {out / 'results.json'}")
+          f"{plural(result['windows'], 'window')}, {cfg.attention.mode} attention) -> {out / 'results.json'}")
     if not cfg.attention.is_dense:
         print(kept_line(result))
     return result

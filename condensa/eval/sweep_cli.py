@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from condensa.cli import check_writable, config_parser, parse_config_args, config_to_dict, progress, write_json
+from condensa.cli import check_writable, config_parser, parse_config_args, config_to_dict, plural, progress, write_json
 from condensa.data import load_token_stream, pack_blocks
 from condensa.errors import ConfigError
 from condensa.eval.sweep import SweepSettings, Variant, check_ks, parse_tile_budgets, run_sweep
@@ -151,9 +151,10 @@ def markdown_table(results: dict) -> str:
         f"# Sparsity sweep: {results.get('model', '')}",
         "",
         f"Dense perplexity {results['dense']['ppl']:.3f} on {results['tokens']} tokens "
-        f"({results['windows']} windows of {results['context']}, stride {results['stride']}); "
-        f"tile size {results['tile']}; metrics on {results['metric_blocks']} windows; V rows over "
-        f"{results['decode']['steps']} greedy decoding steps after a {results['decode']['prompt_tokens']}-token prompt.",
+        f"({plural(results['windows'], 'window')} of {results['context']}, stride {results['stride']}); "
+        f"tile size {results['tile']}; metrics on {plural(results['metric_blocks'], 'window')}; V rows over "
+        f"{plural(results['decode']['steps'], 'greedy decoding step')} after a {results['decode']['prompt_tokens']}-token "
+        "prompt.",
         "",
         "| " + " | ".join(h for _, h, _ in COLUMNS) + " |",
         "|" + "|".join("---" for _ in COLUMNS) + "|",
