@@ -216,6 +216,20 @@ def _tokenizer_fingerprint(tokenizer) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
+DEFAULT_CACHE = "~/.cache/condensa"  # the root of the configs' default cache folders
+CACHE_ENV = "CONDENSA_CACHE_DIR"  # moves that root (the tests point it at a temporary folder)
+
+
+def cache_path(cache_dir: str | os.PathLike) -> Path:
+    """A cache folder as configured, with the default root replaced by $CONDENSA_CACHE_DIR when that
+    is set. Only the default moves: a folder the user named is theirs, and stays where it is."""
+    path = str(cache_dir)
+    root = os.environ.get(CACHE_ENV)
+    if root and (path == DEFAULT_CACHE or path.startswith(DEFAULT_CACHE + "/")):
+        path = root + path[len(DEFAULT_CACHE):]
+    return Path(path).expanduser()
+
+
 def load_token_stream(
     source: str,
     tokenizer,
@@ -231,7 +245,7 @@ def load_token_stream(
     """
     key = {"source": _source_fingerprint(source, split, text_field), "tokenizer": _tokenizer_fingerprint(tokenizer)}
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:24]
-    cached = Path(cache_dir).expanduser() / f"tokens-{digest}.npy" if cache_dir is not None else None
+    cached = cache_path(cache_dir) / f"tokens-{digest}.npy" if cache_dir is not None else None
     if cached is not None and cached.is_file():
         try:
             return np.load(cached)

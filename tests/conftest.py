@@ -42,6 +42,15 @@ def make_hf_model(seed: int = 0, **overrides):
     return GPT2LMHeadModel(hf_tiny_config(**overrides)).eval()
 
 
+@pytest.fixture(scope="session", autouse=True)
+def token_cache_in_tmp(tmp_path_factory):
+    """The default token cache (~/.cache/condensa) moves to this session's temporary folder, so the
+    tests leave nothing in the user's home (subprocesses inherit it); runs in one session share it."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("CONDENSA_CACHE_DIR", str(tmp_path_factory.mktemp("condensa-cache")))
+        yield
+
+
 @pytest.fixture(scope="session")
 def tokenizer():
     from condensa.data import load_tokenizer

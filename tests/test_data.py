@@ -44,6 +44,22 @@ def test_token_stream_matches_tokenizers_library_and_is_cached(text_dir, tokeniz
     assert len(list(cache.glob("tokens-*.npy"))) == 2
 
 
+def test_the_default_token_cache_stays_out_of_home_under_condensa_cache_dir(tmp_path, tokenizer, monkeypatch):
+    import os
+
+    from condensa.train.config import TrainConfig
+
+    # conftest moves it for every test: nothing a test caches lands in ~/.cache/condensa
+    assert os.environ[data.CACHE_ENV].startswith(str(tmp_path.parent))
+    monkeypatch.setenv(data.CACHE_ENV, str(tmp_path / "cache"))
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    (tmp_path / "text.txt").write_text("Some text to cache.")
+    data.load_token_stream(str(tmp_path / "text.txt"), tokenizer, cache_dir=TrainConfig().data.cache_dir)
+    assert len(list((tmp_path / "cache" / "tokens").glob("tokens-*.npy"))) == 1 and not (tmp_path / "home").exists()
+    data.load_token_stream(str(tmp_path / "text.txt"), tokenizer, cache_dir="~/mine")  # a folder the user named
+    assert len(list((tmp_path / "home" / "mine").glob("tokens-*.npy"))) == 1
+
+
 def test_empty_file_is_a_clear_error(tmp_path, tokenizer):
     (tmp_path / "empty.txt").write_text("  \n")
     with pytest.raises(DataError, match="empty"):

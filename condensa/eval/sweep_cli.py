@@ -31,7 +31,7 @@ class SweepConfig:
     split: str = "test"  # split of an HF evaluation dataset
     calibration_data: list[str] = dataclasses.field(default_factory=lambda: ["../shared/data/corpus"])  # calibration text
     calibration_samples: int = 64  # calibration blocks of max_length tokens
-    token_cache: str = "~/.cache/condensa/tokens"  # tokenized calibration text is cached here
+    token_cache: str = "~/.cache/condensa/tokens"  # tokenized calibration text is cached here ($CONDENSA_CACHE_DIR moves ~/.cache/condensa)
     ks: list[int] = dataclasses.field(default_factory=lambda: [8, 16, 32, 64, 128, 256])  # the k values (kept per row)
     tile_budgets: list[Any] = dataclasses.field(default_factory=lambda: ["off", 0.5, 0.25, 0.125])  # gate budgets f, or off
     compensations: list[str] = dataclasses.field(default_factory=lambda: ["none", "sdc+vmc"])  # none / sdc+vmc / exact+vmc

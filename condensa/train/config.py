@@ -20,7 +20,7 @@ class DataConfig:
     validation_fraction: float = 0.02  # share of the packed blocks held out for validation (the stream's tail)
     split: str = "train"  # HF datasets only
     text_field: str = "text"  # HF datasets only
-    cache_dir: str = "~/.cache/condensa/tokens"  # tokenized text is cached here, keyed by text and tokenizer
+    cache_dir: str = "~/.cache/condensa/tokens"  # tokenized text is cached here, keyed by text and tokenizer ($CONDENSA_CACHE_DIR moves ~/.cache/condensa)
     vocab_limit: int | None = None  # keep only the N most frequent tokens (tiny CPU models; see data.compact_vocabulary)
     # Used instead of `source` / `tokenizer` when those are local paths that do not exist (so one
     # config serves a checkout with ../shared/data beside it and a machine with the HF cache).
