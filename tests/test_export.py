@@ -213,3 +213,12 @@ def test_run_weights_go_onto_a_model_in_its_own_dtype(run):
     for (path, g), w in zip(jax.tree_util.tree_leaves_with_path(got), jax.tree.leaves(want)):
         assert g.dtype == jnp.bfloat16, path
         np.testing.assert_array_equal(np.asarray(g), np.asarray(jnp.asarray(w, jnp.bfloat16)), err_msg=str(path))
+
+
+def test_the_run_ends_with_its_loss_and_sparsity_curves(run):
+    """Drawn by the training loop itself (tests/test_train_plots.py checks what they show)."""
+    from PIL import Image
+
+    for name in ("loss.png", "sparsity.png"):
+        with Image.open(run / name) as image:
+            assert image.format == "PNG"

@@ -6,7 +6,9 @@ receives the resolved config.yaml, metrics.jsonl (every key explained in docs/me
 TensorBoard events with tensorboardX), orbax checkpoints, and the final HF export in hf/.
 Running the same command again resumes from the newest good checkpoint there. One run at a time
 holds a folder (run.lock). When every checkpoint there is corrupt the run refuses to start; add
---restart to start over from step 0.
+--restart to start over from step 0. On a terminal a progress bar runs; without one (a log file)
+plain progress lines (step, loss, tokens/s, ETA) come at a steady pace. At the end the run says
+where its results are and what each file there holds.
 
 Examples:
   python -m condensa.train configs/quickstart.yaml
@@ -21,9 +23,11 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from pathlib import Path
 
 from condensa.cli import key_help, load_config, run_main
 from condensa.train.config import TrainConfig
+from condensa.train.progress import describe_folder
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -56,6 +60,7 @@ def main(argv=None) -> None:
     result = train(cfg, restart=restart)
     if result:
         print(" ".join(f"{k}={v:.4g}" for k, v in result.items()))
+    print(describe_folder(Path(cfg.out)))
 
 
 if __name__ == "__main__":

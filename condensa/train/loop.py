@@ -21,6 +21,7 @@ from condensa.train.config import TrainConfig
 from condensa.train.run_model import save_hf
 from condensa.train.metrics_log import MetricsLog
 from condensa.train.output_folder import check_compatible, write_config
+from condensa.train.progress import PlainProgress
 from condensa.train.run_data import Data, load_data
 from condensa.train.run_lock import RunLock
 from condensa.train.setup import build_model, build_optimizer, learning_rate
@@ -110,6 +111,9 @@ def _train(cfg: TrainConfig, out: Path, restart: bool) -> dict[str, float]:
     tokens_per_step = cfg.train.batch_size * accum * cfg.data.seq_len
     last = {}
     bar = progress(total=cfg.train.steps, initial=start, desc="train", unit="step")
+    plain = None if not bar.disable else PlainProgress(cfg.train.steps, start, tokens_per_step)  # no terminal
+    if plain is not None:
+        plain.begin(out)
     tick, ticked = time.perf_counter(), start
 
     def checked(done: int, metrics) -> dict[str, float]:
@@ -146,6 +150,8 @@ def _train(cfg: TrainConfig, out: Path, restart: bool) -> dict[str, float]:
             dispatch_now = done < cfg.train.steps and not (saves or evaluates)
             pending = train_step(flat, next_batch(), jnp.int32(done)) if dispatch_now else None
             metrics = checked(done, pending_metrics)
+            if plain is not None:
+                plain.update(done, metrics)
             if done % cfg.train.log_every == 0 or done == cfg.train.steps:
                 now = time.perf_counter()
                 rate = tokens_per_step * (done - ticked) / max(now - tick, 1e-9)
@@ -155,6 +161,8 @@ def _train(cfg: TrainConfig, out: Path, restart: bool) -> dict[str, float]:
                                 L_conc=f"{metrics['L_conc']:.3f}", tok_s=f"{rate:,.0f}")
             if evaluates:
                 last = evaluate(done)
+                if plain is not None:
+                    plain.evaluated(done, last)
             if saves:
                 require_finite(done)
                 checkpoints.save(done, flat.state, {"data": loader.state()})
