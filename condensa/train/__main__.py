@@ -3,7 +3,8 @@
 Fine-tunes a GPT-2 (`--model gpt2` or a directory) or pretrains one from scratch (`--init scratch
 --model-config tiny`) with the concentration losses of DESIGN.md. The output folder (`--out`)
 receives the resolved config.yaml, metrics.jsonl (every key explained in docs/metrics.md; and
-TensorBoard events with tensorboardX), orbax checkpoints, and the final HF export in hf/.
+TensorBoard events with tensorboardX), orbax checkpoints, the final HF export in hf/, and the
+loss and sparsity curves drawn at the end (loss.png, sparsity.png).
 Running the same command again resumes from the newest good checkpoint there. One run at a time
 holds a folder (run.lock). When every checkpoint there is corrupt the run refuses to start; add
 --restart to start over from step 0. On a terminal a progress bar runs; without one (a log file)

@@ -21,6 +21,7 @@ from condensa.train.config import TrainConfig
 from condensa.train.run_model import save_hf
 from condensa.train.metrics_log import MetricsLog
 from condensa.train.output_folder import check_compatible, write_config
+from condensa.train.plots import report_training_plots
 from condensa.train.progress import PlainProgress
 from condensa.train.run_data import Data, load_data
 from condensa.train.run_lock import RunLock
@@ -178,4 +179,6 @@ def _train(cfg: TrainConfig, out: Path, restart: bool) -> dict[str, float]:
         model, _ = nnx.merge(graphdef, jax.device_get(flat.state))
         save_hf(model, model_config, out / "hf", tokenizer=data.tokenizer, kept_ids=data.kept_ids,
                 vocab_size=data.vocab_size)
+    if jax.process_index() == 0:  # one host draws them, into the shared run folder
+        report_training_plots(out)
     return last
