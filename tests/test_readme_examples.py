@@ -1,4 +1,4 @@
-"""The README's shell examples work as written.
+"""The README's examples work as written: its marked shell blocks and every Python block.
 
 README.md marks its example blocks with an HTML comment on the line before the ```bash fence:
 - `<!-- example -->`: every command runs exactly as written, in order;
@@ -8,6 +8,10 @@ README.md marks its example blocks with an HTML comment on the line before the `
   need a trained model in runs/quickstart/hf and checkpoints in runs/quickstart/checkpoints;
 - `<!-- example: parse-only -->`: too slow to run here (the sweep takes minutes on a CPU); its
   command line is parsed into the tool's config, so every option it uses must exist and be valid.
+
+Every ```python block runs too, after the shell examples (which train the model and calibrate the
+thresholds that the Python API section loads), in order and in one namespace, as a reader pasting
+them into one interpreter would.
 
 Everything runs in a temporary working directory that looks like a checkout (configs/ linked,
 ../shared linked to the shared data), so nothing is written into the repository. Each
@@ -32,6 +36,7 @@ from tests.conftest import CORPUS_DIR, SHARED_DATA, TOKENIZER_DIR, WIKITEXT_TEST
 
 ROOT = Path(__file__).resolve().parents[1]
 BLOCK = re.compile(r"^<!-- example(?::\s*([\w-]+))?\s*-->\n```bash\n(.*?)^```", re.M | re.S)
+PYTHON_BLOCK = re.compile(r"^```python\n(.*?)^```", re.M | re.S)
 SHRINK = [
     "--train.steps", "4", "--checkpoint.every", "2", "--train.eval_batches", "0",
     "--train.remat", "false",  # remat only saves memory, and costs compile time on a CPU
@@ -50,9 +55,16 @@ def examples(kind: str | None) -> list[str]:
     return commands
 
 
+def python_blocks() -> list[tuple[int, str]]:
+    """(line of its first statement, code) of every ```python block of the README, in order."""
+    text = (ROOT / "README.md").read_text()
+    return [(text.count("\n", 0, m.start(1)) + 1, m.group(1)) for m in PYTHON_BLOCK.finditer(text)]
+
+
 def test_readme_marks_its_examples():
     assert len(examples("quickstart")) == 1 and "python -m condensa.train configs/quickstart.yaml" in examples("quickstart")[0]
     assert any("condensa.export" in c for c in examples(None)) and examples("parse-only")
+    assert len(python_blocks()) >= 2 and any("load_pretrained" in code for _, code in python_blocks())
 
 
 @pytest.fixture(scope="module")
@@ -100,6 +112,13 @@ def test_readme_examples_run_as_written(workdir, monkeypatch, capsys):
     export = json.loads((runs / "quickstart" / "hf-sparse" / "export.json").read_text())
     assert export["step"] == 4 and export["verify"]["max_abs_logit_diff"] <= 1e-4
     assert (runs / "quickstart" / "hf-sparse" / "thresholds.safetensors").is_file()
+
+    # the Python blocks, on the model and thresholds the commands above made; a traceback names its README line
+    monkeypatch.chdir(workdir)
+    namespace = {"__name__": "__readme__"}
+    for line, code in python_blocks():
+        exec(compile("\n" * (line - 1) + code, str(ROOT / "README.md"), "exec"), namespace)
+    assert (runs / "exported" / "model.safetensors").is_file()  # under runs/, which git ignores
 
 
 def test_parse_only_examples_have_valid_options(workdir):
