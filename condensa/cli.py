@@ -8,6 +8,7 @@ import dataclasses
 import errno
 import functools
 import inspect
+import itertools
 import math
 import os
 import re
@@ -79,7 +80,8 @@ def run_main(main: Callable[[Sequence[str] | None], Any]) -> Callable[[Sequence[
 # The output folders that `check_writable` saw during the running command: whether each existed,
 # the first folder of its path that the command created (None if it existed), and every path it
 # held then. A command that fails removes what it added when that is no result.
-_OUTPUTS: dict[Path, tuple[Path | None, frozenset[Path]]] = {}
+_OUTPUTS: dict[Path, tuple[Path | None, frozenset[Path] | None]] = {}
+_SNAPSHOT_LIMIT = 10_000  # a folder holding more (--out . in a big tree) is not listed, and never cleaned
 _depth = 0  # run_main calls under way
 CONFIG_FILES = ("config.json", "config.yaml")  # what a command writes that describes results, not one
 
@@ -93,7 +95,10 @@ def _note_output(folder: Path) -> None:
         created = folder
         while not created.parent.exists() and created.parent != created.parent.parent:
             created = created.parent
-    before = frozenset(folder.rglob("*")) if folder.is_dir() else frozenset()
+    before = frozenset()
+    if folder.is_dir():
+        listed = list(itertools.islice(folder.rglob("*"), _SNAPSHOT_LIMIT + 1))
+        before = frozenset(listed) if len(listed) <= _SNAPSHOT_LIMIT else None
     _OUTPUTS[folder] = (created, before)
 
 
@@ -104,7 +109,7 @@ def _remove_if_no_results(folders: Iterable[Path]) -> None:
     folder where it added any other file (checkpoints, metrics, partial results), is left alone."""
     for folder in folders:
         created, before = _OUTPUTS[folder]
-        if not folder.is_dir():
+        if before is None or not folder.is_dir():
             continue
         new = [p for p in folder.rglob("*") if p not in before]
         files = [p for p in new if p.is_symlink() or not p.is_dir()]

@@ -133,3 +133,22 @@ def test_a_failed_command_keeps_a_folder_where_it_wrote_anything_but_a_config(tm
     capsys.readouterr()
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["config.json", "metrics.jsonl"]
     assert not (tmp_path / "only-config").exists()
+
+
+def test_a_folder_too_big_to_list_is_never_cleaned(tmp_path, capsys, monkeypatch):
+    """`--out .` in a large tree: listing it would cost more than the command, so it is left alone."""
+    from condensa import cli as cli_module
+    from condensa.cli import check_writable, write_json
+    from condensa.errors import CondensaError
+
+    monkeypatch.setattr(cli_module, "_SNAPSHOT_LIMIT", 2)
+    for name in ("a", "b", "c"):
+        (tmp_path / name).write_text(name)
+
+    def fails_after_the_config(argv):
+        write_json(check_writable(tmp_path) / "config.json", {})
+        raise CondensaError("failed")
+
+    assert run_main(fails_after_the_config)([]) == 2
+    capsys.readouterr()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "b", "c", "config.json"]
