@@ -77,9 +77,9 @@ def run_main(main: Callable[[Sequence[str] | None], Any]) -> Callable[[Sequence[
     return wrapper
 
 
-# The output folders that `check_writable` saw during the running command: whether each existed,
-# the first folder of its path that the command created (None if it existed), and every path it
-# held then. A command that fails removes what it added when that is no result.
+# The output folders that `check_writable` saw during the running command: for each, the first
+# folder of its path that the command created (None if it existed) and every path it held then
+# (None for one too big to list). A command that fails removes what it added when that is no result.
 _OUTPUTS: dict[Path, tuple[Path | None, frozenset[Path] | None]] = {}
 _SNAPSHOT_LIMIT = 10_000  # a folder holding more (--out . in a big tree) is not listed, and never cleaned
 _depth = 0  # run_main calls under way
