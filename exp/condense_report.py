@@ -1,6 +1,7 @@
 """The real-model section that leads docs/results.md, rendered from exp/condense_real.py's results.json.
 
-    python exp/condense_report.py docs/runs/real-model/condense-smollm2-h100.json --out docs/results_real_model.md
+    python exp/condense_report.py docs/runs/real-model/condense-smollm2-h100.json --out docs/results_real_model.md \
+        --second_run docs/runs/real-model/{original-gated,control-gated,control-time-decode,determinism}-h100.json
 
 Every number comes from the JSON; the prose that interprets them is docs/real-model/condense-discussion.md,
 appended as it is. The study report (`python -m condensa.eval.study ... --stages report`) puts this
@@ -144,14 +145,106 @@ def render(results: dict, discussion: str = "") -> str:
     return "\n".join(lines) + ("\n" + discussion if discussion else "")
 
 
+def _paired(rule_nll: list[float], base_nll: list[float]) -> dict:
+    """Δppl (%) of a rule against another model's dense on the same windows, with the bootstrap interval
+    (real_model_tiles.paired_delta, by import: the same estimator as every other table)."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from real_model_tiles import paired_delta
+
+    return paired_delta({"nll_per_window": rule_nll}, {"nll_per_window": base_nll})
+
+
+def render_second_run(original: dict, control: dict, timing: dict, determinism: dict) -> str:
+    """The second GPU run's tables: Top-θ inside the adopted selector's tiles and the decode gate's
+    teacher-forced rows, before (the original) and after (the control fine-tune) condensation; the
+    whole-model prefill and decode attention speed at the chosen rule; and a same-seed rerun.
+    `original`/`control`: exp/real_model_tiles.py results (stages calibrate, gated, decode) of each
+    model; `timing`: the control's stages decode and time; `determinism`: exp/train_determinism.py."""
+    base = original["dense"]["nll_per_window"]
+    kept = control["kept_tiles"]
+    lines = [
+        "### Second GPU run: Top-θ in the kept tiles, the decode gate's rows, speed (H100, 2026-12-06)", "",
+        f"`exp/real_model_tiles.py` on the original model and on a control fine-tune (seed 0, as above), "
+        f"{original['args']['windows']} WikiText-2 test windows of {original['args']['seq']} tokens (the first "
+        "ones: both halves above), bf16, post-softmax Top-θ + VMC thresholds calibrated on each model at full "
+        "length on three Austen novels. Δ is against the model's own dense and against the original's dense, "
+        "paired over the same windows. Top-θ keeps about k elements of each row inside the kept tiles; the "
+        "mean causal row has 4,096 keys, so k = 256 is about 6% of the elements and k = 512 about 12%.", "",
+        "```bash",
+        "python exp/real_model_tiles.py --model /tmp/smollm2.gguf [--run /tmp/det/control-s0] --data ... --book ... \\",
+        "    --calibration_data /tmp/data/gutenberg/austen-{emma,persuasion,sense}.txt --stages calibrate,gated,decode \\",
+        "    --budgets 0.25,0.125 --ks 256,512 --compensation post+vmc --out ...",
+        "python exp/real_model_tiles.py ... --run /tmp/det/control-s0 --stages calibrate,decode,time --ks 256 \\",
+        "    --time_ks 256 --time_selectors rowmean+shared --time_budgets 0.25,0.125 --time_decode --out ...",
+        "```", "",
+        "| rule | causal tiles kept | original: vs its dense | control: vs its dense | control: vs the original's dense |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for name, row in control.get("gated", {}).items():
+        f = name.rpartition("@")[2]
+        before = original.get("gated", {}).get(name)
+        lines.append(f"| {name} | {100 * kept[f]:.1f}% | {_ci(before)} | {_ci(row)} | "
+                     f"{_ci(_paired(row['nll_per_window'], base))} |")
+    for name, row in timing.get("decode", {}).items():
+        f = name.rpartition("@")[2]
+        before = original.get("decode", {}).get(name)
+        lines.append(f"| {name}, every row gated as its decoding step | {100 * kept[f]:.1f}% | {_ci(before)} | "
+                     f"{_ci(row)} | {_ci(_paired(row['nll_per_window'], base))} |")
+    lines += ["", f"Dense perplexity on these windows: original {original['dense']['ppl']:.2f}, control "
+              f"{control['dense']['ppl']:.2f}.", "",
+              "Whole-model prefill of one 8,192-token sequence (the control's weights; median of 7, after a check "
+              "against the reference op), the Pallas backend against the same model on cuDNN, in one process:", "",
+              "| rule | batch 1 | × cuDNN | batch 8 | × cuDNN |", "|---|---:|---:|---:|---:|"]
+    prefill = timing["prefill_seconds"]
+    for name in prefill["1"]:
+        if name.endswith(":rel_err_vs_reference"):
+            continue
+        cells = []
+        for batch in ("1", "8"):
+            seconds, dense = prefill[batch][name], prefill[batch]["dense (cuDNN)"]
+            cells += [f"{1e3 * seconds:.1f} ms", f"{dense / seconds:.2f}"]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    timed = [r for r in timing.get("decode_attention", []) if r.get("kind") == "time"]
+    if timed:
+        best = min(r["us"] for r in timed if r["method"] in ("xla", "cudnn", "pallas_decode"))
+        r0 = timed[0]
+        lines += ["", f"Decode attention at the model's head shape ({r0['heads']} query heads of {r0['head_dim']}), "
+                  f"batch {r0['batch']}, a cache of {r0['seq_len']} tokens (`condensa.eval.bench decode`, random "
+                  "inputs, checked first), against the best dense baseline (XLA, cuDNN, JAX's Pallas decode):", "",
+                  "| method | µs | × best dense | K read | V rows read |", "|---|---:|---:|---:|---:|"]
+        for r in timed:
+            lines.append(f"| {r['method']} | {r['us']:.1f} | {best / r['us']:.2f} | "
+                         f"{100 * r.get('k_fraction', 1.0):.0f}% | {100 * r.get('v_row_fraction', 1.0):.1f}% |")
+    d = determinism
+    lines += ["", f"**Determinism.** Two fine-tunes of the same seed and settings, one after the other on one "
+              f"{d['device']} (jax {d['jax']}, XLA_FLAGS `{d['xla_flags'] or 'none'}`): "
+              + ("bit-identical losses and parameters." if d["bit_identical"] else
+                 f"not bit-identical. The logged losses first differ at step {d['first_differing_step']} (by at most "
+                 f"{d['max_loss_difference']:.1e} over {d['steps_compared']} logged steps), and "
+                 f"{d['arrays_differing']} of {d['arrays']} parameter arrays differ at the end (by at most "
+                 f"{d['max_abs_parameter_difference']:.1e}).")
+              + " `--xla_gpu_deterministic_ops=true` and `--xla_gpu_exclude_nondeterministic_ops=true` both make "
+              "the training step fail to compile on this jax (`absl::container_internal::raw_hash_map<>::at`).",
+              "(`python exp/train_determinism.py RUN_A RUN_B`.)", ""]
+    return "\n".join(lines)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("results", type=Path, help="results.json of exp/condense_real.py")
+    p.add_argument("--second_run", type=Path, nargs=4, default=None,
+                   metavar=("ORIGINAL", "CONTROL", "TIMING", "DETERMINISM"),
+                   help="the second GPU run's JSON files (render_second_run), rendered after the first run's tables")
     p.add_argument("--discussion", type=Path, default=Path("docs/real-model/condense-discussion.md"),
                    help="hand-written prose appended after the tables (skipped if absent)")
     p.add_argument("--out", type=Path, default=Path("docs/results_real_model.md"))
     args = p.parse_args()
     discussion = args.discussion.read_text() if args.discussion.is_file() else ""
+    if args.second_run:
+        second = render_second_run(*(json.loads(path.read_text()) for path in args.second_run))
+        discussion = second + ("\n" + discussion if discussion else "")
     args.out.write_text(render(json.loads(args.results.read_text()), discussion))
     print(f"-> {args.out}")
 
