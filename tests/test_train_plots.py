@@ -39,3 +39,20 @@ def test_a_run_that_measured_no_concentration_gets_the_loss_curve_only(tmp_path,
     assert report_training_plots(tmp_path) == [tmp_path / "loss.png"]
     assert not (tmp_path / "sparsity.png").exists()
     assert report_training_plots(tmp_path / "no-run") == [] and "no-run" not in capsys.readouterr().out.split(":")[-1]
+
+
+def test_drawing_leaves_the_callers_matplotlib_backend_alone(tmp_path):
+    """A notebook's inline backend must survive a training run and the sweep's figures: switching to
+    Agg once stopped every later figure of the quickstart notebook from showing."""
+    import matplotlib
+
+    before = matplotlib.get_backend()
+    matplotlib.use("pdf")  # any backend that is not Agg; a notebook's would be the inline one
+    try:
+        _log(tmp_path, [{"kind": "train", "step": s, "loss": 1.0 / s, "L_topk": 0.1 / s} for s in (1, 2, 3)])
+        assert len(report_training_plots(tmp_path)) == 2
+        import condensa.eval.plots  # noqa: F401  (switched the backend at import, once)
+
+        assert matplotlib.get_backend() == "pdf"
+    finally:
+        matplotlib.use(before)

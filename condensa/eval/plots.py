@@ -1,4 +1,4 @@
-"""The sweep's figures, drawn with matplotlib's Agg backend (files only, no display needed).
+"""The sweep's figures, drawn straight to files (condensa.figures: no display, no pyplot).
 
 - perplexity vs kept fraction of attention elements, one line per rule (points are the ks);
 - thresholds θ vs row length, one panel per layer (the mean over heads, one line per k);
@@ -11,27 +11,16 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-import matplotlib
+import numpy as np
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-
-from condensa.attention import AttentionConfig  # noqa: E402
-from condensa.eval.sweep import layer_probs  # noqa: E402
-
-
-def _save(fig, path: Path) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110, bbox_inches="tight")
-    plt.close(fig)
-    return path
+from condensa.attention import AttentionConfig
+from condensa.eval.sweep import layer_probs
+from condensa.figures import new_figure, save_figure
 
 
 def plot_ppl_vs_kept(results: dict, path: Path) -> Path:
     """One line per rule label through its (kept fraction, perplexity) points, dense as a level."""
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, ax = new_figure(figsize=(7, 4.5))
     lines: dict[str, list[dict]] = {}
     for row in results["rows"]:
         lines.setdefault(row["label"], []).append(row)
@@ -49,7 +38,7 @@ def plot_ppl_vs_kept(results: dict, path: Path) -> Path:
     ax.set_title("perplexity vs kept attention")
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=7)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_thresholds(thresholds_by_k: dict, path: Path) -> Path:
@@ -58,7 +47,7 @@ def plot_thresholds(thresholds_by_k: dict, path: Path) -> Path:
     n_layer = any_th.n_layer
     cols = min(n_layer, 4)
     rows = math.ceil(n_layer / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(3.6 * cols, 2.8 * rows), squeeze=False)
+    fig, axes = new_figure(rows, cols, figsize=(3.6 * cols, 2.8 * rows), squeeze=False)
     for layer in range(n_layer):
         ax = axes[layer // cols][layer % cols]
         for k, th in sorted(thresholds_by_k.items()):
@@ -78,7 +67,7 @@ def plot_thresholds(thresholds_by_k: dict, path: Path) -> Path:
         axes[extra // cols][extra % cols].axis("off")
     axes[0][0].legend(fontsize=7)
     fig.suptitle("calibrated thresholds (mean over heads; band: head range)", y=1.03)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_attention_heatmaps(model, blocks, panels: dict, *, layer: int, head: int, path: Path) -> Path:
@@ -89,7 +78,7 @@ def plot_attention_heatmaps(model, blocks, panels: dict, *, layer: int, head: in
     causal elements it keeps; the dense panel's gives none, since dense keeps them all and a count
     of p > 0 there would only count the probabilities too small for float32.
     """
-    fig, axes = plt.subplots(1, len(panels), figsize=(3.6 * len(panels), 3.6), squeeze=False)
+    fig, axes = new_figure(1, len(panels), figsize=(3.6 * len(panels), 3.6), squeeze=False)
     floor = -6.0
     for ax, (title, spec) in zip(axes[0], panels.items()):
         attention, thresholds = spec if spec is not None else (AttentionConfig(), None)
@@ -107,14 +96,14 @@ def plot_attention_heatmaps(model, blocks, panels: dict, *, layer: int, head: in
         ax.set_ylabel("query")
     fig.colorbar(image, ax=axes[0].tolist(), shrink=0.8, label="log10 p")
     fig.suptitle(f"layer {layer}, head {head}", fontsize=9)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_decode_v_rows(result: dict, path: Path) -> Path:
     """Kept fraction of V rows at each decoding step (mean over layers and heads, and per layer)."""
     steps = result["steps"]
     lengths = [s["row_length"] for s in steps]
-    fig, ax = plt.subplots(figsize=(6, 3.8))
+    fig, ax = new_figure(figsize=(6, 3.8))
     per_layer = np.asarray([s["per_layer"] for s in steps])  # [steps, L]
     for layer in range(per_layer.shape[1]):
         ax.plot(lengths, per_layer[:, layer], linewidth=1, alpha=0.6, label=f"layer {layer}")
@@ -125,4 +114,4 @@ def plot_decode_v_rows(result: dict, path: Path) -> Path:
     ax.set_title(f"decoding: token agreement with dense greedy {result['token_agreement']:.2f}")
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=7)
-    return _save(fig, path)
+    return save_figure(fig, path)

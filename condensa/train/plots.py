@@ -7,8 +7,8 @@
   each concentration loss on the training batches (unweighted).
 
 Drawn from the file rather than from the loop's memory, so a resumed run plots its whole history.
-matplotlib is imported when a plot is drawn (its Agg backend: files only, no display), so importing
-the training loop stays fast.
+matplotlib is imported when a plot is drawn (condensa.figures: files only, the global backend left
+alone), so importing the training loop stays fast.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ import math
 import re
 from pathlib import Path
 
+from condensa.figures import new_figure, save_figure
 from condensa.train.metrics_log import read_metrics
 
 LOSS_KEYS = ("loss", "lm_loss", "L_conc")  # the training records' losses on loss.png
@@ -38,13 +39,8 @@ def write_training_plots(out: str | Path) -> list[Path]:
     records = read_metrics(path) if path.is_file() else []
     if not any(r.get("kind") == "train" for r in records):
         return []
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     written = []
-    fig, ax = plt.subplots(figsize=(6.4, 4))
+    fig, ax = new_figure(figsize=(6.4, 4))
     for key in LOSS_KEYS:
         steps, values = _series(records, "train", key)
         if steps:
@@ -57,7 +53,7 @@ def write_training_plots(out: str | Path) -> list[Path]:
     ax.set_title("training loss")
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8)
-    written.append(_save(fig, out / "loss.png"))
+    written.append(save_figure(fig, out / "loss.png"))
 
     panels = []
     eval_keys = sorted({k for r in records if r.get("kind") == "eval" for k in r if EVAL_SPARSITY.fullmatch(k)})
@@ -69,7 +65,7 @@ def write_training_plots(out: str | Path) -> list[Path]:
     if panels:
         cols = min(3, len(panels))
         rows = math.ceil(len(panels) / cols)
-        fig, axes = plt.subplots(rows, cols, figsize=(3.6 * cols, 3.0 * rows), squeeze=False)
+        fig, axes = new_figure(rows, cols, figsize=(3.6 * cols, 3.0 * rows), squeeze=False)
         for ax in axes.flat[len(panels):]:
             ax.axis("off")
         for ax, (key, where, steps, values) in zip(axes.flat, panels):
@@ -79,16 +75,8 @@ def write_training_plots(out: str | Path) -> list[Path]:
             ax.grid(True, alpha=0.3)
         fig.suptitle("attention concentration", fontsize=10)
         fig.tight_layout()
-        written.append(_save(fig, out / "sparsity.png"))
+        written.append(save_figure(fig, out / "sparsity.png"))
     return written
-
-
-def _save(fig, path: Path) -> Path:
-    import matplotlib.pyplot as plt
-
-    fig.savefig(path, dpi=110, bbox_inches="tight")
-    plt.close(fig)
-    return path
 
 
 def report_training_plots(out: str | Path) -> list[Path]:

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from condensa import jsonio
 from condensa.eval.study.config import BASE
+from condensa.figures import new_figure, save_figure
 from condensa.eval.sweep import read_results
 from condensa.kernels.toptheta_decode import ROW_MODES
 
@@ -275,15 +276,10 @@ def _timing_md(timing: dict) -> str:
 
 def plot_ppl_vs_kept(res: dict, split: str, path: Path) -> Path | None:
     """Per model: Top-θ perplexity against kept elements, and gate + Top-θ against computed tiles."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     evaluate = {n: ev for n, ev in res["evaluate"].items() if split in ev}
     if not evaluate:
         return None
-    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
+    fig, (left, right) = new_figure(1, 2, figsize=(11, 4.2))
     for name, ev in evaluate.items():
         rows = ev[split]["rows"]
         el = sorted((r for r in rows if r["method"] == "toptheta" and r["tile_budget"] is None
@@ -304,10 +300,7 @@ def plot_ppl_vs_kept(res: dict, split: str, path: Path) -> Path | None:
         ax.legend(fontsize=7)
     fig.suptitle(f"perplexity vs kept attention ({split}); base solid, fine-tunes dashed", fontsize=9)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, tight=False)
 
 
 def _committed_copy(results: Path, report_dir: Path) -> str | None:
