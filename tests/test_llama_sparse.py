@@ -181,7 +181,8 @@ def test_last_position_logits_and_chunking_limits(calibrated):
     full = np.asarray(model(ids).logits)
     last = np.asarray(model(ids, last_logits_only=True).logits)
     assert last.shape == (2, 1, full.shape[-1])
-    np.testing.assert_allclose(last[:, 0], full[:, -1], atol=1e-6)
+    # The head's matmul over one row and over all rows may round differently in float32.
+    np.testing.assert_allclose(last[:, 0], full[:, -1], rtol=1e-5, atol=1e-5)
     gated = AttentionConfig(tile_gate=True, tile_selector="rowmean", block_q=TILE, block_k=TILE, tile_budget=BUDGET)
     with pytest.raises(ConfigError, match="prefill_chunk with the tile gate"):
         condensa.generate(model, ids, 2, attention=gated, prefill_chunk=16)

@@ -14,7 +14,7 @@ def test_heatmap_titles_count_causal_elements_for_sparse_panels_only(tiny_hf_dir
     from condensa.eval import plots
 
     figures = []
-    monkeypatch.setattr(plots, "_save", lambda fig, path: figures.append(fig) or path)
+    monkeypatch.setattr(plots, "save_figure", lambda fig, path: figures.append(fig) or path)
     model, _ = condensa.load_pretrained(tiny_hf_dir)
     blocks = np.arange(32, dtype=np.int32)[None] % 90
     panels = {"dense": None, "top-k, k=4": (AttentionConfig(mode="topk", k=4), None)}
