@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
@@ -14,6 +16,25 @@ SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 TOKENIZER_DIR = SHARED_DATA / "gpt2-tokenizer"
 CORPUS_DIR = SHARED_DATA / "corpus"
 WIKITEXT_TEST = SHARED_DATA / "wikitext-2-raw" / "wiki.test.raw"
+
+
+def pytest_configure(config):
+    """One XLA compilation cache for this session, shared by the xdist workers and every
+    subprocess they start (they inherit the variables): many tests and CLI runs compile the same
+    steps, and a hit loads the compiled step instead of compiling it again. A fresh folder per
+    session, so every run compiles what it needs at least once, as a clean checkout would."""
+    if hasattr(config, "workerinput") or "JAX_COMPILATION_CACHE_DIR" in os.environ:
+        return  # a worker inherits the controller's; a cache the caller chose stays theirs
+    folder = tempfile.mkdtemp(prefix="condensa-test-xla-cache-")
+    config._condensa_xla_cache = folder
+    os.environ.update(JAX_COMPILATION_CACHE_DIR=folder, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0.2",
+                      JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
+
+
+def pytest_unconfigure(config):
+    folder = getattr(config, "_condensa_xla_cache", None)
+    if folder:
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def require_shared(path: Path) -> Path:
