@@ -20,7 +20,7 @@ def study(tmp_path_factory):
     require_shared(SHARED_DATA)
     out = tmp_path_factory.mktemp("study")
     cmd = [sys.executable, "-m", "condensa.eval.study", str(REPO / "configs/study-tiny.yaml"), "--stages",
-           "train,evaluate,report", "--out", str(out), "--calibration.ks", "[8]", "--calibration.gate_k", "8", "--timing.k", "8", "--pretrain.train.steps", "20",
+           "train,evaluate,report", "--out", str(out), "--calibration.ks", "[8]", "--calibration.gate_k", "8", "--timing.k", "8", "--pretrain.train.steps", "8", "--pretrain.train.batch_size", "4",
            "--pretrain.data.cache_dir", str(out / "tokens")]
     done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
