@@ -32,3 +32,9 @@ def test_cross_entropy_matches_optax(dtype, tol):
 def test_logsumexp_one_pass_handles_minus_infinity_rows():
     x = jnp.asarray([[0.0, 1.0, -jnp.inf], [-jnp.inf, -jnp.inf, 2.0]])
     np.testing.assert_allclose(np.asarray(logsumexp_one_pass(x)), np.asarray(jax.nn.logsumexp(x, axis=-1)), rtol=1e-6)
+
+
+def test_logsumexp_one_pass_matches_two_passes():
+    """On a CPU the loss takes the two-pass log-sum-exp, so the accelerators' one-pass path is checked here."""
+    x = jnp.asarray(np.random.default_rng(1).normal(size=(6, 4099)) * 8.0, jnp.float32)
+    np.testing.assert_allclose(np.asarray(logsumexp_one_pass(x)), np.asarray(jax.nn.logsumexp(x, axis=-1)), rtol=1e-6)

@@ -5,7 +5,8 @@ the [tokens, vocab] logits twice for the log-sum-exp (a max, then a sum of expon
 keeps float32 around them; at GPT-2 small's 50,304-wide padded vocabulary that array is the
 largest of the whole step. Here the log-sum-exp is one variadic reduction carrying (max, sum)
 pairs, and the backward pass writes softmax − one-hot straight in the logits' dtype. The
-arithmetic is float32 throughout.
+arithmetic is float32 throughout. On a CPU, XLA runs a variadic reduction element by element
+while it vectorises a plain max and sum, so there the log-sum-exp takes the two plain passes.
 """
 
 from __future__ import annotations
@@ -31,6 +32,12 @@ def logsumexp_one_pass(x: jax.Array) -> jax.Array:
     return m + jnp.log(s)
 
 
+def logsumexp_last_axis(x: jax.Array) -> jax.Array:
+    """log Σ exp(x) over the last axis, float32: one pass on accelerators, two on a CPU."""
+    x = x.astype(jnp.float32)
+    return jax.lax.platform_dependent(x, cpu=lambda y: jax.nn.logsumexp(y, axis=-1), default=logsumexp_one_pass)
+
+
 @jax.custom_vjp
 def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
     """Mean over all positions of −log softmax(logits)[label]; logits [..., V], labels [...]."""
@@ -38,7 +45,7 @@ def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
 
 
 def _forward(logits, labels):
-    lse = logsumexp_one_pass(logits)
+    lse = logsumexp_last_axis(logits)
     picked = jnp.take_along_axis(logits, labels[..., None], axis=-1)[..., 0].astype(jnp.float32)
     return jnp.mean(lse - picked), lse
 
