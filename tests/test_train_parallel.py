@@ -26,7 +26,7 @@ def test_four_devices_match_one(tmp_path):
         from condensa.train.loop import train
         train(load_config(TrainConfig, None, {tiny_args(tmp_path / "dp4", STEPS, *extra)!r}))
     """)
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=4".strip()}
     result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, cwd=os.getcwd())
     assert result.returncode == 0, result.stderr[-3000:]
 
