@@ -16,7 +16,7 @@ CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 def test_quickstart_trains_a_tiny_model_from_scratch_on_the_corpus():
     cfg = load_config(TrainConfig, CONFIGS / "quickstart.yaml", ["--optimizer.lr", "3e-4", "--loss.topk.layers", "0,1"])
     assert cfg.init == "scratch" and cfg.model_config == "tiny"
-    assert cfg.data.source.endswith("shared/data/corpus") and cfg.data.fallback_source == "wikitext:wikitext-2-raw-v1"
+    assert cfg.data.source.endswith("shared/data/corpus/gutenberg") and cfg.data.fallback_source == "wikitext:wikitext-2-raw-v1"
     assert cfg.optimizer.lr == 3e-4 and cfg.loss.topk.layers == (0, 1) and cfg.loss.topk.weight > 0
 
 
