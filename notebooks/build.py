@@ -349,7 +349,8 @@ print(f"training on a {jax.device_count()}-device data mesh, {BATCH // jax.devic
 def tpu() -> nbformat.NotebookNode:
     md, code = nbformat.v4.new_markdown_cell, nbformat.v4.new_code_cell
     extra_env = ('    # two CPU "devices", so the data-parallel path below runs as it does over TPU cores\n'
-                 '    os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=2")')
+                 '    if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):\n'
+                 '        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=2").strip()')
     return _notebook([
         md("# condensa on TPU\n\n"
            "The quickstart's path on a TPU runtime: load GPT-2, calibrate Top-θ and the tile gate, compare "

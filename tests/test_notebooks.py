@@ -35,9 +35,8 @@ def _execute(name: str) -> nbformat.NotebookNode:
 def executed(tmp_path_factory):
     for path in (TOKENIZER_DIR, CORPUS_DIR, WIKITEXT_TEST):
         require_shared(path)
-    saved = {key: os.environ.get(key) for key in ("CONDENSA_NOTEBOOK_TINY", "PYTHONPATH", "XLA_FLAGS")}
+    saved = {key: os.environ.get(key) for key in ("CONDENSA_NOTEBOOK_TINY", "PYTHONPATH")}
     os.environ["CONDENSA_NOTEBOOK_TINY"] = "1"
-    os.environ.pop("XLA_FLAGS", None)  # the TPU notebook sets its own (two host devices) when none are set
     # The kernels start in notebooks/; the checkout must be importable there whether or not
     # condensa is installed (editable installs of another path, plain checkouts).
     os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), saved["PYTHONPATH"]]))
