@@ -37,7 +37,6 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from condensa import jsonio
 from condensa.kernels.tiling import tile_budget
@@ -45,7 +44,7 @@ from condensa.attention import AttentionConfig, attend
 from condensa.cli import config_parser, parse_config_args, append_jsonl, config_to_dict, progress, run_main, write_json
 from condensa.errors import ConfigError
 from condensa.eval.bench.decode_baselines import dense_baselines, head_major, tile_state
-from condensa.eval.bench.timing import correctness_summary, jit_with_options
+from condensa.eval.bench.timing import check_kernel_shapes, correctness_summary, jit_with_options, relative_error
 from condensa.kernels.toptheta_decode import (SKIP_V_MODES, compact, default_num_splits, kept_tiles, tile_budgets,
                                               toptheta_decode)
 from condensa.sparsity.thresholds import Thresholds
@@ -185,13 +184,6 @@ def copy_bandwidth(n_bytes: float = 2e9, repeats: int = 10) -> float:
     copy = jax.jit(lambda a: a + jnp.bfloat16(1))
     sec = median_seconds([lambda: copy(x)], 3, repeats, 5)
     return 2 * x.size * 2 / sec
-
-
-def relative_error(out, ref) -> float:
-    out, ref = np.asarray(out, np.float64), np.asarray(ref, np.float64)
-    if not np.all(np.isfinite(out)):
-        return float("inf")
-    return float(np.linalg.norm(out - ref) / np.linalg.norm(ref))
 
 
 # ---- dense baselines ------------------------------------------------------------------------
@@ -390,11 +382,7 @@ def _prepass_jit(q, k_bar, lengths, gate, budgets, *, scale, block_k, sink_tiles
 
 
 def run(cfg: DecodeBenchConfig) -> list[dict]:
-    if cfg.dtype not in ("bfloat16", "float16", "float32"):
-        raise ConfigError(f"dtype {cfg.dtype!r} is not supported; use bfloat16, float16 or float32.")
-    for d in cfg.head_dims:
-        if d not in (64, 128):
-            raise ConfigError(f"head_dims must be 64 or 128 (the kernel's); got {d}.")
+    check_kernel_shapes(cfg.dtype, cfg.head_dims)
     if cfg.skip_v not in (*SKIP_V_MODES, "auto"):
         raise ConfigError(f"skip_v={cfg.skip_v!r} is not supported; choose one of {', '.join(SKIP_V_MODES)} or 'auto'.")
     for s in cfg.seq_lens:

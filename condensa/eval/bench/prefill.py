@@ -31,7 +31,7 @@ from condensa import jsonio
 from condensa.kernels.tiling import tile_budget
 from condensa.cli import config_parser, parse_config_args, append_jsonl, config_to_dict, progress, run_main, write_json
 from condensa.errors import ConfigError
-from condensa.eval.bench.timing import correctness_summary, environment, measure
+from condensa.eval.bench.timing import check_kernel_shapes, correctness_summary, environment, measure, relative_error
 from condensa.kernels import (compact_tile_lists, gate_scores, offdiagonal_keep, toptheta_prefill,
                               toptheta_prefill_reference)
 
@@ -147,13 +147,6 @@ def median_seconds(fn: Callable[[], jax.Array], warmup: int, repeats: int) -> fl
 def causal_flops(b: int, h: int, t: int, d: int) -> float:
     """FLOPs of dense causal attention (Q·Kᵀ and P·V over the visible half)."""
     return 4.0 * b * h * d * t * (t + 1) / 2
-
-
-def relative_error(out, ref) -> float:
-    out, ref = np.asarray(out, np.float64), np.asarray(ref, np.float64)
-    if not np.all(np.isfinite(out)):
-        return float("inf")
-    return float(np.linalg.norm(out - ref) / np.linalg.norm(ref))
 
 
 # ---- the benchmark --------------------------------------------------------------------------
@@ -324,11 +317,7 @@ def tune_sparse_records(cfg: PrefillBenchConfig, d: int, dtype) -> list[dict]:
 
 
 def run(cfg: PrefillBenchConfig) -> list[dict]:
-    if cfg.dtype not in ("bfloat16", "float16", "float32"):
-        raise ConfigError(f"dtype {cfg.dtype!r} is not supported; use bfloat16, float16 or float32.")
-    for d in cfg.head_dims:
-        if d not in (64, 128):
-            raise ConfigError(f"head_dims must be 64 or 128 (the kernel's); got {d}.")
+    check_kernel_shapes(cfg.dtype, cfg.head_dims)
     if jax.default_backend() != "gpu":
         print(f"warning: JAX runs on {jax.default_backend()!r}; timings are not meaningful there.",
               file=sys.stderr)

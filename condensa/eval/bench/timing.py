@@ -12,6 +12,9 @@ from collections.abc import Callable
 from typing import Any
 
 import jax
+import numpy as np
+
+from condensa.errors import ConfigError
 
 
 def measure(run_once: Callable[[], Any], *, warmup: int = 3, repeats: int = 10, calls_per_repeat: int = 1) -> dict[str, float]:
@@ -77,6 +80,23 @@ def peak_flops(device_kind: str) -> float | None:
         if name.lower() in device_kind.lower():
             return flops
     return None
+
+
+def relative_error(out, ref) -> float:
+    """‖out − ref‖ / ‖ref‖ in float64; infinite when `out` holds a NaN or an infinity."""
+    out, ref = np.asarray(out, np.float64), np.asarray(ref, np.float64)
+    if not np.all(np.isfinite(out)):
+        return float("inf")
+    return float(np.linalg.norm(out - ref) / np.linalg.norm(ref))
+
+
+def check_kernel_shapes(dtype: str, head_dims) -> None:
+    """The dtypes and head widths the attention kernels take, refused before anything is built."""
+    if dtype not in ("bfloat16", "float16", "float32"):
+        raise ConfigError(f"dtype {dtype!r} is not supported; use bfloat16, float16 or float32.")
+    for d in head_dims:
+        if d not in (64, 128):
+            raise ConfigError(f"head_dims must be 64 or 128 (the kernel's); got {d}.")
 
 
 def correctness_summary(records: list[dict], describe) -> list[str]:

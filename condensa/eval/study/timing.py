@@ -27,7 +27,7 @@ from condensa.attention import AttentionConfig, attend, layer_thresholds
 from condensa.attention.pallas_backend import decode_kernel_args, prefill_kernel_args
 from condensa.errors import ConfigError
 from condensa.eval.bench.decode_baselines import dense_baselines, head_major, tile_state
-from condensa.eval.bench.timing import first_output, jit_with_options, measure
+from condensa.eval.bench.timing import first_output, jit_with_options, measure, relative_error
 from condensa.eval.perplexity import perplexity
 from condensa.eval.study.config import StudyConfig
 from condensa.eval.study.data import calibration_blocks, held_out
@@ -128,11 +128,6 @@ def reference_attention(q, k, v, *, scale, layer, attention, thresholds):
     fn = jax.jit(attend, static_argnames=("scale", "layer_idx", "config", "need_probs"))
     return fn(f32(q), f32(k), f32(v), visible=visible, scale=scale, layer_idx=layer, need_probs=False,
               config=dataclasses.replace(attention, backend="reference"), thresholds=thresholds)[0]
-
-
-def relative_error(out, ref) -> float:
-    out, ref = np.asarray(out, np.float64), np.asarray(ref, np.float64)
-    return float(np.linalg.norm(out - ref) / np.linalg.norm(ref)) if np.all(np.isfinite(out)) else float("inf")
 
 
 def time_prefill_rule(attention, thresholds, qkv, scale, settings, cudnn_s: float, dense_attention) -> dict:
