@@ -21,8 +21,8 @@ import sys
 from pathlib import Path
 
 from condensa.cli import config_rows
-from condensa.eval.__main__ import COMMANDS
-from condensa.eval.bench import __main__ as bench
+from condensa.eval import COMMANDS
+from condensa.eval.bench import USAGE as BENCH_USAGE
 
 WIDTH = 100  # columns of the help text, whatever the terminal
 DEFAULT_PATH = Path(__file__).resolve().parents[1] / "docs" / "cli.md"
@@ -85,7 +85,7 @@ def _dispatcher_sections() -> list[str]:
     lines = ["## python -m condensa.eval", "", "Dispatches to one evaluation command; each has its own `--help`.", "",
              "| command | what it does |", "| --- | --- |"]
     lines += [f"| `python -m condensa.eval {name}` | {_cell(text)} |" for name, (_, text) in COMMANDS.items()]
-    lines += ["", "## python -m condensa.eval.bench", "", "```text", bench.__doc__.strip(), "```", ""]
+    lines += ["", "## python -m condensa.eval.bench", "", "```text", BENCH_USAGE.strip(), "```", ""]
     return lines
 
 

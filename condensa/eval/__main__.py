@@ -7,14 +7,7 @@ import sys
 
 from condensa.cli import run_main
 from condensa.errors import ConfigError, did_you_mean
-
-# command -> (module, one-line description); each module has `main(argv)`.
-COMMANDS = {
-    "ppl": ("condensa.eval.ppl_cli", "strided sliding-window perplexity under any attention rule"),
-    "sweep": ("condensa.eval.sweep_cli", "perplexity vs kept attention for top-k, Top-θ and gate + Top-θ, with plots"),
-    "generate": ("condensa.eval.generate_cli", "kept V rows per decoding step and token agreement with dense"),
-}
-
+from condensa.eval import COMMANDS
 
 def main(argv=None) -> None:
     argv = sys.argv[1:] if argv is None else list(argv)

@@ -18,7 +18,7 @@ from condensa.attention import AttentionConfig
 from condensa.cli import check_writable, config_parser, parse_config_args, config_to_dict, progress, write_json
 from condensa.errors import ConfigError, DataError
 from condensa.eval.decode_trace import decode_trace, generation_report
-from condensa.eval.ppl_cli import with_thresholds
+from condensa.eval.rule import with_thresholds
 from condensa.eval.sweep import SparsityProbe, kept_line
 from condensa.eval.text import ModelText, read_eval_text
 from condensa.model import load_pretrained

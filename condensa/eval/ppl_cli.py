@@ -9,15 +9,14 @@ import jax.numpy as jnp
 import numpy as np
 
 from condensa.attention import AttentionConfig
-from condensa.cli import (check_writable, config_parser, config_to_dict, given_keys, parse_config_args, plural,
-                          progress, write_json)
+from condensa.cli import check_writable, config_parser, config_to_dict, parse_config_args, plural, progress, write_json
 from condensa.errors import ConfigError
 from condensa.data import model_tokenizer
 from condensa.eval.perplexity import perplexity
+from condensa.eval.rule import with_thresholds
 from condensa.eval.sweep import SparsityProbe, kept_line
 from condensa.eval.text import read_eval_text
 from condensa.model import load_pretrained
-from condensa.sparsity import Thresholds
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
@@ -81,19 +80,6 @@ def kept_fractions(model, ids, cfg: PerplexityConfig, thresholds) -> dict:
     probe = SparsityProbe.build(model, ids, context, tile=cfg.attention.block_k, metric_blocks=cfg.metric_blocks,
                                 decode_steps=cfg.decode_steps)
     return {**probe.measure(model, cfg.attention, thresholds), **probe.settings()}
-
-
-def with_thresholds(cfg, model_config):
-    """(cfg, thresholds): with a thresholds file (checked against the model first), the attention
-    keys left unset (mode, placement, k, the tile gate and its geometry) come from the file, and a
-    key set to a value the file cannot serve is refused (`Thresholds.resolve`); cfg.attention is then
-    the rule that runs, as config.json records it. Without a file: (cfg, None). Shared by ppl and
-    generate."""
-    if not cfg.thresholds:
-        return cfg, None
-    thresholds = Thresholds.load(cfg.thresholds).validate(model_config, source=cfg.thresholds)
-    attention = thresholds.resolve(cfg.attention, given_keys(cfg, "attention"), source=cfg.thresholds)
-    return dataclasses.replace(cfg, attention=attention), thresholds
 
 
 PARSER = dict(  # the command line, shared by main() and build_parser()

@@ -1,12 +1,4 @@
-"""python -m condensa.eval.bench <benchmark> [options]
-
-Benchmarks (each has its own --help):
-  train     training throughput (tokens/s, MFU) of GPT-2 with and without the concentration loss
-  prefill   sparse prefill attention kernels against dense attention
-  decode    sparse decode attention kernels against dense attention
-  masses    the fused kernel behind the concentration losses, against the path it replaces
-  generate  whole-model generation at long context: TTFT, TPOT, tokens/s, peak memory
-"""
+"""`python -m condensa.eval.bench <benchmark>`: runs one benchmark (the table is in condensa.eval.bench)."""
 
 from __future__ import annotations
 
@@ -14,21 +6,13 @@ import importlib
 import sys
 
 from condensa.errors import did_you_mean
-
-# One line per benchmark: name -> module with a `main(argv)` (wrapped by condensa.cli.run_main).
-BENCHMARKS = {
-    "train": "condensa.eval.bench.train",
-    "prefill": "condensa.eval.bench.prefill",
-    "decode": "condensa.eval.bench.decode",
-    "masses": "condensa.eval.bench.masses",
-    "generate": "condensa.eval.bench.generate",
-}
+from condensa.eval.bench import BENCHMARKS, USAGE
 
 
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
-        print(__doc__)
+        print(USAGE)
         return 0 if argv else 2
     name, rest = argv[0], argv[1:]
     if name not in BENCHMARKS:
