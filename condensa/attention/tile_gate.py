@@ -71,10 +71,7 @@ def decode_kept_tiles(
     row_visible = visible[:, 0, 0]  # [B, Tk]
     last = tk - 1 - jnp.argmax(row_visible[:, ::-1], axis=-1)  # the query's own slot
     last_tile = (last // block_k).astype(jnp.int32)  # [B]
-    t = jnp.arange(nk)[None, :]
-    sink = jnp.minimum(sink_tiles, last_tile)[:, None]
-    mandatory = (t == last_tile[:, None]) | (t < sink)
-    optional = (t < last_tile[:, None]) & (t >= sink)
+    mandatory, optional = decode_tile_roles(last_tile, nk, sink_tiles, jnp)  # [B, nk]
     budget = jnp.asarray(tile_budgets(nk, tile_budget))[last_tile]
     if selector != "gate":
         counts = _pad_to_tiles(row_visible.astype(jnp.float32), block_k).sum(axis=-1)  # [B, nk]
@@ -129,14 +126,22 @@ def decode_gate_scores(q: jax.Array, k: jax.Array, scale: float, block_k: int) -
     return jnp.einsum("bihd,bthd->bhit", q.astype(jnp.float32), tile_means(k, block_k)) * jnp.float32(scale)
 
 
+def decode_tile_roles(last_tile, n_tiles: int, sink_tiles: int, xp=np):
+    """(mandatory, optional): bool [..., n_tiles] for decoding queries whose own key tile is
+    `last_tile` [...]. The own tile and the sink tiles before it are always kept; the full tiles
+    between them are the ones a gate or selector chooses from. `xp` is numpy or jax.numpy."""
+    tiles = xp.arange(n_tiles)
+    last = last_tile[..., None]
+    sink = xp.minimum(sink_tiles, last)
+    return (tiles == last) | (tiles < sink), (tiles < last) & (tiles >= sink)
+
+
 def decode_gate_layout(t: int, block_k: int, tile_budget: float, sink_tiles: int) -> tuple[np.ndarray, np.ndarray]:
     """For query positions i < t decoding: bool [t, nk] optional key tiles and the budget m_i [t]
     (the query sees i // block_k + 1 key tiles, so it uses the budget of that tile count)."""
     nk = tile_count(t, block_k)
     last = np.arange(t) // block_k
-    tiles = np.arange(nk)[None, :]
-    optional = (tiles < last[:, None]) & (tiles >= np.minimum(sink_tiles, last)[:, None])
-    return optional, tile_budgets(nk, tile_budget)[last]
+    return decode_tile_roles(last, nk, sink_tiles)[1], tile_budgets(nk, tile_budget)[last]
 
 
 def decode_rows_kept_tiles(
@@ -150,8 +155,7 @@ def decode_rows_kept_tiles(
     t = q.shape[1]
     optional, budgets = decode_gate_layout(t, block_k, tile_budget, sink_tiles)  # [T, nk], [T]
     last = np.arange(t) // block_k
-    tiles = np.arange(optional.shape[-1])[None, :]
-    mandatory = (tiles == last[:, None]) | (tiles < np.minimum(sink_tiles, last)[:, None])
+    mandatory = decode_tile_roles(last, optional.shape[-1], sink_tiles)[0]
     if selector != "gate":
         scores = decode_rows_tile_scores(q, k, scale=scale, block_k=block_k, selector=selector)
         return mandatory | cap_optional(optional, scores, budgets, shared_heads=shared_heads)
