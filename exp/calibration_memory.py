@@ -32,7 +32,7 @@ from condensa.data import model_tokenizer
 from condensa.eval.bench.memory import peaks
 from condensa.model import load_pretrained
 from condensa.sparsity.calibration import (
-    CalibrationConfig, LayerWalk, _embed, _layer_dropped_mass, _layer_samples, calibrate, load_blocks,
+    CalibrationConfig, LayerWalk, embed_tokens, block_dropped_mass, block_samples, calibrate, load_blocks,
 )
 
 CONFIG = Path(__file__).resolve().parent.parent / "configs" / "smollm2-calibrate.yaml"
@@ -60,13 +60,13 @@ def layer_temporaries(model, args, gate) -> dict:
     walk = LayerWalk(model, AttentionConfig())
     graphdef, state = walk.layers[0]
     ids = jax.ShapeDtypeStruct((args.batch_size, args.seq_len), jnp.int32)
-    x, block_args = jax.eval_shape(lambda ids: _embed(walk.graphdef, walk.state, ids), ids)
+    x, block_args = jax.eval_shape(lambda ids: embed_tokens(walk.graphdef, walk.state, ids), ids)
     k_l = jnp.int32(args.k)
     theta = jax.ShapeDtypeStruct((model.config.n_head, model.config.n_positions), jnp.float32)
     out = {}
     for name, compiled in (
-        ("samples", _layer_samples.lower(graphdef, state, x, block_args, k_l, placement=args.placement, gate=gate)),
-        ("dropped_mass", _layer_dropped_mass.lower(graphdef, state, x, block_args, k_l, theta,
+        ("samples", block_samples.lower(graphdef, state, x, block_args, k_l, placement=args.placement, gate=gate)),
+        ("dropped_mass", block_dropped_mass.lower(graphdef, state, x, block_args, k_l, theta,
                                                    placement=args.placement, gate=gate)),
     ):
         analysis = compiled.compile().memory_analysis()

@@ -20,7 +20,7 @@ from flax import nnx
 
 from condensa.attention import AttentionConfig
 from condensa.model.registry import build_model, preset
-from condensa.sparsity.calibration import GateSpec, LayerWalk, _embed, _layer_dropped_mass, _layer_samples
+from condensa.sparsity.calibration import GateSpec, LayerWalk, embed_tokens, block_dropped_mass, block_samples
 from condensa.sparsity.thresholds import Thresholds, model_fingerprint
 
 
@@ -76,14 +76,14 @@ def main() -> None:
         # calibration runs one layer at a time; its peak is one layer's statistics (either pass)
         walk = LayerWalk(model, AttentionConfig())
         layer_graph, layer_state = walk.layers[0]
-        x, block_args = jax.eval_shape(lambda ids: _embed(walk.graphdef, walk.state, ids), ids)
+        x, block_args = jax.eval_shape(lambda ids: embed_tokens(walk.graphdef, walk.state, ids), ids)
         gate = GateSpec(args.tile, args.tile, 0.125, 1)
         k_l = jnp.int32(64)
-        compiled = _layer_samples.lower(layer_graph, layer_state, x, block_args, k_l, placement="pre",
+        compiled = block_samples.lower(layer_graph, layer_state, x, block_args, k_l, placement="pre",
                                         gate=gate).compile()
         report("  calibration, one layer's samples (gate on)", compiled)
         theta = jax.ShapeDtypeStruct((config.n_head, t), jnp.float32)
-        compiled = _layer_dropped_mass.lower(layer_graph, layer_state, x, block_args, k_l, theta, placement="pre",
+        compiled = block_dropped_mass.lower(layer_graph, layer_state, x, block_args, k_l, theta, placement="pre",
                                              gate=gate).compile()
         report("  calibration, one layer's dropped mass (gate on)", compiled)
 

@@ -88,7 +88,7 @@ class LayerWalk:
     def run(self, ids: jax.Array, per_layer: Callable) -> list:
         """`per_layer(layer, graphdef, state, x, block_args)` on the hidden states x entering each
         layer; returns the results as they come (device arrays, not yet fetched)."""
-        x, block_args = _embed(self.graphdef, self.state, ids)
+        x, block_args = embed_tokens(self.graphdef, self.state, ids)
         results = []
         for layer, (graphdef, state) in enumerate(self.layers):
             results.append(per_layer(layer, graphdef, state, x, block_args))
@@ -107,7 +107,7 @@ def _split_without_index(block) -> tuple:
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef",))
-def _embed(graphdef, state, ids):
+def embed_tokens(graphdef, state, ids):
     """(hidden states entering the first block, the extra arguments of every block)."""
     b, t = ids.shape
     return nnx.merge(graphdef, state)._embed(ids, jnp.broadcast_to(jnp.arange(t)[None, :], (b, t)))
@@ -130,15 +130,16 @@ def _queries_keys(graphdef, state, x, block_args):
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "placement", "gate"))
-def _layer_samples(graphdef, state, x, block_args, k_l, *, placement, gate):
-    """First pass, one layer: `layer_row_statistics`. k_l is traced, so one compile serves every k."""
+def block_samples(graphdef, state, x, block_args, k_l, *, placement, gate):
+    """First pass, one block: `layer_row_statistics`. k_l is traced, so one compile serves every k.
+    Public, as are `embed_tokens` and `block_dropped_mass`, so exp/'s memory scripts lower them."""
     q, k, scale = _queries_keys(graphdef, state, x, block_args)
     return layer_row_statistics(q, k, scale, k_l=k_l, placement=placement, gate=gate)
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "placement", "gate"))
-def _layer_dropped_mass(graphdef, state, x, block_args, k_l, theta, *, placement, gate):
-    """Second pass, one layer: `layer_dropped_mass` with the layer's θ table [H, N]."""
+def block_dropped_mass(graphdef, state, x, block_args, k_l, theta, *, placement, gate):
+    """Second pass, one block: `layer_dropped_mass` with the layer's θ table [H, N]."""
     q, k, scale = _queries_keys(graphdef, state, x, block_args)
     return layer_dropped_mass(q, k, scale, theta, k_l=k_l, placement=placement, gate=gate)
 
@@ -393,10 +394,10 @@ def calibrate(
     theta = layer_theta = None
 
     def samples(layer, graphdef, state, x, block_args):
-        return _layer_samples(graphdef, state, x, block_args, ks[layer], placement=placement, gate=gate)
+        return block_samples(graphdef, state, x, block_args, ks[layer], placement=placement, gate=gate)
 
     def dropped_mass(layer, graphdef, state, x, block_args):
-        return _layer_dropped_mass(graphdef, state, x, block_args, ks[layer], layer_theta[layer],
+        return block_dropped_mass(graphdef, state, x, block_args, ks[layer], layer_theta[layer],
                                    placement=placement, gate=gate)
 
     for second, start in (progress(steps) if progress else steps):
