@@ -248,10 +248,10 @@ def config_parser(cls: type, *, prog: str, description: str, epilog: str | None 
     return parser
 
 
-def key_help(cls: type) -> str:
+def key_help(cls: type, title: str = "config keys (YAML keys, or --key value on the command line):") -> str:
     """Every key of the config dataclass `cls` with its type, default and description: the part of
     --help that says what each option does."""
-    lines = ["config keys (YAML keys, or --key value on the command line):"]
+    lines = [title]
     for key, kind, default, note in config_rows(cls):
         lines.append(f"  --{key} {kind} (default {default})" + (f"\n        {note}" if note else ""))
     return "\n".join(lines)

@@ -72,11 +72,17 @@ def parse_command_line(argv: list[str]):
     return cfg, stages, models, report_dir, path
 
 
+def help_text() -> str:
+    """--help: what the study does, the options of this command, then every key of the study's config."""
+    return "\n\n".join([__doc__.rstrip(), key_help(StudyRun, "options of this command:"),
+                        key_help(study_config.StudyConfig, "study config keys (YAML keys, or --section.key value):")])
+
+
 @run_main
 def main(argv=None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
-        print(__doc__ + "\n" + key_help(StudyRun))
+        print(help_text())
         return
     cfg, stages, models, report_dir, path = parse_command_line(argv)
 
