@@ -62,8 +62,8 @@ TOOLS = (
          "condensa.eval.bench.prefill:PrefillBenchConfig", "prefill attention kernels against cuDNN"),
     Tool("python -m condensa.eval.bench decode", "condensa.eval.bench.decode",
          "condensa.eval.bench.decode:DecodeBenchConfig", "decode attention kernels against XLA and cuDNN"),
-    Tool("python -m condensa.eval.bench generate", "condensa.eval.bench.generate",
-         "condensa.eval.bench.generate:GenerateBenchConfig", "whole-model generation: TTFT, TPOT, tokens/s, memory"),
+    Tool("python -m condensa.eval.bench generate", "condensa.eval.bench.generation",
+         "condensa.eval.bench.generation:GenerateBenchConfig", "whole-model generation: TTFT, TPOT, tokens/s, memory"),
 )
 
 

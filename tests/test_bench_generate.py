@@ -8,7 +8,7 @@ import json
 import numpy as np
 import pytest
 
-from condensa.eval.bench import generate as bench
+from condensa.eval.bench import generation as bench
 
 TINY = ["--shape", "llama-tiny", "--batches", "[1]", "--prompt_lens", "[128]", "--new_tokens", "3",
         "--calibration_len", "128", "--calibration_blocks", "1", "--check_len", "64", "--check_steps", "6",

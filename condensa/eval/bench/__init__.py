@@ -17,5 +17,5 @@ BENCHMARKS = {
     "prefill": "condensa.eval.bench.prefill",
     "decode": "condensa.eval.bench.decode",
     "masses": "condensa.eval.bench.masses",
-    "generate": "condensa.eval.bench.generate",
+    "generate": "condensa.eval.bench.generation",
 }
