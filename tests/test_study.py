@@ -64,13 +64,22 @@ def test_markdown_follows_the_json(study, tmp_path):
     assert re.search(rf"\| base \| 8 \| [\d.]+ \| [\d.]+ \| {ratio:.2f} \|", after)
 
 
-def test_unknown_stage_and_model_are_clear_errors(tmp_path):
+def _study_exit(capsys, *args) -> tuple[int, str]:
+    """Runs the study's entry point in this process, as `python -m condensa.eval.study ARGS` would
+    (the same wrapper turns a CondensaError into one stderr line and exit status 2)."""
+    from condensa.eval.study.__main__ import main
+
+    capsys.readouterr()
+    code = main([str(REPO / "configs/study-tiny.yaml"), *args])
+    return code, capsys.readouterr().err
+
+
+def test_unknown_stage_and_model_are_clear_errors(tmp_path, capsys):
     for extra, message in ((["--stages", "trian"], "unknown stage"), (["--models", "nope"], "unknown study model"),
                            (["--calibration.gate_k", "999"], "must be one of calibration.ks"),
                            (["--timing.models", "[base,tlie]"], "unknown study model")):
-        done = subprocess.run([sys.executable, "-m", "condensa.eval.study", str(REPO / "configs/study-tiny.yaml"),
-                               "--out", str(tmp_path), *extra], cwd=REPO, capture_output=True, text=True, timeout=120)
-        assert done.returncode == 2 and message in done.stderr
+        code, err = _study_exit(capsys, "--out", str(tmp_path), *extra)
+        assert code == 2 and message in err, err
 
 
 def _row(method, f, delta, compensation="none", decode=False, k=16):
@@ -105,11 +114,9 @@ def test_timed_budget_is_the_smallest_within_the_limit():
         choose_budget({"corpus": {"rows": [r for r in rows if r["method"] != "dense"]}}, 16, 0.01, by="gate")
 
 
-def test_budget_by_gate_needs_the_gate_alone_rules(tmp_path):
-    done = subprocess.run([sys.executable, "-m", "condensa.eval.study", str(REPO / "configs/study-tiny.yaml"),
-                           "--out", str(tmp_path), "--timing.budget_by", "gate", "--evaluation.gate_alone", "false"],
-                          cwd=REPO, capture_output=True, text=True, timeout=120)
-    assert done.returncode == 2 and "evaluation.gate_alone: true" in done.stderr
+def test_budget_by_gate_needs_the_gate_alone_rules(tmp_path, capsys):
+    code, err = _study_exit(capsys, "--out", str(tmp_path), "--timing.budget_by", "gate", "--evaluation.gate_alone", "false")
+    assert code == 2 and "evaluation.gate_alone: true" in err, err
 
 
 def test_timing_details_show_the_budgets_and_the_prefill_grid():
