@@ -67,7 +67,7 @@ def layer_temporaries(model, args, gate) -> dict:
     for name, compiled in (
         ("samples", block_samples.lower(graphdef, state, x, block_args, k_l, placement=args.placement, gate=gate)),
         ("dropped_mass", block_dropped_mass.lower(graphdef, state, x, block_args, k_l, theta,
-                                                   placement=args.placement, gate=gate)),
+                                                  placement=args.placement, gate=gate)),
     ):
         analysis = compiled.compile().memory_analysis()
         out[name] = None if analysis is None else analysis.temp_size_in_bytes / 2**30

@@ -80,11 +80,11 @@ def main() -> None:
         gate = GateSpec(args.tile, args.tile, 0.125, 1)
         k_l = jnp.int32(64)
         compiled = block_samples.lower(layer_graph, layer_state, x, block_args, k_l, placement="pre",
-                                        gate=gate).compile()
+                                       gate=gate).compile()
         report("  calibration, one layer's samples (gate on)", compiled)
         theta = jax.ShapeDtypeStruct((config.n_head, t), jnp.float32)
         compiled = block_dropped_mass.lower(layer_graph, layer_state, x, block_args, k_l, theta, placement="pre",
-                                             gate=gate).compile()
+                                            gate=gate).compile()
         report("  calibration, one layer's dropped mass (gate on)", compiled)
 
 

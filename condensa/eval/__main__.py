@@ -9,6 +9,7 @@ from condensa.cli import run_main
 from condensa.errors import ConfigError, did_you_mean
 from condensa.eval import COMMANDS
 
+
 def main(argv=None) -> None:
     argv = sys.argv[1:] if argv is None else list(argv)
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:

@@ -398,7 +398,7 @@ def calibrate(
 
     def dropped_mass(layer, graphdef, state, x, block_args):
         return block_dropped_mass(graphdef, state, x, block_args, ks[layer], layer_theta[layer],
-                                   placement=placement, gate=gate)
+                                  placement=placement, gate=gate)
 
     for second, start in (progress(steps) if progress else steps):
         ids, real = _padded_batch(blocks, start, batch_size)
