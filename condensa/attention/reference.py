@@ -143,9 +143,10 @@ def fused_dense_attention(q, k, v, *, visible, scale, causal: bool) -> jax.Array
     the shapes allow it, XLA elsewhere. It never materialises float32 [B, H, T, T] probabilities,
     which is what makes training without the concentration loss fast. K and V may have fewer heads
     than q (GQA): `dot_product_attention` shares them across the query groups itself."""
-    if causal and jax.default_backend() == "gpu":
+    if causal and jax.default_backend() == "gpu" and q.dtype in (jnp.bfloat16, jnp.float16):
         # implementation=None means XLA today, which materialises the scores; ask for cuDNN's
-        # flash attention and keep XLA for what cuDNN refuses (float32, odd head dims).
+        # flash attention in 16 bits, and keep XLA for float32 (which must stay float32: a
+        # float32 model is the precise reference) and for what cuDNN refuses (odd head dims).
         try:
             return jax.nn.dot_product_attention(q, k, v, scale=scale, is_causal=True, implementation="cudnn")
         except (ValueError, NotImplementedError, TypeError):
