@@ -5,6 +5,7 @@
 #   bash exp/gpu_jobs.sh generate-small   # issue 25: SmolLM2 shape at 8k, 1B shape at batch 8 x 32k
 #   bash exp/gpu_jobs.sh generate-long    # issue 25: 1B shape at batch 8 x 64k, batch 1 x 128k (chunked)
 #   bash exp/gpu_jobs.sh determinism      # issue 23: which op makes training non-deterministic
+#   bash exp/gpu_jobs.sh determinism-processes  # issue 23: the same gradients in two processes?
 #   bash exp/gpu_jobs.sh condense-topk    # issue 23: top-k loss at λ = 0.3 and 3 (needs the GGUF in /tmp)
 set -uo pipefail
 export PYTHONPATH=/tmp/site:.:exp
@@ -22,6 +23,16 @@ case "${1:-}" in
     for run in a b; do timeout 100 python exp/grad_determinism.py --out "$OUT/grad-determinism-$run.json"; done
     XLA_FLAGS=--xla_gpu_exclude_nondeterministic_ops=true timeout 100 python exp/grad_determinism.py \
       --repeats 2 --out "$OUT/grad-determinism-excluded.json" ;;
+  determinism-processes)
+    # XLA attention under the switch was deterministic within a process; across two processes too,
+    # with autotuning off (it may choose other kernels in each process)?
+    for flags in "--xla_gpu_exclude_nondeterministic_ops=true" \
+                 "--xla_gpu_exclude_nondeterministic_ops=true --xla_gpu_autotune_level=0"; do
+      for run in a b; do
+        XLA_FLAGS="$flags" timeout 60 python exp/grad_determinism.py --repeats 1 --cases "topk k=64/xla attention" \
+          --out "$OUT/grad-determinism-$run-$(echo "$flags" | wc -w).json"
+      done
+    done ;;
   condense-topk)
     # the earlier runs' results, so the report has every row; topk-3.0 was trained but never evaluated
     # and its checkpoint is gone with that machine, so it trains again
@@ -31,5 +42,5 @@ d['train'].pop('topk-3.0-s0', None); json.dump(d, open('/tmp/condense2/results.j
       --data /tmp/data/wiki.test.raw --book /tmp/data/gutenberg/melville-moby_dick.txt \
       --runs topk:3.0,topk:0.3 --steps 200 --runs_dir /tmp/condense2 --out "$OUT/condense" ;;
   *)
-    echo "usage: bash exp/gpu_jobs.sh generate-small|generate-long|determinism|condense-topk" >&2; exit 2 ;;
+    echo "usage: bash exp/gpu_jobs.sh generate-small|generate-long|determinism|determinism-processes|condense-topk" >&2; exit 2 ;;
 esac

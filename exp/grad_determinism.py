@@ -96,6 +96,7 @@ def main() -> None:
     p.add_argument("--seq_len", type=int, default=2048)
     p.add_argument("--layers", type=int, default=8, help="SmolLM2-135M has 30; determinism does not depend on depth")
     p.add_argument("--repeats", type=int, default=3, help="gradient computations compared with the first")
+    p.add_argument("--cases", default=None, help="comma-separated 'loss/variant' names to run (default: all)")
     p.add_argument("--out", default=None, help="write the report here as JSON")
     args = p.parse_args()
     config = preset("llama-tiny", **{**dict(vocab_size=49152, hidden_size=576, intermediate_size=1536,
@@ -109,6 +110,8 @@ def main() -> None:
     variants = {"as trained": [], "xla attention": [xla_attention], "one-hot embedding": [onehot_embed],
                 "xla attention + one-hot embedding": [xla_attention, onehot_embed]}
     cases = [("lm only", "as trained")] + [("topk k=64", v) for v in variants]
+    if args.cases:
+        cases = [c for c in cases if "/".join(c) in args.cases.split(",")]
     report = {"xla_flags": os.environ.get("XLA_FLAGS", ""), "device": str(jax.devices()[0]), "jax": jax.__version__,
               "batch": args.batch, "seq_len": args.seq_len, "layers": args.layers, "results": []}
     for loss_name, variant in cases:
