@@ -15,6 +15,7 @@ from condensa.attention.rows import join_rows, lookup_by_length, row_lengths, sp
 from condensa.attention.tile_gate import gate_mask
 from condensa.attention.topk import topk_probs, topk_unnormalised_probs
 from condensa.attention.toptheta import toptheta_post_probs, toptheta_pre_probs, v_mean_compensation
+from condensa.determinism import deterministic_ops
 from condensa.errors import ThresholdsError
 
 
@@ -143,10 +144,11 @@ def fused_dense_attention(q, k, v, *, visible, scale, causal: bool) -> jax.Array
     the shapes allow it, XLA elsewhere. It never materialises float32 [B, H, T, T] probabilities,
     which is what makes training without the concentration loss fast. K and V may have fewer heads
     than q (GQA): `dot_product_attention` shares them across the query groups itself."""
-    if causal and jax.default_backend() == "gpu" and q.dtype in (jnp.bfloat16, jnp.float16):
+    if causal and jax.default_backend() == "gpu" and q.dtype in (jnp.bfloat16, jnp.float16) and not deterministic_ops():
         # implementation=None means XLA today, which materialises the scores; ask for cuDNN's
         # flash attention in 16 bits, and keep XLA for float32 (which must stay float32: a
-        # float32 model is the precise reference) and for what cuDNN refuses (odd head dims).
+        # float32 model is the precise reference), under XLA's deterministic switch (cuDNN's
+        # kernel does not compile there) and for what cuDNN refuses (odd head dims).
         try:
             return jax.nn.dot_product_attention(q, k, v, scale=scale, is_causal=True, implementation="cudnn")
         except (ValueError, NotImplementedError, TypeError):

@@ -102,6 +102,7 @@ class TrainLoopConfig:
     seed: int = 0  # seed of scratch initialisation, dropout and the batch shuffle
     dtype: Literal["float32", "bfloat16"] = "float32"  # compute dtype; parameters stay float32
     remat: bool = True  # recompute each block's activations in the backward pass (less memory, more compute)
+    deterministic: bool = False  # bit-identical reruns of one seed on GPUs (XLA attention, no cuDNN; slower)
     eval_every: int = 200  # steps between validation evaluations (and at the last step)
     eval_batches: int = 8  # 0 turns evaluation off
     # top-k / tile masses in evaluation: they hold every layer's [H, T, T] probabilities of one

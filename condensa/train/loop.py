@@ -15,6 +15,7 @@ from flax import nnx
 from condensa.checkpoint import CORRUPT_DIR, Checkpointer
 from condensa.cli import check_writable, progress
 from condensa.data import BatchIterator
+from condensa.determinism import require_deterministic_ops
 from condensa.errors import TrainingError
 from condensa.train import parallel
 from condensa.train.config import TrainConfig
@@ -58,6 +59,8 @@ def train(cfg: TrainConfig, *, restart: bool = False) -> dict[str, float]:
 
 
 def _train(cfg: TrainConfig, out: Path, restart: bool) -> dict[str, float]:
+    if cfg.train.deterministic:
+        require_deterministic_ops()  # before anything starts JAX's backend
     check_compatible(out, cfg)
     data = load_data(cfg)
     mesh = parallel.make_mesh(cfg.mesh.data)
