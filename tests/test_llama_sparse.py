@@ -186,3 +186,31 @@ def test_last_position_logits_and_chunking_limits(calibrated):
     gated = AttentionConfig(tile_gate=True, tile_selector="rowmean", block_q=TILE, block_k=TILE, tile_budget=BUDGET)
     with pytest.raises(ConfigError, match="prefill_chunk with the tile gate"):
         condensa.generate(model, ids, 2, attention=gated, prefill_chunk=16)
+
+
+def test_sampling_and_stopping_on_the_fast_path_match_the_reference_path(calibrated):
+    """Temperature, top-k and top-p sampling, EOS and left-padded prompts through the Pallas kernels
+    (prompt on the prefill kernel, steps on the decode kernel) draw the same tokens as the same
+    rule on the reference ops, seed for seed."""
+    from condensa.sparsity import Thresholds
+
+    model, config = condensa.load_pretrained(calibrated / "model")
+    thresholds = Thresholds.load(calibrated / "thresholds" / "thresholds.safetensors").validate(config)
+    ids = np.random.default_rng(4).integers(0, 50257, (2, 48))
+    mask = np.ones((2, 48), np.int32)
+    mask[1, :13] = 0
+    gated = AttentionConfig(mode="toptheta", k=K, sdc="calibrated", vmc=True, tile_gate=True, block_q=TILE,
+                            block_k=TILE, tile_budget=BUDGET, tile_cap=True)
+    for sampling in (dict(do_sample=True, temperature=0.7, top_k=50, seed=3),
+                     dict(do_sample=True, top_p=0.9, seed=5)):
+        fast = condensa.generate(model, ids, 12, attention_mask=mask, attention=gated.replace(backend="pallas"),
+                                 thresholds=thresholds, **sampling)
+        slow = condensa.generate(model, ids, 12, attention_mask=mask, attention=gated, thresholds=thresholds,
+                                 **sampling)
+        np.testing.assert_array_equal(fast, slow, err_msg=str(sampling))
+        eos = int(fast[0, 48 + 3])  # a token the first sequence draws: it must stop there, on both paths
+        stopped = [condensa.generate(model, ids, 12, attention_mask=mask, attention=rule, thresholds=thresholds,
+                                     eos_token_id=eos, **sampling) for rule in (gated.replace(backend="pallas"), gated)]
+        np.testing.assert_array_equal(stopped[0], stopped[1])
+        first = int(np.argmax(stopped[0][0, 48:] == eos))
+        assert first <= 3 and (stopped[0][0, 48 + first:] == eos).all()
