@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import os
 
+from jax._src import xla_bridge  # no public API says whether JAX's backend has started
+
 from condensa.errors import ConfigError
 
 DETERMINISTIC_FLAGS = ("--xla_gpu_exclude_nondeterministic_ops=true",)
@@ -28,8 +30,6 @@ def deterministic_ops() -> bool:
 
 def require_deterministic_ops() -> None:
     """Puts the switch in XLA_FLAGS, or refuses if JAX's backend already started without it."""
-    from jax._src import xla_bridge  # no public API says whether the backend has started
-
     missing = [f for f in DETERMINISTIC_FLAGS if f not in _xla_flags()]
     if not missing:
         return

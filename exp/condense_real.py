@@ -34,6 +34,7 @@ import yaml
 from condensa import AttentionConfig, load_pretrained
 from condensa.cli import config_from_dict
 from condensa.data import load_tokenizer, read_text_file
+from condensa.determinism import require_deterministic_ops
 from condensa.errors import CondensaError
 from condensa.train.config import TrainConfig
 from condensa.train.run_model import with_run_weights
@@ -68,6 +69,9 @@ def parse_args():
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--train_dtype", default="bfloat16")
     p.add_argument("--stages", default="train,eval")
+    p.add_argument("--deterministic", action="store_true",
+                   help="bit-identical fine-tunes per seed (train.deterministic: XLA's deterministic switch, set at "
+                        "start, and XLA attention instead of cuDNN; evaluation runs under the switch too)")
     p.add_argument("--original", action="store_true", help="also evaluate the original model (stage eval)")
     p.add_argument("--runs_dir", default="runs/condense")
     p.add_argument("--out", default="runs/condense-report")
@@ -93,7 +97,8 @@ def train_config(args, spec: str, seed: int) -> TrainConfig:
                                 "warmup_steps": args.warmup} for name in LOSSES}}
     values["train"] = {**values["train"], "steps": args.steps, "batch_size": args.batch, "seed": seed,
                        "dtype": args.train_dtype, "eval_every": args.steps, "eval_batches": 4,
-                       "eval_attention_metrics": False, "export": False, "log_every": 10}
+                       "eval_attention_metrics": False, "export": False, "log_every": 10,
+                       "deterministic": args.deterministic}
     values["checkpoint"] = {"every": max(1, args.steps // 2), "keep": 1, "async_save": False}  # a call cut short resumes
     return config_from_dict(TrainConfig, values)
 
@@ -211,6 +216,8 @@ def deltas(results: dict, halves: dict) -> dict:
 
 def main() -> None:
     args = parse_args()
+    if args.deterministic:
+        require_deterministic_ops()  # now, before anything starts JAX's backend
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     state = Path(args.runs_dir) / "results.json"

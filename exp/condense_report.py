@@ -98,7 +98,9 @@ def render(results: dict, discussion: str = "") -> str:
         "(the output of `exp/condense_real.py`); do not edit by hand. The stand-in study, a small GPT-2 "
         "pretrained here, follows below it.", "",
         f"Device: {results['device']} (an H100 was lent, not the H200), jax {results['jax']}, "
-        f"XLA_FLAGS `{results.get('xla_flags') or 'none'}`.", "",
+        f"XLA_FLAGS `{results.get('xla_flags') or 'none'}`"
+        + "".join(f"; {_lambda(name)} ran on {where}" for name, where in results.get("run_devices", {}).items())
+        + ".", "",
         f"Every model starts from the SmolLM2-135M GGUF. Fine-tunes: {args['steps']} steps of "
         f"{args['batch']} × {args['seq_len']} tokens of `corpus/misc` (Brown, ABC news, State of the Union, "
         f"inaugural addresses, tiny Shakespeare), lr {args['lr']}, warmup and λ ramp {args['warmup']} steps, "
@@ -116,6 +118,7 @@ def render(results: dict, discussion: str = "") -> str:
         "    --runs control,select:1.0,tile:1.0,topk:1.0,select:3.0,select:0.3,tile:3.0,tile:0.3,topk:3.0,topk:0.3 \\",
         "    --steps 200 --original --runs_dir /tmp/condense2 --out $OUT/condense",
         "python exp/condense_real.py ... --runs control,select:0.3 --seeds 1,2 --original   # the seeds",
+        "bash exp/gpu_jobs.sh condense-topk   # top-k λ = 3 and 0.3, added to the same results",
         "```", "",
         "### Dense quality of each model", "",
         *_dense_table(results, windows // 2), "",
@@ -226,7 +229,8 @@ def render_second_run(original: dict, control: dict, timing: dict, determinism: 
                  f"{d['arrays_differing']} of {d['arrays']} parameter arrays differ at the end (by at most "
                  f"{d['max_abs_parameter_difference']:.1e}).")
               + " `--xla_gpu_deterministic_ops=true` and `--xla_gpu_exclude_nondeterministic_ops=true` both make "
-              "the training step fail to compile on this jax (`absl::container_internal::raw_hash_map<>::at`).",
+              "the training step fail to compile on this jax (`absl::container_internal::raw_hash_map<>::at`): "
+              "cuDNN's fused attention does not compile under them (see Determinism below).",
               "(`python exp/train_determinism.py RUN_A RUN_B`.)", ""]
     return "\n".join(lines)
 

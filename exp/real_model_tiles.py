@@ -262,9 +262,6 @@ def time_prefill(model, seq: int, batches: list[int], rules: dict[str, Attention
     return out
 
 
-CUDNN = "cudnn" if jax.default_backend() == "gpu" else None
-
-
 def time_prepass(model, ids, layer: int, rules: dict[str, AttentionConfig]) -> dict:
     """One layer's q, k, v from real text: the gated kernel's time, its pre-pass alone (the fused one
     where the kernel runs it, and the XLA one), and cuDNN's."""
@@ -278,8 +275,9 @@ def time_prepass(model, ids, layer: int, rules: dict[str, AttentionConfig]) -> d
     hkv = model.config.n_kv_head
     k, v = k[:, :, :: q.shape[2] // hkv], v[:, :, :: q.shape[2] // hkv]  # walk_layers repeats KV heads
     t = q.shape[1]
+    implementation = "cudnn" if jax.default_backend() == "gpu" else None  # asked here, not at import: that starts JAX
     cudnn = jax.jit(lambda q, k, v: jax.nn.dot_product_attention(q, k, v, scale=scale, is_causal=True,
-                                                                  implementation=CUDNN))
+                                                                  implementation=implementation))
     input_sets = [((q.astype(jnp.float32) * (1 + 1e-3 * i)).astype(q.dtype), k, v) for i in range(10)]
 
     def timed(fn):  # device time of fn(q, k, v): ten calls on different q in one jit, one dispatch
