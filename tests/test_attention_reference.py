@@ -441,21 +441,3 @@ def test_for_layer_resolves_a_layers_rule_once():
     assert rule.for_layer(2) == rule.replace(k=16, layer_k=(), dense_layers=())
     assert not rule.for_layer(0).is_dense and rule.for_layer(0).for_layer(1) == rule.for_layer(0)
 
-
-@pytest.mark.parametrize("dtype,implementation", [(jnp.bfloat16, "cudnn"), (jnp.float16, "cudnn"), (jnp.float32, None)])
-def test_fused_dense_attention_keeps_float32_off_cudnn_on_gpus(dtype, implementation, monkeypatch):
-    """cuDNN's flash attention for 16-bit inputs on a GPU; float32 stays on XLA, at float32
-    precision (the benchmarks' float32 correctness checks compare against it)."""
-    from condensa.attention import fused_dense_attention
-
-    asked = []
-
-    def record(q, k, v, implementation=None, **kwargs):
-        asked.append(implementation)
-        return q
-
-    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
-    monkeypatch.setattr(jax.nn, "dot_product_attention", record)
-    q = jnp.zeros((1, 8, 2, 16), dtype)
-    fused_dense_attention(q, q, q, visible=None, scale=0.25, causal=True)
-    assert asked == [implementation]

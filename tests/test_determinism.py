@@ -38,9 +38,13 @@ def test_a_started_backend_with_the_switch_goes_ahead(monkeypatch):
     determinism.require_deterministic_ops()
 
 
-@pytest.mark.parametrize("flags,implementation", [("", "cudnn"), (SWITCH, None),
-                                                  ("--xla_gpu_deterministic_ops=true", None)])
-def test_dense_attention_leaves_cudnn_under_the_switch(flags, implementation, monkeypatch):
+@pytest.mark.parametrize("dtype,flags,implementation", [
+    (jnp.bfloat16, "", "cudnn"), (jnp.float16, "", "cudnn"), (jnp.bfloat16, SWITCH, None),
+    (jnp.bfloat16, "--xla_gpu_deterministic_ops=true", None), (jnp.float32, "", None)])
+def test_dense_attention_leaves_cudnn_under_the_switch_and_in_float32(dtype, flags, implementation, monkeypatch):
+    """On a GPU, cuDNN's flash attention for 16-bit inputs; XLA under the switch (cuDNN's kernel
+    does not compile there) and for float32 (cuDNN refuses it; asked for 16 bits only, float32
+    never depends on that refusal)."""
     asked = []
 
     def record(q, k, v, implementation=None, **kwargs):
@@ -50,7 +54,7 @@ def test_dense_attention_leaves_cudnn_under_the_switch(flags, implementation, mo
     monkeypatch.setenv("XLA_FLAGS", flags)
     monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
     monkeypatch.setattr(jax.nn, "dot_product_attention", record)
-    q = jnp.zeros((1, 8, 2, 16), jnp.bfloat16)
+    q = jnp.zeros((1, 8, 2, 16), dtype)
     fused_dense_attention(q, q, q, visible=None, scale=0.25, causal=True)
     assert asked == [implementation]
 

@@ -146,9 +146,8 @@ def fused_dense_attention(q, k, v, *, visible, scale, causal: bool) -> jax.Array
     than q (GQA): `dot_product_attention` shares them across the query groups itself."""
     if causal and jax.default_backend() == "gpu" and q.dtype in (jnp.bfloat16, jnp.float16) and not deterministic_ops():
         # implementation=None means XLA today, which materialises the scores; ask for cuDNN's
-        # flash attention in 16 bits, and keep XLA for float32 (which must stay float32: a
-        # float32 model is the precise reference), under XLA's deterministic switch (cuDNN's
-        # kernel does not compile there) and for what cuDNN refuses (odd head dims).
+        # flash attention in 16 bits (it refuses float32), and keep XLA under XLA's deterministic
+        # switch (cuDNN's kernel does not compile there) and for what cuDNN refuses (odd head dims).
         try:
             return jax.nn.dot_product_attention(q, k, v, scale=scale, is_causal=True, implementation="cudnn")
         except (ValueError, NotImplementedError, TypeError):
