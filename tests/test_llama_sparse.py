@@ -129,9 +129,10 @@ def test_training_from_scratch_with_a_llama_preset_exports_for_transformers(tmp_
 
 @pytest.mark.parametrize("padded", [False, True], ids=["unpadded", "left-padded"])
 def test_a_prompt_fills_the_cache_on_the_fused_paths_as_the_reference_path_does(calibrated, padded):
-    """`prompt=True` (attention over the new tokens alone, so the prefill kernel runs) gives the same
-    logits and the same cache as attending to every cache slot, for dense, Top-θ and gated rules, on
-    both backends; chunked prefill in `generate` gives the same greedy tokens as recomputing."""
+    """`prompt=True` (attention over the new tokens alone, so the prefill kernel runs; a left-padded
+    prompt with its real tokens moved to the front) gives the same logits and the same cache as
+    attending to every cache slot, for dense, Top-θ and gated rules, on both backends; chunked
+    prefill in `generate` gives the same greedy tokens as recomputing."""
     from condensa.sparsity import Thresholds
 
     root = calibrated
@@ -140,8 +141,10 @@ def test_a_prompt_fills_the_cache_on_the_fused_paths_as_the_reference_path_does(
     ids = jnp.asarray(np.random.default_rng(1).integers(0, 50257, (2, 72)))
     mask = jnp.ones((2, 72), jnp.int32).at[1, :21].set(0) if padded else None
     valid = np.ones((2, 72), bool) if mask is None else np.asarray(mask, bool)
+    # the prompt path promises left padding, so its padded rows run on the fused paths too
     run = nnx.jit(lambda m, rule, prompt: m(ids, attention_mask=mask, cache=m.init_cache(2, 80, tile_size=TILE),
-                                            attention=rule, thresholds=thresholds, prompt=prompt), static_argnums=(1, 2))
+                                            attention=rule, thresholds=thresholds, prompt=prompt, left_padded=prompt),
+                  static_argnums=(1, 2))
     toptheta = AttentionConfig(mode="toptheta", k=K, sdc="calibrated", vmc=True)
     for rule in (AttentionConfig(), toptheta, toptheta.replace(tile_gate=True, block_q=TILE, block_k=TILE,
                                                                tile_budget=BUDGET, tile_cap=True)):
@@ -212,3 +215,20 @@ def test_sampling_and_stopping_on_the_fast_path_match_the_reference_path(calibra
     np.testing.assert_array_equal(stopped[0], stopped[1])
     first = int(np.argmax(stopped[0][0, 48:] == eos))
     assert first <= 3 and (stopped[0][0, 48 + first:] == eos).all()
+
+
+def test_a_left_padded_prompt_runs_its_real_tokens_first_under_the_plain_causal_mask():
+    """What the fused paths need: plain causal visibility, positions 0.. for the real tokens moved to
+    the front, and the cache's key_valid still marking each token in its own slot."""
+    from condensa.model.causal_inputs import causal_inputs
+    from condensa.model.kv_cache import KVCache
+
+    ids = jnp.asarray([[0, 0, 5, 6, 7], [1, 2, 3, 4, 5]])
+    mask = jnp.asarray([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]])
+    cache = KVCache.empty(n_layer=1, batch=2, max_len=8, n_head=1, head_dim=4, dtype=jnp.float32)
+    inputs = causal_inputs(ids, mask, cache, prompt=True, left_padded=True)
+    assert inputs.plain_causal
+    np.testing.assert_array_equal(inputs.to_front(ids), [[5, 6, 7, 0, 0], [1, 2, 3, 4, 5]])
+    np.testing.assert_array_equal(inputs.to_back(inputs.to_front(ids)), ids)
+    np.testing.assert_array_equal(inputs.positions[0, :3], [0, 1, 2])
+    np.testing.assert_array_equal(inputs.key_valid[:, :5], mask.astype(bool))

@@ -8,6 +8,7 @@ layer and `updated_cache` after its last, so every family shares the cache and g
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import NamedTuple
 
@@ -27,17 +28,42 @@ class CausalInputs(NamedTuple):
     # cache_write(layer, k, v) -> (the layer's cache after the write, the DecodeState decode kernels
     # read or None, the keys and values attention reads: the whole cache, or the new ones alone)
     cache_write: Callable[[int, jax.Array, jax.Array], tuple[LayerKV, DecodeState | None, tuple]] | None
+    # a left-padded prompt run with its real tokens moved to the front (see `causal_inputs`):
+    # to_front(x [B, T, ...]) moves them there, to_back(x) undoes it; None otherwise
+    to_front: Callable[[jax.Array], jax.Array] | None = None
+    to_back: Callable[[jax.Array], jax.Array] | None = None
+
+
+def _rolled(x: jax.Array, shift: jax.Array) -> jax.Array:
+    """Row b of x [B, T, ...] rotated left by shift[b] along T."""
+    index = (jnp.arange(x.shape[1])[None, :] + shift[:, None]) % x.shape[1]
+    return jnp.take_along_axis(x, index.reshape(index.shape + (1,) * (x.ndim - 2)), axis=1)
 
 
 def causal_inputs(input_ids: jax.Array, attention_mask: jax.Array | None, cache: KVCache | None, *,
-                  prompt: bool = False) -> CausalInputs:
+                  prompt: bool = False, left_padded: bool = False) -> CausalInputs:
     """Positions, visibility and the cache writer for `input_ids` [B, T] appended at `cache.index`.
 
     `prompt`: the cache holds nothing yet, so the new tokens see only each other. Attention then
     reads their own k and v under the plain causal mask, as without a cache, and the fused prefill
-    paths (cuDNN, the prefill kernel) apply instead of the reference op over every cache slot."""
+    paths (cuDNN, the prefill kernel) apply instead of the reference op over every cache slot.
+    `left_padded` (with `prompt` and a mask whose zeros all lead each row): the model runs each row
+    with its real tokens moved to the front, so the padding trails them, where the plain causal
+    mask already hides it from every real token; the fused paths then apply to padded batches too.
+    The cache still gets each token in its own slot."""
     b, t = input_ids.shape
     mask = jnp.ones((b, t), bool) if attention_mask is None else attention_mask.astype(bool)
+    if prompt and left_padded and attention_mask is not None:
+        pads = t - mask.sum(axis=1)
+        to_front, to_back = functools.partial(_rolled, shift=pads), functools.partial(_rolled, shift=-pads)
+        key_valid = jax.lax.dynamic_update_slice(cache.key_valid, mask, (0, cache.index))
+
+        def front_write(i, k, v):  # attention reads k, v as they are (real tokens first)
+            return cache.layer_update(i, to_back(k), to_back(v), mask), None, (k, v)
+
+        causal = jnp.broadcast_to(jnp.tril(jnp.ones((t, t), bool))[None, None], (b, 1, t, t))
+        return CausalInputs(mask, jnp.broadcast_to(jnp.arange(t)[None], (b, t)), causal, True, key_valid,
+                            front_write, to_front, to_back)
     if cache is None or prompt:
         positions = jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0)
         causal = jnp.tril(jnp.ones((t, t), bool))

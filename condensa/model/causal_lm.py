@@ -103,6 +103,7 @@ class CausalLM(nnx.Module):
         loss_logits: bool = False,
         prompt: bool = False,
         last_logits_only: bool = False,
+        left_padded: bool = False,
     ) -> ModelOutput:
         """Logits for `input_ids` [B, T].
 
@@ -120,6 +121,9 @@ class CausalLM(nnx.Module):
         prefill paths, while they are written into the cache. last_logits_only: logits [B, 1, V] of
         the last position alone (what generation reads; [B, T, V] in float32 is the largest array of
         a long prompt, and XLA does not cut the output layer down to the slice taken from it).
+        left_padded: with `prompt`, a promise that every zero of `attention_mask` leads its row; the
+        fused prefill paths then run padded prompts too (`causal_inputs`). Rules with the tile gate
+        keep the masked reference op: the gate's tiles would move with the tokens.
         """
         check_input_ids(input_ids, self.config, offset=0 if cache is None else cache.index)
         if prompt and (cache is None or (not isinstance(cache.index, jax.core.Tracer) and int(cache.index) != 0)):
@@ -128,8 +132,10 @@ class CausalLM(nnx.Module):
         if isinstance(return_attention, str) and return_attention != "inputs":
             raise ModelInputError(f"return_attention is True, False or 'inputs'; got {return_attention!r}.")
         attention = attention or self.attention
-        inputs = causal_inputs(input_ids, attention_mask, cache, prompt=prompt)
-        x, block_args = self._embed(input_ids, inputs.positions)
+        front = left_padded and not attention.tile_gate
+        inputs = causal_inputs(input_ids, attention_mask, cache, prompt=prompt, left_padded=front)
+        x, block_args = self._embed(input_ids if inputs.to_front is None else inputs.to_front(input_ids),
+                                    inputs.positions)
         all_probs, new_layers = [], []
         for i, block in enumerate(self._blocks()):
             kv = None if cache is None else functools.partial(inputs.cache_write, i)
@@ -144,6 +150,8 @@ class CausalLM(nnx.Module):
                 all_probs.append(probs)
             if cache is not None:
                 new_layers.append(layer_kv)
+        if inputs.to_back is not None:
+            x = inputs.to_back(x)
         logits = self._logits(x[:, -1:] if last_logits_only else x, loss_logits)
         if not loss_logits:
             logits = logits.astype(jnp.float32)

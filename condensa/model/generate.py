@@ -53,22 +53,24 @@ def _cache_length(total: int, attention, n_positions: int) -> int:
     return min(-(-total // align) * align, n_positions)
 
 
-def _prompt(call, cache, ids, mask, chunk: int):
+def _prompt(call, cache, ids, mask, chunk: int, left_padded: bool):
     """The model's output after writing the prompt into the empty `cache`, `chunk` tokens per call.
-    The first call reads only its own tokens, on the fused prefill paths; each later one attends to
-    the cache so far, so memory grows with chunk × prompt length, not prompt length squared."""
+    The first call reads only its own tokens, on the fused prefill paths (a left-padded one too);
+    each later one attends to the cache so far, so memory grows with chunk × prompt length, not
+    prompt length squared."""
     out = None
     for start in range(0, ids.shape[1], chunk):
         piece = slice(start, start + chunk)
         out = call(ids[:, piece], attention_mask=None if mask is None else mask[:, piece],
-                   cache=cache if out is None else out.cache, prompt=out is None, last_logits_only=True)
+                   cache=cache if out is None else out.cache, prompt=out is None, last_logits_only=True,
+                   left_padded=left_padded)
     return out
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "sampling", "eos", "use_cache", "attention",
-                                             "padded", "prefill_chunk"))
+                                             "padded", "left_padded", "prefill_chunk"))
 def _generate(graphdef, state, ids, mask, rng, thresholds, *, max_new_tokens, sampling, eos, use_cache, attention,
-              padded, prefill_chunk):
+              padded, left_padded, prefill_chunk):
     model = nnx.merge(graphdef, state)
     model.eval()
     b, p = ids.shape
@@ -82,7 +84,7 @@ def _generate(graphdef, state, ids, mask, rng, thresholds, *, max_new_tokens, sa
     if use_cache:
         tile_size = attention.block_k if attention.tile_gate else None  # the decode gate scores tile-mean keys
         cache = model.init_cache(b, _cache_length(total, attention, model.config.n_positions), tile_size=tile_size)
-        out = _prompt(call, cache, ids, mask if padded else None, prefill_chunk or p)
+        out = _prompt(call, cache, ids, mask if padded else None, prefill_chunk or p, left_padded)
         first = _choose(out.logits[:, -1], jax.random.fold_in(rng, 0), sampling)
         first, done = finish(first, jnp.zeros((b,), bool))
 
@@ -159,13 +161,16 @@ def generate(
     if attention_mask is not None and not isinstance(attention_mask, jax.core.Tracer) and bool(
             np.all(np.asarray(attention_mask) == 1)):
         attention_mask = None  # no padding: the prompt can take the fused paths
+    # left padding (every row's zeros lead it) lets a padded prompt take the fused paths too
+    left_padded = attention_mask is not None and not isinstance(attention_mask, jax.core.Tracer) and bool(
+        np.all(np.diff(np.asarray(attention_mask, np.int32).reshape(ids.shape), axis=1) >= 0))
     mask = jnp.ones_like(ids) if attention_mask is None else jnp.asarray(attention_mask, jnp.int32)
     graphdef, state = nnx.split(model)
     sampling = (bool(do_sample), float(temperature), top_k, top_p)
     out = _generate(
         graphdef, state, ids, mask, jax.random.key(seed), thresholds,
         max_new_tokens=int(max_new_tokens), sampling=sampling, eos=eos_token_id,
-        use_cache=use_cache, attention=rule, padded=attention_mask is not None,
+        use_cache=use_cache, attention=rule, padded=attention_mask is not None, left_padded=left_padded,
         prefill_chunk=None if prefill_chunk is None else int(prefill_chunk),
     )
     return np.asarray(out)
