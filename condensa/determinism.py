@@ -30,9 +30,9 @@ def deterministic_ops() -> bool:
 
 def require_deterministic_ops() -> None:
     """Puts the switch in XLA_FLAGS, or refuses if JAX's backend already started without it."""
-    missing = [f for f in DETERMINISTIC_FLAGS if f not in _xla_flags()]
-    if not missing:
+    if deterministic_ops():
         return
+    missing = [f for f in DETERMINISTIC_FLAGS if f not in _xla_flags()]
     if xla_bridge.backends_are_initialized():
         raise ConfigError(
             "train.deterministic needs XLA's switch before JAX starts, and this process has already started it; "

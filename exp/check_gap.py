@@ -5,7 +5,7 @@ a CPU) against the same rule on the reference ops, both through the cache. A har
 elements that sit at θ on last-bit differences, and depth amplifies the flips; this is why bench
 generate checks its kernels on a model of few layers.
 
-    PYTHONPATH=. python exp/check_gap.py --layers 1,4,12,30 --out $OUT/check-gap.json
+    PYTHONPATH=. python exp/check_gap.py --layers 1,2,4,12,30 --out $OUT/check-gap.json
 """
 
 from __future__ import annotations

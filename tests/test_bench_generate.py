@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 
+import jax
 import numpy as np
 import pytest
 
@@ -25,6 +26,7 @@ def test_the_benchmark_checks_then_times_dense_and_the_sparse_rule(tmp_path, cap
     checks = json.loads((tmp_path / "results.json").read_text())["checks"]
     for c in checks.values():  # float32 on the CPU: the paths agree up to rounding
         assert c["steps"] == 6 and c["worst_logit_gap"] <= 1e-4 and c["argmax_agreement"] == 1.0
+        assert c["max_logit_difference"] <= 1e-4
 
 
 def test_the_check_refuses_tokens_that_differ_from_an_independent_path(monkeypatch):
@@ -36,13 +38,30 @@ def test_the_check_refuses_tokens_that_differ_from_an_independent_path(monkeypat
     model = bench.build_model(cfg, 64)
     real = condensa.generate
 
-    def off_by_one(*args, use_cache=True, **kwargs):  # the cached path made wrong on purpose
-        out = real(*args, use_cache=use_cache, **kwargs)
-        return out if not use_cache else np.where(np.arange(out.shape[1]) == out.shape[1] - 1, out + 1, out)
+    def off_by_one(*args, **kwargs):  # the timed path made wrong on purpose: its last token
+        out = real(*args, **kwargs)
+        return np.where(np.arange(out.shape[1]) == out.shape[1] - 1, out + 1, out)
 
     monkeypatch.setattr(condensa, "generate", off_by_one)
     with pytest.raises(RuntimeError, match="below an independent path"):
         bench.check(model, AttentionConfig(), None, cfg)
+
+
+def test_the_check_compares_a_wrong_decode_kernel_with_the_reference_ops(monkeypatch):
+    """The sparse rule's independent path is the reference backend: a decode kernel made wrong on
+    purpose (its output scaled by 5%) is refused, which comparing the kernel with itself would not."""
+    from condensa.attention import pallas_backend
+
+    cfg = bench.GenerateBenchConfig(shape="llama-tiny", prompt_lens=[128], check_len=64, check_steps=6, block=32,
+                                    k=8, tile_budget=0.25, calibration_len=128, calibration_blocks=1, dtype="float32")
+    model = bench.build_model(cfg, 128)
+    _, (gated, thresholds) = bench.rules(cfg, model).values()
+    bench.check(model, gated, thresholds, cfg)  # the real kernels pass
+    real = pallas_backend._decode
+    monkeypatch.setattr(pallas_backend, "_decode", lambda *args, **kwargs: real(*args, **kwargs) * 1.05)
+    jax.clear_caches()  # generate's compiled loop would keep the real kernel
+    with pytest.raises(RuntimeError, match="differ from an independent path's by up to"):
+        bench.check(model, gated, thresholds, cfg)
 
 
 @pytest.mark.parametrize("args,match", [(["--shape", "gpt2"], "unknown shape"), (["--new_tokens", "1"], "at least 2")])

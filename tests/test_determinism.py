@@ -32,15 +32,17 @@ def test_a_started_backend_without_the_switch_is_refused_with_the_command(monkey
         determinism.require_deterministic_ops()
 
 
-def test_a_started_backend_with_the_switch_goes_ahead(monkeypatch):
-    monkeypatch.setenv("XLA_FLAGS", SWITCH)
+@pytest.mark.parametrize("flags", [SWITCH, "--xla_gpu_deterministic_ops=true"])
+def test_a_started_backend_with_either_switch_goes_ahead(flags, monkeypatch):
+    monkeypatch.setenv("XLA_FLAGS", flags)
     monkeypatch.setattr(xla_bridge, "backends_are_initialized", lambda: True)
     determinism.require_deterministic_ops()
+    assert os.environ["XLA_FLAGS"] == flags
 
 
 @pytest.mark.parametrize("dtype,flags,implementation", [
-    (jnp.bfloat16, "", "cudnn"), (jnp.float16, "", "cudnn"), (jnp.bfloat16, SWITCH, None),
-    (jnp.bfloat16, "--xla_gpu_deterministic_ops=true", None), (jnp.float32, "", None)])
+    (jnp.bfloat16, "", "cudnn"), (jnp.float16, "", "cudnn"), (jnp.bfloat16, SWITCH, "xla"),
+    (jnp.bfloat16, "--xla_gpu_deterministic_ops=true", "xla"), (jnp.float32, "", None)])
 def test_dense_attention_leaves_cudnn_under_the_switch_and_in_float32(dtype, flags, implementation, monkeypatch):
     """On a GPU, cuDNN's flash attention for 16-bit inputs; XLA under the switch (cuDNN's kernel
     does not compile there) and for float32 (cuDNN refuses it; asked for 16 bits only, float32
@@ -64,6 +66,7 @@ def test_a_deterministic_run_in_a_started_process_without_the_switch_is_refused_
     from tests.train_helpers import tiny_config
 
     monkeypatch.setenv("XLA_FLAGS", "")
+    monkeypatch.setattr(xla_bridge, "backends_are_initialized", lambda: True)  # as in any process that computed
     keep = tmp_path / "run" / "notes.txt"
     keep.parent.mkdir()
     keep.write_text("mine")

@@ -152,6 +152,7 @@ def fused_dense_attention(q, k, v, *, visible, scale, causal: bool) -> jax.Array
             return jax.nn.dot_product_attention(q, k, v, scale=scale, is_causal=True, implementation="cudnn")
         except (ValueError, NotImplementedError, TypeError):
             pass
+    xla = "xla" if deterministic_ops() else None  # named, so no future default can pick cuDNN under the switch
     if causal:
-        return jax.nn.dot_product_attention(q, k, v, scale=scale, is_causal=True)
-    return jax.nn.dot_product_attention(q, k, v, scale=scale, mask=visible)
+        return jax.nn.dot_product_attention(q, k, v, scale=scale, is_causal=True, implementation=xla)
+    return jax.nn.dot_product_attention(q, k, v, scale=scale, mask=visible, implementation=xla)
