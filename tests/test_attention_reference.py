@@ -440,4 +440,3 @@ def test_for_layer_resolves_a_layers_rule_once():
     assert rule.for_layer(0).k == 8 and rule.for_layer(2).k == 16
     assert rule.for_layer(2) == rule.replace(k=16, layer_k=(), dense_layers=())
     assert not rule.for_layer(0).is_dense and rule.for_layer(0).for_layer(1) == rule.for_layer(0)
-
