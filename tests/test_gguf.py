@@ -262,4 +262,5 @@ def test_smollm2_loads_without_a_second_float32_copy():
     assert result.returncode == 0, result.stderr[-2000:]
     base, peak, params = map(int, result.stdout.split())
     assert params > 500e6
-    assert peak - base < 1.75 * params, (peak - base) / params
+    # measured 1.64-1.75 on 2 cores (allocator timing varies); a second float32 copy adds a whole 1.0
+    assert peak - base < 1.9 * params, (peak - base) / params
