@@ -125,8 +125,8 @@ def main() -> None:
                 first = run()
                 row["first_call_s"] = time.perf_counter() - start
                 checks = [compare(first, run()) for _ in range(args.repeats)]
-            row.update(checks[-1], identical_calls=sum(c["bit_identical"] for c in checks), calls=len(checks),
-                       bit_identical=all(c["bit_identical"] for c in checks),
+            row.update(arrays=checks[0]["arrays"], identical_calls=sum(c["bit_identical"] for c in checks),
+                       calls=len(checks), bit_identical=all(c["bit_identical"] for c in checks),
                        arrays_differing=max(c["arrays_differing"] for c in checks),
                        max_abs_difference=max(c["max_abs_difference"] for c in checks),
                        fingerprint=fingerprint(first))  # compare across processes: autotuning may choose anew

@@ -144,7 +144,8 @@ def fused_dense_attention(q, k, v, *, visible, scale, causal: bool) -> jax.Array
     the shapes allow it, XLA elsewhere. It never materialises float32 [B, H, T, T] probabilities,
     which is what makes training without the concentration loss fast. K and V may have fewer heads
     than q (GQA): `dot_product_attention` shares them across the query groups itself."""
-    if causal and jax.default_backend() == "gpu" and q.dtype in (jnp.bfloat16, jnp.float16) and not deterministic_ops():
+    deterministic = deterministic_ops()
+    if causal and jax.default_backend() == "gpu" and q.dtype in (jnp.bfloat16, jnp.float16) and not deterministic:
         # implementation=None means XLA today, which materialises the scores; ask for cuDNN's
         # flash attention in 16 bits (it refuses float32), and keep XLA under XLA's deterministic
         # switch (cuDNN's kernel does not compile there) and for what cuDNN refuses (odd head dims).
@@ -152,7 +153,7 @@ def fused_dense_attention(q, k, v, *, visible, scale, causal: bool) -> jax.Array
             return jax.nn.dot_product_attention(q, k, v, scale=scale, is_causal=True, implementation="cudnn")
         except (ValueError, NotImplementedError, TypeError):
             pass
-    xla = "xla" if deterministic_ops() else None  # named, so no future default can pick cuDNN under the switch
+    xla = "xla" if deterministic else None  # named, so no future default can pick cuDNN under the switch
     if causal:
         return jax.nn.dot_product_attention(q, k, v, scale=scale, is_causal=True, implementation=xla)
     return jax.nn.dot_product_attention(q, k, v, scale=scale, mask=visible, implementation=xla)

@@ -53,29 +53,25 @@ def causal_inputs(input_ids: jax.Array, attention_mask: jax.Array | None, cache:
     The cache still gets each token in its own slot."""
     b, t = input_ids.shape
     mask = jnp.ones((b, t), bool) if attention_mask is None else attention_mask.astype(bool)
-    if prompt and left_padded and attention_mask is not None:
-        pads = t - mask.sum(axis=1)
-        to_front, to_back = functools.partial(_rolled, shift=pads), functools.partial(_rolled, shift=-pads)
-        key_valid = jax.lax.dynamic_update_slice(cache.key_valid, mask, (0, cache.index))
-
-        def front_write(i, k, v):  # attention reads k, v as they are (real tokens first)
-            return cache.layer_update(i, to_back(k), to_back(v), mask), None, (k, v)
-
-        causal = jnp.broadcast_to(jnp.tril(jnp.ones((t, t), bool))[None, None], (b, 1, t, t))
-        return CausalInputs(mask, jnp.broadcast_to(jnp.arange(t)[None], (b, t)), causal, True, key_valid,
-                            front_write, to_front, to_back)
     if cache is None or prompt:
-        positions = jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0)
+        to_front = to_back = None
+        seen, plain = mask, attention_mask is None  # what each row's queries may see, under the causal mask
+        if prompt and left_padded and attention_mask is not None:
+            pads = t - mask.sum(axis=1)
+            to_front, to_back = functools.partial(_rolled, shift=pads), functools.partial(_rolled, shift=-pads)
+            seen, plain = jnp.ones_like(mask), True  # real tokens first: the causal mask alone hides the padding
+        positions = jnp.maximum(jnp.cumsum(seen, axis=1) - 1, 0)
         causal = jnp.tril(jnp.ones((t, t), bool))
-        visible = causal[None, None] & mask[:, None, None, :]
+        visible = causal[None, None] & seen[:, None, None, :]
         if cache is None:
-            return CausalInputs(mask, positions, visible, attention_mask is None, None, None)
+            return CausalInputs(mask, positions, visible, plain, None, None)
         key_valid = jax.lax.dynamic_update_slice(cache.key_valid, mask, (0, cache.index))
+        in_slots = (lambda x: x) if to_back is None else to_back
 
-        def prompt_write(i, k, v):
-            return cache.layer_update(i, k, v, mask), None, (k, v)
+        def prompt_write(i, k, v):  # each token into its own slot; attention reads k, v as they came
+            return cache.layer_update(i, in_slots(k), in_slots(v), mask), None, (k, v)
 
-        return CausalInputs(mask, positions, visible, attention_mask is None, key_valid, prompt_write)
+        return CausalInputs(mask, positions, visible, plain, key_valid, prompt_write, to_front, to_back)
 
     positions = jnp.maximum(cache.next_position[:, None] + jnp.cumsum(mask, axis=1) - 1, 0)
     key_valid = jax.lax.dynamic_update_slice(cache.key_valid, mask, (0, cache.index))

@@ -158,12 +158,12 @@ def generate(
     if prefill_chunk is not None and prefill_chunk < ids.shape[1] and rule.tile_gate:
         raise ConfigError("prefill_chunk with the tile gate is not supported yet: the prefill gate places a chunk's "
                           "queries from slot 0. Leave prefill_chunk unset (the whole prompt in one call).")
-    if attention_mask is not None and not isinstance(attention_mask, jax.core.Tracer) and bool(
-            np.all(np.asarray(attention_mask) == 1)):
+    host_mask = None if attention_mask is None or isinstance(attention_mask, jax.core.Tracer) else (
+        np.asarray(attention_mask, np.int32).reshape(ids.shape))
+    if host_mask is not None and bool(np.all(host_mask == 1)):
         attention_mask = None  # no padding: the prompt can take the fused paths
     # left padding (every row's zeros lead it) lets a padded prompt take the fused paths too
-    left_padded = attention_mask is not None and not isinstance(attention_mask, jax.core.Tracer) and bool(
-        np.all(np.diff(np.asarray(attention_mask, np.int32).reshape(ids.shape), axis=1) >= 0))
+    left_padded = attention_mask is not None and host_mask is not None and bool(np.all(np.diff(host_mask, axis=1) >= 0))
     mask = jnp.ones_like(ids) if attention_mask is None else jnp.asarray(attention_mask, jnp.int32)
     graphdef, state = nnx.split(model)
     sampling = (bool(do_sample), float(temperature), top_k, top_p)

@@ -128,7 +128,7 @@ def check(model, attention, thresholds, cfg: GenerateBenchConfig) -> dict:
     gaps with both kernels correct (measured in docs/benchmarks.md). Returns what it measured."""
     prompt = np.random.default_rng(2).integers(0, model.config.vocab_size, (1, cfg.check_len))
     chunk = None if attention.tile_gate else cfg.prefill_chunk or None
-    reference = attention if attention.backend == "reference" else attention.replace(backend="reference")
+    reference = attention.replace(backend="reference")
     with jax.default_matmul_precision("highest"):
         fast = condensa.generate(model, prompt, cfg.check_steps, thresholds=thresholds, attention=attention,
                                  prefill_chunk=chunk)
