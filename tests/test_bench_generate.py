@@ -11,9 +11,9 @@ import pytest
 
 from condensa.eval.bench import generation as bench
 
-TINY = ["--shape", "llama-tiny", "--batches", "[1]", "--prompt_lens", "[128]", "--new_tokens", "3",
+TINY = ["--shape", "llama-tiny", "--batches", "[1]", "--prompt_lens", "[128]", "--new_tokens", "9",
         "--calibration_len", "128", "--calibration_blocks", "1", "--check_len", "64", "--check_steps", "6",
-        "--block", "32", "--k", "8", "--tile_budget", "0.25", "--dtype", "float32", "--repeats", "1", "--warmup", "0"]
+        "--block", "32", "--k", "8", "--tile_budget", "0.25", "--dtype", "float32", "--repeats", "3", "--warmup", "1"]
 
 
 def test_the_benchmark_checks_then_times_dense_and_the_sparse_rule(tmp_path, capsys):
